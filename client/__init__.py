@@ -1,0 +1,158 @@
+"""gradserve: trace numpy-style Python into a graph, differentiate it, run it locally or remotely.
+
+    import gradserve as gs
+    gs.grad(lambda x, y: x * y + gs.sin(x), argnums=(0, 1))(2.0, 3.0)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from . import numpy_api as _np_api
+from .api import Functional, flatten, unflatten
+from .errors import GraphError, ShapeError
+from .ir import Graph, Limits
+from .numpy_api import (
+    abs,
+    add,
+    arctan2,
+    astype,
+    broadcast_to,
+    cast,
+    ceil,
+    clip,
+    concatenate,
+    cos,
+    cross_entropy,
+    cumsum,
+    divide,
+    dot,
+    equal,
+    exp,
+    expand_dims,
+    expm1,
+    floor,
+    greater,
+    greater_equal,
+    less,
+    less_equal,
+    log,
+    log1p,
+    log_softmax,
+    logsumexp,
+    matmul,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    mse,
+    multiply,
+    negative,
+    norm,
+    not_equal,
+    ones_like,
+    pad,
+    power,
+    relu,
+    reshape,
+    sigmoid,
+    sign,
+    sin,
+    softmax,
+    sqrt,
+    square,
+    squeeze,
+    stack,
+    stop_gradient,
+    subtract,
+    sum,
+    swapaxes,
+    take,
+    tan,
+    tanh,
+    transpose,
+    var,
+    where,
+    zeros_like,
+)
+from .tensor import Tensor, is_grad_enabled, no_grad, tensor, zero_grad
+
+__version__ = "0.1.0"
+
+
+@functools.cache
+def _default_engine() -> Any:
+    from gradserve.workers.engine import Engine
+
+    return Engine()
+
+
+@functools.cache
+def _local() -> Functional:
+    return Functional(_default_engine())
+
+
+def grad(f, argnums=0, has_aux=False):
+    """The gradient of scalar `f` w.r.t. the arguments `argnums` (a pytree like each argument)."""
+    return _local().grad(f, argnums, has_aux)
+
+
+def value_and_grad(f, argnums=0, has_aux=False):
+    """Like `grad`, returning `(f(*args), gradient)`."""
+    return _local().value_and_grad(f, argnums, has_aux)
+
+
+def vjp(f, *primals):
+    """`(f(*primals), vjp_fn)`; `vjp_fn(cotangent)` returns one cotangent per primal."""
+    return _local().vjp(f, *primals)
+
+
+def jvp(f, primals, tangents):
+    """`(f(*primals), directional derivative along tangents)`, forward mode."""
+    return _local().jvp(f, primals, tangents)
+
+
+def jacobian(f, argnums=0):
+    """The full Jacobian (shape out.shape + in.shape), computed in one pass over stacked seeds."""
+    return _local().jacobian(f, argnums)
+
+
+def hessian(f, argnums=0):
+    """The Hessian of scalar `f` (shape x.shape + x.shape; nested tuples for several argnums)."""
+    return _local().hessian(f, argnums)
+
+
+def hvp(f, primals, vectors):
+    """Hessian-vector product of scalar `f` at `primals` along `vectors`, one per primal."""
+    return _local().hvp(f, primals, vectors)
+
+
+def trace(f, *args) -> Graph:
+    """Trace `f(*args)` into a printable Graph (inputs named after f's parameters)."""
+    return _local().trace(f, *args)
+
+
+def cache_info():
+    """Hits, misses and the reason for each recent miss, of the local trace and plan caches."""
+    return _default_engine().cache_info()
+
+
+def clear_cache() -> None:
+    _local()._traces.clear()
+    _default_engine().clear_cache()
+
+
+__all__ = [
+    "Graph", "GraphError", "Limits", "ShapeError", "Tensor",
+    "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip",
+    "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
+    "flatten", "floor", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",
+    "less", "less_equal", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "min",
+    "minimum", "mse", "multiply", "negative", "no_grad", "norm", "not_equal", "ones_like", "pad", "power", "relu",
+    "reshape", "sigmoid", "sign", "sin", "softmax", "sqrt", "square", "squeeze", "stack", "stop_gradient",
+    "subtract", "sum", "swapaxes", "take", "tan", "tanh", "tensor", "trace", "transpose", "unflatten",
+    "value_and_grad", "var", "vjp", "where", "zero_grad", "zeros_like",
+]
+_ = _np_api

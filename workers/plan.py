@@ -1,0 +1,131 @@
+"""Plans: a graph compiled once into kernel calls over value slots, with free points.
+
+Liveness gives each value its last use; the slot is cleared right after it, so peak memory
+stays close to what the computation needs. Dead intermediates' buffers are reused: an
+elementwise kernel writes over an operand that dies at that step, and a buffer whose values
+are all dead is kept for the next out-capable kernel of the same shape and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gradserve.errors import GraphError
+from gradserve.ir import Graph, Var, replay
+
+from .kernels import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
+
+NEVER = 1 << 62
+
+
+class Plan:
+    """Ordered kernel calls over slots. `run(inputs)` returns the named outputs."""
+
+    def __init__(self, graph: Graph, kernels: Mapping[str, Kernel] = KERNELS):
+        self.graph = graph
+        n_in, first = len(graph.inputs), graph.first_node_id
+        self.n_slots = graph.n_values
+        self.inputs = [(i.name, i.id) for i in graph.inputs]
+        self.constants = [(n_in + k, c) for k, c in enumerate(graph.constants)]
+        self.outputs = list(graph.outputs)
+
+        # liveness: the step index of each value's last use; outputs live to the end
+        last = [-1] * self.n_slots
+        for k, n in enumerate(graph.nodes):
+            for i in n.inputs:
+                last[i] = k
+        for _, vid in graph.outputs:
+            last[vid] = NEVER
+        # aliasing: views share their operand's buffer; a buffer dies with its last view
+        root = list(range(self.n_slots))
+        for n in graph.nodes:
+            if n.op in VIEWS:
+                root[n.id] = root[n.inputs[0]]
+        group_last = list(last)
+        members: dict[int, list[int]] = {}
+        for v in range(self.n_slots):
+            r = root[v]
+            group_last[r] = max(group_last[r], last[v])
+            members.setdefault(r, []).append(v)
+
+        def owned(v: int) -> bool:  # a fresh buffer of ours, shaped as its value, not returned
+            return v >= first and root[v] == v and group_last[v] != NEVER and len(graph.aval(v)[1]) > 0
+
+        deaths: dict[int, list[int]] = {}  # step -> owned buffers whose last alias dies there
+        for r in members:
+            if owned(r) and group_last[r] >= 0:
+                deaths.setdefault(group_last[r], []).append(r)
+        demand: dict[tuple, list[int]] = {}  # (dtype, shape) -> steps that can write into a buffer
+        for k, n in enumerate(graph.nodes):
+            if n.op in OUT_CAPABLE and n.shape:
+                demand.setdefault((n.dtype, n.shape), []).append(k)
+        frees: list[list[int]] = [[] for _ in graph.nodes]
+        stash: dict[tuple, list[int]] = {}  # dead buffers kept for reuse, by (dtype, shape)
+        out_src = [-1] * len(graph.nodes)
+        for k, n in enumerate(graph.nodes):
+            key = (n.dtype, n.shape)
+            if n.op in IN_PLACE and n.shape:  # write over an operand that dies here
+                for i in n.inputs:
+                    if owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1:
+                        out_src[k] = i
+                        break
+            if out_src[k] < 0 and n.op in OUT_CAPABLE and stash.get(key):
+                out_src[k] = stash[key].pop()
+                frees[k].append(out_src[k])
+            for i in set(n.inputs):
+                if last[i] == k and not (owned(i) and i != out_src[k]):
+                    frees[k].append(i)  # owned buffers are handled when their last alias dies
+            for r in deaths.get(k, ()):
+                if r == out_src[k]:
+                    frees[k].append(r)
+                elif any(j > k for j in demand.get(graph.aval(r), ())):
+                    stash.setdefault(graph.aval(r), []).append(r)  # kept; freed at its reuse
+                else:
+                    frees[k].append(r)
+        self.n_reused = sum(src >= 0 for src in out_src)
+        self.steps: list[tuple[Kernel, tuple[int, ...], dict[str, Any], int, int, tuple[int, ...], Any]] = [
+            (kernels[n.op], n.inputs, dict(n.attrs), n.id, out_src[k], tuple(dict.fromkeys(frees[k])), n)
+            for k, n in enumerate(graph.nodes)
+        ]
+        self._copy_out = {vid for _, vid in graph.outputs if root[vid] < first}
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Execute on arrays; given traced values instead, emit the plan's graph into their trace
+        (so transforms nest: the gradient of a gradient)."""
+        traced = next((v for v in inputs.values() if isinstance(v, Var)), None)
+        if traced is not None:
+            b = traced.builder
+            env = {slot: v if isinstance(v, Var) else b.const(v) for (name, slot) in self.inputs for v in [inputs[name]]}
+            replay(self.graph, b, env)
+            return {name: env[vid] for name, vid in self.outputs}
+        env: list[Any] = [None] * self.n_slots
+        for name, slot in self.inputs:
+            env[slot] = inputs[name]
+        for slot, c in self.constants:
+            env[slot] = c
+        step = None
+        try:
+            with np.errstate(all="ignore"):
+                for step in self.steps:
+                    fn, ins, kw, out, src, frees, _ = step
+                    if src >= 0:
+                        env[out] = fn(*[env[i] for i in ins], out=env[src], **kw)
+                    else:
+                        env[out] = fn(*[env[i] for i in ins], **kw)
+                    for f in frees:
+                        env[f] = None
+        except (IndexError, ValueError, TypeError, MemoryError) as e:
+            where = step[-1].text() if step is not None else "plan start"
+            raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
+        return {name: (np.array(env[vid]) if vid in self._copy_out else env[vid]) for name, vid in self.outputs}
+
+    def __str__(self) -> str:
+        lines = []
+        for _fn, _ins, _kw, _out, src, frees, node in self.steps:
+            extra = f"  # out=%{src}" if src >= 0 else ""
+            extra += f"  free {' '.join(f'%{f}' for f in frees)}" if frees else ""
+            lines.append(node.text() + extra)
+        return "\n".join(lines)
