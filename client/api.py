@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import GraphError
 from .ir import Builder, Graph, Var, type_str
+from .names import GRAD
 from .numpy_api import Traced, dtype_of
 from .primitives import DTYPES, FLOATS
 
@@ -77,6 +78,50 @@ def _as_array(x: Any) -> Any:
     if a.dtype.name not in DTYPES:
         raise TypeError(f"arrays of dtype {a.dtype} are not supported; use one of {list(DTYPES)}")
     return a
+
+
+def _fast_key(x: Any) -> Any:
+    """A hashable key of a call's argument structure, dtypes and shapes (cheap: the hot path)."""
+    t = type(x)
+    if t is np.ndarray:
+        return (x.dtype, x.shape)
+    if t is float or t is int or t is bool:
+        return t
+    if t is tuple or t is list:
+        return (t, tuple(_fast_key(v) for v in x))
+    if t is dict:
+        return (dict, tuple(x), tuple(_fast_key(v) for v in x.values()))
+    if isinstance(x, Var):
+        return (Var, x.dtype, x.shape)
+    if isinstance(x, np.generic):
+        return (t,)
+    if hasattr(x, "__gradserve_array__"):
+        a = x.__gradserve_array__()
+        return (a.dtype, a.shape)
+    try:
+        return ("static", t, hash(x), x)
+    except TypeError:
+        raise TypeError(f"argument leaf {x!r} is neither an array nor hashable static data") from None
+
+
+_SCALAR = {float: np.float64, int: np.int64, bool: np.bool_}
+
+
+def _leaves(x: Any, out: list[Any]) -> None:
+    """Append the array leaves of `x` in flatten order, as arrays (the hot path of a cached call)."""
+    t = type(x)
+    if t is np.ndarray or isinstance(x, (Var, np.generic)):
+        out.append(x)
+    elif t in _SCALAR:
+        out.append(_SCALAR[t](x))
+    elif t is tuple or t is list:
+        for v in x:
+            _leaves(v, out)
+    elif t is dict:
+        for v in x.values():
+            _leaves(v, out)
+    elif hasattr(x, "__gradserve_array__"):
+        out.append(x.__gradserve_array__())
 
 
 # ---------------------------------------------------------------- tracing
@@ -250,30 +295,62 @@ class Functional:
     def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
         multi = not isinstance(argnums, int)
         nums = tuple(argnums) if multi else (argnums,)
+        compiled: dict[Any, Callable[[tuple], tuple[Any, Any]]] = {}
 
         @functools.wraps(f)
         def vg(*args: Any) -> tuple[Any, Any]:
-            t = self.traced(f, args)
-            loss = t.out_names[0]
-            dtype, shape = t.graph.aval(dict(t.graph.outputs)[loss])
-            if not has_aux and len(t.out_names) != 1 or dtype not in FLOATS or shape != ():
-                raise TypeError(f"grad needs a function with one scalar float output; "
-                                f"{getattr(f, '__name__', 'f')} returned {', '.join(t.out_names)} "
-                                f"({type_str(dtype, shape)}{' ...' if len(t.out_names) > 1 else ''}); "
-                                "use vjp or jacobian for other outputs, or has_aux=True")
-            groups = self._argnum_leaves(t, f, args, nums)
-            wrt = [n for grp in groups for n in grp]
-            outs, grads = self.backend.vjp(t.graph, self._feed(t, args), wrt, outputs=[loss] if has_aux else None)
-            if has_aux:
-                outs = {**outs, **self.backend.evaluate(t.graph, self._feed(t, args), t.out_names[1:])}
-            per_arg = [unflatten(flatten(args[k], "")[1], [grads[n] for n in grp]) if grp else None
-                       for k, grp in zip(nums, groups, strict=True)]
-            value = self._outputs(t, outs)
-            if has_aux:
-                value = (value[0], value[1]) if isinstance(value, (tuple, list)) and len(value) == 2 else value
-            return value, tuple(per_arg) if multi else per_arg[0]
+            key = _fast_key(args)
+            call = compiled.get(key)
+            if call is None:
+                call = compiled[key] = self._compile_value_and_grad(f, args, nums, multi, has_aux)
+            else:
+                self._note_hit()
+            return call(args)
 
         return vg
+
+    def _compile_value_and_grad(self, f: Callable, args: tuple, nums: tuple[int, ...], multi: bool,
+                                has_aux: bool) -> Callable[[tuple], tuple[Any, Any]]:
+        """Trace once for this signature and return the steady-state call: leaves in, plan run,
+        pytrees out, with no re-validation (the signature key guarantees the types)."""
+        t = self.traced(f, args)
+        loss = t.out_names[0]
+        dtype, shape = t.graph.aval(dict(t.graph.outputs)[loss])
+        if (not has_aux and len(t.out_names) != 1) or dtype not in FLOATS or shape != ():
+            raise TypeError(f"grad needs a function with one scalar float output; "
+                            f"{getattr(f, '__name__', 'f')} returned {', '.join(t.out_names)} "
+                            f"({type_str(dtype, shape)}{' ...' if len(t.out_names) > 1 else ''}); "
+                            "use vjp or jacobian for other outputs, or has_aux=True")
+        groups = self._argnum_leaves(t, f, args, nums)
+        wrt = [n for grp in groups for n in grp]
+        treedefs = [flatten(args[k], "")[1] for k in nums]
+        grad_plan = getattr(self.backend, "grad_plan", None)
+        if grad_plan is not None:
+            plan = grad_plan(t.graph, wrt, loss)
+            order = [t.in_names.index(name) for name, _ in plan.inputs]
+
+            def run(values: list[Any]) -> tuple[dict, dict]:
+                res = plan.run_values([values[i] for i in order])
+                return res, {n: res[GRAD + n] for n in wrt}
+        else:
+            def run(values: list[Any]) -> tuple[dict, dict]:
+                feed = dict(zip(t.in_names, values, strict=True))
+                outs, grads = self.backend.vjp(t.graph, feed, wrt, outputs=[loss])
+                if len(t.out_names) > 1:
+                    outs = {**outs, **self.backend.evaluate(t.graph, feed, t.out_names[1:])}
+                return outs, grads
+
+        def call(args: tuple) -> tuple[Any, Any]:
+            values: list[Any] = []
+            for a in args:
+                _leaves(a, values)
+            outs, grads = run(values)
+            per_arg = [unflatten(d, [grads[n] for n in grp]) if grp else None
+                       for d, grp in zip(treedefs, groups, strict=True)]
+            value = unflatten(t.out_treedef, [outs[n] for n in t.out_names])
+            return value, tuple(per_arg) if multi else per_arg[0]
+
+        return call
 
     def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
         t = self.traced(f, primals)

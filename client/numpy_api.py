@@ -108,7 +108,7 @@ def _unary(op: str, floats: bool = True) -> Callable[[Any], Any]:
 exp, log, log1p, expm1 = _unary("exp"), _unary("log"), _unary("log1p"), _unary("expm1")
 sin, cos, tan, tanh, sqrt = _unary("sin"), _unary("cos"), _unary("tan"), _unary("tanh"), _unary("sqrt")
 sigmoid, floor, ceil = _unary("logistic"), _unary("floor"), _unary("ceil")
-negative, abs, sign = _unary("neg", False), _unary("abs", False), _unary("sign", False)  # noqa: A001
+negative, abs, sign = _unary("neg", False), _unary("abs", False), _unary("sign", False)
 stop_gradient = _unary("stop_gradient", False)
 
 
@@ -160,7 +160,7 @@ def _norm_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:  # noqa: A001
+def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:
     if dtype is not None:
         x = astype(x, dtype)
     elif dtype_of(x) in ("bool", "int32"):
@@ -175,7 +175,7 @@ def _extremum(op: str) -> Callable[..., Any]:
     return f
 
 
-max, min = _extremum("reduce_max"), _extremum("reduce_min")  # noqa: A001
+max, min = _extremum("reduce_max"), _extremum("reduce_min")
 
 
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
@@ -312,10 +312,7 @@ def expand_dims(x: Any, axis: int | Sequence[int]) -> Any:
 
 
 def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
-    if axis is None:
-        axes = tuple(i for i, d in enumerate(shape_of(x)) if d == 1)
-    else:
-        axes = _norm_axes(axis, len(shape_of(x)))
+    axes = tuple(i for i, d in enumerate(shape_of(x)) if d == 1) if axis is None else _norm_axes(axis, len(shape_of(x)))
     return bind("squeeze", x, axes=axes) if axes else x
 
 
@@ -439,7 +436,7 @@ def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
         pos = axes[0]
     dims = [shape_of(y)[a] for a in axes]
     shape = shape_of(y)
-    y = reshape(y, shape[:pos] + (math.prod(dims),) + shape[pos + len(dims):])
+    y = reshape(y, (*shape[:pos], math.prod(dims), *shape[pos + len(dims):]))
     strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
     idxs = [k for _, k in adv]
     if not builtins.any(_is_value(k) for k in idxs):

@@ -12,13 +12,10 @@ from collections.abc import Sequence
 
 from gradserve.errors import GraphError
 from gradserve.ir import Builder, Graph, Var, replay
+from gradserve.names import GRAD, SEED, TANGENT
 from gradserve.primitives import FLOATS
 
 from .rules import JVP, NON_DIFFERENTIABLE, VJP, zeros
-
-GRAD = "grad:"  # gradient outputs: grad:<input name>
-SEED = "ct:"  # cotangent seed inputs: ct:<output name>
-TANGENT = "tan:"  # tangent inputs and outputs
 
 
 def _check_wrt(graph: Graph, wrt: Sequence[str]) -> list[int]:
@@ -171,7 +168,7 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
         g = env[vid]
         start = 0
         for o, m in zip(outputs, sizes, strict=True):
-            block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m,) + g.shape[1:],
+            block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m, *g.shape[1:]),
                            steps=(1,) * g.ndim)
             oshape = graph.aval(out_ids[o])[1]
             result.append((f"jac:{o}:{x}", b.bind("reshape", block, shape=oshape + g.shape[1:])))
@@ -179,12 +176,13 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
     return b.build(result), sizes
 
 
-def grad_only(graph: Graph, wrt: Sequence[str], output: str) -> Graph:
-    """The gradient of one scalar output as a function of the inputs (seed 1 folded in)."""
-    dtype, shape = graph.aval(dict(graph.outputs)[output])
+def grad_only(graph: Graph, wrt: Sequence[str], output: str, keep_outputs: bool = False) -> Graph:
+    """The gradient of one scalar output as a function of the inputs (seed 1 folded in);
+    with `keep_outputs`, the graph's outputs too."""
+    _dtype, shape = graph.aval(dict(graph.outputs)[output])
     if shape != ():
         raise GraphError(f"grad needs a scalar output, but {output!r} has shape {shape}; use vjp or jacobian")
-    inner = vjp_graph(graph, wrt, [output], keep_outputs=False)
+    inner = vjp_graph(graph, wrt, [output], keep_outputs=keep_outputs)
     b = Builder()
     env: dict[int, Var] = {}
     for i in inner.inputs:

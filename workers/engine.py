@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from gradserve.errors import GraphError, ShapeError
 from gradserve.ir import Graph, Var, type_str
 from gradserve.primitives import FLOATS
@@ -138,6 +137,12 @@ class Engine:
         res = plan.run(_only(plan, feed))
         grads = {x: res.pop(autodiff.GRAD + x) for x in wrt}
         return res, grads
+
+    def grad_plan(self, graph: Graph, wrt: Sequence[str], output: str) -> Plan:
+        """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):
+        the SDK's cached fast path for grad/value_and_grad."""
+        wrt = tuple(wrt)
+        return self.plan(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output, keep_outputs=True))
 
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
         """Outputs and their directional derivatives along `tangents` (forward mode)."""

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from gradserve.errors import GraphError
 from gradserve.ir import Graph, Var, replay
 
@@ -93,17 +92,21 @@ class Plan:
         self._copy_out = {vid for _, vid in graph.outputs if root[vid] < first}
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Execute on arrays; given traced values instead, emit the plan's graph into their trace
-        (so transforms nest: the gradient of a gradient)."""
-        traced = next((v for v in inputs.values() if isinstance(v, Var)), None)
+        """Execute on arrays keyed by input name (see `run_values`)."""
+        return self.run_values([inputs[name] for name, _ in self.inputs])
+
+    def run_values(self, values: list[Any]) -> dict[str, Any]:
+        """Execute on arrays given in the order of `self.inputs`. Given traced values instead,
+        emit the plan's graph into their trace (so transforms nest: a gradient of a gradient)."""
+        traced = next((v for v in values if isinstance(v, Var)), None)
         if traced is not None:
             b = traced.builder
-            env = {slot: v if isinstance(v, Var) else b.const(v) for (name, slot) in self.inputs for v in [inputs[name]]}
+            env = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
             replay(self.graph, b, env)
             return {name: env[vid] for name, vid in self.outputs}
         env: list[Any] = [None] * self.n_slots
-        for name, slot in self.inputs:
-            env[slot] = inputs[name]
+        for (_, slot), v in zip(self.inputs, values, strict=True):
+            env[slot] = v
         for slot, c in self.constants:
             env[slot] = c
         step = None

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 from gradserve import numpy_api as gnp
 from gradserve.numpy_api import bind
 from gradserve.primitives import PRIMITIVES
