@@ -426,7 +426,11 @@ class Builder:
                 raise GraphError(f"{op}: operand {a!r} does not belong to this trace (a value leaked from another trace?)")
         attrs = {k: (tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()}
         check_attrs(op, attrs, op)
-        dtype, shape = infer(op, [(a.dtype, a.shape) for a in args], attrs)
+        try:
+            dtype, shape = infer(op, [(a.dtype, a.shape) for a in args], attrs)
+        except ShapeError as e:
+            operands = ", ".join(type_str(a.dtype, a.shape) for a in args)
+            raise ShapeError(f"{op}({operands}): {e}{_user_frame()}") from None
         v = self._new(dtype, shape)
         self._nodes.append((v.id, op, tuple(a.id for a in args), attrs, dtype, v.shape))
         return v
@@ -456,6 +460,23 @@ class Builder:
                 renum[vid] = len(renum)
                 nodes.append(Node(renum[vid], op, tuple(renum[i] for i in ins), attrs, dtype, shape))
         return Graph(inputs, constants, nodes, [(name, renum[v.id]) for name, v in outputs])
+
+
+def _user_frame() -> str:
+    """` (at file:line)` of the innermost caller outside gradserve, for trace-time errors."""
+    import os
+    import sys
+
+    import gradserve.workers
+
+    ours = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], gradserve.workers))
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(ours):
+            return f" (at {os.path.basename(path)}:{frame.f_lineno})"
+        frame = frame.f_back
+    return ""
 
 
 def replay(graph: Graph, b: Builder, env: dict[int, Var]) -> dict[int, Var]:

@@ -63,6 +63,7 @@ class Plan:
                 demand.setdefault((n.dtype, n.shape), []).append(k)
         frees: list[list[int]] = [[] for _ in graph.nodes]
         stash: dict[tuple, list[int]] = {}  # dead buffers kept for reuse, by (dtype, shape)
+        died_at: dict[int, int] = {}
         out_src = [-1] * len(graph.nodes)
         for k, n in enumerate(graph.nodes):
             key = (n.dtype, n.shape)
@@ -82,8 +83,12 @@ class Plan:
                     frees[k].append(r)
                 elif any(j > k for j in demand.get(graph.aval(r), ())):
                     stash.setdefault(graph.aval(r), []).append(r)  # kept; freed at its reuse
+                    died_at[r] = k
                 else:
                     frees[k].append(r)
+        for left in stash.values():  # kept but never reused after all: free when they died
+            for r in left:
+                frees[died_at[r]].append(r)
         self.n_reused = sum(src >= 0 for src in out_src)
         self.steps: list[tuple[Kernel, tuple[int, ...], dict[str, Any], int, int, tuple[int, ...], Any]] = [
             (kernels[n.op], n.inputs, dict(n.attrs), n.id, out_src[k], tuple(dict.fromkeys(frees[k])), n)
