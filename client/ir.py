@@ -189,7 +189,8 @@ class Graph:
             vid = len(inputs) + len(constants) + k
             where = f"node %{n.id} ({n.op})"
             if n.id != vid:
-                raise GraphError(f"{where}: id {n.id} out of order, expected {vid} (nodes are numbered after inputs and constants)")
+                raise GraphError(f"{where}: id {n.id} out of order, expected {vid} "
+                                 "(nodes are numbered after inputs and constants)")
             attrs = {key: _get_attr(a, f"{where} attribute {key!r}") for key, a in n.attrs.items()}
             nodes.append(Node(vid, n.op, tuple(n.inputs), attrs, _dtype_from_pb(n.dtype, where),
                               check_shape(n.shape, limits, where)))

@@ -364,7 +364,8 @@ def _checked_index(idx: np.ndarray, dim: int, axis: int) -> np.ndarray:
     if idx.dtype.kind not in "iu":
         raise IndexError(f"indices must be integers, got dtype {idx.dtype}")
     if idx.size and (idx.max() >= dim or idx.min() < -dim):
-        raise IndexError(f"index {int(idx.max() if idx.max() >= dim else idx.min())} is out of bounds for axis {axis} with size {dim}")
+        bad = int(idx.max() if idx.max() >= dim else idx.min())
+        raise IndexError(f"index {bad} is out of bounds for axis {axis} with size {dim}")
     return np.where(idx < 0, idx + dim, idx).astype(np.int64)
 
 
@@ -492,6 +493,11 @@ def array_function(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return FUNCTIONS[func](*args, **kwargs)
 
 
+def _one_or_many(args: tuple) -> Any:
+    """`x.reshape(2, 3)` and `x.reshape((2, 3))` alike."""
+    return args[0] if len(args) == 1 and not isinstance(args[0], (int, np.integer)) else args
+
+
 class ArrayMethods:
     """numpy-style operators and methods, shared by traced values and imperative tensors."""
 
@@ -543,8 +549,8 @@ class ArrayMethods:
     def max(self, axis=None, keepdims=False): return max(self, axis, keepdims)
     def min(self, axis=None, keepdims=False): return min(self, axis, keepdims)
     def var(self, axis=None, keepdims=False, ddof=0): return var(self, axis, keepdims, ddof)
-    def reshape(self, *shape): return reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
-    def transpose(self, *axes): return transpose(self, axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else (axes or None))
+    def reshape(self, *shape): return reshape(self, _one_or_many(shape))
+    def transpose(self, *axes): return transpose(self, _one_or_many(axes) or None)
     def astype(self, dtype): return astype(self, dtype)
     def squeeze(self, axis=None): return squeeze(self, axis)
     def cumsum(self, axis=None): return cumsum(self, axis)

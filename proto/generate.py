@@ -36,7 +36,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
-        stale = [f.name for f in files if not (STUB_DIR / f.name).exists() or not filecmp.cmp(f, STUB_DIR / f.name, shallow=False)]
+        stale = [f.name for f in files
+                 if not (STUB_DIR / f.name).exists() or not filecmp.cmp(f, STUB_DIR / f.name, shallow=False)]
         if args.check:
             if stale:
                 print("stale protobuf stubs: " + ", ".join(stale) + " (run: python proto/generate.py)")

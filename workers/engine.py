@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from gradserve.errors import GraphError, ShapeError
 from gradserve.ir import Graph, Var, type_str
 from gradserve.primitives import FLOATS

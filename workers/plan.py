@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from gradserve.errors import GraphError
 from gradserve.ir import Graph, Var, replay
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from gradserve import numpy_api as gnp
 from gradserve.numpy_api import bind
 from gradserve.primitives import PRIMITIVES
@@ -258,7 +259,8 @@ def _vjp_concatenate(g, *xs, out, need, nb, axis):
 
 
 def _jvp_concatenate(ts, *xs, out, axis):
-    return bind("concatenate", *(t if t is not None else zeros(x.shape, x.dtype, x) for t, x in zip(ts, xs, strict=True)), axis=axis)
+    parts = [t if t is not None else zeros(x.shape, x.dtype, x) for t, x in zip(ts, xs, strict=True)]
+    return bind("concatenate", *parts, axis=axis)
 
 
 VJP["slice"], VJP["pad"] = _vjp_slice, _vjp_pad
