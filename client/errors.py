@@ -9,3 +9,11 @@ class GraphError(ValueError):
 
 class ShapeError(GraphError):
     """Shapes or dtypes of a node's operands do not agree with its op."""
+
+
+class LimitError(GraphError):
+    """A graph or tensor is over a configured size limit (the service answers RESOURCE_EXHAUSTED)."""
+
+
+class Cancelled(RuntimeError):
+    """A computation stopped between kernels because its caller went away or ran out of time."""

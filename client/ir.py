@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GraphError, ShapeError
+from .errors import GraphError, LimitError, ShapeError
 from .primitives import DTYPES, PRIMITIVES, AVal, Shape, infer
 
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
@@ -167,7 +167,7 @@ class Graph:
         """Decode and validate a wire graph; every problem is a GraphError naming the node."""
         n_values = len(msg.inputs) + len(msg.constants) + len(msg.nodes)
         if len(msg.nodes) > limits.max_nodes:
-            raise GraphError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
+            raise LimitError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
         inputs = []
         for k, i in enumerate(msg.inputs):
             if i.id != k:
@@ -182,7 +182,7 @@ class Graph:
                 raise GraphError(f"constant has id {c.id}, expected {vid} (constants follow the inputs, in order)")
             const_bytes += len(c.value.data)
             if const_bytes > limits.max_constant_bytes:
-                raise GraphError(f"constants exceed the limit of {limits.max_constant_bytes} bytes")
+                raise LimitError(f"constant %{vid}: constants exceed the limit of {limits.max_constant_bytes} bytes")
             constants.append(tensor_from_proto(c.value, limits, f"constant %{vid}"))
         nodes = []
         for k, n in enumerate(msg.nodes):
@@ -243,9 +243,9 @@ def check_shape(shape: Iterable[int], limits: Limits, where: str) -> Shape:
             raise GraphError(f"{where}: negative dimension in shape {list(shape)}")
         count *= d
         if count > limits.max_elements:
-            raise GraphError(f"{where}: shape {list(shape)} has more than {limits.max_elements} elements")
+            raise LimitError(f"{where}: shape {list(shape)} has more than {limits.max_elements} elements")
     if len(shape) > 32:
-        raise GraphError(f"{where}: rank {len(shape)} is over the limit of 32")
+        raise LimitError(f"{where}: rank {len(shape)} is over the limit of 32")
     return shape
 
 
@@ -268,6 +268,8 @@ def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor
     want = math.prod(shape) * np.dtype(dtype).itemsize
     if len(msg.data) != want:
         raise GraphError(f"{where}: {type_str(dtype, shape)} needs {want} bytes, got {len(msg.data)}")
+    if dtype == "bool" and msg.data.strip(b"\x00\x01"):
+        raise GraphError(f"{where}: bool data holds bytes other than 0 and 1")
     return np.frombuffer(msg.data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
 
@@ -323,7 +325,7 @@ def check_attrs(op: str, attrs: dict[str, Any], where: str) -> None:
 def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
     if len(graph.nodes) > limits.max_nodes:
-        raise GraphError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
+        raise LimitError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
     names = graph.input_names()
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -334,10 +336,17 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
         raise GraphError(f"duplicate output names {dup}")
     if not graph.outputs:
         raise GraphError("graph has no outputs")
-    for i in graph.inputs:
+    for k, i in enumerate(graph.inputs):
+        if i.id != k:
+            raise GraphError(f"input {i.name!r} has id {i.id}, expected {k} (inputs come first, in order)")
         check_shape(i.shape, limits, f"input {i.name!r}")
-    for n in graph.nodes:
+    for name, vid in graph.outputs:
+        if not 0 <= vid < graph.n_values:
+            raise GraphError(f"output {name!r} refers to %{vid}, which the graph does not define")
+    for k, n in enumerate(graph.nodes):
         where = n.text()
+        if n.id != graph.first_node_id + k:
+            raise GraphError(f"node id %{n.id} out of order, expected %{graph.first_node_id + k}, at {where}")
         if n.op not in PRIMITIVES:
             raise GraphError(f"unknown op {n.op!r} at {where}")
         prim = PRIMITIVES[n.op]
