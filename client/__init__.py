@@ -77,6 +77,7 @@ from .numpy_api import (
     where,
     zeros_like,
 )
+from .remote import GradientResult, RemoteError, Session, connect
 from .tensor import Tensor, is_grad_enabled, no_grad, tensor, zero_grad
 
 __version__ = "0.1.0"
@@ -145,7 +146,7 @@ def clear_cache() -> None:
 
 
 __all__ = [
-    "Graph", "GraphError", "Limits", "ShapeError", "Tensor",
+    "GradientResult", "Graph", "GraphError", "Limits", "RemoteError", "Session", "ShapeError", "Tensor", "connect",
     "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
     "flatten", "floor", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 
 def demo() -> int:
@@ -23,15 +25,55 @@ def demo() -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
+    from .app import Config, MiB, Server
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise SystemExit(f"token file {args.token_file} is empty")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    config = Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
+                    cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
+                    residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
+                    tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
+                    threads=args.threads, grace=args.grace)
+    server = Server(config).start()
+    server.stop_on_signals()
+    extra = f", metrics on {config.host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    print(f"gradserve listening on {config.host}:{server.port}{extra}", flush=True)
+    server.wait()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradserve", description="Distributed gradient computation.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the seed's z = x*y + sin(x) example end to end")
+    s = sub.add_parser("serve", help="run the gRPC gradient service")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=50051, help="port (0 picks a free one and prints it)")
+    s.add_argument("--max-message-mib", type=int, default=256, help="largest request or response")
+    s.add_argument("--cache-mib", type=int, default=512, help="graphs kept in memory (LRU by bytes)")
+    s.add_argument("--residual-mib", type=int, default=1024, help="forward values kept by vjp sessions")
+    s.add_argument("--residual-ttl", type=float, default=300.0, help="seconds an unused vjp session is kept")
+    s.add_argument("--store", type=Path, default=None, help="directory where registered graphs survive restarts")
+    s.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")
+    s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
+    s.add_argument("--max-concurrent", type=int, default=64, help="calls served at once; more get RESOURCE_EXHAUSTED")
+    s.add_argument("--threads", type=int, default=16, help="server threads")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get at shutdown")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo()
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return serve(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,20 @@ class CacheInfo:
         return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
 
 
+@dataclass
+class Residuals:
+    """What a residual session keeps: the forward values its backward pass reads."""
+
+    graph: Graph
+    wrt: tuple[str, ...]
+    outputs: tuple[str, ...]
+    values: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(np.asarray(v).nbytes for v in self.values.values())
+
+
 class Engine:
     """Runs graphs in process with the numpy kernels; thread-safe."""
 
@@ -128,8 +142,7 @@ class Engine:
             if extra:
                 raise GraphError(f"seeds given for {extra}, which are not differentiated outputs {list(outs)}")
         if residuals is not None:
-            plan = self.plan(graph, ("backward", wrt, outs),
-                             lambda: autodiff.vjp_graph(graph, wrt, outs, keep_outputs=False, residuals=True))
+            plan = self._backward_plan(graph, wrt, outs, ())
             for name, _ in plan.inputs:
                 if name.startswith("%"):
                     feed[name] = residuals[int(name[1:])]
@@ -138,6 +151,54 @@ class Engine:
         res = plan.run(_only(plan, feed))
         grads = {x: res.pop(autodiff.GRAD + x) for x in wrt}
         return res, grads
+
+    def _backward_plan(self, graph: Graph, wrt: tuple[str, ...], outs: tuple[str, ...], batch: tuple[int, ...]) -> Plan:
+        return self.plan(graph, ("backward", wrt, outs, batch),
+                         lambda: autodiff.vjp_graph(graph, wrt, outs, batch=batch, keep_outputs=False, residuals=True))
+
+    def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
+        """Run the forward pass once; return the outputs and the values the backward pass reads."""
+        outs = tuple(outputs) if outputs is not None else tuple(
+            o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
+        _check_outputs(graph, outs)
+        wrt = tuple(wrt)
+        backward = self._backward_plan(graph, wrt, outs, ())
+        needed = [name for name, _ in backward.inputs if not name.startswith(autodiff.SEED)]
+        kept = tuple(int(name[1:]) for name in needed if name.startswith("%"))
+        forward = self.plan(graph, ("forward", kept), lambda: Graph(
+            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(f"%{k}", k) for k in kept]))
+        feed = check_inputs(graph, inputs)
+        res = forward.run(feed)
+        values = {name: res[name] if name.startswith("%") else feed[name] for name in needed}
+        return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
+
+    def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
+        """The gradients for cotangents of the outputs (each with one extra leading axis when
+        `batched`), from kept residuals: the forward pass is not run again."""
+        r = residuals
+        extra = sorted(set(cotangents) - set(r.outputs))
+        if extra:
+            raise GraphError(f"cotangents given for {extra}, which are not differentiated outputs {list(r.outputs)}")
+        batch: tuple[int, ...] = ()
+        if batched:
+            sizes = {np.shape(c)[0] if np.ndim(c) else None for c in cotangents.values()}
+            if len(sizes) != 1 or None in sizes:
+                raise ShapeError(f"batched cotangents need one common leading axis, got shapes "
+                                 f"{ {k: np.shape(c) for k, c in cotangents.items()} }")
+            batch = (sizes.pop(),)
+        plan = self._backward_plan(r.graph, r.wrt, r.outputs, batch)
+        feed = dict(r.values)
+        for o in r.outputs:
+            dtype, shape = r.graph.aval(dict(r.graph.outputs)[o])
+            if o not in cotangents:
+                if shape != () or batched:
+                    raise ShapeError(f"output {o!r} has shape {shape}: pass a cotangent for it")
+                feed[autodiff.SEED + o] = np.ones((), dtype)
+            else:
+                feed[autodiff.SEED + o] = _check_value(cotangents[o], dtype, batch + shape, f"cotangent for output {o!r}")
+        res = plan.run(feed)
+        return {x: res[autodiff.GRAD + x] for x in r.wrt}
 
     def grad_plan(self, graph: Graph, wrt: Sequence[str], output: str) -> Plan:
         """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):

@@ -8,17 +8,31 @@ are all dead is kept for the next out-capable kernel of the same shape and dtype
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 
-from gradserve.errors import GraphError
+from gradserve.errors import Cancelled, GraphError
 from gradserve.ir import Graph, Var, replay
 
 from .kernels import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
 
 NEVER = 1 << 62
+_STOP: ContextVar[Callable[[], bool] | None] = ContextVar("gradserve_stop", default=None)
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Plans run inside stop between kernels, raising Cancelled, once `check()` is true
+    (the service passes "the client went away or the deadline passed")."""
+    token = _STOP.set(check)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
 
 
 class Plan:
@@ -116,10 +130,13 @@ class Plan:
         for slot, c in self.constants:
             env[slot] = c
         step = None
+        stop = _STOP.get()
         try:
             with np.errstate(all="ignore"):
                 for step in self.steps:
                     fn, ins, kw, out, src, frees, _ = step
+                    if stop is not None and stop():
+                        raise Cancelled(f"stopped before {step[-1].text()}")
                     if src >= 0:
                         env[out] = fn(*[env[i] for i in ins], out=env[src], **kw)
                     else:

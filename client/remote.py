@@ -1,0 +1,318 @@
+"""The remote session: `gs.connect(address)` gives the local API, executed by a gradserve server.
+
+Every call builds a request, calls the stub with a deadline, and turns `grpc.RpcError` into the
+`gs.RemoteError` family. Traced functions are registered once per input signature; a NOT_FOUND
+(evicted, or a server restarted without a store) re-registers and retries once, and idempotent
+calls retry UNAVAILABLE with backoff inside their deadline, so a restart is invisible.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .api import Functional, _as_array, _leaves, flatten, unflatten
+from .errors import GraphError
+from .ir import Graph, tensor_from_proto, tensor_to_proto
+from .primitives import FLOATS
+from .v1 import service_pb2 as pb
+from .v1 import service_pb2_grpc
+
+# ---------------------------------------------------------------- errors
+
+
+class RemoteError(Exception):
+    """A call the server answered with an error status; `.code` is the grpc.StatusCode."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.args[0]}"
+
+
+def _subclass(name: str, code: grpc.StatusCode) -> type[RemoteError]:
+    return type(name, (RemoteError,), {"code": code, "__doc__": f"The server answered {code.name}.",
+                                       "__module__": __name__})
+
+
+InvalidArgument = _subclass("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT)
+NotFound = _subclass("NotFound", grpc.StatusCode.NOT_FOUND)
+ResourceExhausted = _subclass("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED)
+Unauthenticated = _subclass("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED)
+PermissionDenied = _subclass("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED)
+DeadlineExceeded = _subclass("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED)
+Cancelled = _subclass("Cancelled", grpc.StatusCode.CANCELLED)
+Unavailable = _subclass("Unavailable", grpc.StatusCode.UNAVAILABLE)
+Internal = _subclass("Internal", grpc.StatusCode.INTERNAL)
+_BY_CODE = {c.code: c for c in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, PermissionDenied,
+                                 DeadlineExceeded, Cancelled, Unavailable, Internal)}
+
+
+def _remote_error(e: grpc.RpcError) -> RemoteError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(code, RemoteError)
+    return cls(e.details() if hasattr(e, "details") else str(e), code)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class GradientResult:
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+
+
+def _tensors(field: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {name: tensor_from_proto(t, where=name) for name, t in field.items()}
+
+
+def _fill(field: Any, values: Mapping[str, Any]) -> None:
+    for name, v in values.items():
+        tensor_to_proto(_as_array(v), field[name])
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session:
+    """A connection to a gradserve server with the functional API of the local engine."""
+
+    def __init__(self, address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
+                 timeout: float = 60.0, max_message_bytes: int = 256 << 20):
+        self.address, self.timeout = address, timeout
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls:
+            root = None if tls is True else (tls if isinstance(tls, bytes) else Path(tls).read_bytes())
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        self._known: dict[str, Graph] = {}  # graphs registered through this session, to re-register
+        self._lock = threading.Lock()
+        self._fn = Functional(_RemoteBackend(self))
+
+    # ---- lifecycle
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport
+    def _call(self, method: str, request: Any, graph_id: str | None = None, idempotent: bool = True,
+              timeout: float | None = None) -> Any:
+        """Call with a deadline; retry UNAVAILABLE with backoff inside it; on NOT_FOUND for a
+        graph this session registered, register it again and retry once."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay, reregistered = 0.02, False
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return getattr(self._stub, method)(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and idempotent and remaining > delay:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND and graph_id in self._known and not reregistered:
+                    reregistered = True
+                    self._register(self._known[graph_id], deadline - time.monotonic())
+                    continue
+                raise _remote_error(e) from None
+
+    def _register(self, graph: Graph, timeout: float | None = None) -> str:
+        resp = self._call("RegisterGraph", pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=timeout)
+        if resp.graph_id != graph.id:
+            raise GraphError(f"the server hashed the graph to {resp.graph_id}, the client to {graph.id}")
+        with self._lock:
+            self._known[graph.id] = graph
+        return graph.id
+
+    def _ensure(self, graph: Graph) -> str:
+        if graph.id not in self._known:
+            self._register(graph)
+        return graph.id
+
+    def _graph_id(self, graph: Graph | str) -> str:
+        return self._ensure(graph) if isinstance(graph, Graph) else graph
+
+    # ---- graph-level API
+    def register(self, graph: Graph) -> str:
+        """Register `graph` (idempotent); returns its id, the content hash."""
+        return self._register(graph)
+
+    def evaluate(self, graph: Graph | str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
+        gid = self._graph_id(graph)
+        req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()))
+        _fill(req.inputs, inputs)
+        return _tensors(self._call("Evaluate", req, gid).outputs)
+
+    def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None) -> GradientResult:
+        gid = self._graph_id(graph)
+        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        _fill(req.inputs, inputs)
+        _fill(req.seeds, seeds or {})
+        resp = self._call("Gradient", req, gid)
+        return GradientResult(_tensors(resp.outputs), _tensors(resp.grads))
+
+    def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
+                       seeds: Sequence[Mapping[str, Any]] | None = None,
+                       outputs: Sequence[str] | None = None) -> list[GradientResult]:
+        gid = self._graph_id(graph)
+        req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        for k, item in enumerate(inputs):
+            entry = req.items.add()
+            _fill(entry.inputs, item)
+            _fill(entry.seeds, seeds[k] if seeds is not None else {})
+        resp = self._call("BatchGradient", req, gid)
+        return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
+
+    def graphs(self) -> list[pb.GraphInfo]:
+        return list(self._call("ListGraphs", pb.ListGraphsRequest()).graphs)
+
+    def delete(self, graph_id: str) -> bool:
+        with self._lock:
+            self._known.pop(graph_id, None)
+        return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
+
+    # ---- the functional API, executed remotely
+    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+        return self._fn.grad(f, argnums, has_aux)
+
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+        return self._fn.value_and_grad(f, argnums, has_aux)
+
+    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
+        return self._fn.jvp(f, primals, tangents)
+
+    def jacobian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+        return self._fn.jacobian(f, argnums)
+
+    def hessian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+        return self._fn.hessian(f, argnums)
+
+    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any]) -> tuple:
+        return self._fn.hvp(f, primals, vectors)
+
+    def trace(self, f: Callable, *args: Any) -> Graph:
+        return self._fn.trace(f, *args)
+
+    def vjp(self, f: Callable, *primals: Any, ttl: float = 0.0) -> tuple[Any, RemoteVjp]:
+        """Run the forward pass once on the server; the returned function sends only cotangents."""
+        t = self._fn.traced(f, primals)
+        gid = self._ensure(t.graph)
+        groups = self._fn._argnum_leaves_floats(t, f, primals)
+        wrt = [n for grp in groups for n in grp]
+        req = pb.OpenVjpRequest(graph_id=gid, wrt=wrt, ttl_seconds=ttl)
+        _fill(req.inputs, Functional._feed(t, primals))
+        resp = self._call("OpenVjp", req, gid)
+        outs = _tensors(resp.outputs)
+        return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, primals, groups)
+
+
+class RemoteVjp:
+    """`vjp_fn(cotangent)` of a residual session: one CallVjp per call, no forward pass."""
+
+    def __init__(self, session: Session, handle: str, traced: Any, primals: tuple, groups: list[list[str]]):
+        self.session, self.handle, self._t, self._primals, self._groups = session, handle, traced, primals, groups
+        self._float_outs = [n for n in traced.out_names if traced.graph.aval(dict(traced.graph.outputs)[n])[0] in FLOATS]
+
+    def __call__(self, cotangent: Any, batched: bool = False) -> tuple:
+        """Cotangents shaped like the output (one leading axis more when `batched`), returned
+        as one cotangent per primal (with the same leading axis when batched)."""
+        cts: list[Any] = []
+        _leaves(cotangent, cts)
+        if len(cts) != len(self._t.out_names):
+            raise ValueError(f"cotangent has {len(cts)} leaves for {len(self._t.out_names)} outputs {self._t.out_names}")
+        req = pb.CallVjpRequest(handle=self.handle, batched=batched)
+        _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs})
+        grads = _tensors(self.session._call("CallVjp", req).grads)
+        return tuple(unflatten(flatten(p, "")[1], [grads[n] for n in grp]) if grp else None
+                     for p, grp in zip(self._primals, self._groups, strict=True))
+
+    def close(self) -> None:
+        """Release the server-side residuals now (they also go on TTL or under memory pressure)."""
+        self.session._call("CloseVjp", pb.CloseVjpRequest(handle=self.handle))
+
+    def __enter__(self) -> RemoteVjp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _RemoteBackend:
+    """The Engine's interface (graph + named arrays) over RPCs, for the shared Functional API."""
+
+    def __init__(self, session: Session):
+        self.s = session
+
+    def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
+        return self.s.evaluate(graph, inputs, outputs)
+
+    def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
+            outputs: Sequence[str] | None = None) -> tuple[dict, dict]:
+        r = self.s.gradient(graph, inputs, wrt, seeds, outputs)
+        return r.outputs, r.grads
+
+    def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
+        gid = self.s._ensure(graph)
+        req = pb.JvpRequest(graph_id=gid)
+        _fill(req.inputs, inputs)
+        _fill(req.tangents, tangents)
+        resp = self.s._call("Jvp", req, gid)
+        return _tensors(resp.outputs), _tensors(resp.tangents)
+
+    def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.JacobianRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        _fill(req.inputs, inputs)
+        resp = self.s._call("Jacobian", req, gid)
+        return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
+
+    def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
+        _fill(req.inputs, inputs)
+        resp = self.s._call("Hessian", req, gid)
+        return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
+
+    def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
+            vectors: Mapping[str, Any]) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
+        _fill(req.inputs, inputs)
+        _fill(req.vectors, vectors)
+        resp = self.s._call("Hessian", req, gid)
+        return {e.input: tensor_from_proto(e.value) for e in resp.entries}
+
+
+def connect(address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
+            timeout: float = 60.0) -> Session:
+    """A session with the server at `address` ("host:port"); use it as a context manager.
+
+    `token`: the bearer token the server was started with; `tls`: True for the system's roots,
+    or a CA certificate (path or PEM bytes); `timeout`: the deadline of each call, in seconds.
+    """
+    return Session(address, token=token, tls=tls, timeout=timeout)

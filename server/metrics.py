@@ -1,0 +1,81 @@
+"""Prometheus metrics in the text exposition format, served over HTTP on their own port."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HELP = {
+    "gradserve_requests_total": ("counter", "RPCs answered, by method and status code"),
+    "gradserve_request_seconds_sum": ("counter", "Total seconds spent answering RPCs, by method"),
+    "gradserve_request_seconds_count": ("counter", "RPCs timed, by method"),
+    "gradserve_graph_cache_hits_total": ("counter", "Graph lookups served from memory"),
+    "gradserve_graph_cache_misses_total": ("counter", "Graph lookups not in memory"),
+    "gradserve_graph_cache_evictions_total": ("counter", "Graphs evicted from memory (LRU by bytes)"),
+    "gradserve_graph_cache_bytes": ("gauge", "Bytes of graphs held in memory"),
+    "gradserve_graphs": ("gauge", "Graphs held in memory"),
+    "gradserve_plan_cache_hits_total": ("counter", "Compiled plans reused"),
+    "gradserve_plan_cache_misses_total": ("counter", "Plans compiled"),
+    "gradserve_residual_sessions": ("gauge", "Open residual (VJP) sessions"),
+    "gradserve_residual_bytes": ("gauge", "Bytes kept by residual sessions"),
+    "gradserve_residual_sessions_released_total": ("counter", "Residual sessions closed, expired or evicted"),
+    "gradserve_inflight_requests": ("gauge", "RPCs being answered now"),
+    "gradserve_workers": ("gauge", "Workers executing plans (1: in process)"),
+}
+
+
+class Metrics:
+    """Counters and gauges keyed by (name, labels); thread-safe."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values[(name, tuple(sorted(labels.items())))] = float(value)
+
+    def get(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def render(self) -> str:
+        with self._lock:
+            items = sorted(self._values.items())
+        lines, seen = [], set()
+        for (name, labels), value in items:
+            if name not in seen and name in HELP:
+                kind, text = HELP[name]
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            seen.add(name)
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
+        """Serve /metrics on (host, port) from a daemon thread; returns the HTTP server."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = metrics.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=httpd.serve_forever, name="gradserve-metrics", daemon=True).start()
+        return httpd

@@ -1,0 +1,199 @@
+"""GradientService: each RPC decodes, calls the plain Engine, encodes (route_guide style).
+
+Requests arrive as raw bytes and are parsed here, so bytes that do not parse are answered
+INVALID_ARGUMENT (grpcio's own deserialiser would answer INTERNAL). Domain errors become
+status codes in one place, `_status`; there is no business logic in this layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from gradserve.errors import Cancelled, GraphError, LimitError
+from gradserve.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
+from gradserve.v1 import graph_pb2
+from gradserve.v1 import service_pb2 as pb
+from gradserve.workers.engine import Engine
+from gradserve.workers.plan import stop_when
+
+from .metrics import Metrics
+from .registry import GraphRegistry, NotFound, ResidualStore
+
+log = logging.getLogger("gradserve.servicer")
+SERVICE = "gradserve.v1.GradientService"
+
+
+def _status(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, LimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, Cancelled):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {e}"
+        return grpc.StatusCode.CANCELLED, f"cancelled: {e}"
+    if isinstance(e, (GraphError, TypeError, ValueError, IndexError, KeyError, DecodeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e) if not isinstance(e, KeyError) else f"missing {e}"
+    log.exception("internal error")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+class Servicer:
+    """The RPC handlers over an Engine, a GraphRegistry and a ResidualStore."""
+
+    def __init__(self, engine: Engine, registry: GraphRegistry, residuals: ResidualStore,
+                 limits: Limits, metrics: Metrics, max_concurrent: int = 64):
+        self.engine, self.registry, self.residuals = engine, registry, residuals
+        self.limits, self.metrics = limits, metrics
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
+
+    # ---- decoding helpers
+    def _tensors(self, fields: Mapping[str, graph_pb2.Tensor], what: str) -> dict[str, np.ndarray]:
+        return {name: tensor_from_proto(t, self.limits, f"{what} {name!r}") for name, t in fields.items()}
+
+    @staticmethod
+    def _encode(values: Mapping[str, Any], field: Any) -> None:
+        for name, v in values.items():
+            tensor_to_proto(np.asarray(v), field[name])
+
+    # ---- RPCs
+    def RegisterGraph(self, req: pb.RegisterGraphRequest, context) -> pb.RegisterGraphResponse:
+        graph = Graph.from_proto(req.graph, self.limits)
+        gid, created = self.registry.register(graph, req.graph.SerializeToString(deterministic=True))
+        return pb.RegisterGraphResponse(graph_id=gid, created=created)
+
+    def Evaluate(self, req: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
+        graph = self.registry.get(req.graph_id)
+        outs = self.engine.evaluate(graph, self._tensors(req.inputs, "input"), list(req.outputs) or None)
+        resp = pb.EvaluateResponse()
+        self._encode(outs, resp.outputs)
+        return resp
+
+    def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
+        graph = self.registry.get(req.graph_id)
+        return self._gradient(graph, req.inputs, req.seeds, list(req.wrt), list(req.outputs) or None)
+
+    def _gradient(self, graph: Graph, inputs, seeds, wrt: list[str], outputs: list[str] | None) -> pb.GradientResponse:
+        outs, grads = self.engine.vjp(graph, self._tensors(inputs, "input"), wrt,
+                                      seeds=self._tensors(seeds, "seed") or None, outputs=outputs)
+        resp = pb.GradientResponse()
+        self._encode(outs, resp.outputs)
+        self._encode(grads, resp.grads)
+        return resp
+
+    def Jvp(self, req: pb.JvpRequest, context) -> pb.JvpResponse:
+        graph = self.registry.get(req.graph_id)
+        outs, tangents = self.engine.jvp(graph, self._tensors(req.inputs, "input"), self._tensors(req.tangents, "tangent"))
+        resp = pb.JvpResponse()
+        self._encode(outs, resp.outputs)
+        self._encode(tangents, resp.tangents)
+        return resp
+
+    def BatchGradient(self, req: pb.BatchGradientRequest, context) -> pb.BatchGradientResponse:
+        graph = self.registry.get(req.graph_id)
+        resp = pb.BatchGradientResponse()
+        for item in req.items:
+            resp.results.append(self._gradient(graph, item.inputs, item.seeds, list(req.wrt), list(req.outputs) or None))
+        return resp
+
+    def Jacobian(self, req: pb.JacobianRequest, context) -> pb.JacobianResponse:
+        graph = self.registry.get(req.graph_id)
+        jac = self.engine.jacobian(graph, self._tensors(req.inputs, "input"), list(req.wrt), list(req.outputs) or None)
+        resp = pb.JacobianResponse()
+        for (o, x), value in jac.items():
+            resp.entries.add(output=o, input=x, value=tensor_to_proto(np.asarray(value)))
+        return resp
+
+    def Hessian(self, req: pb.HessianRequest, context) -> pb.HessianResponse:
+        graph = self.registry.get(req.graph_id)
+        inputs = self._tensors(req.inputs, "input")
+        resp = pb.HessianResponse()
+        if req.vectors:
+            hv = self.engine.hvp(graph, inputs, list(req.wrt), req.output, self._tensors(req.vectors, "vector"))
+            for x, value in hv.items():
+                resp.entries.add(output="hvp", input=x, value=tensor_to_proto(np.asarray(value)))
+        else:
+            for (xi, xj), value in self.engine.hessian(graph, inputs, list(req.wrt), req.output).items():
+                resp.entries.add(output=xi, input=xj, value=tensor_to_proto(np.asarray(value)))
+        return resp
+
+    def ListGraphs(self, req: pb.ListGraphsRequest, context) -> pb.ListGraphsResponse:
+        resp = pb.ListGraphsResponse()
+        for gid, graph, nbytes in self.registry.list():
+            info = resp.graphs.add(graph_id=gid, outputs=graph.output_names(), nodes=len(graph.nodes), bytes=nbytes)
+            info.inputs.extend(graph.to_proto().inputs)
+        return resp
+
+    def DeleteGraph(self, req: pb.DeleteGraphRequest, context) -> pb.DeleteGraphResponse:
+        return pb.DeleteGraphResponse(deleted=self.registry.delete(req.graph_id))
+
+    def OpenVjp(self, req: pb.OpenVjpRequest, context) -> pb.OpenVjpResponse:
+        graph = self.registry.get(req.graph_id)
+        outs, kept = self.engine.open_vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt), list(req.outputs) or None)
+        handle, ttl = self.residuals.open(kept, req.ttl_seconds)
+        resp = pb.OpenVjpResponse(handle=handle, ttl_seconds=ttl, residual_bytes=kept.nbytes)
+        self._encode(outs, resp.outputs)
+        return resp
+
+    def CallVjp(self, req: pb.CallVjpRequest, context) -> pb.CallVjpResponse:
+        kept = self.residuals.get(req.handle)
+        grads = self.engine.call_vjp(kept, self._tensors(req.cotangents, "cotangent"), batched=req.batched)
+        resp = pb.CallVjpResponse()
+        self._encode(grads, resp.grads)
+        return resp
+
+    def CloseVjp(self, req: pb.CloseVjpRequest, context) -> pb.CloseVjpResponse:
+        return pb.CloseVjpResponse(closed=self.residuals.close(req.handle))
+
+    # ---- wiring
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers: raw bytes in (parsed in `_wrap`), messages out."""
+        methods = {}
+        for name, method in pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name.items():
+            request_cls = getattr(pb, method.input_type.name)
+            methods[name] = grpc.unary_unary_rpc_method_handler(
+                self._wrap(name, request_cls, getattr(self, name)),
+                request_deserializer=None,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _wrap(self, name: str, request_cls: type, fn: Callable) -> Callable:
+        def handle(raw: bytes, context: grpc.ServicerContext):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            if not self._slots.acquire(blocking=False):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                self.metrics.inc("gradserve_requests_total", method=name, code=code.name)
+                context.abort(code, f"the server is at its limit of {self.max_concurrent} concurrent calls; retry later")
+            self.metrics.inc("gradserve_inflight_requests")
+            try:
+                try:
+                    request = request_cls.FromString(raw)
+                except DecodeError as e:
+                    raise DecodeError(f"request bytes do not parse as {request_cls.__name__}: {e}") from None
+                with stop_when(lambda: not context.is_active()):
+                    return fn(request, context)
+            except Exception as e:
+                code, message = _status(e, context)
+                context.abort(code, message)
+            finally:
+                self._slots.release()
+                self.metrics.inc("gradserve_inflight_requests", -1)
+                self.metrics.inc("gradserve_requests_total", method=name, code=code.name)
+                self.metrics.inc("gradserve_request_seconds_sum", time.perf_counter() - start, method=name)
+                self.metrics.inc("gradserve_request_seconds_count", method=name)
+                self.metrics.set("gradserve_plan_cache_hits_total", self.engine.info.hits)
+                self.metrics.set("gradserve_plan_cache_misses_total", self.engine.info.misses)
+
+        return handle
