@@ -20,7 +20,7 @@ from .errors import GraphError
 from .ir import Builder, Graph, Var, type_str
 from .names import GRAD
 from .numpy_api import Traced, dtype_of
-from .primitives import DTYPES, FLOATS
+from .primitives import DTYPES, FLOATS, dtype_name
 
 # ---------------------------------------------------------------- pytrees
 
@@ -75,7 +75,7 @@ def _as_array(x: Any) -> Any:
     if hasattr(x, "__gradserve_array__"):
         return x.__gradserve_array__()
     a = np.asarray(x)
-    if a.dtype.name not in DTYPES:
+    if dtype_name(a.dtype) not in DTYPES:
         raise TypeError(f"arrays of dtype {a.dtype} are not supported; use one of {list(DTYPES)}")
     return a
 

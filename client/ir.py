@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphError, LimitError, ShapeError
-from .primitives import DTYPES, PRIMITIVES, AVal, Shape, infer
+from .primitives import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
 
@@ -94,7 +95,7 @@ class Graph:
             return (i.dtype, i.shape)
         if vid < self.first_node_id:
             c = self.constants[vid - len(self.inputs)]
-            return (c.dtype.name, c.shape)
+            return (dtype_name(c.dtype), c.shape)
         n = self.nodes[vid - self.first_node_id]
         return (n.dtype, n.shape)
 
@@ -120,7 +121,7 @@ class Graph:
                 h.update(f"in {i.name!r} {type_str(i.dtype, i.shape)}\n".encode())
             for c in self.constants:
                 data = np.ascontiguousarray(c).astype(c.dtype.newbyteorder("<"), copy=False).tobytes()
-                h.update(f"const {type_str(c.dtype.name, c.shape)} {len(data)}\n".encode())
+                h.update(f"const {type_str(dtype_name(c.dtype), c.shape)} {len(data)}\n".encode())
                 h.update(data)
             for n in self.nodes:
                 attrs = ";".join(f"{k}={_canonical_attr(v)}" for k, v in sorted(n.attrs.items()))
@@ -132,7 +133,7 @@ class Graph:
 
     def __str__(self) -> str:
         ins = " ".join(f"{i.name}=%{i.id}:{type_str(i.dtype, i.shape)}" for i in self.inputs)
-        consts = " ".join(f"%{len(self.inputs) + k}:{type_str(c.dtype.name, c.shape)}={_const_text(c)}"
+        consts = " ".join(f"%{len(self.inputs) + k}:{type_str(dtype_name(c.dtype), c.shape)}={_const_text(c)}"
                           for k, c in enumerate(self.constants))
         body = "\n".join("    " + n.text() for n in self.nodes)
         outs = ", ".join(f"{name}=%{vid}" for name, vid in self.outputs)
@@ -225,6 +226,8 @@ def _const_text(c: np.ndarray) -> str:
 # ---------------------------------------------------------------- tensors and attributes on the wire
 
 _PB_DTYPE = {"bool": 1, "int32": 2, "int64": 3, "float32": 4, "float64": 5}
+_WIRE_DTYPES = {name: dt.newbyteorder("<") for name, dt in NP_DTYPES.items()}  # the wire is little-endian
+_LITTLE = sys.byteorder == "little"
 _DTYPE_FROM_PB = {v: k for k, v in _PB_DTYPE.items()}
 
 
@@ -253,12 +256,13 @@ def tensor_to_proto(a: np.ndarray, msg=None):
     from .v1 import graph_pb2 as pb
 
     a = np.asarray(a)
-    if a.dtype.name not in _PB_DTYPE:
+    code = _PB_DTYPE.get(dtype_name(a.dtype))
+    if code is None:
         raise TypeError(f"dtype {a.dtype} cannot travel; use one of {list(DTYPES)}")
     msg = msg if msg is not None else pb.Tensor()
-    msg.dtype = _PB_DTYPE[a.dtype.name]
+    msg.dtype = code
     msg.shape[:] = a.shape
-    msg.data = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    msg.data = (a if _LITTLE and a.dtype.isnative else a.astype(a.dtype.newbyteorder("<"))).tobytes()
     return msg
 
 
@@ -270,7 +274,7 @@ def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor
         raise GraphError(f"{where}: {type_str(dtype, shape)} needs {want} bytes, got {len(msg.data)}")
     if dtype == "bool" and msg.data.strip(b"\x00\x01"):
         raise GraphError(f"{where}: bool data holds bytes other than 0 and 1")
-    return np.frombuffer(msg.data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    return np.frombuffer(msg.data, dtype=_WIRE_DTYPES[dtype]).astype(NP_DTYPES[dtype], copy=False).reshape(shape)
 
 
 def _set_attr(msg, v: Any) -> None:
@@ -413,18 +417,18 @@ class Builder:
 
     def const(self, value: Any, dtype: str | None = None) -> Var:
         a = np.asarray(value, dtype=dtype)
-        if a.dtype.name not in DTYPES:
+        if dtype_name(a.dtype) not in DTYPES:
             raise TypeError(f"constant of dtype {a.dtype} is not supported; use one of {list(DTYPES)}")
-        key = (a.dtype.name, a.shape, a.tobytes())
+        key = (dtype_name(a.dtype), a.shape, a.tobytes())
         if key not in self._consts:
-            v = self._new(a.dtype.name, a.shape)
+            v = self._new(dtype_name(a.dtype), a.shape)
             a = a.copy()
             a.setflags(write=False)
             self._consts[key] = (v.id, a)
             self._const_by_id[v.id] = a
             return v
         vid, a = self._consts[key]
-        return self.value_type(self, vid, a.dtype.name, a.shape)
+        return self.value_type(self, vid, dtype_name(a.dtype), a.shape)
 
     def constant_value(self, v: Var) -> np.ndarray | None:
         """The array of `v` when it is a constant (used for folding and shortcuts), else None."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .ir import Builder, Var
-from .primitives import FLOATS
+from .primitives import FLOATS, dtype_name
 
 # the imperative Tensor registers itself here: (class, bind function)
 _EAGER: list[tuple[type, Callable[..., Any]]] = []
@@ -49,7 +49,7 @@ def _is_value(x: Any) -> bool:
 def dtype_of(x: Any) -> str:
     if isinstance(x, Var):
         return x.dtype
-    return np.asarray(x).dtype.name if not hasattr(x, "dtype") else np.dtype(x.dtype).name
+    return dtype_name(np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype))
 
 
 def shape_of(x: Any) -> tuple[int, ...]:

@@ -12,12 +12,23 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import ShapeError
 
 Shape = tuple[int, ...]
 AVal = tuple[str, Shape]  # (dtype name, shape)
 
 DTYPES = ("bool", "int32", "int64", "float32", "float64")
+NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
+_NAMES = {dt: name for name, dt in NP_DTYPES.items()}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The IR name of a numpy dtype ("float64", ...), or numpy's own name when unsupported
+    (`np.dtype.name` itself is slow: this is on every call's path)."""
+    name = _NAMES.get(dtype)
+    return name if name is not None else dtype.name
 FLOATS = ("float32", "float64")
 INTS = ("int32", "int64")
 NUMERIC = INTS + FLOATS

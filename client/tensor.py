@@ -18,7 +18,7 @@ import numpy as np
 from . import numpy_api
 from .ir import Builder
 from .numpy_api import ArrayMethods
-from .primitives import DTYPES, FLOATS
+from .primitives import DTYPES, FLOATS, dtype_name
 
 _state = threading.local()
 
@@ -45,9 +45,9 @@ class Tensor(ArrayMethods):
 
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None):
         a = np.array(data, dtype=dtype)
-        if a.dtype.name not in DTYPES:
+        if dtype_name(a.dtype) not in DTYPES:
             raise TypeError(f"tensor dtype {a.dtype} is not supported; use one of {list(DTYPES)}")
-        if requires_grad and a.dtype.name not in FLOATS:
+        if requires_grad and dtype_name(a.dtype) not in FLOATS:
             raise TypeError(f"only float tensors can require gradients, got dtype {a.dtype}")
         self.data = a
         self.requires_grad = requires_grad
@@ -136,8 +136,8 @@ def _eager(op: str, *args: Any, **attrs: Any) -> Tensor:
     out = Tensor(numpy_api._kernels()[op](*(t.data for t in ts), **attrs))
     from .primitives import PRIMITIVES, infer
 
-    dtype, shape = infer(op, [(t.data.dtype.name, t.data.shape) for t in ts], attrs)
-    if out.data.dtype.name != dtype or out.data.shape != shape:
+    dtype, shape = infer(op, [(dtype_name(t.data.dtype), t.data.shape) for t in ts], attrs)
+    if dtype_name(out.data.dtype) != dtype or out.data.shape != shape:
         out.data = np.asarray(out.data, dtype=dtype).reshape(shape)
     if is_grad_enabled() and PRIMITIVES[op].differentiable and dtype in FLOATS and any(t.requires_grad for t in ts):
         out.requires_grad = True
@@ -172,7 +172,7 @@ def _backward(root: Tensor, gradient: np.ndarray) -> None:
     for t in order:
         if t._op is None or not t.requires_grad:
             name = f"t{len(inputs)}"
-            var[id(t)] = b.input(name, t.dtype.name, t.shape)
+            var[id(t)] = b.input(name, dtype_name(t.dtype), t.shape)
             inputs[name] = t.data
             if t.requires_grad:
                 leaves.append((name, t))

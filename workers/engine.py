@@ -17,7 +17,7 @@ import numpy as np
 
 from gradserve.errors import GraphError, ShapeError
 from gradserve.ir import Graph, Var, type_str
-from gradserve.primitives import FLOATS
+from gradserve.primitives import FLOATS, NP_DTYPES
 
 from . import autodiff
 from .passes import optimize
@@ -291,13 +291,13 @@ def _check_value(value: Any, dtype: str, shape: tuple[int, ...], what: str) -> A
             raise ShapeError(f"{what} is {value!r}, expected {type_str(dtype, shape)}")
         return value
     a = np.asarray(value)
-    if a.dtype.name != dtype:
+    if a.dtype != NP_DTYPES[dtype]:
         if a.dtype.kind in "biuf" and np.can_cast(a.dtype, dtype, "same_kind") and a.dtype.kind == np.dtype(dtype).kind:
             a = a.astype(dtype)
         elif isinstance(value, (int, float, bool)) and not isinstance(value, np.generic):
             a = np.asarray(value, dtype=dtype)
         else:
-            raise ShapeError(f"{what} has dtype {a.dtype.name}, expected {dtype}")
+            raise ShapeError(f"{what} has dtype {a.dtype}, expected {dtype}")
     if a.shape != shape:
         raise ShapeError(f"{what} has shape {a.shape}, expected {type_str(dtype, shape)}")
     return a

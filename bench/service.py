@@ -1,0 +1,194 @@
+"""Service benchmark: the remote API against a bare gRPC echo (the floor), the local engine and PyTorch.
+
+    python bench/service.py [--calls 2000] [--json PATH]
+
+Starts a gradserve server and an echo server (same grpcio, same thread pool, raw bytes in and
+out) as child processes on 127.0.0.1, then measures in one run:
+  - p50/p99 latency: echo of a scalar Gradient request's bytes vs the cached remote scalar
+    gradient vs the same gradient run locally;
+  - the MLP gradient remote vs local PyTorch;
+  - throughput with 8 concurrent clients, remote scalar gradient vs echo;
+  - a residual-session VJP call on the MLP vs a full remote Gradient call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+import gradserve as gs
+from gradserve.v1 import service_pb2 as pb
+
+ECHO = "bench.Echo/Echo"
+
+
+def echo_server(port_file: str) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    handler = grpc.unary_unary_rpc_method_handler(lambda raw, ctx: raw)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(port_file).write_text(str(port))
+    server.wait_for_termination()
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    return proc, line.split()[3].rstrip(",")
+
+
+def latencies(call, n: int) -> list[float]:
+    for _ in range(min(50, n)):
+        call()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) * 1e3
+
+
+def throughput(make_call, clients: int, seconds: float) -> float:
+    """Calls per second with `clients` threads, each with its own connection."""
+    calls = [make_call() for _ in range(clients)]
+    for c in calls:
+        c()
+    done = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def run(k: int) -> None:
+        while time.perf_counter() < stop:
+            calls[k]()
+            done[k] += 1
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def seed_f(x, y):
+    return x * y + gs.sin(x)
+
+
+def mlp_loss(params, x, y):
+    h = gs.tanh(x @ params["w1"] + params["b1"])
+    h = gs.tanh(h @ params["w2"] + params["b2"])
+    return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per latency measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    port_file = str(Path(tempfile.mkdtemp()) / "echo-port")
+    echo = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                             f"import service; service.echo_server({port_file!r})"])
+    server, address = start([sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "warning"])
+    while not Path(port_file).exists() or not Path(port_file).read_text():
+        time.sleep(0.05)
+    echo_addr = f"127.0.0.1:{Path(port_file).read_text()}"
+    rows: dict[str, float] = {}
+    try:
+        remote = gs.connect(address)
+        graph = gs.trace(seed_f, 2.0, 3.0)
+        req = pb.GradientRequest(graph_id=graph.id, wrt=["x", "y"])
+        for k, v in {"x": 2.0, "y": 3.0}.items():
+            gs.ir.tensor_to_proto(np.asarray(v), req.inputs[k])
+        payload = req.SerializeToString()
+
+        def echo_call_factory():
+            channel = grpc.insecure_channel(echo_addr)
+            stub = channel.unary_unary(f"/{ECHO}", request_serializer=None, response_deserializer=None)
+            return lambda: stub(payload, timeout=10)
+
+        def remote_call_factory():
+            session = gs.connect(address)
+            g = session.grad(seed_f, argnums=(0, 1))
+            return lambda: g(2.0, 3.0)
+
+        echo_lat = latencies(echo_call_factory(), args.calls)
+        remote_grad = remote.grad(seed_f, argnums=(0, 1))
+        remote_lat = latencies(lambda: remote_grad(2.0, 3.0), args.calls)
+        local_grad = gs.grad(seed_f, argnums=(0, 1))
+        local_lat = latencies(lambda: local_grad(2.0, 3.0), args.calls)
+        rows.update({"echo p50 ms": pct(echo_lat, 50), "echo p99 ms": pct(echo_lat, 99),
+                     "remote scalar grad p50 ms": pct(remote_lat, 50), "remote scalar grad p99 ms": pct(remote_lat, 99),
+                     "local scalar grad p50 ms": pct(local_lat, 50)})
+
+        rng = np.random.default_rng(0)
+        shapes = {"w1": (784, 1024), "b1": (1024,), "w2": (1024, 1024), "b2": (1024,), "w3": (1024, 10), "b3": (10,)}
+        params = {k: rng.standard_normal(s) * 0.03 for k, s in shapes.items()}
+        x, y = rng.standard_normal((256, 784)), rng.integers(0, 10, 256)
+        remote_mlp = remote.grad(mlp_loss)
+        n_mlp = 20
+        mlp_remote = latencies(lambda: remote_mlp(params, x, y), n_mlp)
+        import torch
+
+        tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+        tx, ty = torch.tensor(x), torch.tensor(y)
+
+        def torch_mlp():
+            h = torch.tanh(tx @ tp["w1"] + tp["b1"])
+            h = torch.tanh(h @ tp["w2"] + tp["b2"])
+            loss = torch.nn.functional.cross_entropy(h @ tp["w3"] + tp["b3"], ty)
+            return torch.autograd.grad(loss, list(tp.values()))
+
+        mlp_torch = latencies(torch_mlp, n_mlp)
+        rows.update({"remote MLP grad p50 ms": pct(mlp_remote, 50), "local PyTorch MLP grad p50 ms": pct(mlp_torch, 50)})
+
+        _, vjp_fn = remote.vjp(mlp_loss, params, x, y)
+        vjp_lat = latencies(lambda: vjp_fn(1.0), n_mlp)
+        vjp_fn.close()
+        rows.update({"residual-session VJP call p50 ms": pct(vjp_lat, 50)})
+
+        rows["echo 8 clients calls/s"] = throughput(echo_call_factory, 8, args.seconds)
+        rows["remote scalar grad 8 clients calls/s"] = throughput(remote_call_factory, 8, args.seconds)
+        remote.close()
+    finally:
+        server.terminate()
+        echo.terminate()
+        server.wait()
+        echo.wait()
+
+    ratios = {
+        "remote scalar grad / echo (p50)": rows["remote scalar grad p50 ms"] / rows["echo p50 ms"],
+        "remote / local scalar grad (p50)": rows["remote scalar grad p50 ms"] / rows["local scalar grad p50 ms"],
+        "remote MLP / local PyTorch MLP": rows["remote MLP grad p50 ms"] / rows["local PyTorch MLP grad p50 ms"],
+        "8-client throughput / echo's": rows["remote scalar grad 8 clients calls/s"] / rows["echo 8 clients calls/s"],
+        "residual VJP / full remote Gradient (MLP)": rows["residual-session VJP call p50 ms"] / rows["remote MLP grad p50 ms"],
+    }
+    print("| measurement | value |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.3f} |" if v < 100 else f"| {k} | {v:.0f} |")
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f}× |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
