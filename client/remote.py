@@ -34,12 +34,9 @@ class RemoteError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None):
-        super().__init__(message)
+        super().__init__(message)  # the server's message, as it sent it
         if code is not None:
             self.code = code
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.args[0]}"
 
 
 def _subclass(name: str, code: grpc.StatusCode) -> type[RemoteError]:
