@@ -90,8 +90,8 @@ for _name in ("exp", "log", "log1p", "expm1", "sin", "cos", "tan", "tanh", "logi
     _def(_name, 1)(lambda x, _n=_name: (_need(x[0], FLOATS, f"{_n} operand"), x)[1])
 for _name in ("floor", "ceil"):
     _def(_name, 1, differentiable=False)(lambda x, _n=_name: (_need(x[0], FLOATS, f"{_n} operand"), x)[1])
-for _name in ("abs", "sign"):
-    _def(_name, 1)(lambda x, _n=_name: (_need(x[0], NUMERIC, f"{_n} operand"), x)[1])
+_def("abs", 1)(lambda x: (_need(x[0], NUMERIC, "abs operand"), x)[1])
+_def("sign", 1, differentiable=False)(lambda x: (_need(x[0], NUMERIC, "sign operand"), x)[1])
 _def("neg", 1, linear=True)(lambda x: (_need(x[0], NUMERIC, "neg operand"), x)[1])
 _def("stop_gradient", 1, differentiable=False)(lambda x: x)
 

@@ -229,9 +229,9 @@ class Engine:
         wrt = tuple(wrt)
         plan = self.plan(graph, ("jacobian", wrt, outs), lambda: autodiff.jacobian_graph(graph, wrt, outs)[0])
         feed = check_inputs(graph, inputs)
-        total = plan.graph.input("seeds").shape[0] if "seeds" in plan.graph.input_names() else 0
-        if total:
-            feed["seeds"] = np.eye(total, dtype=plan.graph.input("seeds").dtype)
+        if "seeds" in plan.graph.input_names():
+            seeds = plan.graph.input("seeds")
+            feed["seeds"] = np.eye(seeds.shape[0], dtype=seeds.dtype)
         res = plan.run(_only(plan, feed))
         return {(o, x): res[f"jac:{o}:{x}"] for o in outs for x in wrt}
 

@@ -49,7 +49,9 @@ def _cumsum(xp: ModuleType) -> Kernel:
 def _logistic(xp: ModuleType) -> Kernel:
     def kernel(x, out=None):
         # 0.5 * (1 + tanh(x / 2)): stable for large |x|, no overflow warnings
-        out = xp.multiply(x, 0.5, out=out)
+        if out is None:
+            out = xp.empty_like(x)
+        xp.multiply(x, 0.5, out=out)
         xp.tanh(out, out=out)
         xp.multiply(out, 0.5, out=out)
         return xp.add(out, 0.5, out=out)
