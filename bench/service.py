@@ -184,7 +184,7 @@ def main() -> int:
         print(f"| {k} | {v:.3f} |" if v < 100 else f"| {k} | {v:.0f} |")
     print("\n| ratio | value |\n|---|---|")
     for k, v in ratios.items():
-        print(f"| {k} | {v:.2f}× |")
+        print(f"| {k} | {v:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
     return 0
