@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradserve.errors import GraphError
+from gradserve.errors import LimitError
 from gradserve.ir import DEFAULT_LIMITS, Graph, Limits
 from gradserve.workers.engine import Residuals
 
@@ -58,9 +58,12 @@ class GraphRegistry:
             if gid in self._graphs:
                 self._graphs.move_to_end(gid)
                 return gid, False
-        created = not (self.store is not None and (self.store / f"{gid}.pb").exists())
-        if self.store is not None and created:
-            _atomic_write(self.store / f"{gid}.pb", wire)
+        created = True
+        if self.store is not None:
+            path = self.store / f"{gid}.pb"
+            created = not path.exists()
+            if created or path.read_bytes() != wire:  # new, or a damaged copy to repair
+                _atomic_write(path, wire)
         self._insert(gid, Entry(graph, len(wire)))
         return gid, created
 
@@ -177,10 +180,10 @@ class ResidualStore:
         self._lock = threading.Lock()
 
     def open(self, residuals: Residuals, ttl: float) -> tuple[str, float]:
-        ttl = self.default_ttl if ttl <= 0 else min(ttl, self.max_ttl)
+        ttl = min(ttl, self.max_ttl) if ttl > 0 else self.default_ttl  # also NaN -> the default
         nbytes = residuals.nbytes
         if nbytes > self.max_bytes:
-            raise GraphError(f"the forward values of this session take {nbytes} bytes, over the server's "
+            raise LimitError(f"the forward values of this session take {nbytes} bytes, over the server's "
                              f"residual budget of {self.max_bytes}")
         handle = secrets.token_hex(16)
         with self._lock:

@@ -237,6 +237,7 @@ class Engine:
 
     def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
         """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
+        _check_outputs(graph, [output])
         wrt = tuple(wrt)
         grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
         jac = self.jacobian(grad, inputs, wrt)
@@ -245,6 +246,7 @@ class Engine:
     def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
             vectors: Mapping[str, Any]) -> dict[str, Any]:
         """Hessian-vector products (forward over reverse): {x: sum_j H[x, j] v_j}."""
+        _check_outputs(graph, [output])
         wrt = tuple(wrt)
         grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
         _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
