@@ -7,6 +7,7 @@ import hmac
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,11 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace = self.config.grace if grace is None else grace
+        start = time.monotonic()
         self.health.enter_graceful_shutdown()
-        self.grpc.stop(self.config.grace if grace is None else grace).wait()
+        self.servicer.drain(grace)  # new calls: UNAVAILABLE; calls in flight: up to `grace` to finish
+        self.grpc.stop(max(grace - (time.monotonic() - start), 0.0)).wait()
         if self._http is not None:
             self._http.shutdown()
 

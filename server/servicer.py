@@ -54,8 +54,33 @@ class Servicer:
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64):
         self.engine, self.registry, self.residuals = engine, registry, residuals
         self.limits, self.metrics = limits, metrics
-        self._slots = threading.BoundedSemaphore(max_concurrent)
         self.max_concurrent = max_concurrent
+        self._inflight = 0
+        self._draining = False
+        self._idle = threading.Condition()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls with UNAVAILABLE from now on; wait up to `timeout` seconds for the
+        calls in flight to finish. Returns whether they all did."""
+        with self._idle:
+            self._draining = True
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def _admit(self) -> tuple[grpc.StatusCode, str] | None:
+        with self._idle:
+            if self._draining:
+                return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica or later"
+            if self._inflight >= self.max_concurrent:
+                return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server is at its limit of {self.max_concurrent} concurrent calls; retry later")
+            self._inflight += 1
+            return None
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
 
     # ---- decoding helpers
     def _tensors(self, fields: Mapping[str, graph_pb2.Tensor], what: str) -> dict[str, np.ndarray]:
@@ -172,10 +197,10 @@ class Servicer:
         def handle(raw: bytes, context: grpc.ServicerContext):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
-            if not self._slots.acquire(blocking=False):
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                self.metrics.inc("gradserve_requests_total", method=name, code=code.name)
-                context.abort(code, f"the server is at its limit of {self.max_concurrent} concurrent calls; retry later")
+            refused = self._admit()
+            if refused is not None:
+                self.metrics.inc("gradserve_requests_total", method=name, code=refused[0].name)
+                context.abort(*refused)
             self.metrics.inc("gradserve_inflight_requests")
             try:
                 try:
@@ -188,7 +213,7 @@ class Servicer:
                 code, message = _status(e, context)
                 context.abort(code, message)
             finally:
-                self._slots.release()
+                self._leave()
                 self.metrics.inc("gradserve_inflight_requests", -1)
                 self.metrics.inc("gradserve_requests_total", method=name, code=code.name)
                 self.metrics.inc("gradserve_request_seconds_sum", time.perf_counter() - start, method=name)
