@@ -51,18 +51,19 @@ def flatten(tree: Any, prefix: str) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
-    it = iter(leaves)
+    return _build(treedef, iter(leaves))
 
-    def build(d: Any) -> Any:
-        if d == "*":
-            return next(it)
-        kind, children = d
-        if kind == "dict":
-            return {k: build(c) for k, c in children}
-        items = [build(c) for c in children]
-        return tuple(items) if kind == "tuple" else items
 
-    return build(treedef)
+def _build(d: Any, it: Any) -> Any:
+    # a module-level function, not a closure: a self-referencing closure would form a reference
+    # cycle that keeps every call's results alive until the cycle collector runs
+    if d == "*":
+        return next(it)
+    kind, children = d
+    if kind == "dict":
+        return {k: _build(c, it) for k, c in children}
+    items = [_build(c, it) for c in children]
+    return tuple(items) if kind == "tuple" else items
 
 
 def _is_array_leaf(x: Any) -> bool:

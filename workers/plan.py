@@ -109,7 +109,10 @@ class Plan:
             (kernels[n.op], n.inputs, dict(n.attrs), n.id, out_src[k], tuple(dict.fromkeys(frees[k])), n)
             for k, n in enumerate(graph.nodes)
         ]
-        self._copy_out = {vid for _, vid in graph.outputs if root[vid] < first}
+        # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
+        # would alias an input or a constant are copied
+        self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
+                         for name, vid in graph.outputs]
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Execute on arrays keyed by input name (see `run_values`)."""
@@ -146,7 +149,8 @@ class Plan:
         except (IndexError, ValueError, TypeError, MemoryError) as e:
             where = step[-1].text() if step is not None else "plan start"
             raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
-        return {name: (np.array(env[vid]) if vid in self._copy_out else env[vid]) for name, vid in self.outputs}
+        return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
+                for name, vid, mode in self._results}
 
     def __str__(self) -> str:
         lines = []
