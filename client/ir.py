@@ -253,13 +253,14 @@ def check_shape(shape: Iterable[int], limits: Limits, where: str) -> Shape:
 
 
 def tensor_to_proto(a: np.ndarray, msg=None):
-    from .v1 import graph_pb2 as pb
-
     a = np.asarray(a)
     code = _PB_DTYPE.get(dtype_name(a.dtype))
     if code is None:
         raise TypeError(f"dtype {a.dtype} cannot travel; use one of {list(DTYPES)}")
-    msg = msg if msg is not None else pb.Tensor()
+    if msg is None:
+        from .v1 import graph_pb2
+
+        msg = graph_pb2.Tensor()
     msg.dtype = code
     msg.shape[:] = a.shape
     msg.data = (a if _LITTLE and a.dtype.isnative else a.astype(a.dtype.newbyteorder("<"))).tobytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HELP = {
@@ -29,7 +30,24 @@ class Metrics:
 
     def __init__(self) -> None:
         self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._gauges: dict[str, Callable[[], float]] = {}
         self._lock = threading.Lock()
+
+    def gauge_fn(self, name: str, fn: Callable[[], float]) -> None:
+        """A value read when the metrics are scraped (nothing to update on the hot path)."""
+        self._gauges[name] = fn
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Count one answered RPC and its time: one lock for the three series."""
+        labels = (("method", method),)
+        with self._lock:
+            v = self._values
+            key = ("gradserve_requests_total", (("code", code), ("method", method)))
+            v[key] = v.get(key, 0.0) + 1
+            key = ("gradserve_request_seconds_sum", labels)
+            v[key] = v.get(key, 0.0) + seconds
+            key = ("gradserve_request_seconds_count", labels)
+            v[key] = v.get(key, 0.0) + 1
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -46,7 +64,10 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            items = sorted(self._values.items())
+            values = dict(self._values)
+        for name, fn in self._gauges.items():
+            values[(name, ())] = float(fn())
+        items = sorted(values.items())
         lines, seen = [], set()
         for (name, labels), value in items:
             if name not in seen and name in HELP:

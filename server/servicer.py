@@ -55,6 +55,9 @@ class Servicer:
         self.engine, self.registry, self.residuals = engine, registry, residuals
         self.limits, self.metrics = limits, metrics
         self.max_concurrent = max_concurrent
+        metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
+        metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.info.hits)
+        metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.info.misses)
         self._inflight = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -199,9 +202,8 @@ class Servicer:
             code = grpc.StatusCode.OK
             refused = self._admit()
             if refused is not None:
-                self.metrics.inc("gradserve_requests_total", method=name, code=refused[0].name)
+                self.metrics.observe_request(name, refused[0].name, time.perf_counter() - start)
                 context.abort(*refused)
-            self.metrics.inc("gradserve_inflight_requests")
             try:
                 try:
                     request = request_cls.FromString(raw)
@@ -214,11 +216,6 @@ class Servicer:
                 context.abort(code, message)
             finally:
                 self._leave()
-                self.metrics.inc("gradserve_inflight_requests", -1)
-                self.metrics.inc("gradserve_requests_total", method=name, code=code.name)
-                self.metrics.inc("gradserve_request_seconds_sum", time.perf_counter() - start, method=name)
-                self.metrics.inc("gradserve_request_seconds_count", method=name)
-                self.metrics.set("gradserve_plan_cache_hits_total", self.engine.info.hits)
-                self.metrics.set("gradserve_plan_cache_misses_total", self.engine.info.misses)
+                self.metrics.observe_request(name, code.name, time.perf_counter() - start)
 
         return handle
