@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -283,8 +283,9 @@ class Functional:
         return unflatten(t.out_treedef, [values[n] for n in t.out_names])
 
     # ---- public transforms
-    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
-        vg = self.value_and_grad(f, argnums, has_aux)
+    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+             batch_axes: Mapping[str, int] | None = None) -> Callable:
+        vg = self.value_and_grad(f, argnums, has_aux, batch_axes)
 
         @functools.wraps(f)
         def g(*args: Any) -> Any:
@@ -293,7 +294,8 @@ class Functional:
 
         return g
 
-    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                       batch_axes: Mapping[str, int] | None = None) -> Callable:
         multi = not isinstance(argnums, int)
         nums = tuple(argnums) if multi else (argnums,)
         compiled: dict[Any, Callable[[tuple], tuple[Any, Any]]] = {}
@@ -303,7 +305,7 @@ class Functional:
             key = _fast_key(args)
             call = compiled.get(key)
             if call is None:
-                call = compiled[key] = self._compile_value_and_grad(f, args, nums, multi, has_aux)
+                call = compiled[key] = self._compile_value_and_grad(f, args, nums, multi, has_aux, batch_axes)
             else:
                 self._note_hit()
             return call(args)
@@ -311,7 +313,7 @@ class Functional:
         return vg
 
     def _compile_value_and_grad(self, f: Callable, args: tuple, nums: tuple[int, ...], multi: bool,
-                                has_aux: bool) -> Callable[[tuple], tuple[Any, Any]]:
+                                has_aux: bool, batch_axes: Mapping[str, int] | None) -> Callable[[tuple], tuple[Any, Any]]:
         """Trace once for this signature and return the steady-state call: leaves in, plan run,
         pytrees out, with no re-validation (the signature key guarantees the types)."""
         t = self.traced(f, args)
@@ -325,7 +327,13 @@ class Functional:
         groups = self._argnum_leaves(t, f, args, nums)
         wrt = [n for grp in groups for n in grp]
         treedefs = [flatten(args[k], "")[1] for k in nums]
+        axes = self._batch_axes(t, f, args, batch_axes)
         grad_plan = getattr(self.backend, "grad_plan", None)
+        if axes:
+            from gradserve.workers.shard import analyze
+
+            analyze(t.graph, axes)  # refuse, naming the node, a graph that mixes examples
+        extra = {"batch_axes": axes} if axes else {}
         if grad_plan is not None:
             plan = grad_plan(t.graph, wrt, loss)
             order = [t.in_names.index(name) for name, _ in plan.inputs]
@@ -336,7 +344,7 @@ class Functional:
         else:
             def run(values: list[Any]) -> tuple[dict, dict]:
                 feed = dict(zip(t.in_names, values, strict=True))
-                outs, grads = self.backend.vjp(t.graph, feed, wrt, outputs=[loss])
+                outs, grads = self.backend.vjp(t.graph, feed, wrt, outputs=[loss], **extra)
                 if len(t.out_names) > 1:
                     outs = {**outs, **self.backend.evaluate(t.graph, feed, t.out_names[1:])}
                 return outs, grads
@@ -352,6 +360,23 @@ class Functional:
             return value, tuple(per_arg) if multi else per_arg[0]
 
         return call
+
+    @staticmethod
+    def _batch_axes(t: TracedFunction, f: Callable, args: tuple, batch_axes: Mapping[str, int] | None) -> dict[str, int]:
+        """Batch axes by input name; a parameter's name applies to every array leaf of it."""
+        if not batch_axes:
+            return {}
+        names = _param_names(f, len(args))
+        out: dict[str, int] = {}
+        for key, axis in batch_axes.items():
+            if key in t.in_names:
+                out[key] = int(axis)
+            elif key in names:
+                leaves = [n for n, x in flatten(args[names.index(key)], key)[0] if _is_array_leaf(x)]
+                out.update({n: int(axis) for n in leaves})
+            else:
+                raise ValueError(f"batch_axes names {key!r}, which is neither a parameter {names} nor an input {t.in_names}")
+        return out
 
     def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
         t = self.traced(f, primals)

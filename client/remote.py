@@ -164,9 +164,11 @@ class Session:
         return _tensors(self._call("Evaluate", req, gid).outputs)
 
     def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
-                 seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None) -> GradientResult:
+                 seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
+                 batch_axes: Mapping[str, int] | None = None) -> GradientResult:
+        """Outputs and gradients; `batch_axes` lets the server shard the call over its workers."""
         gid = self._graph_id(graph)
-        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}))
         _fill(req.inputs, inputs)
         _fill(req.seeds, seeds or {})
         resp = self._call("Gradient", req, gid)
@@ -193,11 +195,14 @@ class Session:
         return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
 
     # ---- the functional API, executed remotely
-    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
-        return self._fn.grad(f, argnums, has_aux)
+    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+             batch_axes: Mapping[str, int] | None = None) -> Callable:
+        """`gs.grad`, run by the server; with `batch_axes` it may shard the batch over workers."""
+        return self._fn.grad(f, argnums, has_aux, batch_axes)
 
-    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
-        return self._fn.value_and_grad(f, argnums, has_aux)
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                       batch_axes: Mapping[str, int] | None = None) -> Callable:
+        return self._fn.value_and_grad(f, argnums, has_aux, batch_axes)
 
     def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
         return self._fn.jvp(f, primals, tangents)
@@ -268,8 +273,8 @@ class _RemoteBackend:
         return self.s.evaluate(graph, inputs, outputs)
 
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
-            outputs: Sequence[str] | None = None) -> tuple[dict, dict]:
-        r = self.s.gradient(graph, inputs, wrt, seeds, outputs)
+            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None) -> tuple[dict, dict]:
+        r = self.s.gradient(graph, inputs, wrt, seeds, outputs, batch_axes)
         return r.outputs, r.grads
 
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import signal
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.ir import Limits
 from gradserve.v1 import service_pb2
 from gradserve.workers.engine import Engine
+from gradserve.workers.scheduler import MODES, DistributedEngine, Policy
 
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
@@ -46,6 +49,29 @@ class Config:
     grace: float = 10.0
     max_nodes: int = 100_000
     max_elements: int = 1 << 28
+    ray: bool = False  # start a local Ray and spread work over its workers
+    ray_address: str | None = None  # or join an existing cluster
+    workers: int | None = None  # worker actors (default: the cluster's CPUs)
+    worker_cpus: float = 1.0
+
+
+def start_pool(config: Config) -> tuple[Any, Policy]:
+    """Ray and the worker pool the config asks for (None: everything in process)."""
+    if not config.ray and config.ray_address is None:
+        return None, Policy()
+    import ray
+
+    from gradserve.workers.pool import RayPool
+
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=config.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    cores = float(ray.cluster_resources().get("CPU", 1))
+    size = config.workers or max(int(cores // config.worker_cpus), 1)
+    pool = RayPool(size, cpus=config.worker_cpus, blas_threads=max(int(config.worker_cpus), 1))
+    log.info("%d Ray workers (%s CPUs each) over %.0f cluster CPUs", size, config.worker_cpus, cores)
+    return pool, Policy(cluster_cores=min(size * config.worker_cpus, cores))
 
 
 class _TokenAuth(grpc.ServerInterceptor):
@@ -74,7 +100,8 @@ class Server:
     def __init__(self, config: Config, engine: Engine | None = None):
         self.config = config
         self.metrics = Metrics()
-        self.engine = engine or Engine()
+        self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
+        self.engine = engine or DistributedEngine(Engine(), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
                         max_constant_bytes=config.max_message_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
@@ -101,7 +128,12 @@ class Server:
             self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        self.metrics.set("gradserve_workers", 1)
+        self.metrics.gauge_fn("gradserve_workers", lambda: self.pool.size if self.pool is not None else 0)
+        if self.pool is not None:
+            self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: self.pool.replaced)
+        if isinstance(self.engine, DistributedEngine):
+            for mode in MODES:
+                self.metrics.gauge_fn("gradserve_calls_by_mode_total", lambda m=mode: self.engine.modes[m], mode=mode)
         self._http = None
         self._stopped = threading.Event()
 
@@ -130,6 +162,11 @@ class Server:
         self.grpc.stop(max(grace - (time.monotonic() - start), 0.0)).wait()
         if self._http is not None:
             self._http.shutdown()
+        if self.pool is not None:
+            import ray
+
+            self.pool.shutdown()
+            ray.shutdown()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

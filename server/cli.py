@@ -41,7 +41,8 @@ def serve(args: argparse.Namespace) -> int:
                     cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
                     residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-                    threads=args.threads, grace=args.grace)
+                    threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
+                    workers=args.workers, worker_cpus=args.worker_cpus)
     server = Server(config).start()
     server.stop_on_signals()
     extra = f", metrics on {config.host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-concurrent", type=int, default=64, help="calls served at once; more get RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=16, help="server threads")
     s.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get at shutdown")
+    s.add_argument("--ray", action="store_true", help="start a local Ray and spread large work over its workers")
+    s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
+    s.add_argument("--workers", type=int, default=None, help="worker actors (default: the cluster's CPUs)")
+    s.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs (and BLAS threads) per worker")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if args.command == "demo":

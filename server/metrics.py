@@ -21,7 +21,9 @@ HELP = {
     "gradserve_residual_bytes": ("gauge", "Bytes kept by residual sessions"),
     "gradserve_residual_sessions_released_total": ("counter", "Residual sessions closed, expired or evicted"),
     "gradserve_inflight_requests": ("gauge", "RPCs being answered now"),
-    "gradserve_workers": ("gauge", "Workers executing plans (1: in process)"),
+    "gradserve_workers": ("gauge", "Worker processes in the pool (0: everything runs in process)"),
+    "gradserve_calls_by_mode_total": ("counter", "Gradient calls by execution mode the scheduler chose"),
+    "gradserve_workers_replaced_total": ("counter", "Workers that died and were replaced"),
 }
 
 
@@ -30,12 +32,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], Callable[[], float]] = {}
         self._lock = threading.Lock()
 
-    def gauge_fn(self, name: str, fn: Callable[[], float]) -> None:
+    def gauge_fn(self, name: str, fn: Callable[[], float], **labels: str) -> None:
         """A value read when the metrics are scraped (nothing to update on the hot path)."""
-        self._gauges[name] = fn
+        self._gauges[(name, tuple(sorted(labels.items())))] = fn
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Count one answered RPC and its time: one lock for the three series."""
@@ -65,8 +67,8 @@ class Metrics:
     def render(self) -> str:
         with self._lock:
             values = dict(self._values)
-        for name, fn in self._gauges.items():
-            values[(name, ())] = float(fn())
+        for key, fn in self._gauges.items():
+            values[key] = float(fn())
         items = sorted(values.items())
         lines, seen = [], set()
         for (name, labels), value in items:

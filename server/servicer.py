@@ -109,11 +109,13 @@ class Servicer:
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
         graph = self.registry.get(req.graph_id)
-        return self._gradient(graph, req.inputs, req.seeds, list(req.wrt), list(req.outputs) or None)
+        extra = {"batch_axes": dict(req.batch_axes)} if req.batch_axes else {}
+        outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
+                                      seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
+                                      **extra)
+        return self._gradient_response(outs, grads)
 
-    def _gradient(self, graph: Graph, inputs, seeds, wrt: list[str], outputs: list[str] | None) -> pb.GradientResponse:
-        outs, grads = self.engine.vjp(graph, self._tensors(inputs, "input"), wrt,
-                                      seeds=self._tensors(seeds, "seed") or None, outputs=outputs)
+    def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any]) -> pb.GradientResponse:
         resp = pb.GradientResponse()
         self._encode(outs, resp.outputs)
         self._encode(grads, resp.grads)
@@ -129,9 +131,10 @@ class Servicer:
 
     def BatchGradient(self, req: pb.BatchGradientRequest, context) -> pb.BatchGradientResponse:
         graph = self.registry.get(req.graph_id)
+        items = [(self._tensors(item.inputs, "input"), self._tensors(item.seeds, "seed") or None) for item in req.items]
+        results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None)
         resp = pb.BatchGradientResponse()
-        for item in req.items:
-            resp.results.append(self._gradient(graph, item.inputs, item.seeds, list(req.wrt), list(req.outputs) or None))
+        resp.results.extend(self._gradient_response(outs, grads) for outs, grads in results)
         return resp
 
     def Jacobian(self, req: pb.JacobianRequest, context) -> pb.JacobianResponse:

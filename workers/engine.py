@@ -206,6 +206,11 @@ class Engine:
         wrt = tuple(wrt)
         return self.plan(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output, keep_outputs=True))
 
+    def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict, dict]]:
+        """`vjp` for each (inputs, seeds) of a batch of input sets."""
+        return [self.vjp(graph, inputs, wrt, seeds or None, outputs) for inputs, seeds in items]
+
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
         """Outputs and their directional derivatives along `tangents` (forward mode)."""
         wrt = tuple(tangents)

@@ -52,7 +52,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph_id", "inputs", "wrt", "seeds", "outputs")
+    __slots__ = ("graph_id", "inputs", "wrt", "seeds", "outputs", "batch_axes")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,17 +67,26 @@ class GradientRequest(_message.Message):
         key: str
         value: _graph_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BatchAxesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_AXES_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     inputs: _containers.MessageMap[str, _graph_pb2.Tensor]
     wrt: _containers.RepeatedScalarFieldContainer[str]
     seeds: _containers.MessageMap[str, _graph_pb2.Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., seeds: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    batch_axes: _containers.ScalarMap[str, int]
+    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., seeds: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., batch_axes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GradientResponse(_message.Message):
     __slots__ = ("outputs", "grads")
