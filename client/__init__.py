@@ -10,9 +10,11 @@ import functools
 from typing import Any
 
 from . import numpy_api as _np_api
+from . import optim
 from .api import Functional, flatten, unflatten
 from .errors import GraphError, ShapeError
 from .ir import Graph, Limits
+from .minimize import OptimizeResult, minimize
 from .numpy_api import (
     abs,
     add,
@@ -95,14 +97,17 @@ def _local() -> Functional:
     return Functional(_default_engine())
 
 
-def grad(f, argnums=0, has_aux=False):
-    """The gradient of scalar `f` w.r.t. the arguments `argnums` (a pytree like each argument)."""
-    return _local().grad(f, argnums, has_aux)
+def grad(f, argnums=0, has_aux=False, batch_axes=None):
+    """The gradient of scalar `f` w.r.t. the arguments `argnums` (a pytree like each argument).
+
+    `batch_axes` ({parameter or input name: axis}) declares batched inputs; the graph is checked
+    to keep examples independent until a final sum or mean (a server with workers shards it)."""
+    return _local().grad(f, argnums, has_aux, batch_axes)
 
 
-def value_and_grad(f, argnums=0, has_aux=False):
+def value_and_grad(f, argnums=0, has_aux=False, batch_axes=None):
     """Like `grad`, returning `(f(*args), gradient)`."""
-    return _local().value_and_grad(f, argnums, has_aux)
+    return _local().value_and_grad(f, argnums, has_aux, batch_axes)
 
 
 def vjp(f, *primals):
@@ -146,7 +151,8 @@ def clear_cache() -> None:
 
 
 __all__ = [
-    "GradientResult", "Graph", "GraphError", "Limits", "RemoteError", "Session", "ShapeError", "Tensor", "connect",
+    "GradientResult", "Graph", "GraphError", "Limits", "OptimizeResult", "RemoteError", "Session", "ShapeError", "Tensor",
+    "connect", "minimize", "optim",
     "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
     "flatten", "floor", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",
