@@ -73,6 +73,8 @@ class DistributedEngine:
         self.task_timeout = task_timeout
         self.modes: Counter[str] = Counter()
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._flops_by_id: dict[str, float] = {}
+        self._decided: dict[tuple[str, bool], str] = {}  # the mode chosen per (graph, sharded)
         self._lock = threading.Lock()
 
     # ---- everything the Engine does in process stays there
@@ -100,7 +102,8 @@ class DistributedEngine:
 
     def _chose(self, mode: str, graph: Graph, why: str) -> str:
         self.modes[mode] += 1
-        log.info("%s for graph %s: %s", mode, graph.id[:12], why)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s for graph %s: %s", mode, graph.id[:12], why)
         return mode
 
     def _deadline(self) -> float:
@@ -118,8 +121,17 @@ class DistributedEngine:
         if batch_axes:
             key = ("shard", graph.id, tuple(sorted(batch_axes.items())))
             sharding = self._memo(key, lambda: analyze(graph, batch_axes))  # refuses graphs that mix examples
-        flops = 3.0 * graph_cost(graph).flops
-        chosen = mode or self._choose(graph, flops, sharding)
+        if mode is None:
+            key = (graph.id, sharding is not None)
+            mode = self._decided.get(key)
+            if mode is None:
+                if len(self._decided) > 4096:
+                    self._decided.clear()
+                mode = self._decided[key] = self._choose(graph, self._flops(graph), sharding)
+            if mode == "in_process":
+                self.modes[mode] += 1
+                return self.engine.vjp(graph, inputs, wrt, seeds, outputs)
+        chosen = mode
         if chosen == "data_parallel":
             if sharding is None:
                 raise GraphError("data-parallel execution needs batch_axes naming the batched inputs")
@@ -131,13 +143,22 @@ class DistributedEngine:
             self._chose("in_process", graph, "no independent parts to run apart")
         return self.engine.vjp(graph, inputs, wrt, seeds, outputs)
 
+    def _flops(self, graph: Graph) -> float:
+        """Estimated FLOPs of a gradient of `graph` (about three forward passes), cached by id."""
+        flops = self._flops_by_id.get(graph.id)
+        if flops is None:
+            if len(self._flops_by_id) > 4096:
+                self._flops_by_id.clear()
+            flops = self._flops_by_id[graph.id] = 3.0 * graph_cost(graph).flops
+        return flops
+
     def _choose(self, graph: Graph, flops: float, sharding: Sharding | None) -> str:
+        """The mode for this graph (decided once per graph): counted by the caller."""
         n, cores = self.workers, self._cores()
-        if sharding is not None and self.policy.pays(flops, n, cores):
-            return self._chose("data_parallel", graph, f"{flops:.3g} flops over {n} workers")
-        if sharding is None and self.policy.pays(flops, n, cores):
-            return "graph_parallel"  # reported once the partition is known
-        return self._chose("in_process", graph, f"{flops:.3g} flops: a worker hop would not pay")
+        if not self.policy.pays(flops, n, cores):
+            log.debug("in process for graph %s: %.3g flops, a worker hop would not pay", graph.id[:12], flops)
+            return "in_process"
+        return "data_parallel" if sharding is not None else "graph_parallel"
 
     def _data_parallel(self, graph: Graph, sharding: Sharding, batch_axes: Mapping[str, int], inputs: Mapping[str, Any],
                        wrt: Sequence[str], seeds: Mapping[str, Any] | None,
@@ -216,7 +237,7 @@ class DistributedEngine:
     # ---- many input sets
     def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
                   wrt: Sequence[str], outputs: Sequence[str] | None = None, mode: str | None = None) -> list[tuple[dict, dict]]:
-        flops = 3.0 * graph_cost(graph).flops * len(items)
+        flops = self._flops(graph) * len(items)
         fan_out = mode == "fan_out" or (mode is None and len(items) >= 2 and self.policy.pays(flops, self.workers, self._cores()))
         if not fan_out or self.pool is None:
             self._chose("in_process", graph, f"batch of {len(items)}")
