@@ -24,6 +24,11 @@ def loopback_only() -> bool:
     return names == ["lo"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz", action="store_true", default=False,
+                     help="run the long fuzzing campaigns (at least 10,000 cases each) instead of the fast subset")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ray: starts Ray (needs a loopback-only network namespace)")
     if loopback_only() or os.environ.get("GRADSERVE_IN_NETNS") or os.geteuid() != 0:
