@@ -72,6 +72,13 @@ class GradientResult:
     grads: dict[str, np.ndarray]
 
 
+def _first_rows(x: Any, n: int) -> Any:
+    a = np.asarray(x)
+    if a.ndim == 0 or a.shape[0] < n:
+        raise ValueError(f"batch_size={n} needs every array in args to have at least {n} rows, got shape {a.shape}")
+    return a[:n]
+
+
 def _tensors(field: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {name: tensor_from_proto(t, where=name) for name, t in field.items()}
 
@@ -219,6 +226,45 @@ class Session:
     def trace(self, f: Callable, *args: Any) -> Graph:
         return self._fn.trace(f, *args)
 
+    # ---- jobs
+    def minimize(self, fun: Callable, params0: Any, args: tuple = (), optimizer: Any = None, steps: int = 1000,
+                 tol: float | None = None, batch_size: int | None = None, seed: int = 0,
+                 batch_axes: Mapping[str, int] | None = None, name: str = "", checkpoint_every: int = 0) -> Job:
+        """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job."""
+        import json
+
+        from . import optim
+
+        if optimizer is None:
+            optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
+        spec_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.spec()
+        args = args if isinstance(args, tuple) else (args,)
+        traced_args = args
+        if batch_size:  # the graph takes one minibatch; the server cuts them from the full args
+            traced_args = tuple(unflatten(flatten(a, "")[1], [_first_rows(x, batch_size) for _, x in flatten(a, "")[0]])
+                                for a in args)
+        t = self._fn.traced(fun, (params0, *traced_args))
+        param_names = t.in_names[:len(flatten(params0, "")[0])]  # the first argument's leaves come first
+        spec = pb.JobSpec(graph_id=t.graph.id, loss=t.out_names[0], optimizer_json=json.dumps(spec_dict), steps=steps,
+                          tol=tol or 0.0, batch_size=batch_size or 0, seed=seed, batch_axes=dict(batch_axes or {}),
+                          checkpoint_every=checkpoint_every, name=name)
+        spec.graph.CopyFrom(t.graph.to_proto())
+        leaves = [x for a in (params0, *args) for _, x in flatten(a, "")[0]]
+        for n, x in zip(t.in_names, leaves, strict=True):
+            target = spec.params0 if n in param_names else spec.args
+            tensor_to_proto(_as_array(x), target[n])
+        spec.arg_order.extend(n for n in t.in_names if n not in param_names)
+        job = self._call("SubmitJob", pb.SubmitJobRequest(spec=spec), idempotent=False).job
+        return Job(self, job.job_id, params0, param_names)
+
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job by id (from any process)."""
+        self._call("GetJob", pb.GetJobRequest(job_id=job_id))
+        return Job(self, job_id)
+
+    def jobs(self) -> list[Job]:
+        return [Job(self, j.job_id) for j in self._call("ListJobs", pb.ListJobsRequest()).jobs]
+
     def vjp(self, f: Callable, *primals: Any, ttl: float = 0.0) -> tuple[Any, RemoteVjp]:
         """Run the forward pass once on the server; the returned function sends only cotangents."""
         t = self._fn.traced(f, primals)
@@ -230,6 +276,104 @@ class Session:
         resp = self._call("OpenVjp", req, gid)
         outs = _tensors(resp.outputs)
         return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, primals, groups)
+
+
+class Job:
+    """A server-side optimisation job (from `remote.minimize`, `remote.job(id)` or `remote.jobs()`)."""
+
+    def __init__(self, session: Session, job_id: str, params_like: Any = None, param_names: Sequence[str] | None = None):
+        self.session, self.id = session, job_id
+        self._like, self._names = params_like, list(param_names or [])
+
+    def __repr__(self) -> str:
+        return f"Job({self.id}, {self.status})"
+
+    def info(self) -> pb.Job:
+        return self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+
+    @property
+    def status(self) -> str:
+        """queued, running, succeeded, failed or cancelled."""
+        return self.info().status
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
+        """Block until the job finishes (following its progress stream); a tqdm bar with `progress`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        info = self.info()
+        step = info.step  # follow the events from here on
+        if info.status in ("succeeded", "failed", "cancelled"):
+            return self
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+                try:
+                    stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=step),
+                                                         timeout=remaining, metadata=self.session._metadata)
+                    for event in stream:
+                        if bar is not None and event.step > step:
+                            bar.update(event.step - step)
+                            bar.set_postfix(loss=f"{event.loss:.4g}")
+                        step = max(step, event.step)
+                        if event.status in ("succeeded", "failed", "cancelled"):
+                            return self
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", e.code()) from None
+                    if e.code() != grpc.StatusCode.UNAVAILABLE:  # a restarting server: watch again
+                        raise _remote_error(e) from None
+                    time.sleep(0.2)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self) -> Any:
+        """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
+        from .minimize import OptimizeResult
+
+        resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
+        job = resp.job
+        flat = _tensors(resp.params)
+        if self._like is not None and all(n in flat for n in self._names):
+            x = unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
+        else:
+            x = flat
+        return OptimizeResult(x=x, fun=resp.fun, nit=job.step, success=job.status == "succeeded", status=job.status,
+                              message=job.message, history={"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)},
+                              optimizer=job.optimizer_json)
+
+    def history(self) -> dict[str, list[float]]:
+        resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
+        return {"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+
+    def cancel(self) -> Job:
+        self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
+        return self
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG of the loss curve (needs matplotlib: the `plot` extra)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        loss = self.history()["loss"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(range(1, len(loss) + 1), loss)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log" if loss and min(loss) > 0 else "linear")
+        ax.set_title(f"job {self.id}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
 
 
 class RemoteVjp:

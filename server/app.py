@@ -23,6 +23,7 @@ from gradserve.v1 import service_pb2
 from gradserve.workers.engine import Engine
 from gradserve.workers.scheduler import MODES, DistributedEngine, Policy
 
+from .jobs import JobManager, JobStore
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
 from .servicer import SERVICE, Servicer
@@ -53,6 +54,9 @@ class Config:
     ray_address: str | None = None  # or join an existing cluster
     workers: int | None = None  # worker actors (default: the cluster's CPUs)
     worker_cpus: float = 1.0
+    job_runners: int = 2
+    checkpoint_every: int = 50  # steps
+    checkpoint_seconds: float = 10.0
 
 
 def start_pool(config: Config) -> tuple[Any, Policy]:
@@ -106,7 +110,10 @@ class Server:
                         max_constant_bytes=config.max_message_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
-        self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent)
+        self.jobs = JobManager(self.engine, self.registry, JobStore(config.store), limits, config.job_runners,
+                               config.checkpoint_every, config.checkpoint_seconds)
+        self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
+                                 self.jobs)
         interceptors = [_TokenAuth(config.token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
@@ -138,6 +145,7 @@ class Server:
         self._stopped = threading.Event()
 
     def start(self) -> Server:
+        self.jobs.start()
         self.grpc.start()
         if self.config.metrics_port is not None:
             self._http = self.metrics.serve(self.config.host, self.config.metrics_port)
@@ -159,6 +167,7 @@ class Server:
         start = time.monotonic()
         self.health.enter_graceful_shutdown()
         self.servicer.drain(grace)  # new calls: UNAVAILABLE; calls in flight: up to `grace` to finish
+        self.jobs.stop()  # running jobs stay running in the store: the next start resumes them
         self.grpc.stop(max(grace - (time.monotonic() - start), 0.0)).wait()
         if self._http is not None:
             self._http.shutdown()

@@ -28,6 +28,7 @@ def demo() -> int:
 def serve(args: argparse.Namespace) -> int:
     """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
     from .app import Config, MiB, Server
+    from .jobs import StoreError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None
@@ -42,13 +43,47 @@ def serve(args: argparse.Namespace) -> int:
                     residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
                     threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
-                    workers=args.workers, worker_cpus=args.worker_cpus)
-    server = Server(config).start()
+                    workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
+                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
+    try:
+        server = Server(config).start()
+    except StoreError as e:
+        raise SystemExit(f"gradserve: {e}") from None
     server.stop_on_signals()
     extra = f", metrics on {config.host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"gradserve listening on {config.host}:{server.port}{extra}", flush=True)
     server.wait()
     return 0
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """`gradserve jobs list|show ID|cancel ID`: look at and steer a server's optimisation jobs."""
+    import datetime
+
+    import gradserve as gs
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    with gs.connect(args.address, token=token, tls=args.tls_ca or None, timeout=args.timeout) as remote:
+        try:
+            if args.action == "list":
+                print(f"{'id':16}  {'status':10} {'step':>12}  {'loss':>12}  name")
+                for job in remote.jobs():
+                    j = job.info()
+                    print(f"{j.job_id:16}  {j.status:10} {j.step:>5}/{j.steps:<6}  {j.loss:>12.6g}  {j.name}")
+                return 0
+            if args.job_id is None:
+                raise SystemExit(f"gradserve jobs {args.action} needs a job id")
+            job = remote.job(args.job_id)
+            if args.action == "cancel":
+                job.cancel()
+            j = job.info()
+            when = datetime.datetime.fromtimestamp(j.created, datetime.UTC).isoformat(timespec="seconds")
+            print(f"job {j.job_id} {j.name!r}\n  status    {j.status}  {j.message}\n  step      {j.step} of {j.steps} "
+                  f"(checkpoint at {j.checkpoint_step})\n  loss      {j.loss:.6g}  (gradient norm {j.grad_norm:.3g})\n"
+                  f"  optimizer {j.optimizer_json}\n  graph     {j.graph_id}\n  created   {when}")
+            return 0
+        except gs.RemoteError as e:
+            raise SystemExit(f"gradserve jobs: {e.code.name}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
     s.add_argument("--workers", type=int, default=None, help="worker actors (default: the cluster's CPUs)")
     s.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs (and BLAS threads) per worker")
+    s.add_argument("--job-runners", type=int, default=2, help="threads that take turns running optimisation jobs")
+    s.add_argument("--checkpoint-every", type=int, default=50, help="job steps between checkpoints")
+    s.add_argument("--checkpoint-seconds", type=float, default=10.0, help="and at most this long between them")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    j = sub.add_parser("jobs", help="list, show or cancel a server's optimisation jobs")
+    j.add_argument("action", choices=["list", "show", "cancel"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--address", default="127.0.0.1:50051", help="the server (host:port)")
+    j.add_argument("--token-file", type=Path, default=None)
+    j.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of a TLS server")
+    j.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo()
+    if args.command == "jobs":
+        return jobs(args)
     return serve(args)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -24,6 +24,7 @@ from gradserve.v1 import service_pb2 as pb
 from gradserve.workers.engine import Engine
 from gradserve.workers.plan import stop_when
 
+from .jobs import JobManager
 from .metrics import Metrics
 from .registry import GraphRegistry, NotFound, ResidualStore
 
@@ -51,8 +52,8 @@ class Servicer:
     """The RPC handlers over an Engine, a GraphRegistry and a ResidualStore."""
 
     def __init__(self, engine: Engine, registry: GraphRegistry, residuals: ResidualStore,
-                 limits: Limits, metrics: Metrics, max_concurrent: int = 64):
-        self.engine, self.registry, self.residuals = engine, registry, residuals
+                 limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
+        self.engine, self.registry, self.residuals, self.jobs = engine, registry, residuals, jobs
         self.limits, self.metrics = limits, metrics
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
@@ -186,18 +187,65 @@ class Servicer:
     def CloseVjp(self, req: pb.CloseVjpRequest, context) -> pb.CloseVjpResponse:
         return pb.CloseVjpResponse(closed=self.residuals.close(req.handle))
 
+    # ---- jobs
+    def _jobs(self) -> JobManager:
+        if self.jobs is None:
+            raise NotFound("this server runs no jobs")
+        return self.jobs
+
+    def SubmitJob(self, req: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
+        return pb.SubmitJobResponse(job=self._jobs().submit(req.spec))
+
+    def GetJob(self, req: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        job, fun = self._jobs().get(req.job_id)
+        resp = pb.GetJobResponse(job=job, fun=fun)
+        if req.with_params:
+            self._encode(self._jobs().params(req.job_id), resp.params)
+        if req.with_history:
+            loss, gnorm = self._jobs().history(req.job_id)
+            resp.loss.extend(loss)
+            resp.grad_norm.extend(gnorm)
+        return resp
+
+    def WatchJob(self, req: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
+        yield from self._jobs().watch(req.job_id, req.from_step, context.is_active)
+
+    def CancelJob(self, req: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=self._jobs().cancel(req.job_id))
+
+    def ListJobs(self, req: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=self._jobs().list())
+
     # ---- wiring
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers: raw bytes in (parsed in `_wrap`), messages out."""
         methods = {}
         for name, method in pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name.items():
             request_cls = getattr(pb, method.input_type.name)
-            methods[name] = grpc.unary_unary_rpc_method_handler(
-                self._wrap(name, request_cls, getattr(self, name)),
-                request_deserializer=None,
-                response_serializer=lambda m: m.SerializeToString(),
-            )
+            make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+            wrap = self._wrap_stream if method.server_streaming else self._wrap
+            methods[name] = make(wrap(name, request_cls, getattr(self, name)), request_deserializer=None,
+                                 response_serializer=lambda m: m.SerializeToString())
         return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _wrap_stream(self, name: str, request_cls: type, fn: Callable) -> Callable:
+        """A server stream: parsed and mapped to status codes like the unary calls; it does not
+        hold an admission slot (a watcher waits, it does not compute)."""
+        def handle(raw: bytes, context: grpc.ServicerContext):
+            code = grpc.StatusCode.OK
+            try:
+                try:
+                    request = request_cls.FromString(raw)
+                except DecodeError as e:
+                    raise DecodeError(f"request bytes do not parse as {request_cls.__name__}: {e}") from None
+                yield from fn(request, context)
+            except Exception as e:
+                code, message = _status(e, context)
+                context.abort(code, message)
+            finally:
+                self.metrics.observe_request(name, code.name, 0.0)
+
+        return handle
 
     def _wrap(self, name: str, request_cls: type, fn: Callable) -> Callable:
         def handle(raw: bytes, context: grpc.ServicerContext):

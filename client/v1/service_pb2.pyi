@@ -382,3 +382,177 @@ class CloseVjpResponse(_message.Message):
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     closed: bool
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("graph_id", "graph", "loss", "params0", "args", "arg_order", "optimizer_json", "steps", "tol", "batch_size", "seed", "batch_axes", "checkpoint_every", "checkpoint_seconds", "name")
+    class Params0Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class ArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BatchAxesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS0_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ARG_ORDER_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_AXES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    graph: _graph_pb2.Graph
+    loss: str
+    params0: _containers.MessageMap[str, _graph_pb2.Tensor]
+    args: _containers.MessageMap[str, _graph_pb2.Tensor]
+    arg_order: _containers.RepeatedScalarFieldContainer[str]
+    optimizer_json: str
+    steps: int
+    tol: float
+    batch_size: int
+    seed: int
+    batch_axes: _containers.ScalarMap[str, int]
+    checkpoint_every: int
+    checkpoint_seconds: float
+    name: str
+    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., loss: _Optional[str] = ..., params0: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., args: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., arg_order: _Optional[_Iterable[str]] = ..., optimizer_json: _Optional[str] = ..., steps: _Optional[int] = ..., tol: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., batch_axes: _Optional[_Mapping[str, int]] = ..., checkpoint_every: _Optional[int] = ..., checkpoint_seconds: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "name", "status", "step", "steps", "loss", "grad_norm", "message", "created", "updated", "graph_id", "optimizer_json", "checkpoint_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    status: str
+    step: int
+    steps: int
+    loss: float
+    grad_norm: float
+    message: str
+    created: float
+    updated: float
+    graph_id: str
+    optimizer_json: str
+    checkpoint_step: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., message: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., graph_id: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class SubmitJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id", "with_params", "with_history")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WITH_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    with_params: bool
+    with_history: bool
+    def __init__(self, job_id: _Optional[str] = ..., with_params: _Optional[bool] = ..., with_history: _Optional[bool] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job", "params", "loss", "grad_norm", "fun")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    FUN_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    params: _containers.MessageMap[str, _graph_pb2.Tensor]
+    loss: _containers.RepeatedScalarFieldContainer[float]
+    grad_norm: _containers.RepeatedScalarFieldContainer[float]
+    fun: float
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., params: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., loss: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., fun: _Optional[float] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "from_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    from_step: int
+    def __init__(self, job_id: _Optional[str] = ..., from_step: _Optional[int] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "step", "loss", "grad_norm", "status", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    loss: float
+    grad_norm: float
+    status: str
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...

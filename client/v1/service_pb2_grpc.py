@@ -94,6 +94,31 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.CloseVjpRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.CloseVjpResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/gradserve.v1.GradientService/SubmitJob',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/gradserve.v1.GradientService/GetJob',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/gradserve.v1.GradientService/WatchJob',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/gradserve.v1.GradientService/CancelJob',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/gradserve.v1.GradientService/ListJobs',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -177,6 +202,37 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Optimisation jobs: run server-side, checkpointed, resumed after a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +295,31 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.CloseVjp,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.CloseVjpRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.CloseVjpResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.SubmitJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.GetJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.WatchJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.JobEvent.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.CancelJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -565,6 +646,141 @@ class GradientService:
             '/gradserve.v1.GradientService/CloseVjp',
             gradserve_dot_v1_dot_service__pb2.CloseVjpRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.CloseVjpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/SubmitJob',
+            gradserve_dot_v1_dot_service__pb2.SubmitJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetJob',
+            gradserve_dot_v1_dot_service__pb2.GetJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.GradientService/WatchJob',
+            gradserve_dot_v1_dot_service__pb2.WatchJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/CancelJob',
+            gradserve_dot_v1_dot_service__pb2.CancelJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/ListJobs',
+            gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
