@@ -47,3 +47,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "ray" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_pool():
+    """A local Ray (2 CPUs) with two single-threaded worker actors, shared by the Ray tests."""
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from gradserve.workers.pool import RayPool
+
+    pool = RayPool(2, cpus=1, blas_threads=1)
+    yield pool
+    pool.shutdown()
+    ray.shutdown()

@@ -173,19 +173,6 @@ def test_unreachable_workers_raise_unavailable_not_hang():
 # ---------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def ray_pool():
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    from gradserve.workers.pool import RayPool
-
-    pool = RayPool(2, cpus=1, blas_threads=1)
-    yield pool
-    pool.shutdown()
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_ray_modes_equal_the_embedded_engine(ray_pool):
     engine = DistributedEngine(Engine(), ray_pool, Policy(local_cores=1, cluster_cores=2, flops_per_core=1e3))

@@ -42,19 +42,6 @@ MLP = gs.trace(mlp_loss, P, XS, YS)
 MLP_INPUTS = {"p.w1": P["w1"], "p.w2": P["w2"], "X": XS, "y": YS}
 
 
-@pytest.fixture(scope="module")
-def ray_pool():
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    from gradserve.workers.pool import RayPool
-
-    pool = RayPool(2, cpus=1, blas_threads=1)
-    yield pool
-    pool.shutdown()
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_worker_killed_during_a_data_parallel_call(ray_pool):
     engine = DistributedEngine(Engine(), ray_pool, Policy(local_cores=1, cluster_cores=2))
