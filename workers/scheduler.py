@@ -19,7 +19,8 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,13 +42,25 @@ log = logging.getLogger("gradserve.scheduler")
 MODES = ("in_process", "data_parallel", "graph_parallel", "fan_out")
 
 
+def available_cores() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(int(int(quota) / int(period)), 1))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 @dataclass
 class Policy:
     """When spreading work pays. In-process work uses every core of this machine through BLAS,
     so another worker only helps by the cores it adds; a hop costs `hop_seconds`."""
 
     flops_per_core: float = 5e9  # sustained FLOP/s of one core on the kernels
-    local_cores: int = os.cpu_count() or 1
+    local_cores: int = field(default_factory=available_cores)
     cluster_cores: float | None = None  # cores the pool's workers hold together (None: pool size)
     hop_seconds: float = 1.3e-3
     min_gain: float = 0.9  # spread only when the estimate is below this fraction of in-process
