@@ -12,7 +12,7 @@ from typing import Any
 from . import numpy_api as _np_api
 from . import optim
 from .api import Functional, flatten, unflatten
-from .errors import GraphError, ShapeError
+from .errors import GraphError, LimitError, ShapeError
 from .ir import Graph, Limits
 from .minimize import OptimizeResult, minimize
 from .numpy_api import (
@@ -151,7 +151,8 @@ def clear_cache() -> None:
 
 
 __all__ = [
-    "GradientResult", "Graph", "GraphError", "Limits", "OptimizeResult", "RemoteError", "Session", "ShapeError", "Tensor",
+    "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
+    "ShapeError", "Tensor",
     "connect", "minimize", "optim",
     "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",

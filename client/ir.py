@@ -12,6 +12,7 @@ import hashlib
 import math
 import struct
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from .errors import GraphError, LimitError, ShapeError
 from .primitives import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 
+MAX_RANK = 32
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
 
 
@@ -169,6 +171,9 @@ class Graph:
         n_values = len(msg.inputs) + len(msg.constants) + len(msg.nodes)
         if len(msg.nodes) > limits.max_nodes:
             raise LimitError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
+        if len(msg.inputs) + len(msg.constants) > limits.max_nodes:
+            raise LimitError(f"graph has {len(msg.inputs)} inputs and {len(msg.constants)} constants, over the limit of "
+                             f"{limits.max_nodes} values")
         inputs = []
         for k, i in enumerate(msg.inputs):
             if i.id != k:
@@ -239,16 +244,17 @@ def _dtype_from_pb(code: int, where: str) -> str:
 
 def check_shape(shape: Iterable[int], limits: Limits, where: str) -> Shape:
     """A shape from outside: non-negative dims, element count within the limit (checked as it grows)."""
+    shape = tuple(shape)
+    if len(shape) > MAX_RANK:
+        raise LimitError(f"{where}: rank {len(shape)} is over the limit of {MAX_RANK}")
     shape = tuple(int(d) for d in shape)
     count = 1
     for d in shape:
         if d < 0:
             raise GraphError(f"{where}: negative dimension in shape {list(shape)}")
         count *= d
-        if count > limits.max_elements:
+        if count > limits.max_elements or d > limits.max_elements:  # a huge dim next to a 0 is still refused
             raise LimitError(f"{where}: shape {list(shape)} has more than {limits.max_elements} elements")
-    if len(shape) > 32:
-        raise LimitError(f"{where}: rank {len(shape)} is over the limit of 32")
     return shape
 
 
@@ -323,22 +329,30 @@ def check_attrs(op: str, attrs: dict[str, Any], where: str) -> None:
     if missing or extra:
         raise GraphError(f"{where}: attributes {sorted(attrs)} do not match {op}'s {sorted(schema)}")
     for key, kind in schema.items():
-        if not _KIND_CHECK[kind](attrs[key]):
-            raise GraphError(f"{where}: attribute {key}={attrs[key]!r} is not of kind {kind}")
+        value = attrs[key]
+        if kind == "ints" and isinstance(value, tuple) and len(value) > MAX_RANK:  # shapes, axes, perms: one per dim
+            raise LimitError(f"{where}: attribute {key} has {len(value)} entries, over the rank limit of {MAX_RANK}")
+        if not _KIND_CHECK[kind](value):
+            raise GraphError(f"{where}: attribute {key}={_short(value)} is not of kind {kind}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """repr of a value from outside, cut to keep messages small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
     if len(graph.nodes) > limits.max_nodes:
         raise LimitError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
-    names = graph.input_names()
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise GraphError(f"duplicate input names {dup}")
-    outs = graph.output_names()
-    dup = sorted({n for n in outs if outs.count(n) > 1})
-    if dup:
-        raise GraphError(f"duplicate output names {dup}")
+    if len(graph.inputs) + len(graph.constants) > limits.max_nodes:
+        raise LimitError(f"graph has {len(graph.inputs)} inputs and {len(graph.constants)} constants, over the limit of "
+                         f"{limits.max_nodes} values")
+    for kind, names in (("input", graph.input_names()), ("output", graph.output_names())):
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        if dup:
+            raise GraphError(f"duplicate {kind} names {_short(dup)}")
     if not graph.outputs:
         raise GraphError("graph has no outputs")
     for k, i in enumerate(graph.inputs):

@@ -32,7 +32,17 @@ log = logging.getLogger("gradserve.servicer")
 SERVICE = "gradserve.v1.GradientService"
 
 
+MAX_MESSAGE = 2000  # characters of an error message: it travels in the trailers, whose size is limited
+
+
 def _status(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    code, message = _classify(e, context)
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + f"... (message cut from {len(message)} characters)"
+    return code, message
+
+
+def _classify(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, LimitError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, NotFound):

@@ -1,0 +1,109 @@
+"""Write RELIABILITY.md: what the hardening tests and the load script tried, and what held.
+
+    python bench/reliability.py [--fuzz] [--calls 10000] [--clients 64]
+
+Runs the fuzzing, security, fault, job-restart and service tests through pytest (in a
+loopback-only network namespace, as the suite always does), then the load script, and writes
+the table of its last run to RELIABILITY.md at the top of the repository. With --fuzz, the
+fuzzing campaigns run at least 10,000 cases each instead of the fast subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = {  # file -> (kind of trial, column it fills)
+    "tests/test_fuzz.py": ("bad inputs", "bad inputs tried"),
+    "tests/test_security.py": ("bad inputs", "bad inputs tried"),
+    "tests/test_faults.py": ("faults", "faults survived"),
+    "tests/test_jobs.py": ("faults", "faults survived"),
+    "tests/test_service.py": ("bad inputs", "bad inputs tried"),
+}
+PLUGIN = '''
+import json, pytest
+RESULTS = []
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        RESULTS.append({"nodeid": report.nodeid, "outcome": report.outcome, "seconds": report.duration})
+def pytest_collection_modifyitems(items):
+    global DOCS
+    DOCS = {i.nodeid: ((getattr(i, "function", None) and i.function.__doc__) or "").strip().splitlines()[:1] for i in items}
+def pytest_sessionfinish(session):
+    import os
+    for r in RESULTS:
+        r["doc"] = (DOCS.get(r["nodeid"]) or [""])[0]
+    with open(os.environ["GRADSERVE_RELIABILITY_OUT"], "w") as f:
+        json.dump(RESULTS, f)
+'''
+
+
+def run_tests(fuzz: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "reliability_plugin.py").write_text(PLUGIN)
+        out = Path(tmp) / "results.json"
+        env = {**__import__("os").environ, "GRADSERVE_RELIABILITY_OUT": str(out),
+               "PYTHONPATH": tmp + ":" + __import__("os").environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "reliability_plugin",
+               *(["--fuzz"] if fuzz else []), *[s for s in SUITES if (ROOT / s).exists()]]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=False)
+        return json.loads(out.read_text())
+
+
+def run_load(calls: int, clients: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        subprocess.run([sys.executable, "bench/load.py", "--calls", str(calls), "--clients", str(clients), "--json", str(out)],
+                       cwd=ROOT, check=False)
+        return json.loads(out.read_text()) if out.exists() else {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fuzz", action="store_true", help="the long fuzzing campaigns (10,000+ cases each)")
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=64)
+    args = parser.parse_args()
+    results = run_tests(args.fuzz)
+    load = run_load(args.calls, args.clients)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = ["# Reliability", "",
+             f"What the hardening suites tried and what held, from the last run of `python bench/reliability.py"
+             f"{' --fuzz' if args.fuzz else ''}` ({datetime.date.today().isoformat()}, commit {commit}, this project's "
+             "2-core machine). Regenerate it with that command.", "",
+             "| test | what it tried | load held | faults survived | bad inputs tried | anything lost | result |",
+             "|---|---|---|---|---|---|---|"]
+    if load:
+        rounds, rss = load["rounds"], load["rss_mib"]
+        held = load["errors"] == 0 and load["completed"] and not load["server_tracebacks"]
+        lines.append(f"| `bench/load.py` | {args.clients} concurrent clients, {len(rounds)} rounds of {args.calls} mixed calls "
+                     f"(register, evaluate, gradient, batch) on 127.0.0.1 | {sum(r['calls'] for r in rounds)} calls, "
+                     f"{load['errors']} errors; server RSS {rss['before']:.0f} MiB before, "
+                     f"{', '.join(f'{v:.0f}' for v in rss['after'])} MiB after each round "
+                     f"(+{load['growth_after_round1_mib']:.1f} MiB after round 1) | — | — | nothing | "
+                     f"{'held' if held else 'FAILED'} |")
+    for r in results:
+        path = r["nodeid"].split("::")[0]
+        kind, column = SUITES.get(path, ("", ""))
+        name = r["nodeid"].split("::", 1)[1]
+        cells = {"faults survived": "—", "bad inputs tried": "—"}
+        held = r["outcome"] == "passed"
+        cells[column] = ("yes" if held else "no") + (" (10,000+ cases)" if args.fuzz and "fuzz" in path else "")
+        lines.append(f"| `{path.split('/')[-1]}::{name}` | {r['doc'] or kind} | — | {cells['faults survived']} | "
+                     f"{cells['bad inputs tried']} | {'nothing' if held else 'see the test'} | "
+                     f"{r['outcome']} ({r['seconds']:.1f} s) |")
+    passed = sum(r["outcome"] == "passed" for r in results)
+    lines += ["", f"{passed} of {len(results)} tests passed."]
+    (ROOT / "RELIABILITY.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote RELIABILITY.md: {passed}/{len(results)} passed")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
