@@ -55,8 +55,8 @@ class Config:
     workers: int | None = None  # worker actors (default: the cluster's CPUs)
     worker_cpus: float = 1.0
     job_runners: int = 2
-    checkpoint_every: int = 50  # steps
-    checkpoint_seconds: float = 10.0
+    checkpoint_every: int = 500  # steps
+    checkpoint_seconds: float = 30.0
 
 
 def start_pool(config: Config) -> tuple[Any, Policy]:

@@ -81,7 +81,9 @@ class JobStore:
         with self.tx() as db:
             db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            db.execute("""CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT, spec BLOB NOT NULL, status TEXT NOT NULL,
+            # the spec (graph, params0, args: megabytes) has its own table: progress updates rewrite small rows
+            db.execute("CREATE TABLE specs (job_id TEXT PRIMARY KEY, spec BLOB NOT NULL)")
+            db.execute("""CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL,
                           step INTEGER, steps INTEGER, loss REAL, grad_norm REAL, message TEXT, created REAL,
                           updated REAL, fun REAL, graph_id TEXT, optimizer TEXT)""")
             db.execute("""CREATE TABLE history (job_id TEXT, step INTEGER, loss REAL, grad_norm REAL,
@@ -156,13 +158,14 @@ class Run:
     checkpoint_time: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
     steps_iter: Iterator[Any] | None = None
+    in_turn: bool = False  # a runner is stepping it now (guarded by the manager's queue lock)
 
 
 class JobManager:
     """Validates, stores, runs, checkpoints and resumes jobs; `runners` threads take turns."""
 
     def __init__(self, engine: Any, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
-                 checkpoint_every: int = 50, checkpoint_seconds: float = 10.0, quantum_seconds: float = 0.05):
+                 checkpoint_every: int = 500, checkpoint_seconds: float = 30.0, quantum_seconds: float = 0.05):
         self.engine, self.registry, self.store, self.limits = engine, registry, store, limits
         self.checkpoint_every, self.checkpoint_seconds, self.quantum = checkpoint_every, checkpoint_seconds, quantum_seconds
         self._runs: dict[str, Run] = {}
@@ -198,9 +201,9 @@ class JobManager:
             spec.graph.CopyFrom(run.graph.to_proto())
         now = time.time()
         with self.store.tx() as db:
-            db.execute("INSERT INTO jobs VALUES (?, ?, ?, 'queued', 0, ?, NULL, NULL, '', ?, ?, NULL, ?, ?)",
-                       (run.job_id, spec.name, spec.SerializeToString(), spec.steps, now, now, run.graph.id,
-                        spec.optimizer_json))
+            db.execute("INSERT INTO specs VALUES (?, ?)", (run.job_id, spec.SerializeToString()))
+            db.execute("INSERT INTO jobs VALUES (?, ?, 'queued', 0, ?, NULL, NULL, '', ?, ?, NULL, ?, ?)",
+                       (run.job_id, spec.name, spec.steps, now, now, run.graph.id, spec.optimizer_json))
         self._enqueue(run)
         return self.get(run.job_id)[0]
 
@@ -243,6 +246,10 @@ class JobManager:
         found = self.store.load_checkpoint(job_id)
         if found is None:
             return {}
+        job, _ = self.get(job_id)
+        if found[0] != job.step:
+            raise NotFound(f"the parameters of job {job_id} at step {job.step} are damaged in the store (checksum); "
+                           f"only those of step {found[0]} are intact")
         return {k[len("params."):]: v for k, v in found[1].items() if k.startswith("params.")}
 
     def cancel(self, job_id: str) -> pb.Job:
@@ -251,10 +258,10 @@ class JobManager:
         if run is not None and run.status not in FINISHED:
             with run.changed:
                 run.cancel = True
-            with self._ready:
-                if job_id not in self._queue:
+            with self._ready:  # a job in a turn sees the flag after its current step
+                if job_id not in self._queue and not run.in_turn:
                     self._queue.append(job_id)
-                self._ready.notify()
+                    self._ready.notify()
             deadline = time.monotonic() + 10
             with run.changed:
                 run.changed.wait_for(lambda: run.status in FINISHED, timeout=max(deadline - time.monotonic(), 0))
@@ -356,7 +363,7 @@ class JobManager:
         return run
 
     def _resume(self, job_id: str) -> None:
-        (spec_bytes,) = self.store.query("SELECT spec FROM jobs WHERE id = ?", (job_id,))[0]
+        (spec_bytes,) = self.store.query("SELECT spec FROM specs WHERE job_id = ?", (job_id,))[0]
         spec = pb.JobSpec.FromString(spec_bytes)
         found = self.store.load_checkpoint(job_id)
         run = self._build(job_id, spec, found)
@@ -380,14 +387,16 @@ class JobManager:
                 if self._stopping:
                     return
                 run = self._runs[self._queue.popleft()]
+                run.in_turn = True
             try:
                 requeue = self._turn(run)
             except Exception as e:  # a failing job fails alone
                 log.exception("job %s failed", run.job_id)
                 self._end(run, "failed", f"{type(e).__name__}: {e}")
                 requeue = False
-            if requeue:
-                with self._ready:
+            with self._ready:
+                run.in_turn = False
+                if requeue or (run.cancel and run.status not in FINISHED):
                     self._queue.append(run.job_id)
                     self._ready.notify()
 
@@ -411,8 +420,9 @@ class JobManager:
             with run.changed:
                 run.events.append((info.step, info.loss, info.grad_norm))
                 run.changed.notify_all()
-        due = (run.state.step - run.checkpoint_step >= self.checkpoint_every
-               or time.monotonic() - run.checkpoint_time >= self.checkpoint_seconds)
+        every = run.spec.checkpoint_every or self.checkpoint_every  # the job's own setting, else the server's
+        seconds = run.spec.checkpoint_seconds or self.checkpoint_seconds
+        due = run.state.step - run.checkpoint_step >= every or time.monotonic() - run.checkpoint_time >= seconds
         with self.store.tx() as db:
             db.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?)", rows)
             if rows:
@@ -437,6 +447,8 @@ class JobManager:
         return not self._stopping
 
     def _end(self, run: Run, status: str, message: str) -> None:
+        if run.status in FINISHED:  # the first ending is final
+            return
         with self.store.tx() as db:
             if run.state.step > run.checkpoint_step:
                 self.store.save_checkpoint(db, run.job_id, run.state.step, run.state.to_arrays(run.optimizer))
