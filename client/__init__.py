@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from . import numpy_api as _np_api
@@ -85,11 +86,28 @@ from .tensor import Tensor, is_grad_enabled, no_grad, tensor, zero_grad
 __version__ = "0.1.0"
 
 
+_KERNELS = [os.environ.get("GRADSERVE_KERNELS", "numpy")]
+
+
 @functools.cache
 def _default_engine() -> Any:
     from gradserve.workers.engine import Engine
 
-    return Engine()
+    return Engine(kernels=_KERNELS[0])
+
+
+def config(kernels: str | None = None) -> dict[str, str]:
+    """Settings of the local engine: `kernels` is "numpy" (the reference), "native" (fused numba
+    loops, the `native` extra), "auto" (native where the fused work is big enough to win) or "gpu"
+    (CuPy). Changing it starts a fresh engine (caches empty). Returns the settings in force."""
+    if kernels is not None and kernels != _KERNELS[0]:
+        from gradserve.workers.native import resolve_kernels
+
+        resolve_kernels(kernels)  # refuse an unknown mode before anything changes
+        _KERNELS[0] = kernels
+        _default_engine.cache_clear()
+        _local.cache_clear()
+    return {"kernels": _KERNELS[0], "running": _default_engine().kernels.describe()}
 
 
 @functools.cache
@@ -154,7 +172,7 @@ __all__ = [
     "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
     "ShapeError", "Tensor",
     "connect", "minimize", "optim",
-    "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip",
+    "abs", "add", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip", "config",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
     "flatten", "floor", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",
     "less", "less_equal", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "min",

@@ -55,6 +55,7 @@ class Config:
     workers: int | None = None  # worker actors (default: the cluster's CPUs)
     worker_cpus: float = 1.0
     job_runners: int = 2
+    kernels: str = "numpy"  # numpy, native (numba), auto, gpu (CuPy)
     checkpoint_every: int = 500  # steps
     checkpoint_seconds: float = 30.0
 
@@ -73,7 +74,7 @@ def start_pool(config: Config) -> tuple[Any, Policy]:
         ray.init(address="local", num_cpus=config.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cores = float(ray.cluster_resources().get("CPU", 1))
     size = config.workers or max(int(cores // config.worker_cpus), 1)
-    pool = RayPool(size, cpus=config.worker_cpus, blas_threads=max(int(config.worker_cpus), 1))
+    pool = RayPool(size, cpus=config.worker_cpus, blas_threads=max(int(config.worker_cpus), 1), kernels=config.kernels)
     log.info("%d Ray workers (%s CPUs each) over %.0f cluster CPUs", size, config.worker_cpus, cores)
     return pool, Policy(cluster_cores=min(size * config.worker_cpus, cores))
 
@@ -105,7 +106,7 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
-        self.engine = engine or DistributedEngine(Engine(), self.pool, policy)
+        self.engine = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
                         max_constant_bytes=config.max_message_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
@@ -136,6 +137,8 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.metrics.gauge_fn("gradserve_workers", lambda: self.pool.size if self.pool is not None else 0)
+        kernels = self.engine.kernels
+        self.metrics.gauge_fn("gradserve_kernels_info", lambda: 1, mode=kernels.name, requested=config.kernels)
         if self.pool is not None:
             self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: self.pool.replaced)
         if isinstance(self.engine, DistributedEngine):

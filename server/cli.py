@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
                     tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
                     threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
                     workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
-                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
+                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, kernels=args.kernels)
     try:
         server = Server(config).start()
     except StoreError as e:
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--job-runners", type=int, default=2, help="threads that take turns running optimisation jobs")
     s.add_argument("--checkpoint-every", type=int, default=500, help="job steps between checkpoints")
     s.add_argument("--checkpoint-seconds", type=float, default=30.0, help="and at most this long between them")
+    s.add_argument("--kernels", default="numpy", choices=["numpy", "native", "auto", "gpu"],
+                   help="numpy kernels, fused numba kernels (the native extra), auto (native where it wins), or CuPy")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     j = sub.add_parser("jobs", help="list, show or cancel a server's optimisation jobs")
     j.add_argument("action", choices=["list", "show", "cancel"])

@@ -24,6 +24,7 @@ HELP = {
     "gradserve_workers": ("gauge", "Worker processes in the pool (0: everything runs in process)"),
     "gradserve_calls_by_mode_total": ("counter", "Gradient calls by execution mode the scheduler chose"),
     "gradserve_workers_replaced_total": ("counter", "Workers that died and were replaced"),
+    "gradserve_kernels_info": ("gauge", "The kernels plans run on: mode (what runs) and requested"),
 }
 
 

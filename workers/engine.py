@@ -31,6 +31,7 @@ class CacheInfo:
     size: int = 0
     maxsize: int = 0
     reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
+    kernels: str = "numpy"  # which kernels run the plans, and why
 
     def __str__(self) -> str:
         return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
@@ -53,14 +54,18 @@ class Residuals:
 class Engine:
     """Runs graphs in process with the numpy kernels; thread-safe."""
 
-    def __init__(self, max_plans: int = 512, max_reasons: int = 100):
+    def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
+        from .native import resolve_kernels
+
+        self.kernel_mode = kernels
+        self.kernels = resolve_kernels(kernels)  # "numpy", "native", "auto" or "gpu"
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self._seen_graphs: set[str] = set()
         self._max_plans = max_plans
         self._max_reasons = max_reasons
         self._lock = threading.Lock()
-        self.info = CacheInfo(maxsize=max_plans)
+        self.info = CacheInfo(maxsize=max_plans, kernels=self.kernels.describe())
 
     # ---- plans
     def plan(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Plan:
@@ -76,7 +81,7 @@ class Engine:
             why = "new graph" if graph.id not in self._seen_graphs else "new request on a known graph"
             self._seen_graphs.add(graph.id)
             self._note(f"plan miss: {why} {graph.id[:12]} ({request[0]}{_describe(request[1:])})")
-        plan = Plan(optimize(build()))
+        plan = Plan(optimize(build()), kernels=self.kernels)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self._max_plans:
@@ -100,14 +105,15 @@ class Engine:
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
-            return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons))
+            return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
+                             self.kernels.describe())
 
     def clear_cache(self) -> None:
         with self._lock:
             self._plans.clear()
             self._graphs.clear()
             self._seen_graphs.clear()
-            self.info = CacheInfo(maxsize=self._max_plans)
+            self.info = CacheInfo(maxsize=self._max_plans, kernels=self.kernels.describe())
 
     # ---- requests
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:

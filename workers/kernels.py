@@ -48,13 +48,13 @@ def _cumsum(xp: ModuleType) -> Kernel:
 
 def _logistic(xp: ModuleType) -> Kernel:
     def kernel(x, out=None):
-        # 0.5 * (1 + tanh(x / 2)): stable for large |x|, no overflow warnings
+        # e = exp(-|x|) never overflows; 1/(1+e) for x >= 0 and e/(1+e) for x < 0 keep full
+        # relative precision in both tails (sigmoid(-40) is 4.2e-18, not 0)
+        e = xp.exp(-xp.abs(x))
         if out is None:
             out = xp.empty_like(x)
-        xp.multiply(x, 0.5, out=out)
-        xp.tanh(out, out=out)
-        xp.multiply(out, 0.5, out=out)
-        return xp.add(out, 0.5, out=out)
+        xp.divide(xp.where(x >= 0, 1.0, e).astype(x.dtype, copy=False), e + 1, out=out)
+        return out
 
     return kernel
 

@@ -103,11 +103,11 @@ def _worker_class() -> Any:
     class Worker:
         """A worker slot: caches graphs (and, through its Engine, plans) by hash."""
 
-        def __init__(self, blas_threads: int):
+        def __init__(self, blas_threads: int, kernels: str = "numpy"):
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(blas_threads)  # this worker's share of the cores: no oversubscription
-            self.engine = Engine()
+            self.engine = Engine(kernels=kernels)
             self.graphs: dict[str, Graph] = {}
 
         def ping(self) -> int:
@@ -131,14 +131,15 @@ class RayPool:
     """Tasks on `size` Ray actors with `cpus` CPUs each. An actor that dies is replaced and its
     task submitted again; workers that do not answer in time raise WorkersUnavailable."""
 
-    def __init__(self, size: int, cpus: float = 1.0, blas_threads: int = 1, start_timeout: float = 60.0):
+    def __init__(self, size: int, cpus: float = 1.0, blas_threads: int = 1, start_timeout: float = 60.0,
+                 kernels: str = "numpy"):
         import ray
 
         self._ray = ray
         self._cls = _worker_class().options(num_cpus=cpus)
-        self._blas = blas_threads
+        self._blas, self._kernels = blas_threads, kernels
         self.size = size
-        self._actors = [self._cls.remote(blas_threads) for _ in range(size)]
+        self._actors = [self._cls.remote(blas_threads, kernels) for _ in range(size)]
         self._loaded: list[set[str]] = [set() for _ in range(size)]
         self._next = 0
         self._lock = threading.Lock()
@@ -155,7 +156,7 @@ class RayPool:
         with self._lock:
             if self._actors[k] is dead:
                 log.warning("worker %d died; starting a replacement", k)
-                self._actors[k] = self._cls.remote(self._blas)
+                self._actors[k] = self._cls.remote(self._blas, self._kernels)
                 self._loaded[k] = set()
                 self.replaced += 1
 

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""The MLP on a GPU: gradserve's CuPy kernels vs PyTorch CUDA, float32, one forward + backward.
+
+    python bench/gpu_mlp.py                  # about a minute; needs cupy + a CUDA device (torch CUDA for the comparison)
+    python bench/gpu_mlp.py --batch 4096 --repeat 10 --json out.json
+
+Batch 4096, 784 -> 1024 -> 1024 -> 10, tanh, softmax cross-entropy (mean), gradients of all six
+weights and biases (bench/mlp.py's model at a GPU-sized batch). No network access is needed.
+
+* gradserve: the gradient graph planned once with `GpuKernels(to_host=False)` (the kernel table
+  over CuPy arrays, elementwise groups fused into `cupy.ElementwiseKernel`s); inputs uploaded
+  once, each call `plan.run_values(device arrays)`, then a device synchronize.
+* PyTorch: the same model on CUDA tensors, `torch.autograd.grad`, `torch.cuda.synchronize()`.
+  TF32 is off in both (PyTorch's default for matmul; CuPy's unless CUPY_TF32=1).
+* "with transfers": both again with the inputs coming from host numpy arrays and the gradients
+  going back to host numpy arrays every call (gradserve: `GpuKernels()` with numpy in and out).
+
+Gradients are checked against each other (and against gradserve's CPU numpy plan) before
+timing. Contenders take turns round-robin (--repeat rounds of --block calls); medians are
+printed, and the ratio gradserve / PyTorch. Exit status: 0 ok, 1 gradients differ, 2 CuPy or
+a CUDA device is missing (the message says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+D_IN, D_H, D_OUT = 784, 1024, 10
+NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+
+def import_gradserve() -> Any:
+    """gradserve installed, or else straight from this checkout (client/ is the package)."""
+    try:
+        import gradserve
+    except ImportError:
+        for name, folder in (("gradserve", "client"), ("gradserve.workers", "workers")):
+            spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        import gradserve
+    return gradserve
+
+
+def problem(batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def glorot(n_in: int, n_out: int) -> np.ndarray:
+        lim = np.sqrt(6.0 / (n_in + n_out))
+        return rng.uniform(-lim, lim, size=(n_in, n_out)).astype(np.float32)
+
+    params = {"w1": glorot(D_IN, D_H), "b1": (0.01 * rng.standard_normal(D_H)).astype(np.float32),
+              "w2": glorot(D_H, D_H), "b2": (0.01 * rng.standard_normal(D_H)).astype(np.float32),
+              "w3": glorot(D_H, D_OUT), "b3": (0.01 * rng.standard_normal(D_OUT)).astype(np.float32)}
+    return params, rng.standard_normal((batch, D_IN)).astype(np.float32), rng.integers(0, D_OUT, batch)
+
+
+def loss_fn(params, x, y):
+    import gradserve as gs
+
+    h = gs.tanh(x @ params["w1"] + params["b1"])
+    h = gs.tanh(h @ params["w2"] + params["b2"])
+    return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
+
+
+def interleaved(steps: dict[str, Any], rounds: int, block: int, deadline: float) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    for r in range(rounds):
+        if time.perf_counter() > deadline:
+            print(f"# time budget reached after {r} rounds", flush=True)
+            break
+        for i in range(len(names)):
+            n = names[(r + i) % len(names)]
+            steps[n]()  # one untimed call per turn
+            for _ in range(block):
+                t0 = time.perf_counter()
+                steps[n]()
+                samples[n].append(time.perf_counter() - t0)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=10, help="interleaved rounds (default 10)")
+    ap.add_argument("--block", type=int, default=10, help="timed calls per contender per round (default 10)")
+    ap.add_argument("--budget", type=float, default=100.0, help="stop timing after this many seconds in all (default 100)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget
+
+    try:
+        import cupy as cp
+    except Exception as e:
+        print(f"error: CuPy is not importable ({type(e).__name__}: {e}); install cupy-cuda12x", file=sys.stderr)
+        return 2
+    try:
+        n_dev = cp.cuda.runtime.getDeviceCount()
+        props = cp.cuda.runtime.getDeviceProperties(0)
+    except Exception as e:
+        print(f"error: CuPy finds no CUDA device ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    try:
+        import torch
+
+        have_torch = torch.cuda.is_available()
+        torch_note = f"torch {torch.__version__}, CUDA {'available' if have_torch else 'NOT available'}"
+    except Exception as e:
+        have_torch, torch_note = False, f"torch not importable ({type(e).__name__}: {e})"
+    gs = import_gradserve()
+    from gradserve.workers import autodiff
+    from gradserve.workers.gpu import GpuKernels
+    from gradserve.workers.passes import optimize
+    from gradserve.workers.plan import Plan
+
+    print(f"# device: {device} ({n_dev} visible); cupy {cp.__version__}; {torch_note}; numpy {np.__version__}", flush=True)
+    if not have_torch:
+        print("# PyTorch CUDA is missing: gradserve's numbers only, no ratio", flush=True)
+
+    params, x, y = problem(args.batch)
+    traced = gs.trace(loss_fn, params, x, y)
+    wrt = [f"params.{k}" for k in NAMES]
+    graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
+    feed = {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+
+    t0 = time.perf_counter()
+    plan = Plan(graph, kernels=GpuKernels(to_host=False))
+    build_s = time.perf_counter() - t0
+    print(f"# gradserve GPU plan: {plan.kernel_info()}, built in {build_s:.2f} s (NVRTC compiles included)", flush=True)
+    dev_values = [cp.asarray(feed[name]) for name, _ in plan.inputs]  # uploaded once
+
+    def gs_step():
+        out = plan.run_values(dev_values)
+        cp.cuda.Stream.null.synchronize()
+        return out
+
+    host_plan = Plan(graph, kernels=GpuKernels(to_host=True))
+    host_values = [feed[name] for name, _ in host_plan.inputs]
+
+    def gs_step_transfers():
+        return host_plan.run_values(host_values)  # numpy in (uploaded once per call), numpy out
+
+    steps: dict[str, Any] = {"gradserve": gs_step}
+    transfer_steps: dict[str, Any] = {"gradserve": gs_step_transfers}
+    if have_torch:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        dev = torch.device("cuda")
+        tp = [torch.tensor(params[k], device=dev, requires_grad=True) for k in NAMES]
+        tx, ty = torch.tensor(x, device=dev), torch.tensor(y, device=dev)
+
+        def torch_loss(ps, xx, yy):
+            w1, b1, w2, b2, w3, b3 = ps
+            h = torch.tanh(xx @ w1 + b1)
+            h = torch.tanh(h @ w2 + b2)
+            return torch.nn.functional.cross_entropy(h @ w3 + b3, yy)
+
+        def torch_step():
+            grads = torch.autograd.grad(torch_loss(tp, tx, ty), tp)
+            torch.cuda.synchronize()
+            return grads
+
+        def torch_step_transfers():
+            ps = [torch.from_numpy(params[k]).to(dev).requires_grad_(True) for k in NAMES]
+            grads = torch.autograd.grad(torch_loss(ps, torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)), ps)
+            return [g.cpu().numpy() for g in grads]
+
+        steps["pytorch"] = torch_step
+        transfer_steps["pytorch"] = torch_step_transfers
+
+    # gradients: gradserve GPU vs gradserve CPU (numpy) vs PyTorch CUDA
+    got = {k: cp.asnumpy(v) for k, v in gs_step().items()}
+    cpu = Plan(graph).run(feed)
+    scale = {n: float(np.max(np.abs(cpu[f"grad:params.{n}"]))) for n in NAMES}
+    diffs = {"gradserve GPU vs CPU": max(float(np.max(np.abs(got[f"grad:params.{n}"] - cpu[f"grad:params.{n}"]))) / scale[n]
+                                         for n in NAMES)}
+    if have_torch:
+        tg = [g.detach().cpu().numpy() for g in torch_step()]
+        diffs["gradserve GPU vs PyTorch CUDA"] = max(
+            float(np.max(np.abs(got[f"grad:params.{n}"] - t))) / scale[n] for n, t in zip(NAMES, tg, strict=True))
+    tol = 1e-3
+    ok = all(v <= tol for v in diffs.values())
+    print("# max |grad difference| / max |grad|: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+          + (" OK" if ok else f" MISMATCH (tolerance {tol:g})"), flush=True)
+
+    for fn in (*steps.values(), *transfer_steps.values()):  # warm-up: cuBLAS handles, allocator pools, kernels
+        for _ in range(3):
+            fn()
+    results: dict[str, Any] = {"device": device, "batch": args.batch, "grad_check": diffs, "ok": ok, "plan_build_s": build_s,
+                               "plan": plan.kernel_info()}
+    for label, group in (("device-resident", steps), ("with transfers", transfer_steps)):
+        rounds = args.repeat if label == "device-resident" else max(2, args.repeat // 3)
+        samples = interleaved(group, rounds, args.block, deadline)
+        med = {n: statistics.median(s) * 1e3 for n, s in samples.items() if s}
+        results[label] = {n: {"median_ms": m, "n": len(samples[n])} for n, m in med.items()}
+        line = f"# {label}: median ms: " + ", ".join(f"{n} {m:.3f}" for n, m in med.items())
+        if "pytorch" in med and "gradserve" in med:
+            line += f"; gradserve / PyTorch = {med['gradserve'] / med['pytorch']:.2f}"
+            results[label]["ratio"] = med["gradserve"] / med["pytorch"]
+        print(line, flush=True)
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"# {results['wall_s']:.0f} s in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""gradserve's numpy kernels vs its native (fused, numba) kernels vs PyTorch CPU.
+
+    python bench/native.py                    # both workloads and the threshold sweep (about 1-2 minutes on 2 cores)
+    python bench/native.py --dtype float32 --repeat 6 --json out.json
+    python bench/native.py --only threshold   # only the sweep behind native.AUTO_MIN_ELEMENTS
+
+Workloads, each forward + backward, gradients checked against each other before timing:
+
+1. MLP: batch 256, 784 -> 1024 -> 1024 -> 10, tanh, softmax cross-entropy, gradients of all
+   six weights and biases (bench/mlp.py's problem and PyTorch contender).
+2. Elementwise-heavy: a 50-op elementwise chain over a 4096 x 1024 float32 array `x` with a
+   1024-vector `w` (5 blocks of `a = tanh(h*w + 0.1); h = log1p(exp(-0.5 a)) * sigmoid(a) - 0.25 h`),
+   loss `sum(chain(x, w))`, gradients for x and w.
+
+Contenders: gradserve with the numpy kernels (the default), gradserve with `kernels="native"`
+(every fused group compiled with numba), and PyTorch (CPU autograd, default threads). The
+gradserve contenders call `gs.grad`-style cached plans (`Functional` over an `Engine` whose plans
+use the given kernels). Timing is bench/mlp.py's: contenders take turns round-robin, each turn
+sleeps --settle s, makes one untimed call, then times --block calls; medians are shown.
+
+It also prints where each plan's time goes (per-step timings summed by kind: fused groups,
+matrix products, reductions, the rest) and the compile time of the native plans, cold (empty
+kernel cache) and warm (numba's disk cache).
+
+3. Threshold sweep: two small fused groups (bias-add + tanh; tanh's VJP `g * (1 - y*y)`) at
+   1 Ki .. 1 Mi elements, numpy vs native, one thread and the pool: where native starts to win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradserve.workers.fusion import ELEMENTWISE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mlp as mlpbench
+
+CHAIN_SHAPE = (4096, 1024)
+CHAIN_BLOCKS = 5  # 10 elementwise ops each
+
+
+# ---------------------------------------------------------------- gradserve with chosen kernels
+
+
+def functional(kernels: Any) -> Any:
+    """A `Functional` (gs.grad & co.) whose plans run with `kernels`. Uses `Engine(kernels=...)`
+    where the Engine takes it, else builds the Engine's plans with them (a stand-in until the
+    engine is wired)."""
+    import inspect
+
+    from gradserve.api import Functional
+    from gradserve.workers import engine as engine_module
+    from gradserve.workers.plan import Plan
+
+    if "kernels" in inspect.signature(engine_module.Engine).parameters:
+        return Functional(engine_module.Engine(kernels=kernels))
+
+    class KernelEngine(engine_module.Engine):
+        def plan(self, graph, request, build):
+            saved = engine_module.Plan
+            engine_module.Plan = lambda g: Plan(g, kernels=kernels)
+            try:
+                return super().plan(graph, request, build)
+            finally:
+                engine_module.Plan = saved
+
+    return Functional(KernelEngine())
+
+
+def mlp_loss(params, x, y):
+    import gradserve as gs
+
+    h = gs.tanh(x @ params["w1"] + params["b1"])
+    h = gs.tanh(h @ params["w2"] + params["b2"])
+    return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
+
+
+def chain(h, w, lib):
+    for _ in range(CHAIN_BLOCKS):
+        a = lib.tanh(h * w + 0.1)
+        h = lib.log1p(lib.exp(a * -0.5)) * lib.sigmoid(a) - h * 0.25
+    return h
+
+
+def chain_problem() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(mlpbench.SEED)
+    return (rng.standard_normal(CHAIN_SHAPE).astype(np.float32),
+            rng.uniform(0.5, 1.5, CHAIN_SHAPE[1]).astype(np.float32))
+
+
+def chain_loss(x, w):
+    import gradserve as gs
+
+    return gs.sum(chain(x, w, gs))
+
+
+def torch_chain_step(x: np.ndarray, w: np.ndarray) -> Callable[[], Any]:
+    import torch
+
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+
+    def step():
+        loss = chain(tx, tw, torch).sum()
+        gx, gw = torch.autograd.grad(loss, [tx, tw])
+        return {"x": gx, "w": gw}
+
+    return step
+
+
+# ---------------------------------------------------------------- where the time goes
+
+
+def profile(plan: Any, feed: dict[str, Any], repeat: int = 5) -> dict[str, float]:
+    """Median ms per step kind over `repeat` runs of the plan, step by step."""
+    totals: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        env = [None] * plan.n_slots
+        for name, slot in plan.inputs:
+            env[slot] = feed[name]
+        for slot, c in plan.constants:
+            env[slot] = c
+        acc: dict[str, float] = {}
+        with np.errstate(all="ignore"):
+            for fn, ins, kw, out, src, frees, node in plan.steps:
+                t0 = time.perf_counter()
+                if kw is None:
+                    res = fn([env[i] for i in ins], [env[s] if s >= 0 else None for s in src])
+                    for o, r in zip(out, res, strict=True):
+                        env[o] = r
+                    kind = f"fused ({plan.kernel_mode})"
+                else:
+                    env[out] = fn(*[env[i] for i in ins], out=env[src], **kw) if src >= 0 else fn(*[env[i] for i in ins], **kw)
+                    kind = ("matmul" if node.op == "matmul" else "reductions" if node.op.startswith("reduce")
+                            else "elementwise (unfused)" if node.op in ELEMENTWISE else "views and other")
+                acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - t0
+                for f in frees:
+                    env[f] = None
+        for k, v in acc.items():
+            totals.setdefault(k, []).append(v * 1e3)
+    return {k: statistics.median(v) for k, v in sorted(totals.items())}
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def run_workload(name: str, steps: dict[str, Callable[[], Any]], plans: dict[str, Any], feed: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    load = mlpbench.ForeignLoad()
+    samples, _ = mlpbench.time_interleaved(steps, args.repeat, args.block, args.settle, args.warmup)
+    cores = load.cores()
+    tm = {n: mlpbench.summarize(s, 1e3) for n, s in samples.items()}
+    print(f"# {name}: median [p25-p75] ms: " + ", ".join(
+        f"{n} {tm[n]['median']:.2f} [{tm[n]['p25']:.2f}-{tm[n]['p75']:.2f}]" for n in tm)
+        + mlpbench.foreign_note(cores), flush=True)
+    prof = {k: profile(p, feed) for k, p in plans.items()}
+    for k, p in prof.items():
+        print(f"# {name}: {k} plan, ms per step kind (step by step): "
+              + ", ".join(f"{kind} {ms:.2f}" for kind, ms in p.items()), flush=True)
+    return {"time_ms": tm, "foreign_load_cores": cores, "profile_ms": prof}
+
+
+def grads_close(a: dict, b: dict, rtol: float) -> float:
+    """Largest |a - b| / max(|b|) over the gradients (relative to each gradient's scale)."""
+    worst = 0.0
+    for k in b:
+        ga = np.asarray(a[k].detach().numpy() if hasattr(a[k], "detach") else a[k], dtype=np.float64)
+        gb = np.asarray(b[k].detach().numpy() if hasattr(b[k], "detach") else b[k], dtype=np.float64)
+        worst = max(worst, float(np.max(np.abs(ga - gb)) / max(np.max(np.abs(gb)), 1e-30)))
+    return worst
+
+
+def plans_of(api: Any) -> list[Any]:
+    return list(api.backend._plans.values())
+
+
+def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from gradserve.workers.native import resolve_kernels
+
+    params, x, y = mlpbench.make_problem(dtype)
+    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
+            "auto": functional(resolve_kernels("auto"))}
+    grads = {k: api.grad(mlp_loss) for k, api in apis.items()}
+    t0 = time.perf_counter()
+    got = {k: g(params, x, y) for k, g in grads.items()}
+    first_call = time.perf_counter() - t0
+    torch_step = mlpbench.torch_step(params, x, y)
+    ref = torch_step()
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    check = {k: grads_close(v, ref, tol) for k, v in got.items()}
+    ok = all(v <= tol for v in check.values())
+    print(f"# MLP {dtype}: gradients vs PyTorch, max relative |diff|: "
+          + ", ".join(f"{k} {v:.2g}" for k, v in check.items()) + (" OK" if ok else f" MISMATCH (tolerance {tol:g})"))
+    native_plan = plans_of(apis["native"])[0]
+    print(f"# MLP {dtype}: native plan: {native_plan.kernel_info()}; first calls (trace, plan, compile): {first_call:.2f} s")
+    steps = {"numpy": lambda: grads["numpy"](params, x, y), "native": lambda: grads["native"](params, x, y),
+             "auto": lambda: grads["auto"](params, x, y), "pytorch": torch_step}
+    feed = {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+    plans = {k: plans_of(api)[0] for k, api in apis.items()}
+    r = run_workload(f"MLP {dtype}", steps, plans, feed, args)
+    return r | {"grad_check": check, "ok": ok, "native": native_plan.kernel_info()}
+
+
+def chain_workload(native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from gradserve.workers.native import resolve_kernels
+
+    x, w = chain_problem()
+    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
+            "auto": functional(resolve_kernels("auto"))}
+    grads = {k: api.grad(chain_loss, argnums=(0, 1)) for k, api in apis.items()}
+    got = {}
+    for k, g in grads.items():
+        gx, gw = g(x, w)
+        got[k] = {"x": gx, "w": gw}
+    torch_step = torch_chain_step(x, w)
+    ref = torch_step()
+    check = {k: grads_close(v, ref, 1e-4) for k, v in got.items()}
+    ok = all(v <= 1e-4 for v in check.values())
+    nodes = len(apis["numpy"].trace(chain_loss, x, w).nodes)
+    native_plan = plans_of(apis["native"])[0]
+    print(f"# chain: {nodes - 1} elementwise ops forward + the sum; float32 {CHAIN_SHAPE}; gradients vs PyTorch, "
+          "max relative |diff|: " + ", ".join(f"{k} {v:.2g}" for k, v in check.items()) + (" OK" if ok else " MISMATCH"))
+    print(f"# chain: native plan: {native_plan.kernel_info()}")
+    steps = {"numpy": lambda: grads["numpy"](x, w), "native": lambda: grads["native"](x, w),
+             "auto": lambda: grads["auto"](x, w), "pytorch": torch_step}
+    plans = {k: plans_of(api)[0] for k, api in apis.items()}
+    r = run_workload("chain", steps, plans, {"x": x, "w": w}, args)
+    return r | {"grad_check": check, "ok": ok, "native": native_plan.kernel_info()}
+
+
+def compile_times(args: argparse.Namespace) -> dict[str, float]:
+    """Plan build time of the native MLP (float32) and chain plans with an empty kernel cache
+    (numba compiles) and then again in a fresh process-level cache state (numba loads)."""
+    import gradserve as gs
+    from gradserve.workers import autodiff, native
+    from gradserve.workers.passes import optimize
+    from gradserve.workers.plan import Plan
+
+    params, x, y = mlpbench.make_problem("float32")
+    cx, cw = chain_problem()
+    graphs = {
+        "mlp": optimize(autodiff.grad_only(gs.trace(mlp_loss, params, x, y), [f"params.{k}" for k in params], "out",
+                                           keep_outputs=True)),
+        "chain": optimize(autodiff.grad_only(gs.trace(chain_loss, cx, cw), ["x", "w"], "out", keep_outputs=True)),
+    }
+    out: dict[str, float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="gradserve-kernels-"))
+    try:
+        for phase in ("cold", "warm"):
+            native._kernels.clear()  # forget the in-process dispatchers: warm loads from numba's disk cache
+            ks = native.NativeKernels(min_elements=0, cache_dir=tmp)
+            for name, g in graphs.items():
+                out[f"{name} {phase}"] = Plan(g, kernels=ks).compile_seconds
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        native._kernels.clear()
+    print("# native compile seconds (plan build): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
+    return out
+
+
+def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from gradserve.ir import Builder
+    from gradserve.workers.native import NativeKernels
+    from gradserve.workers.plan import Plan
+
+    def graph(kind: str, dt: str, rows: int, cols: int):
+        b = Builder()
+        x = b.input("x", dt, (rows, cols))
+        if kind == "bias+tanh":
+            bias = b.input("b", dt, (cols,))
+            return b.build([("y", b.bind("tanh", b.bind("add", x, bias)))])
+        g = b.input("g", dt, (rows, cols))
+        one = b.const(np.ones((), dt))
+        return b.build([("y", b.bind("mul", g, b.bind("sub", one, b.bind("mul", x, x))))])
+
+    kernel_sets = {"native 1 thread": NativeKernels(threads=1), "native pool": NativeKernels()}
+    rows_out = []
+    print("# threshold sweep: best-of-7 µs per call (numpy / native 1 thread / native pool)")
+    for dt in ("float32", "float64"):
+        for kind in ("bias+tanh", "tanh-vjp"):
+            line = []
+            for n in (1 << 10, 1 << 12, 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 20):
+                cols = min(n, 1024)
+                g = graph(kind, dt, n // cols, cols)
+                rng = np.random.default_rng(0)
+                feed = {i.name: rng.standard_normal(i.shape).astype(dt) for i in g.inputs}
+                res = {}
+                for name, plan in (("numpy", Plan(g)), *((k, Plan(g, kernels=ks)) for k, ks in kernel_sets.items())):
+                    plan.run(feed)
+                    number = max(1, int(2e5 // n))
+                    res[name] = min(timeit.repeat(lambda p=plan, f=feed: p.run(f), number=number, repeat=7)) / number * 1e6
+                rows_out.append({"dtype": dt, "group": kind, "elements": n, "us": res})
+                line.append(f"{n}: {res['numpy']:.1f}/{res['native 1 thread']:.1f}/{res['native pool']:.1f}")
+            print(f"#   {dt} {kind}: " + "  ".join(line), flush=True)
+    return rows_out
+
+
+# ---------------------------------------------------------------- main
+
+
+def table(results: dict[str, Any]) -> str:
+    head = ["", "numpy kernels", "native kernels", "auto", "PyTorch", "numpy / native", "numpy / auto", "native / PyTorch",
+            "numpy / PyTorch", "other processes, cores"]
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    for label, r in results["workloads"].items():
+        m = {k: r["time_ms"][k]["median"] if k in r["time_ms"] else None for k in ("numpy", "native", "auto", "pytorch")}
+        auto = m["auto"] if m["auto"] is not None else m["native"]
+        load = r.get("foreign_load_cores")
+        rows.append([f"{label}, median ms", *(mlpbench.fmt(m[k]) for k in ("numpy", "native", "auto", "pytorch")),
+                     f"{m['numpy'] / m['native']:.2f}", f"{m['numpy'] / auto:.2f}", f"{m['native'] / m['pytorch']:.2f}",
+                     f"{m['numpy'] / m['pytorch']:.2f}", "?" if load is None else f"{load:.2f}"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=8, help="interleaved rounds (default 8)")
+    ap.add_argument("--block", type=int, default=3, help="timed calls per contender per round (default 3)")
+    ap.add_argument("--settle", type=float, default=0.25, help="sleep before each turn, s (default 0.25; see bench/mlp.py)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each contender first (default 2)")
+    ap.add_argument("--dtype", default="float32,float64", help="MLP dtypes (default float32,float64)")
+    ap.add_argument("--only", choices=("mlp", "chain", "threshold", "compile"), action="append",
+                    help="run only these parts (repeatable; default all)")
+    ap.add_argument("--json", metavar="PATH", help="also write every number here")
+    args = ap.parse_args(argv)
+    parts = set(args.only or ("mlp", "chain", "threshold", "compile"))
+
+    from gradserve.workers import native
+
+    numba_mod, why = native.numba_status()
+    if numba_mod is None:
+        print(f"# native kernels unavailable: {why}", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    info = mlpbench.environment()
+    info["numba"] = numba_mod.__version__
+    info["numba_threads"] = native.NativeKernels().threads
+    mlpbench.print_environment(info)
+    print(f"# numba {numba_mod.__version__}; native pool threads {info['numba_threads']}; kernel cache "
+          f"{native.kernel_cache_dir()}")
+    results: dict[str, Any] = {"environment": info, "config": vars(args), "workloads": {}}
+    native_ks = native.resolve_kernels("native")
+
+    if "compile" in parts:
+        results["compile_seconds"] = compile_times(args)
+    if "mlp" in parts:
+        for dt in [d.strip() for d in args.dtype.split(",") if d.strip()]:
+            results["workloads"][f"MLP fwd+bwd {dt}"] = mlp_workload(dt, native_ks, args)
+    if "chain" in parts:
+        results["workloads"]["50-op elementwise chain fwd+bwd float32"] = chain_workload(native_ks, args)
+    if "threshold" in parts:
+        results["threshold"] = threshold_sweep(args)
+
+    results["wall_s"] = time.perf_counter() - t_start
+    if results["workloads"]:
+        print()
+        md = table(results)
+        print(md)
+        results["table_markdown"] = md
+    print(f"\n# {results['wall_s']:.0f} s in all")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+            f.write("\n")
+    bad = [k for k, r in results["workloads"].items() if not r["ok"]]
+    if bad:
+        print(f"# ERROR: gradients differ for {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

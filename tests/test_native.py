@@ -1,0 +1,743 @@
+"""Fusion in the planner, and the native (numba) and GPU (CuPy) kernels behind the kernel table.
+
+Fusion is a planner decision: with the numpy kernels a fused plan gives the same bits as the
+unfused one. The native kernels agree with the numpy ones to 1e-12 (float64) and 1e-5
+(float32), for every elementwise primitive of the spec table (tests/test_primitives.py) in
+every dtype it allows, and gradients through native plans equal PyTorch's. Compiled kernels
+are kept few (one per dtype and result shape for the whole spec table) so that the file runs
+in well under a minute with numba compiling from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from test_primitives import SPECS, arg_dtype, make_inputs, out_dtype
+
+from gradserve.api import Functional
+from gradserve.ir import Builder, Graph
+from gradserve.workers import autodiff, gpu, native
+from gradserve.workers.engine import Engine
+from gradserve.workers.fusion import ELEMENTWISE, KernelSet, find_groups, schedule
+from gradserve.workers.kernels import KERNELS
+from gradserve.workers.passes import optimize
+from gradserve.workers.plan import Plan
+
+TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # rtol, atol relative to max(1, |want|)
+FLOATS = ("float32", "float64")
+
+needs_numba = pytest.mark.skipif(native.numba_status()[0] is None, reason="numba is not installed")
+
+
+def assert_close(got, want, what: str = "") -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    if want.dtype.name in TOL:
+        rtol, atol = TOL[want.dtype.name]
+        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+@pytest.fixture(scope="module")
+def native_kernels(tmp_path_factory) -> KernelSet:
+    if native.numba_status()[0] is None:
+        pytest.skip("numba is not installed")
+    return native.NativeKernels(min_elements=0)
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def mlp_loss(params, x, y):
+    import gradserve as gs
+
+    h = gs.tanh(x @ params["w1"] + params["b1"])
+    h = gs.tanh(h @ params["w2"] + params["b2"])
+    return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
+
+
+def mlp_data(dtype: str, batch: int = 32, d_in: int = 24, d_h: int = 40, d_out: int = 6):
+    rng = np.random.default_rng(7)
+    params = {"w1": rng.standard_normal((d_in, d_h)) / 5, "b1": rng.standard_normal(d_h) / 10,
+              "w2": rng.standard_normal((d_h, d_h)) / 6, "b2": rng.standard_normal(d_h) / 10,
+              "w3": rng.standard_normal((d_h, d_out)) / 6, "b3": rng.standard_normal(d_out) / 10}
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    return params, rng.standard_normal((batch, d_in)).astype(dtype), rng.integers(0, d_out, batch)
+
+
+def mlp_grad_graph(dtype: str, **sizes) -> tuple[Graph, dict]:
+    import gradserve as gs
+
+    params, x, y = mlp_data(dtype, **sizes)
+    traced = gs.trace(mlp_loss, params, x, y)
+    wrt = [f"params.{k}" for k in params]
+    graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
+    return graph, {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+
+
+def torch_mlp_grads(params, x, y) -> dict:
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h = torch.tanh(torch.tensor(x) @ tp["w1"] + tp["b1"])
+    h = torch.tanh(h @ tp["w2"] + tp["b2"])
+    loss = torch.nn.functional.cross_entropy(h @ tp["w3"] + tp["b3"], torch.tensor(y))
+    return dict(zip(tp, (g.numpy() for g in torch.autograd.grad(loss, list(tp.values()))), strict=True))
+
+
+def elementwise_table_graph(dtype: str, shape: tuple[int, ...]):
+    """Every elementwise spec allowing `dtype` whose result has `shape`, in one graph: each
+    result is an output and all of them (cast to one dtype) are summed, so that one fused group
+    holds every op. Operands of the same kind, shape and domain are shared (fewer kernel
+    arguments: numba's compile time grows with them). Returns the graph, the inputs, and
+    (spec, output name, its operands' input names) per case."""
+    b = Builder()
+    feed: dict[str, np.ndarray] = {}
+    shared: dict[tuple, tuple[str, object]] = {}
+    outs: list = []
+    cases = []
+    acc_dtype = dtype if dtype != "bool" else "int32"
+    acc = None
+    for s in SPECS:
+        if s.op not in ELEMENTWISE or dtype not in s.dtypes:
+            continue
+        values = list(make_inputs(s, dtype).values())
+        if np.broadcast_shapes(*(v.shape for v in values)) != shape:
+            continue
+        names, xs = [], []
+        for k, (value, a) in enumerate(zip(values, s.args, strict=True)):
+            key = (a.kind, value.dtype.name, a.shape, a.domain, k)
+            if key not in shared:
+                name = f"in{len(shared)}"
+                feed[name] = value
+                shared[key] = (name, b.input(name, value.dtype.name, value.shape))
+            names.append(shared[key][0])
+            xs.append(shared[key][1])
+        y = b.bind(s.op, *xs, **s.attrs)
+        outs.append((f"c{len(cases)}", y))
+        cases.append((s, f"c{len(cases)}", names))
+        term = y if y.dtype == acc_dtype else b.bind("cast", y, dtype=acc_dtype)
+        acc = term if acc is None else b.bind("add", acc, term)
+    if not cases:
+        return None, feed, cases
+    return b.build([*outs, ("acc", acc)]), feed, cases
+
+
+# result shapes of the spec table's elementwise cases: (2, 3) holds the unary ops and the same-shape and
+# scalar broadcasts, (3, 4) the column-row ones, (2, 3, 4) the rank-extending ones, () the 0-d ones; the
+# integer and bool kernels share the broadcasting code with the float ones, so they run fewer shapes
+TABLE_CASES = [(dt, sh) for dt in ("float64", "float32") for sh in ((2, 3), (3, 4), (2, 3, 4), ())] + [
+    (dt, sh) for dt in ("int32", "int64") for sh in ((2, 3), ())] + [("bool", (2, 3))]
+TABLE_IDS = [f"{dt}-{'x'.join(map(str, sh)) or 'scalar'}" for dt, sh in TABLE_CASES]
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def test_groups_of_the_mlp_gradient_and_printing() -> None:
+    graph, _ = mlp_grad_graph("float64")
+    groups = find_groups(graph)
+    ops = {g.ops for g in groups}
+    assert ("add", "tanh") in ops, "bias-add + activation"
+    assert ("mul", "sub", "mul") in ops, "tanh's VJP g * (1 - y*y)"
+    assert any("exp" in o and "sub" in o for o in ops), "softmax's sub/exp chain"
+    plan = Plan(graph, fusion=True)
+    text = str(plan)
+    for g in plan.groups:
+        assert f"{','.join(f'%{n.id}' for n in g.members)} = fused[{','.join(g.ops)}]" in text
+        for n in g.members:
+            assert "    | " + n.text() in text  # each member under its group
+    assert plan.kernel_info()["fused_groups"] == len(plan.groups) > 0
+
+
+def test_groups_are_disjoint_convex_and_scheduled_in_order() -> None:
+    graph, _ = mlp_grad_graph("float32")
+    groups = find_groups(graph)
+    seen: set[int] = set()
+    first = graph.first_node_id
+    for g in groups:
+        ids = {n.id for n in g.members}
+        assert not ids & seen
+        seen |= ids
+        assert all(n.shape == g.shape for n in g.members)
+        # convex: no member's operand outside the group depends on a member
+        external = {i for n in g.members for i in n.inputs if i not in ids}
+        stack, visited = list(external), set()
+        while stack:
+            v = stack.pop()
+            assert v not in ids, f"group {g.text()} is not convex"
+            if v >= first and v not in visited:
+                visited.add(v)
+                stack.extend(graph.nodes[v - first].inputs)
+    defined = set(range(first))
+    for step in schedule(graph, groups):
+        assert all(i in defined for i in step.inputs), "a step reads a value not yet computed"
+        defined |= set(step.output_ids) if hasattr(step, "output_ids") else {step.id}
+        if hasattr(step, "absorbed"):
+            defined |= set(step.absorbed)
+
+
+def test_no_group_through_a_non_elementwise_node() -> None:
+    """a = exp(x); m = a @ w; c = a * m: {a, c} would be a cycle through the matmul."""
+    b = Builder()
+    x = b.input("x", "float64", (4, 4))
+    w = b.input("w", "float64", (4, 4))
+    a = b.bind("exp", x)
+    m = b.bind("matmul", a, w)
+    c = b.bind("mul", b.bind("mul", a, m), m)
+    graph = b.build([("c", c)])
+    for g in find_groups(graph):
+        ids = {n.id for n in g.members}
+        assert not ({a.id, c.id} <= ids)
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((4, 4)), "w": rng.standard_normal((4, 4))}
+    np.testing.assert_array_equal(Plan(graph, fusion=True).run(feed)["c"], Plan(graph).run(feed)["c"])
+
+
+def test_broadcasting_views_are_read_through_and_not_run() -> None:
+    b = Builder()
+    x = b.input("x", "float64", (5, 3))
+    v = b.input("v", "float64", (5,))
+    col = b.bind("broadcast_to", b.bind("expand_dims", v, axes=(1,)), shape=(5, 3))
+    y = b.bind("tanh", b.bind("mul", b.bind("sub", x, col), b.const(np.float64(2.0))))
+    graph = b.build([("y", y)])
+    plan = Plan(graph, fusion=True)
+    (g,) = plan.groups
+    assert g.inputs[0] == 0 and g.aligned[g.inputs.index(1)] == (5, 1)  # v itself, as a (5, 1) column
+    assert "views read through" in str(plan)
+    assert all(step[-1].op not in ("expand_dims", "broadcast_to") for step in plan.steps if step[2] is not None)
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.standard_normal((5, 3)), "v": rng.standard_normal(5)}
+    np.testing.assert_array_equal(plan.run(feed)["y"], Plan(graph).run(feed)["y"])
+
+
+def test_fusion_is_a_planner_decision_only() -> None:
+    """Graph and id unchanged; the numpy kernels give the same bits fused or not, also through
+    the gradient of every spec of the primitive table (float64 and float32)."""
+    graph, feed = mlp_grad_graph("float64")
+    gid = graph.id
+    fused = Plan(graph, fusion=True)
+    assert graph.id == gid and fused.graph is graph
+    plain = Plan(graph).run(feed)
+    for name, value in fused.run(feed).items():
+        np.testing.assert_array_equal(value, plain[name], err_msg=name)
+    checked = 0
+    for s in SPECS:
+        for dtype in FLOATS:
+            if dtype not in s.dtypes or s.grad != "smooth" or out_dtype(s, dtype) not in FLOATS:
+                continue
+            b = Builder()
+            inputs = make_inputs(s, dtype)
+            xs = [b.input(k, arg_dtype(a, dtype), v.shape) for (k, v), a in zip(inputs.items(), s.args, strict=True)]
+            y = b.bind(s.op, *xs, **s.attrs)
+            z = b.bind("tanh", b.bind("mul", y, y))  # something to fuse with, forward and backward
+            loss = b.bind("reduce_sum", z, axes=tuple(range(len(z.shape))), keepdims=False)
+            wrt = [k for (k, _), a in zip(inputs.items(), s.args, strict=True) if a.kind == "x"]
+            g = optimize(autodiff.grad_only(b.build([("out", loss)]), wrt, "out", keep_outputs=True))
+            want = Plan(g).run(inputs)
+            for name, value in Plan(g, fusion=True).run(inputs).items():
+                np.testing.assert_array_equal(value, want[name], err_msg=f"{s.name} {dtype} {name}")
+            checked += 1
+    assert checked > 100
+
+
+def test_plain_plans_are_unchanged() -> None:
+    """No fusion unless asked: the default plan has no fused steps and runs the numpy path."""
+    graph, _ = mlp_grad_graph("float64")
+    plan = Plan(graph)
+    assert not plan.groups and plan.kernel_mode == "numpy" and not plan._general
+    assert all(step[2] is not None for step in plan.steps)
+    assert Plan(graph, kernels=KernelSet(KERNELS)).groups == []
+
+
+# ---------------------------------------------------------------- native kernels against numpy
+
+
+@needs_numba
+@pytest.mark.parametrize(("dtype", "shape"), TABLE_CASES, ids=TABLE_IDS)
+def test_every_elementwise_primitive_native_matches_numpy(native_kernels, dtype, shape) -> None:
+    graph, feed, cases = elementwise_table_graph(dtype, shape)
+    if not cases:
+        pytest.skip(f"no elementwise spec of dtype {dtype} with result shape {shape}")
+    plan = Plan(graph, kernels=native_kernels)
+    assert len(plan.groups) == 1 and len(plan.groups[0].members) >= len(cases)
+    got = plan.run(feed)
+    want = Plan(graph).run(feed)
+    for s, name, operands in cases:
+        assert_close(got[name], want[name], f"{s.name} {dtype}")
+        with np.errstate(all="ignore"):
+            ref = np.asarray(s.ref(*(feed[k] for k in operands)))
+        assert_close(got[name], ref, f"{s.name} {dtype} against the spec's reference")
+    assert_close(got["acc"], want["acc"], "sum of all")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_special_values(native_kernels, dtype) -> None:
+    """inf, nan, signed zeros, overflow and underflow at the edges of exp/log & co."""
+    big = 89.0 if dtype == "float32" else 710.0
+    tiny = np.finfo(dtype).tiny
+    values = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0, big, -big, big - 1, -(big - 1), 30.0, -30.0,
+                       tiny, tiny / 8, -tiny, 1e-30, -0.999999, -1.0, 1e30, -1e30, 0.5, 20.0, -20.0], dtype=dtype)
+    b = Builder()
+    x = b.input("x", dtype, values.shape)
+    zero = b.const(np.zeros((), dtype))
+    outs = [(op, b.bind(op, x)) for op in ("exp", "expm1", "log", "log1p", "tanh", "logistic", "sqrt", "abs", "sign",
+                                           "floor", "neg")]
+    outs.append(("maximum", b.bind("maximum", x, b.bind("neg", x))))
+    outs.append(("minimum", b.bind("minimum", x, zero)))
+    acc = outs[0][1]
+    for _, v in outs[1:]:
+        acc = b.bind("add", acc, v)
+    graph = b.build([*outs, ("acc", acc)])
+    with np.errstate(all="ignore"):
+        want = Plan(graph).run({"x": values})
+        got = Plan(graph, kernels=native_kernels).run({"x": values})
+    for name, w in want.items():
+        w, g = np.asarray(w), np.asarray(got[name])
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=name)
+        fin = np.isfinite(w)
+        np.testing.assert_array_equal(g[~fin & ~np.isnan(w)], w[~fin & ~np.isnan(w)], err_msg=name)
+        np.testing.assert_allclose(g[fin], w[fin], rtol=TOL[dtype][0], atol=TOL[dtype][1], err_msg=name)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_broadcast_layouts(native_kernels, dtype) -> None:
+    """Rows, columns, scalars, rank extension, broadcasting in the middle, non-contiguous
+    and read-only operands, an empty group: one kernel each, against numpy."""
+    rng = np.random.default_rng(3)
+    layouts = [((4, 6), (6,)), ((4, 6), (4, 1)), ((4, 6), ()), ((2, 3, 4), (4,)), ((2, 3, 4), (2, 1, 4)),
+               ((2, 3, 4), (1, 3, 1)), ((0, 5), (5,))]
+    for full, small in layouts:
+        b = Builder()
+        x = b.input("x", dtype, full)
+        v = b.input("v", dtype, small)
+        y = b.bind("exp", b.bind("mul", b.bind("sub", x, v), v))
+        graph = b.build([("y", y), ("z", b.bind("add", y, x))])
+        plan = Plan(graph, kernels=native_kernels)
+        assert len(plan.groups) == 1
+        xs = rng.standard_normal(full).astype(dtype)
+        vs = rng.standard_normal(small).astype(dtype)
+        feeds = [{"x": xs, "v": vs}]
+        if len(full) >= 2 and full[0] == full[-1]:
+            feeds.append({"x": np.ascontiguousarray(xs.swapaxes(0, -1)).swapaxes(0, -1), "v": vs})  # non-contiguous
+        ro = np.frombuffer(xs.tobytes(), dtype=dtype).reshape(full)  # read-only, as arrays decoded from the wire
+        feeds.append({"x": ro, "v": vs})
+        for feed in feeds:
+            want = Plan(graph).run(feed)
+            got = plan.run(feed)
+            for name in want:
+                assert_close(got[name], want[name], f"{full} with {small}: {name}")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_long_chains_run_in_stages_over_blocks(native_kernels, dtype) -> None:
+    """A chain of transcendentals is cut into stages run block by block (rows longer than a
+    block and not a multiple of it; values crossing stages through scratch rows and outputs)."""
+    import gradserve as gs
+
+    def f(x, w):
+        h = x
+        for _ in range(2):
+            a = gs.tanh(h * w + 0.1)
+            h = gs.log1p(gs.exp(a * -0.5)) * gs.sigmoid(a) - h * 0.25
+        return gs.sum(h)
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 2 * native.BLOCK + 37)).astype(dtype)
+    w = rng.uniform(0.5, 1.5, x.shape[1]).astype(dtype)
+    graph = optimize(autodiff.grad_only(gs.trace(f, x, w), ["x", "w"], "out", keep_outputs=True))
+    plan = Plan(graph, kernels=native_kernels)
+    big = max(plan.groups, key=lambda g: len(g.members))
+    assert max(native.stages(big)) >= 2
+    want = Plan(graph).run({"x": x, "w": w})
+    for name, value in plan.run({"x": x, "w": w}).items():
+        assert_close(value, want[name], name)
+
+
+@needs_numba
+def test_transposed_operand_and_stashed_buffers(native_kernels) -> None:
+    """A fused group reading a transposed view (non-contiguous), whose outputs are written into
+    buffers reused from dead intermediates."""
+    b = Builder()
+    a = b.input("a", "float64", (6, 6))
+    w = b.input("w", "float64", (6, 6))
+    m = b.bind("matmul", a, w)
+    t = b.bind("transpose", m, perm=(1, 0))
+    y = b.bind("tanh", b.bind("add", t, b.const(np.float64(0.5))))
+    z = b.bind("matmul", y, w)
+    u = b.bind("mul", b.bind("exp", z), z)
+    graph = b.build([("u", u)])
+    rng = np.random.default_rng(4)
+    feed = {"a": rng.standard_normal((6, 6)), "w": rng.standard_normal((6, 6))}
+    plan = Plan(graph, kernels=native_kernels)
+    assert len(plan.groups) == 2
+    assert_close(plan.run(feed)["u"], Plan(graph).run(feed)["u"])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_mlp_gradient_native_matches_numpy(native_kernels, dtype) -> None:
+    graph, feed = mlp_grad_graph(dtype)
+    plan = Plan(graph, kernels=native_kernels)
+    assert plan.kernel_mode == "native" and len(plan.groups) >= 5
+    want = Plan(graph).run(feed)
+    for name, value in plan.run(feed).items():
+        assert_close(value, want[name], name)
+
+
+@needs_numba
+def test_gs_grad_through_native_plans_matches_pytorch(native_kernels) -> None:
+    """gs.grad of the MLP's loss on an engine with native kernels: PyTorch's gradients to 1e-10."""
+    engine = Engine(kernels="native")
+    api = Functional(engine)
+    params, x, y = mlp_data("float64")
+    grads = api.grad(mlp_loss)(params, x, y)
+    want = torch_mlp_grads(params, x, y)
+    plans = list(engine._plans.values())
+    assert plans and all(p.kernel_mode == "native" and p.groups for p in plans)
+    assert engine.cache_info().kernels.startswith("native")
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    again = api.grad(mlp_loss)(params, x, y)  # the cached plan: no compilation in the steady state
+    assert len(engine._plans) == len(plans)
+    for k in grads:
+        np.testing.assert_array_equal(again[k], grads[k])
+
+
+@needs_numba
+def test_large_groups_run_on_threads_and_concurrent_plans(native_kernels) -> None:
+    """A group big enough for the thread pool; two plans at once (one finds the pool busy and
+    runs its tiles itself): same results as numpy."""
+    shape = (512, 1024)
+    assert math.prod(shape) * (8 + 0.5) >= native.PARALLEL_MIN_WORK
+    b = Builder()
+    x = b.input("x", "float32", shape)
+    bias = b.input("b", "float32", shape[1:])
+    y = b.bind("tanh", b.bind("add", x, bias))
+    graph = b.build([("y", y)])
+    plan = Plan(graph, kernels=native.NativeKernels(min_elements=0, threads=2))
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal(shape).astype("float32"), "b": rng.standard_normal(shape[1]).astype("float32")}
+             for _ in range(4)]
+    wants = [Plan(graph).run(f)["y"] for f in feeds]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(5):
+                assert_close(plan.run(feeds[k])["y"], wants[k])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert native._pools, "the group did not run on the thread pool"
+
+
+# ---------------------------------------------------------------- compilation, cache, selection
+
+
+@needs_numba
+def test_compiled_once_cached_on_disk_and_timed(tmp_path) -> None:
+    b = Builder()
+    x = b.input("x", "float64", (3, 5))
+    y = b.bind("log1p", b.bind("mul", x, x))  # a signature no other test compiles
+    graph = b.build([("y", y)])
+    ks = native.NativeKernels(min_elements=0, cache_dir=tmp_path)
+    plan = Plan(graph, kernels=ks)
+    assert plan.compile_seconds > 0
+    (src,) = tmp_path.glob("k_*.py")
+    assert "def kernel(" in src.read_text() and "log1p" in src.read_text()
+    assert list((tmp_path / "__pycache__").glob(src.stem + ".kernel-*.nbi")), "numba wrote no cache index"
+    again = Plan(graph, kernels=ks)
+    assert again.compile_seconds < plan.compile_seconds  # loaded, not compiled
+    feed = {"x": np.linspace(0, 1, 15).reshape(3, 5)}
+    np.testing.assert_allclose(again.run(feed)["y"], np.log1p(feed["x"] ** 2), rtol=1e-12)
+
+
+def test_resolve_kernels_modes() -> None:
+    assert native.resolve_kernels("numpy").name == "numpy"
+    with pytest.raises(ValueError, match="native"):
+        native.resolve_kernels("fast")
+    if native.numba_status()[0] is not None:
+        ks = native.resolve_kernels("native")
+        assert ks.name == "native" and ks.min_elements == 0 and "numba" in ks.describe()
+        auto = native.resolve_kernels("auto")
+        assert auto.name == "native" and auto.min_elements == native.AUTO_MIN_ELEMENTS
+        assert not auto.accept(types.SimpleNamespace(op="sin")) and auto.accept(types.SimpleNamespace(op="tanh"))
+        graph, _ = mlp_grad_graph("float64")  # 32 x 40: every group under the threshold
+        small = Plan(graph, kernels=auto)
+        assert small.groups == [] and small.kernel_mode == "native"
+
+
+def test_fallback_without_numba(monkeypatch) -> None:
+    """numba not importable: "native" and "auto" run the numpy kernels and say why."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    native.reset_numba_status()
+    try:
+        for mode in ("native", "auto"):
+            ks = native.resolve_kernels(mode)
+            assert ks.name == "numpy" and "numba is not importable" in ks.reason and mode in ks.reason
+            graph, feed = mlp_grad_graph("float64")
+            plan = Plan(graph, kernels=ks)
+            assert plan.kernel_mode == "numpy"
+            want = Plan(graph).run(feed)
+            for name, value in plan.run(feed).items():
+                np.testing.assert_array_equal(value, want[name])
+    finally:
+        monkeypatch.undo()
+        native.reset_numba_status()
+    assert native.numba_status()[0] is not None or "numba" not in sys.modules
+
+
+# ---------------------------------------------------------------- the GPU backend
+
+# A stand-in for CuPy on the CPU: numpy's namespace, plus an ElementwiseKernel that evaluates the
+# generated CUDA body (the small C++ subset `gpu.elementwise_source` writes) with numpy. It checks
+# what the GPU code says, not how a GPU rounds; the real thing is tested (and benchmarked by
+# bench/gpu_mlp.py) where a device exists.
+
+_C_TYPES = {"bool": np.bool_, "int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
+_C_FUNCS = {"exp": np.exp, "expm1": np.expm1, "log": np.log, "log1p": np.log1p, "sin": np.sin, "cos": np.cos,
+            "tan": np.tan, "tanh": np.tanh, "sqrt": np.sqrt, "floor": np.floor, "ceil": np.ceil, "fabs": np.abs,
+            "pow": np.power, "atan2": np.arctan2}
+
+
+class _CExpr:
+    """Recursive descent over ternary, ||, comparisons, + -, * /, unary -, casts, calls."""
+
+    def __init__(self, text: str, env: dict):
+        import re
+
+        self.toks = re.findall(r"long long|\|\||[<>=!]=|[A-Za-z_]\w*|\d+\.?\d*(?:e[-+]?\d+)?|\S", text)
+        self.i, self.env = 0, env
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, want=None):
+        tok = self.toks[self.i]
+        assert want is None or tok == want, (want, tok, self.toks)
+        self.i += 1
+        return tok
+
+    def ternary(self):
+        c = self.logic_or()
+        if self.peek() == "?":
+            self.take("?")
+            a = self.ternary()
+            self.take(":")
+            b = self.ternary()
+            return np.where(c, a, b)
+        return c
+
+    def logic_or(self):
+        v = self.compare()
+        while self.peek() == "||":
+            self.take()
+            v = np.logical_or(v, self.compare())
+        return v
+
+    def compare(self):
+        v = self.additive()
+        ops = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal, "!=": np.not_equal}
+        if self.peek() in ops:
+            v = ops[self.take()](v, self.additive())
+        return v
+
+    def additive(self):
+        v = self.multiplicative()
+        while self.peek() in ("+", "-"):
+            v = np.add(v, self.multiplicative()) if self.take() == "+" else np.subtract(v, self.multiplicative())
+        return v
+
+    def multiplicative(self):
+        v = self.unary()
+        while self.peek() in ("*", "/"):
+            v = np.multiply(v, self.unary()) if self.take() == "*" else np.divide(v, self.unary())
+        return v
+
+    def unary(self):
+        if self.peek() == "-":
+            self.take()
+            return np.negative(self.unary())
+        if self.peek() == "(" and self.toks[self.i + 1] in _C_TYPES and self.toks[self.i + 2] == ")":
+            self.take("(")
+            t = _C_TYPES[self.take()]
+            self.take(")")
+            return np.asarray(self.unary()).astype(t)
+        return self.primary()
+
+    def primary(self):
+        tok = self.take()
+        if tok == "(":
+            v = self.ternary()
+            self.take(")")
+            return v
+        if tok in _C_FUNCS:
+            self.take("(")
+            args = [self.ternary()]
+            while self.peek() == ",":
+                self.take()
+                args.append(self.ternary())
+            self.take(")")
+            return _C_FUNCS[tok](*args)
+        if tok[0].isdigit():
+            return float(tok) if "." in tok or "e" in tok else int(tok)
+        return self.env[tok]
+
+
+class _EmulatedElementwiseKernel:
+    def __init__(self, in_params: str, out_params: str, body: str, name: str):
+        self.ins = [p.split()[1] for p in in_params.split(", ")] if in_params else []
+        self.outs = [p.split()[1] for p in out_params.split(", ")]
+        self.body = body
+        assert name.isidentifier()
+
+    def __call__(self, *arrays):
+        ins, outs = arrays[:len(self.ins)], arrays[len(self.ins):]
+        assert len(outs) == len(self.outs), "outputs are always passed in"
+        env = dict(zip(self.ins, ins, strict=True))
+        with np.errstate(all="ignore"):
+            for line in self.body.splitlines():
+                lhs, rhs = line.rstrip(";").split(" = ", 1)
+                name = lhs.split()[-1]
+                value = _CExpr(rhs, env).ternary()
+                if lhs.startswith("const "):
+                    env[name] = np.asarray(value).astype(_C_TYPES[lhs[6:].rsplit(" ", 1)[0]])
+                else:
+                    out = outs[self.outs.index(name)]
+                    np.copyto(out, np.broadcast_to(value, out.shape), casting="unsafe")
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+@pytest.fixture
+def emulated_cupy(monkeypatch):
+    fake = types.ModuleType("cupy")
+    fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    fake.asnumpy = lambda a: np.array(a)
+    fake.ElementwiseKernel = _EmulatedElementwiseKernel
+    fake.__version__ = "emulated"
+    fake.cuda = types.SimpleNamespace(
+        Stream=types.SimpleNamespace(null=types.SimpleNamespace(synchronize=lambda: None)),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"numpy stand-in"}))
+    fakex = types.ModuleType("cupyx")
+    fakex.scatter_add = np.add.at
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", fakex)
+    monkeypatch.setattr(gpu, "cupy_status", lambda: (fake, "numpy standing in for cupy"))
+    return fake
+
+
+
+
+def test_gpu_kernels_need_cupy() -> None:
+    if gpu.cupy_status()[0] is not None:
+        pytest.skip("cupy and a device are present")
+    with pytest.raises(RuntimeError, match="CuPy"):
+        gpu.GpuKernels()
+    with pytest.raises(RuntimeError, match="CuPy"):
+        native.resolve_kernels("gpu")
+
+
+def test_gpu_elementwise_source() -> None:
+    """The CUDA body of a fused group: one typed statement per member, outputs assigned."""
+    graph, _ = mlp_grad_graph("float32")
+    groups = {g.ops: g for g in find_groups(graph)}
+    ins, outs, body = gpu.elementwise_source(groups[("mul", "sub", "mul")])
+    assert ins == "float32 x0, float32 x1, float32 x2" and outs == "float32 o0"
+    assert body.splitlines() == ["const float v0 = (float)(x0 * x0);", "const float v1 = (float)(x1 - v0);",
+                                 "const float v2 = (float)(x2 * v1);", "o0 = v2;"]
+    for g in groups.values():  # every member has a CUDA form
+        gpu.elementwise_source(g)
+
+
+def test_gpu_plan_path_on_the_stand_in(emulated_cupy) -> None:
+    """Constants uploaded when the plan is built, inputs once per call, results back once, as
+    numpy values of the same types; fused (elementwise kernels) and unfused."""
+    uploads = []
+    emulated_cupy.asarray = lambda a: uploads.append(1) or np.asarray(a)
+    graph, feed = mlp_grad_graph("float64")
+    want = Plan(graph).run(feed)
+    for fuse in (False, True):
+        uploads.clear()
+        plan = Plan(graph, kernels=gpu.GpuKernels(fuse=fuse) if not fuse else native.resolve_kernels("gpu"))
+        assert plan.kernel_mode == "gpu" and bool(plan.groups) == fuse
+        built = len(uploads)
+        got = plan.run(feed)
+        assert built >= len(graph.constants) and len(uploads) - built >= len(graph.inputs)
+        for name, value in got.items():
+            assert type(value) is type(want[name])
+            np.testing.assert_allclose(value, want[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "shape"), TABLE_CASES, ids=TABLE_IDS)
+def test_gpu_elementwise_bodies_on_the_stand_in(emulated_cupy, dtype, shape) -> None:
+    """Every elementwise primitive's CUDA form, evaluated by the stand-in, against numpy."""
+    graph, feed, cases = elementwise_table_graph(dtype, shape)
+    if not cases:
+        pytest.skip(f"no elementwise spec of dtype {dtype} with result shape {shape}")
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    assert len(plan.groups) == 1
+    got = plan.run(feed)
+    want = Plan(graph).run(feed)
+    for s, name, _ in cases:
+        assert_close(got[name], want[name], f"{s.name} {dtype}")
+
+
+def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
+    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve only)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_mlp.py"
+    spec = importlib.util.spec_from_file_location("gpu_mlp", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rc = script.main(["--batch", "64", "--repeat", "2", "--block", "2", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "gradserve GPU vs CPU" in out and "device-resident: median ms" in out and (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(gpu.cupy_status()[0] is None, reason="needs CuPy and a CUDA device: " + gpu.cupy_status()[1])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_mlp_gradient_matches_numpy(dtype) -> None:
+    graph, feed = mlp_grad_graph(dtype)
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    assert plan.groups
+    want = Plan(graph).run(feed)
+    tol = {"float32": 1e-4, "float64": 1e-10}[dtype]
+    for name, value in plan.run(feed).items():
+        np.testing.assert_allclose(value, want[name], rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.skipif(gpu.cupy_status()[0] is None, reason="needs CuPy and a CUDA device: " + gpu.cupy_status()[1])
+def test_gpu_every_elementwise_primitive() -> None:
+    ks = gpu.GpuKernels()
+    for dtype, shape in TABLE_CASES:
+        graph, feed, cases = elementwise_table_graph(dtype, shape)
+        if not cases:
+            continue
+        got = Plan(graph, kernels=ks).run(feed)
+        want = Plan(graph).run(feed)
+        for s, name, _ in cases:
+            w = np.asarray(want[name])
+            tol = 1e-4 if w.dtype == np.float32 else 1e-11
+            if w.dtype.kind == "f":
+                np.testing.assert_allclose(got[name], w, rtol=tol, atol=tol, err_msg=f"{s.name} {dtype}")
+            else:
+                np.testing.assert_array_equal(got[name], w, err_msg=f"{s.name} {dtype}")
