@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = {  # file -> (kind of trial, column it fills)
-    "tests/test_fuzz.py": ("bad inputs", "bad inputs tried"),
-    "tests/test_security.py": ("bad inputs", "bad inputs tried"),
-    "tests/test_faults.py": ("faults", "faults survived"),
-    "tests/test_jobs.py": ("faults", "faults survived"),
-    "tests/test_service.py": ("bad inputs", "bad inputs tried"),
+SUITES = {  # file -> the column its tests fill
+    "tests/test_fuzz.py": "bad inputs tried",
+    "tests/test_security.py": "bad inputs tried",
+    "tests/test_faults.py": "faults survived",
+    "tests/test_jobs.py": "faults survived",
+    "tests/test_service.py": "bad inputs tried",
 }
 PLUGIN = '''
 import json, pytest
@@ -90,12 +90,14 @@ def main() -> int:
                      f"{'held' if held else 'FAILED'} |")
     for r in results:
         path = r["nodeid"].split("::")[0]
-        kind, column = SUITES.get(path, ("", ""))
+        column = SUITES.get(path, "bad inputs tried")
         name = r["nodeid"].split("::", 1)[1]
         cells = {"faults survived": "—", "bad inputs tried": "—"}
         held = r["outcome"] == "passed"
         cells[column] = ("yes" if held else "no") + (" (10,000+ cases)" if args.fuzz and "fuzz" in path else "")
-        lines.append(f"| `{path.split('/')[-1]}::{name}` | {r['doc'] or kind} | — | {cells['faults survived']} | "
+        tried = r["doc"] or name.split("[")[0].removeprefix("test_").replace("_", " ") + (
+            f" [{name.split('[', 1)[1]}" if "[" in name else "")
+        lines.append(f"| `{path.split('/')[-1]}::{name}` | {tried} | — | {cells['faults survived']} | "
                      f"{cells['bad inputs tried']} | {'nothing' if held else 'see the test'} | "
                      f"{r['outcome']} ({r['seconds']:.1f} s) |")
     passed = sum(r["outcome"] == "passed" for r in results)
