@@ -130,23 +130,10 @@ class Engine:
         With `residuals` (every forward node's value by id, from a forward pass already run)
         only the backward pass runs, and the outputs dict is empty.
         """
-        outs = tuple(outputs) if outputs is not None else tuple(
-            o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
-        _check_outputs(graph, outs)
+        outs = differentiated_outputs(graph, outputs)
         wrt = tuple(wrt)
         feed = check_inputs(graph, inputs)
-        for o in outs:
-            dtype, shape = graph.aval(dict(graph.outputs)[o])
-            seed = None if seeds is None else seeds.get(o)
-            if seed is None:
-                if shape != ():
-                    raise ShapeError(f"output {o!r} has shape {shape}: pass a seed (cotangent) for it")
-                seed = np.ones((), dtype)
-            feed[autodiff.SEED + o] = _check_value(seed, dtype, shape, f"seed for output {o!r}")
-        if seeds is not None:
-            extra = sorted(set(seeds) - set(outs))
-            if extra:
-                raise GraphError(f"seeds given for {extra}, which are not differentiated outputs {list(outs)}")
+        feed.update(seed_feed(graph, outs, seeds))
         if residuals is not None:
             plan = self._backward_plan(graph, wrt, outs, ())
             for name, _ in plan.inputs:
@@ -165,9 +152,7 @@ class Engine:
     def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
                  outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
         """Run the forward pass once; return the outputs and the values the backward pass reads."""
-        outs = tuple(outputs) if outputs is not None else tuple(
-            o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
-        _check_outputs(graph, outs)
+        outs = differentiated_outputs(graph, outputs)
         wrt = tuple(wrt)
         backward = self._backward_plan(graph, wrt, outs, ())
         needed = [name for name, _ in backward.inputs if not name.startswith(autodiff.SEED)]
@@ -183,9 +168,6 @@ class Engine:
         """The gradients for cotangents of the outputs (each with one extra leading axis when
         `batched`), from kept residuals: the forward pass is not run again."""
         r = residuals
-        extra = sorted(set(cotangents) - set(r.outputs))
-        if extra:
-            raise GraphError(f"cotangents given for {extra}, which are not differentiated outputs {list(r.outputs)}")
         batch: tuple[int, ...] = ()
         if batched:
             sizes = {np.shape(c)[0] if np.ndim(c) else None for c in cotangents.values()}
@@ -194,15 +176,7 @@ class Engine:
                                  f"{ {k: np.shape(c) for k, c in cotangents.items()} }")
             batch = (sizes.pop(),)
         plan = self._backward_plan(r.graph, r.wrt, r.outputs, batch)
-        feed = dict(r.values)
-        for o in r.outputs:
-            dtype, shape = r.graph.aval(dict(r.graph.outputs)[o])
-            if o not in cotangents:
-                if shape != () or batched:
-                    raise ShapeError(f"output {o!r} has shape {shape}: pass a cotangent for it")
-                feed[autodiff.SEED + o] = np.ones((), dtype)
-            else:
-                feed[autodiff.SEED + o] = _check_value(cotangents[o], dtype, batch + shape, f"cotangent for output {o!r}")
+        feed = {**r.values, **seed_feed(r.graph, r.outputs, cotangents, batch, "cotangent")}
         res = plan.run(feed)
         return {x: res[autodiff.GRAD + x] for x in r.wrt}
 
@@ -280,6 +254,33 @@ class Engine:
 
 def _describe(parts: tuple) -> str:
     return "".join(f" {p if not isinstance(p, tuple) else list(p)}" for p in parts)
+
+
+def differentiated_outputs(graph: Graph, outputs: Sequence[str] | None) -> tuple[str, ...]:
+    """The outputs a VJP takes seeds for: those named (checked to exist), else every float output."""
+    if outputs is None:
+        return tuple(o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
+    _check_outputs(graph, outputs)
+    return tuple(outputs)
+
+
+def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None, batch: tuple[int, ...] = (),
+              what: str = "seed") -> dict[str, Any]:
+    """The `ct:<o>` inputs of a VJP graph: each given seed checked against batch + the output's
+    type; a scalar output without one takes 1 (not with stacked seeds)."""
+    feed = {}
+    for o in outs:
+        dtype, shape = graph.aval(dict(graph.outputs)[o])
+        seed = None if seeds is None else seeds.get(o)
+        if seed is None:
+            if shape != () or batch:
+                raise ShapeError(f"output {o!r} has shape {shape}: pass a {what} (cotangent) for it")
+            seed = np.ones((), dtype)
+        feed[autodiff.SEED + o] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
+    extra = sorted(set(seeds or ()) - set(outs))
+    if extra:
+        raise GraphError(f"{what}s given for {extra}, which are not differentiated outputs {list(outs)}")
+    return feed
 
 
 def _check_outputs(graph: Graph, outs: Sequence[str]) -> None:

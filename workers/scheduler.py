@@ -27,12 +27,11 @@ import numpy as np
 
 from gradserve.errors import GraphError
 from gradserve.ir import Graph
-from gradserve.names import GRAD, SEED
-from gradserve.primitives import FLOATS
+from gradserve.names import GRAD
 
 from . import autodiff
 from .cost import graph_cost
-from .engine import Engine, check_inputs
+from .engine import Engine, check_inputs, differentiated_outputs, seed_feed
 from .partition import Partition, partition
 from .passes import optimize
 from .pool import Task
@@ -177,7 +176,7 @@ class DistributedEngine:
                        wrt: Sequence[str], seeds: Mapping[str, Any] | None,
                        outputs: Sequence[str] | None) -> tuple[dict, dict]:
         out_ids = dict(graph.outputs)
-        outs = list(outputs) if outputs is not None else [o for o, v in graph.outputs if graph.aval(v)[0] in FLOATS]
+        outs = list(differentiated_outputs(graph, outputs))
         for o in outs:
             if sharding.state(out_ids[o]) != SUM:
                 raise GraphError(f"data-parallel gradients need every differentiated output to be a sum or mean over the "
@@ -217,15 +216,8 @@ class DistributedEngine:
     def _graph_parallel(self, graph: Graph, p: Partition, inputs: Mapping[str, Any], wrt: Sequence[str],
                         seeds: Mapping[str, Any] | None, outputs: Sequence[str] | None) -> tuple[dict, dict]:
         self._chose("graph_parallel", graph, f"{len(p.parts)} parts in {p.stages} stage(s), {p.cut_bytes} bytes across cuts")
-        values: dict[str, Any] = check_inputs(graph, inputs)
-        for o, vid in graph.outputs:
-            if SEED + o in p.joint.input_names():
-                seed = None if seeds is None else seeds.get(o)
-                if seed is None:
-                    if graph.aval(vid)[1] != ():
-                        raise GraphError(f"output {o!r} has shape {graph.aval(vid)[1]}: pass a seed (cotangent) for it")
-                    seed = np.ones((), graph.aval(vid)[0])
-                values[SEED + o] = np.asarray(seed, dtype=graph.aval(vid)[0])
+        outs = list(differentiated_outputs(graph, outputs))
+        values: dict[str, Any] = {**check_inputs(graph, inputs), **seed_feed(graph, outs, seeds)}
         deadline = self._deadline()
         for s in range(p.stages):
             stage = [part for part in p.parts if part.stage == s]
