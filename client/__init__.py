@@ -10,7 +10,6 @@ import functools
 import os
 from typing import Any
 
-from . import numpy_api as _np_api
 from . import optim
 from .api import Functional, flatten, unflatten
 from .errors import GraphError, LimitError, ShapeError
@@ -181,4 +180,3 @@ __all__ = [
     "subtract", "sum", "swapaxes", "take", "tan", "tanh", "tensor", "trace", "transpose", "unflatten",
     "value_and_grad", "var", "vjp", "where", "zero_grad", "zeros_like",
 ]
-_ = _np_api

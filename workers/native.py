@@ -603,10 +603,6 @@ def _pool(n: int) -> _Pool:
 # ---------------------------------------------------------------- vectorisable math (float64)
 
 MATH_SOURCE = '''
-def _bits(context, builder, value, bits):
-    return builder.bitcast(value, context.get_value_type(types.int32 if bits == 32 else types.int64))
-
-
 @intrinsic
 def _pow2(typingctx, kf):
     # 2**kf for an integral float kf in the normal exponent range, built from exponent bits
