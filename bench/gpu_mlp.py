@@ -24,7 +24,6 @@ a CUDA device is missing (the message says which).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -40,16 +39,11 @@ NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def import_gradserve() -> Any:
-    """gradserve installed, or else straight from this checkout (client/ is the package)."""
+    """gradserve installed, or else straight from this checkout (each top folder holds a package)."""
     try:
         import gradserve
     except ImportError:
-        for name, folder in (("gradserve", "client"), ("gradserve.workers", "workers")):
-            spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
-                                                          submodule_search_locations=[str(ROOT / folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
+        sys.path[:0] = [str(ROOT / folder) for folder in ("client", "workers")]
         import gradserve
     return gradserve
 
@@ -123,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         have_torch, torch_note = False, f"torch not importable ({type(e).__name__}: {e})"
     gs = import_gradserve()
-    from gradserve.workers import autodiff
-    from gradserve.workers.gpu import GpuKernels
-    from gradserve.workers.passes import optimize
-    from gradserve.workers.plan import Plan
+    from gradserve_engine import autodiff
+    from gradserve_engine.gpu import GpuKernels
+    from gradserve_engine.passes import optimize
+    from gradserve_engine.plan import Plan
 
     print(f"# device: {device} ({n_dev} visible); cupy {cp.__version__}; {torch_note}; numpy {np.__version__}", flush=True)
     if not have_torch:

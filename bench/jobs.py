@@ -8,7 +8,7 @@ The MLP of bench/mlp.py (batch 256, 784 -> 1024 -> 1024 -> 10, tanh, softmax cro
 seeded data and Glorot weights), minimised with `optim.Adam(lr=1e-3)` for --steps full-batch steps:
 
 - remote: `remote.minimize(loss, params, args=(x, y), optimizer=..., steps=...)` against a
-  `python -m gradserve.server` child on 127.0.0.1 (default flags; --store adds a store on disk), then
+  `python -m gradserve_server` child on 127.0.0.1 (default flags; --store adds a store on disk), then
   `job.wait()` (following the WatchJob stream: one small progress event per step) and `job.result()`
   (the final parameters come back once). Timed from before the submit (tracing, sending params and
   data) to the parameters in hand.
@@ -61,7 +61,7 @@ def start_server(blas_threads: int | None, extra: list[str]) -> tuple[subprocess
     env = os.environ.copy()
     if blas_threads is not None:
         env.update({k: str(blas_threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server", "--host", "127.0.0.1", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", "--host", "127.0.0.1", "--port", "0",
                              "--log-level", "warning", *extra], stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if "listening on" not in line:

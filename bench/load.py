@@ -3,7 +3,7 @@
     python bench/load.py [--calls 10000] [--clients 64] [--channels 8] [--rounds 2] [--graphs 16]
                          [--cache-mib 64] [--max-growth-mib 8] [--max-seconds 600] [--json PATH]
 
-Starts `python -m gradserve.server --host 127.0.0.1 --port 0` and runs `--rounds` identical
+Starts `python -m gradserve_server --host 127.0.0.1 --port 0` and runs `--rounds` identical
 rounds of `--calls` calls from `--clients` threads sharing `--channels` connections (`gs.connect`
 sessions). The calls are a fixed mix over `--graphs` small graphs (an MLP-like loss of two
 inputs): RegisterGraph 10%, Evaluate 30%, Gradient 40%, BatchGradient (4 items) 20%; every
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import gradserve as gs
-from gradserve.workers.engine import Engine
+from gradserve_engine.engine import Engine
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -52,11 +52,11 @@ def child_env() -> dict[str, str]:
 
 
 class Server:
-    """`python -m gradserve.server` on 127.0.0.1 and a free port; its stderr goes to a temp file."""
+    """`python -m gradserve_server` on 127.0.0.1 and a free port; its stderr goes to a temp file."""
 
     def __init__(self, cache_mib: int, timeout: float = 30.0):
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen([sys.executable, "-m", "gradserve.server", "--host", HOST, "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", "--host", HOST, "--port", "0",
                                       "--cache-mib", str(cache_mib), "--log-level", "warning"],
                                      stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True,
                                      env=child_env())

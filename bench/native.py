@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.workers.fusion import ELEMENTWISE
+from gradserve_engine.fusion import ELEMENTWISE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlp as mlpbench
@@ -62,8 +62,8 @@ def functional(kernels: Any) -> Any:
     import inspect
 
     from gradserve.api import Functional
-    from gradserve.workers import engine as engine_module
-    from gradserve.workers.plan import Plan
+    from gradserve_engine import engine as engine_module
+    from gradserve_engine.plan import Plan
 
     if "kernels" in inspect.signature(engine_module.Engine).parameters:
         return Functional(engine_module.Engine(kernels=kernels))
@@ -187,7 +187,7 @@ def plans_of(api: Any) -> list[Any]:
 
 
 def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve.workers.native import resolve_kernels
+    from gradserve_engine.native import resolve_kernels
 
     params, x, y = mlpbench.make_problem(dtype)
     apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
@@ -214,7 +214,7 @@ def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[s
 
 
 def chain_workload(native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve.workers.native import resolve_kernels
+    from gradserve_engine.native import resolve_kernels
 
     x, w = chain_problem()
     apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
@@ -244,9 +244,9 @@ def compile_times(args: argparse.Namespace) -> dict[str, float]:
     """Plan build time of the native MLP (float32) and chain plans with an empty kernel cache
     (numba compiles) and then again in a fresh process-level cache state (numba loads)."""
     import gradserve as gs
-    from gradserve.workers import autodiff, native
-    from gradserve.workers.passes import optimize
-    from gradserve.workers.plan import Plan
+    from gradserve_engine import autodiff, native
+    from gradserve_engine.passes import optimize
+    from gradserve_engine.plan import Plan
 
     params, x, y = mlpbench.make_problem("float32")
     cx, cw = chain_problem()
@@ -271,9 +271,9 @@ def compile_times(args: argparse.Namespace) -> dict[str, float]:
 
 
 def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from gradserve.ir import Builder
-    from gradserve.workers.native import NativeKernels
-    from gradserve.workers.plan import Plan
+    from gradserve_engine.ir import Builder
+    from gradserve_engine.native import NativeKernels
+    from gradserve_engine.plan import Plan
 
     def graph(kind: str, dt: str, rows: int, cols: int):
         b = Builder()
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     parts = set(args.only or ("mlp", "chain", "threshold", "compile"))
 
-    from gradserve.workers import native
+    from gradserve_engine import native
 
     numba_mod, why = native.numba_status()
     if numba_mod is None:

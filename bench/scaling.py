@@ -78,9 +78,9 @@ def main() -> int:
     import ray
 
     import gradserve as gs
-    from gradserve.workers.engine import Engine
-    from gradserve.workers.pool import RayPool
-    from gradserve.workers.scheduler import DistributedEngine, Policy
+    from gradserve_engine.engine import Engine
+    from gradserve_engine.pool import RayPool
+    from gradserve_engine.scheduler import DistributedEngine, Policy
 
     counts = [int(k) for k in args.workers.split(",")]
     rng = np.random.default_rng(0)

@@ -27,7 +27,8 @@ import grpc
 import numpy as np
 
 import gradserve as gs
-from gradserve.v1 import service_pb2 as pb
+from gradserve_engine.ir import tensor_to_proto
+from gradserve_engine.v1 import service_pb2 as pb
 
 ECHO = "bench.Echo/Echo"
 
@@ -105,7 +106,7 @@ def main() -> int:
     port_file = str(Path(tempfile.mkdtemp()) / "echo-port")
     echo = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                              f"import service; service.echo_server({port_file!r})"])
-    server, address = start([sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "warning"])
+    server, address = start([sys.executable, "-m", "gradserve_server", "--port", "0", "--log-level", "warning"])
     while not Path(port_file).exists() or not Path(port_file).read_text():
         time.sleep(0.05)
     echo_addr = f"127.0.0.1:{Path(port_file).read_text()}"
@@ -115,7 +116,7 @@ def main() -> int:
         graph = gs.trace(seed_f, 2.0, 3.0)
         req = pb.GradientRequest(graph_id=graph.id, wrt=["x", "y"])
         for k, v in {"x": 2.0, "y": 3.0}.items():
-            gs.ir.tensor_to_proto(np.asarray(v), req.inputs[k])
+            tensor_to_proto(np.asarray(v), req.inputs[k])
         payload = req.SerializeToString()
 
         def echo_call_factory():

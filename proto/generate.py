@@ -1,4 +1,4 @@
-"""Regenerate the protobuf stubs under client/v1 from proto/gradserve/v1/*.proto.
+"""Regenerate the protobuf stubs under workers/gradserve_engine/v1 from proto/gradserve/v1/*.proto.
 
     python proto/generate.py            # rewrite the checked-in stubs
     python proto/generate.py --check    # exit 1 if the checked-in stubs are stale
@@ -15,7 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-STUB_DIR = ROOT / "client" / "v1"
+STUB_DIR = ROOT / "workers" / "gradserve_engine" / "v1"
+# the stubs live in the engine package (the IR converts graphs to and from the wire form there);
+# protoc names imports after the .proto's path, so those are pointed at the engine's package
+IMPORT_FROM, IMPORT_TO = "from gradserve.v1 import", "from gradserve_engine.v1 import"
 
 
 def generate(dest: Path) -> list[Path]:
@@ -27,7 +30,10 @@ def generate(dest: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     out = dest / "gradserve" / "v1"
-    return sorted(p for p in out.iterdir() if p.suffix in (".py", ".pyi"))
+    files = sorted(p for p in out.iterdir() if p.suffix in (".py", ".pyi"))
+    for f in files:
+        f.write_text(f.read_text().replace(IMPORT_FROM, IMPORT_TO))
+    return files
 
 
 def main() -> int:

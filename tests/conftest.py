@@ -55,7 +55,7 @@ def ray_pool():
     ray = pytest.importorskip("ray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    from gradserve.workers.pool import RayPool
+    from gradserve_engine.pool import RayPool
 
     pool = RayPool(2, cpus=1, blas_threads=1)
     yield pool

@@ -1,4 +1,4 @@
-"""Helpers for the service tests: real `python -m gradserve.server` processes on 127.0.0.1,
+"""Helpers for the service tests: real `python -m gradserve_server` processes on 127.0.0.1,
 bare stubs, health/reflection probes, metrics scraping and a self-signed certificate."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.v1 import service_pb2_grpc
+from gradserve_engine.v1 import service_pb2_grpc
 
 HOST = "127.0.0.1"
 SERVICE = "gradserve.v1.GradientService"
@@ -40,13 +40,13 @@ def child_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    """One `python -m gradserve.server --host 127.0.0.1 --port PORT ...` child process.
+    """One `python -m gradserve_server --host 127.0.0.1 --port PORT ...` child process.
 
     The constructor returns once the process printed its `gradserve listening on ...` line,
     so the port (and the metrics port) are known and the server accepts calls."""
 
     def __init__(self, *args: str, port: int = 0, startup_timeout: float = 20.0):
-        self.args = [sys.executable, "-m", "gradserve.server", "--host", HOST, "--port", str(port),
+        self.args = [sys.executable, "-m", "gradserve_server", "--host", HOST, "--port", str(port),
                      "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(), it outlives this call)
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,

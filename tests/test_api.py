@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradserve as gs
-from gradserve.workers.plan import Plan
+from gradserve_engine.plan import Plan
 
 rng = np.random.default_rng(0)
 
@@ -96,8 +96,8 @@ def test_mlp_matches_pytorch(dtype, tol):
 
 def test_mlp_plan_frees_and_reuses_buffers():
     params, x, y = _mlp_data(np.float64)
-    from gradserve.workers.autodiff import vjp_graph
-    from gradserve.workers.passes import optimize
+    from gradserve_engine.autodiff import vjp_graph
+    from gradserve_engine.passes import optimize
 
     graph = gs.trace(mlp_loss, params, x, y)
     plan = Plan(optimize(vjp_graph(graph, [f"params.{k}" for k in params])))

@@ -33,9 +33,9 @@ from service_fixtures import LISTENING, ServerProcess, child_env, metric, parse_
 
 import gradserve as gs
 from gradserve import optim
-from gradserve.workers.cost import graph_cost
-from gradserve.workers.engine import Engine
-from gradserve.workers.scheduler import Policy
+from gradserve_engine.cost import graph_cost
+from gradserve_engine.engine import Engine
+from gradserve_engine.scheduler import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import gradserve as gs
-from gradserve.workers.engine import Engine
-from gradserve.workers.partition import partition
-from gradserve.workers.passes import optimize
-from gradserve.workers.pool import LocalPool, Task, WorkersUnavailable
-from gradserve.workers.scheduler import DistributedEngine, Policy
-from gradserve.workers.shard import ShardError, analyze
+from gradserve_engine.engine import Engine
+from gradserve_engine.partition import partition
+from gradserve_engine.passes import optimize
+from gradserve_engine.pool import LocalPool, Task, WorkersUnavailable
+from gradserve_engine.scheduler import DistributedEngine, Policy
+from gradserve_engine.shard import ShardError, analyze
 
 rng = np.random.default_rng(0)
 
@@ -86,7 +86,7 @@ def test_sdk_refuses_batch_axes_that_mix_examples():
 
 
 def test_partition_keeps_branches_whole_and_balanced():
-    joint = optimize(__import__("gradserve.workers.autodiff", fromlist=["vjp_graph"]).vjp_graph(WIDE, WIDE_WRT))
+    joint = optimize(__import__("gradserve_engine.autodiff", fromlist=["vjp_graph"]).vjp_graph(WIDE, WIDE_WRT))
     p = partition(joint, 3)
     assert p is not None and p.stages == 1 and len(p.parts) == 3
     flops = [part.flops for part in p.parts]
@@ -99,7 +99,7 @@ def test_partition_keeps_branches_whole_and_balanced():
 
 def test_partition_of_a_chain_is_none():
     chain = gs.trace(lambda a: gs.sum(gs.tanh(gs.tanh(a @ a) @ a)), rng.standard_normal((8, 8)))
-    from gradserve.workers.autodiff import vjp_graph
+    from gradserve_engine.autodiff import vjp_graph
 
     assert partition(optimize(vjp_graph(chain, ["a"])), 4) is None
 
@@ -238,7 +238,7 @@ def test_server_joins_a_two_node_cluster_by_address(tmp_path):
     try:
         time.sleep(3)
         procs.append(_ray_node([f"--address=127.0.0.1:{port}"], env, log))
-        procs.append(subprocess.Popen([sys.executable, "-m", "gradserve.server", "--port", "0", "--ray-address",
+        procs.append(subprocess.Popen([sys.executable, "-m", "gradserve_server", "--port", "0", "--ray-address",
                                        f"127.0.0.1:{port}", "--log-level", "warning"], stdout=subprocess.PIPE, stderr=log,
                                       text=True, env=env, start_new_session=True))
         line = procs[-1].stdout.readline()

@@ -13,11 +13,12 @@ import pytest
 from service_fixtures import ServerProcess, metric, parse_metrics, scrape
 
 import gradserve as gs
-from gradserve.v1 import service_pb2 as pb
-from gradserve.v1 import service_pb2_grpc
-from gradserve.workers.engine import Engine
-from gradserve.workers.pool import Task
-from gradserve.workers.scheduler import DistributedEngine, Policy
+from gradserve_engine.engine import Engine
+from gradserve_engine.ir import tensor_to_proto
+from gradserve_engine.pool import Task
+from gradserve_engine.scheduler import DistributedEngine, Policy
+from gradserve_engine.v1 import service_pb2 as pb
+from gradserve_engine.v1 import service_pb2_grpc
 
 rng = np.random.default_rng(0)
 
@@ -72,7 +73,7 @@ def _slow_call(address: str, timeout: float) -> grpc.Future:
     stub.RegisterGraph(pb.RegisterGraphRequest(graph=CHAIN.to_proto()))
     req = pb.GradientRequest(graph_id=CHAIN.id, wrt=["w"])
     for name, value in {"x": X, "w": W}.items():
-        gs.ir.tensor_to_proto(value, req.inputs[name])
+        tensor_to_proto(value, req.inputs[name])
     return stub.Gradient.future(req, timeout=timeout)
 
 

@@ -36,11 +36,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_fixtures import SERVICE, SERVING, ServerProcess, channel, health_status
 
-from gradserve.errors import GraphError, LimitError
-from gradserve.ir import DEFAULT_LIMITS, Builder, Graph, Limits, tensor_to_proto
-from gradserve.primitives import DTYPES, NP_DTYPES, PRIMITIVES, infer
-from gradserve.v1 import graph_pb2 as pb
-from gradserve.v1 import service_pb2
+from gradserve_engine.errors import GraphError, LimitError
+from gradserve_engine.ir import DEFAULT_LIMITS, Builder, Graph, Limits, tensor_to_proto
+from gradserve_engine.primitives import DTYPES, NP_DTYPES, PRIMITIVES, infer
+from gradserve_engine.v1 import graph_pb2 as pb
+from gradserve_engine.v1 import service_pb2
 
 FUZZ_EXAMPLES = 10_000  # per campaign with --fuzz
 FAST_EXAMPLES = {"mutated": 80, "generated": 80, "bytes": 60, "wire graphs": 40, "wire bytes": 40}  # 300 in all

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import gradserve as gs
-from gradserve import ir
-from gradserve.ir import Builder, Graph, Input, Limits, Node, tensor_from_proto, tensor_to_proto
-from gradserve.primitives import ATTR_KINDS, DTYPES, PRIMITIVES
-from gradserve.v1 import graph_pb2 as pb
+from gradserve_engine import ir
+from gradserve_engine.ir import Builder, Graph, Input, Limits, Node, tensor_from_proto, tensor_to_proto
+from gradserve_engine.primitives import ATTR_KINDS, DTYPES, PRIMITIVES
+from gradserve_engine.v1 import graph_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 PB_DTYPE = {"bool": pb.BOOL, "int32": pb.INT32, "int64": pb.INT64, "float32": pb.FLOAT32, "float64": pb.FLOAT64}

@@ -1,4 +1,4 @@
-"""Optimisation jobs end to end: real `python -m gradserve.server` processes on 127.0.0.1, driven through
+"""Optimisation jobs end to end: real `python -m gradserve_server` processes on 127.0.0.1, driven through
 the SDK (`remote.minimize`, `Job`), bare stubs and the `gradserve jobs` command line.
 
 Covers: remote jobs reaching scikit-learn's and scipy's optima; SIGKILL mid-job and a restart on the
@@ -37,9 +37,9 @@ from threadpoolctl import threadpool_limits
 import gradserve as gs
 from gradserve import optim
 from gradserve import remote as rm
-from gradserve.ir import tensor_to_proto
 from gradserve.minimize import minimize
-from gradserve.v1 import service_pb2 as pb
+from gradserve_engine.ir import tensor_to_proto
+from gradserve_engine.v1 import service_pb2 as pb
 
 TOL = 1e-12
 
@@ -330,7 +330,7 @@ def test_damaged_store_refused_at_startup_and_left_alone(tmp_path_factory, damag
     path = store / "jobs.sqlite"
     damage(path)
     before = path.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "gradserve.server", "--host", "127.0.0.1", "--port", "0",
+    proc = subprocess.run([sys.executable, "-m", "gradserve_server", "--host", "127.0.0.1", "--port", "0",
                            "--store", str(store)], capture_output=True, text=True, env=child_env(), timeout=60)
     assert proc.returncode != 0, (proc.stdout, proc.stderr)
     assert "listening" not in proc.stdout
@@ -392,7 +392,7 @@ def test_cancel_answer_is_final(remote, bare):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("gradserve")
-    cmd = [exe] if exe else [sys.executable, "-m", "gradserve.server.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "gradserve_server.cli"]
     return subprocess.run([*cmd, "jobs", *args], capture_output=True, text=True, env=child_env(), timeout=60)
 
 

@@ -21,13 +21,13 @@ import torch
 from test_primitives import SPECS, arg_dtype, make_inputs, out_dtype
 
 from gradserve.api import Functional
-from gradserve.ir import Builder, Graph
-from gradserve.workers import autodiff, gpu, native
-from gradserve.workers.engine import Engine
-from gradserve.workers.fusion import ELEMENTWISE, KernelSet, find_groups, schedule
-from gradserve.workers.kernels import KERNELS
-from gradserve.workers.passes import optimize
-from gradserve.workers.plan import Plan
+from gradserve_engine import autodiff, gpu, native
+from gradserve_engine.engine import Engine
+from gradserve_engine.fusion import ELEMENTWISE, KernelSet, find_groups, schedule
+from gradserve_engine.ir import Builder, Graph
+from gradserve_engine.kernels import KERNELS
+from gradserve_engine.passes import optimize
+from gradserve_engine.plan import Plan
 
 TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # rtol, atol relative to max(1, |want|)
 FLOATS = ("float32", "float64")

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve.errors import ShapeError
-from gradserve.ir import Builder, Graph
-from gradserve.primitives import DTYPES, PRIMITIVES, infer
-from gradserve.workers.autodiff import vjp_graph
-from gradserve.workers.engine import Engine
-from gradserve.workers.kernels import KERNELS
-from gradserve.workers.rules import JVP, NON_DIFFERENTIABLE, VJP
+from gradserve_engine.autodiff import vjp_graph
+from gradserve_engine.engine import Engine
+from gradserve_engine.errors import ShapeError
+from gradserve_engine.ir import Builder, Graph
+from gradserve_engine.kernels import KERNELS
+from gradserve_engine.primitives import DTYPES, PRIMITIVES, infer
+from gradserve_engine.rules import JVP, NON_DIFFERENTIABLE, VJP
 
 ALL = ("bool", "int32", "int64", "float32", "float64")
 NUM = ("int32", "int64", "float32", "float64")

@@ -1,4 +1,4 @@
-"""Security of the service, against real `python -m gradserve.server` processes on 127.0.0.1.
+"""Security of the service, against real `python -m gradserve_server` processes on 127.0.0.1.
 
 What tests/test_service.py already covers is not repeated here (the SDK refused with no or a
 wrong token on one call, TLS with a trusted and an untrusted certificate, plaintext gRPC to a
@@ -7,7 +7,7 @@ TLS port, the message size limit, one call over --max-concurrent 1, a 10^12-elem
   - auth: every RPC of the service refuses every malformed or wrong credential, before it parses
     the request, and a refused call has no effect; token and TLS together;
   - TLS: the handshake is TLS >= 1.2 with ALPN h2, and the port never speaks cleartext HTTP/2;
-  - no unpickling: a static scan of the decode path (server/*.py, client/ir.py) and pickle
+  - no unpickling: a static scan of the decode path (server/gradserve_server/*.py, workers/gradserve_engine/ir.py) and pickle
     payloads that would create a file when unpickled, sent as raw request bytes, as tensor data
     of every tensor-carrying field and as a stored graph: the file is never created;
   - limits: junk graphs over the node limit refused before validation, constants over the
@@ -59,10 +59,10 @@ from service_fixtures import (
 
 import gradserve as gs
 from gradserve import remote as rm
-from gradserve.ir import DEFAULT_LIMITS, Graph, tensor_to_proto
-from gradserve.v1 import graph_pb2
-from gradserve.v1 import service_pb2 as pb
-from gradserve.workers.engine import Engine
+from gradserve_engine.engine import Engine
+from gradserve_engine.ir import DEFAULT_LIMITS, Graph, tensor_to_proto
+from gradserve_engine.v1 import graph_pb2
+from gradserve_engine.v1 import service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-t0ken"
@@ -239,7 +239,7 @@ def test_tls_port_never_speaks_cleartext_http2(tls_server):
 
 # ---------------------------------------------------------------- no unpickling of client data
 
-DECODE_PATH = [*sorted((ROOT / "server").glob("*.py")), ROOT / "client" / "ir.py"]
+DECODE_PATH = [*sorted((ROOT / "server" / "gradserve_server").glob("*.py")), ROOT / "workers" / "gradserve_engine" / "ir.py"]
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle", "joblib"}
 
 
@@ -648,7 +648,7 @@ def _loopback(address: str) -> bool:
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen, re.Match]:
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server", "--log-level", "warning", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", "--log-level", "warning", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env(), text=True)
     line = proc.stdout.readline()
     m = re.search(r"gradserve listening on (?P<host>[\d.:\[\]a-f]+):(?P<port>\d+)", line)

@@ -1,4 +1,4 @@
-"""The gRPC service end to end: real `python -m gradserve.server` processes on 127.0.0.1, driven
+"""The gRPC service end to end: real `python -m gradserve_server` processes on 127.0.0.1, driven
 through the SDK (`gs.connect`) and through bare stubs, compared with the local engine.
 
 Covers every RPC, every error code the service answers, restarts (with and without a store),
@@ -40,10 +40,10 @@ from service_fixtures import (
 
 import gradserve as gs
 from gradserve import remote as rm
-from gradserve.ir import Graph, Input, Node, tensor_from_proto, tensor_to_proto
-from gradserve.v1 import graph_pb2
-from gradserve.v1 import service_pb2 as pb
-from gradserve.workers.engine import Engine
+from gradserve_engine.engine import Engine
+from gradserve_engine.ir import Graph, Input, Node, tensor_from_proto, tensor_to_proto
+from gradserve_engine.v1 import graph_pb2
+from gradserve_engine.v1 import service_pb2 as pb
 
 LOCAL = Engine()  # the local engine the remote results are compared with
 TOL = 1e-12
@@ -870,7 +870,7 @@ def test_metrics(server, remote, bare):
 
 
 def _run_cli(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "gradserve.server", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gradserve_server", *args], capture_output=True, text=True,
                           timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
 
 

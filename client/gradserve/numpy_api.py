@@ -1,0 +1,589 @@
+"""numpy semantics over primitives: promotion, broadcasting, indexing, the public `gs.*` functions.
+
+Every function here works on three kinds of operand: traced values (`Var`, recorded into the
+trace's builder), imperative `gs.Tensor`s (computed now, recorded on the tape), and plain
+arrays (computed with the numpy kernels). `bind` is the one place that tells them apart.
+Traced values also answer numpy's own protocols, so `np.sin(x)`, `np.sum(x, axis=0)` and
+`x @ w` trace; a numpy function not covered here raises a TypeError naming it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from gradserve_engine.ir import Builder, Var
+from gradserve_engine.primitives import FLOATS, dtype_name
+
+# the imperative Tensor registers itself here: (class, bind function)
+_EAGER: list[tuple[type, Callable[..., Any]]] = []
+_ORDER = ("bool", "int32", "int64", "float32", "float64")
+
+
+def _kernels() -> dict[str, Callable[..., Any]]:
+    from gradserve_engine.kernels import KERNELS
+
+    return KERNELS
+
+
+def bind(op: str, *args: Any, **attrs: Any) -> Any:
+    """Apply primitive `op`: into the trace, onto the tape, or directly, by operand kind."""
+    for a in args:
+        if isinstance(a, Var):
+            b = a.builder
+            return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
+    for cls, eager in _EAGER:
+        if any(isinstance(a, cls) for a in args):
+            return eager(op, *args, **attrs)
+    return _kernels()[op](*(np.asarray(a) for a in args), **attrs)
+
+
+def _is_value(x: Any) -> bool:
+    return isinstance(x, Var) or any(isinstance(x, cls) for cls, _ in _EAGER)
+
+
+def dtype_of(x: Any) -> str:
+    if isinstance(x, Var):
+        return x.dtype
+    return dtype_name(np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype))
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else ()
+
+
+def _weak(x: Any) -> bool:
+    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def result_type(*xs: Any) -> str:
+    """numpy 2 promotion (NEP 50): Python scalars are weak and take the array operand's dtype."""
+    strong = [dtype_of(x) for x in xs if not _weak(x)]
+    weak = [x for x in xs if _weak(x)]
+    if not strong:
+        return np.result_type(*[np.asarray(x) for x in xs]).name
+    dt = np.result_type(*strong).name
+    if dt not in _ORDER:
+        raise TypeError(f"dtype {dt} is not supported; use one of {list(_ORDER)}")
+    if any(isinstance(x, float) for x in weak) and dt not in FLOATS:
+        dt = "float64"
+    elif any(isinstance(x, int) and not isinstance(x, bool) for x in weak) and dt == "bool":
+        dt = "int64"
+    return dt
+
+
+def astype(x: Any, dtype: Any) -> Any:
+    dtype = np.dtype(dtype).name
+    if _weak(x) or isinstance(x, np.generic):
+        return np.asarray(x, dtype=dtype)
+    if dtype_of(x) == dtype:
+        return x
+    return bind("cast", x, dtype=dtype)
+
+
+def _promoted(*xs: Any, to: tuple[str, ...] | None = None) -> list[Any]:
+    dt = result_type(*xs)
+    if to is not None and dt not in to:
+        dt = "float64" if dt not in FLOATS else dt
+    return [astype(x, dt) for x in xs]
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def _unary(op: str, floats: bool = True) -> Callable[[Any], Any]:
+    def f(x: Any) -> Any:
+        (x,) = _promoted(x, to=FLOATS) if floats else _promoted(x)
+        return bind(op, x)
+
+    f.__name__ = op
+    f.__doc__ = f"Elementwise {op} (numpy semantics; integers promote to float64)."
+    return f
+
+
+exp, log, log1p, expm1 = _unary("exp"), _unary("log"), _unary("log1p"), _unary("expm1")
+sin, cos, tan, tanh, sqrt = _unary("sin"), _unary("cos"), _unary("tan"), _unary("tanh"), _unary("sqrt")
+sigmoid, floor, ceil = _unary("logistic"), _unary("floor"), _unary("ceil")
+negative, abs, sign = _unary("neg", False), _unary("abs", False), _unary("sign", False)
+stop_gradient = _unary("stop_gradient", False)
+
+
+def _binary(op: str, floats: bool = False) -> Callable[[Any, Any], Any]:
+    def f(x: Any, y: Any) -> Any:
+        x, y = _promoted(x, y, to=FLOATS if floats else None)
+        return bind(op, x, y)
+
+    f.__name__ = op
+    return f
+
+
+add, subtract, multiply = _binary("add"), _binary("sub"), _binary("mul")
+divide, power, arctan2 = _binary("div", True), _binary("pow", True), _binary("atan2", True)
+maximum, minimum = _binary("maximum"), _binary("minimum")
+less, less_equal, greater, greater_equal = _binary("lt"), _binary("le"), _binary("gt"), _binary("ge")
+equal, not_equal = _binary("eq"), _binary("ne")
+
+
+def square(x: Any) -> Any:
+    return multiply(x, x)
+
+
+def where(cond: Any, x: Any, y: Any) -> Any:
+    x, y = _promoted(x, y)
+    return bind("select", astype(cond, "bool"), x, y)
+
+
+def relu(x: Any) -> Any:
+    return where(greater(x, 0), x, 0)
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    return astype(x, dtype)
+
+
+# ---------------------------------------------------------------- reductions
+
+
+def _norm_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise np.exceptions.AxisError(f"axis {a} is out of bounds for array of dimension {ndim}")
+        out.append(int(a) % builtins.max(ndim, 1))
+    return tuple(sorted(out))
+
+
+def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:
+    if dtype is not None:
+        x = astype(x, dtype)
+    elif dtype_of(x) in ("bool", "int32"):
+        x = astype(x, "int64")  # as numpy: small integers sum in int64
+    return bind("reduce_sum", x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=bool(keepdims))
+
+
+def _extremum(op: str) -> Callable[..., Any]:
+    def f(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return bind(op, x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=bool(keepdims))
+
+    return f
+
+
+max, min = _extremum("reduce_max"), _extremum("reduce_min")
+
+
+def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    axes = _norm_axes(axis, len(shape_of(x)))
+    n = math.prod(shape_of(x)[a] for a in axes)
+    (x,) = _promoted(x, to=FLOATS)
+    return divide(sum(x, axes, keepdims), float(n))
+
+
+def var(x: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Any:
+    axes = _norm_axes(axis, len(shape_of(x)))
+    n = math.prod(shape_of(x)[a] for a in axes)
+    (x,) = _promoted(x, to=FLOATS)
+    d = subtract(x, mean(x, axes, keepdims=True))
+    return divide(sum(multiply(d, d), axes, keepdims), float(n - ddof))
+
+
+def cumsum(x: Any, axis: int | None = None, reverse: bool = False) -> Any:
+    if axis is None:
+        x, axis = reshape(x, (-1,)), 0
+    (axis,) = _norm_axes(axis, len(shape_of(x)))
+    if dtype_of(x) == "bool":
+        x = astype(x, "int64")
+    return bind("cumsum", x, axis=axis, reverse=reverse)
+
+
+def logsumexp(x: Any, axis: Any = -1, keepdims: bool = False) -> Any:
+    axes = _norm_axes(axis, len(shape_of(x)))
+    (x,) = _promoted(x, to=FLOATS)
+    m = stop_gradient(max(x, axes, keepdims=True))
+    m = where(equal(abs(m), math.inf), 0.0, m)  # all -inf (or inf) rows: no shift, like scipy
+    out = add(log(sum(exp(subtract(x, m)), axes, keepdims=True)), m)
+    return out if keepdims else squeeze(out, axes)
+
+
+def log_softmax(x: Any, axis: int = -1) -> Any:
+    return subtract(x, logsumexp(x, axis, keepdims=True))
+
+
+def softmax(x: Any, axis: int = -1) -> Any:
+    return exp(log_softmax(x, axis))
+
+
+def norm(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    """The 2-norm (Frobenius over several axes)."""
+    (x,) = _promoted(x, to=FLOATS)
+    return sqrt(sum(multiply(x, x), axis, keepdims))
+
+
+def mse(pred: Any, target: Any) -> Any:
+    d = subtract(pred, target)
+    return mean(multiply(d, d))
+
+
+def cross_entropy(logits: Any, labels: Any, axis: int = -1) -> Any:
+    """Mean cross-entropy of `logits` against integer class labels or class probabilities."""
+    logp = log_softmax(logits, axis)
+    if dtype_of(labels) in ("int32", "int64"):
+        n_classes = shape_of(logits)[axis]
+        classes = np.arange(n_classes).reshape((n_classes,) + (1,) * (-1 - axis if axis < 0 else 0))
+        labels = astype(equal(expand_dims(labels, axis), classes.astype(dtype_of(labels))), dtype_of(logp))
+    return negative(mean(sum(multiply(labels, logp), axis)))
+
+
+# ---------------------------------------------------------------- linear algebra
+
+
+def matmul(a: Any, b: Any) -> Any:
+    """numpy matmul: 1-D operands are promoted to matrices and the added axis removed after."""
+    a, b = _promoted(a, b)
+    if len(shape_of(a)) == 0 or len(shape_of(b)) == 0:
+        raise ValueError("matmul: operands must not be scalars (use *)")
+    va, vb = len(shape_of(a)) == 1, len(shape_of(b)) == 1
+    if va:
+        a = expand_dims(a, 0)
+    if vb:
+        b = expand_dims(b, 1)
+    out = bind("matmul", a, b)
+    if va or vb:
+        out = squeeze(out, tuple(a for a, keep in ((-2, va), (-1, vb)) if keep))
+    return out
+
+
+def dot(a: Any, b: Any) -> Any:
+    if len(shape_of(a)) <= 2 and len(shape_of(b)) <= 2 and shape_of(a) and shape_of(b):
+        return matmul(a, b)
+    if not shape_of(a) or not shape_of(b):
+        return multiply(a, b)
+    raise TypeError("dot of operands above rank 2 is not covered; use matmul")
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def reshape(x: Any, shape: Any, order: str = "C") -> Any:
+    if order != "C":
+        raise ValueError("only C-order reshape is supported")
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    size = math.prod(shape_of(x))
+    if shape.count(-1) > 1:
+        raise ValueError("can only specify one unknown dimension")
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        if known == 0 or size % known:
+            raise ValueError(f"cannot reshape array of size {size} into shape {shape}")
+        shape = tuple(size // known if d == -1 else d for d in shape)
+    if shape == shape_of(x):
+        return x
+    return bind("reshape", x, shape=shape)
+
+
+def transpose(x: Any, axes: Sequence[int] | None = None) -> Any:
+    nd = len(shape_of(x))
+    perm = tuple(reversed(range(nd))) if axes is None else tuple(int(a) % builtins.max(nd, 1) for a in axes)
+    if perm == tuple(range(nd)):
+        return x
+    return bind("transpose", x, perm=perm)
+
+
+def swapaxes(x: Any, a: int, b: int) -> Any:
+    perm = list(range(len(shape_of(x))))
+    perm[a], perm[b] = perm[b], perm[a]
+    return transpose(x, perm)
+
+
+def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
+    shape = tuple(int(d) for d in shape)
+    return x if shape == shape_of(x) else bind("broadcast_to", x, shape=shape)
+
+
+def expand_dims(x: Any, axis: int | Sequence[int]) -> Any:
+    axes = _norm_axes(axis, len(shape_of(x)) + (1 if isinstance(axis, (int, np.integer)) else len(axis)))
+    return bind("expand_dims", x, axes=axes)
+
+
+def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Any:
+    axes = tuple(i for i, d in enumerate(shape_of(x)) if d == 1) if axis is None else _norm_axes(axis, len(shape_of(x)))
+    return bind("squeeze", x, axes=axes) if axes else x
+
+
+def concatenate(xs: Sequence[Any], axis: int = 0) -> Any:
+    xs = _promoted(*xs)
+    (axis,) = _norm_axes(axis, len(shape_of(xs[0])))
+    return xs[0] if len(xs) == 1 else bind("concatenate", *xs, axis=axis)
+
+
+def stack(xs: Sequence[Any], axis: int = 0) -> Any:
+    nd = len(shape_of(xs[0])) + 1
+    (axis,) = _norm_axes(axis, nd)
+    return concatenate([expand_dims(x, axis) for x in xs], axis)
+
+
+def take(x: Any, indices: Any, axis: int | None = None) -> Any:
+    if axis is None:
+        x, axis = reshape(x, (-1,)), 0
+    (axis,) = _norm_axes(axis, len(shape_of(x)))
+    if not _is_value(indices):
+        indices = _checked_index(np.asarray(indices), shape_of(x)[axis], axis)
+    return bind("take", x, indices, axis=axis)
+
+
+def pad(x: Any, pad_width: Any, constant_values: float = 0.0) -> Any:
+    nd = len(shape_of(x))
+    w = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (nd, 2))
+    return bind("pad", x, lo=tuple(w[:, 0]), hi=tuple(w[:, 1]), interior=(0,) * nd, value=float(constant_values))
+
+
+def zeros_like(x: Any) -> Any:
+    return broadcast_to(np.zeros((), dtype_of(x)), shape_of(x))
+
+
+def ones_like(x: Any) -> Any:
+    return broadcast_to(np.ones((), dtype_of(x)), shape_of(x))
+
+
+def clip(x: Any, lo: Any, hi: Any) -> Any:
+    return minimum(maximum(x, lo), hi)
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def _checked_index(idx: np.ndarray, dim: int, axis: int) -> np.ndarray:
+    if idx.dtype == bool:
+        raise IndexError("boolean mask indexing is not supported on traced values (its shape depends on data); use gs.where")
+    if idx.dtype.kind not in "iu":
+        raise IndexError(f"indices must be integers, got dtype {idx.dtype}")
+    if idx.size and (idx.max() >= dim or idx.min() < -dim):
+        bad = int(idx.max() if idx.max() >= dim else idx.min())
+        raise IndexError(f"index {bad} is out of bounds for axis {axis} with size {dim}")
+    return np.where(idx < 0, idx + dim, idx).astype(np.int64)
+
+
+def getitem(x: Any, key: Any) -> Any:
+    """numpy indexing: ints, slices (any step), None, Ellipsis, integer arrays (advanced)."""
+    key = key if isinstance(key, tuple) else (key,)
+    key = tuple(np.asarray(k) if isinstance(k, list) else k for k in key)
+    is_array = [(_is_value(k) or isinstance(k, np.ndarray)) for k in key]
+    advanced = builtins.any(is_array)
+    n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+    if n_real > len(shape_of(x)):
+        raise IndexError(f"too many indices: array is {len(shape_of(x))}-dimensional, but {n_real} were indexed")
+    if builtins.sum(k is Ellipsis for k in key) > 1:
+        raise IndexError("an index can only have a single ellipsis")
+    if Ellipsis not in [k for k in key if not isinstance(k, np.ndarray) and not _is_value(k)]:
+        key = (*key, Ellipsis)
+    expanded: list[Any] = []
+    for k in key:
+        if k is Ellipsis and not isinstance(k, np.ndarray):
+            expanded.extend([slice(None)] * (len(shape_of(x)) - n_real))
+        else:
+            expanded.append(k)
+    y, ax, adv = x, 0, []
+    for k in expanded:
+        if k is None:
+            y = expand_dims(y, ax)
+            ax += 1
+        elif isinstance(k, slice):
+            y = _slice_axis(y, ax, k)
+            ax += 1
+        elif isinstance(k, (int, np.integer)) and not advanced:
+            dim = shape_of(y)[ax]
+            if not -dim <= k < dim:
+                raise IndexError(f"index {k} is out of bounds for axis {ax} with size {dim}")
+            k = int(k) % dim
+            y = squeeze(bind("slice", y, **_slice_attrs(shape_of(y), ax, k, k + 1, 1)), ax)
+        elif isinstance(k, (int, np.integer, np.ndarray)) or _is_value(k):
+            adv.append((ax, k))
+            ax += 1
+        else:
+            raise IndexError(f"index {k!r} of type {type(k).__name__} is not supported")
+    return _advanced(y, adv) if adv else y
+
+
+def _slice_attrs(shape: tuple[int, ...], axis: int, start: int, stop: int, step: int) -> dict[str, tuple[int, ...]]:
+    return {"starts": tuple(start if i == axis else 0 for i in range(len(shape))),
+            "stops": tuple(stop if i == axis else d for i, d in enumerate(shape)),
+            "steps": tuple(step if i == axis else 1 for i in range(len(shape)))}
+
+
+def _slice_axis(y: Any, axis: int, s: slice) -> Any:
+    dim = shape_of(y)[axis]
+    start, stop, step = s.indices(dim)
+    if step > 0:
+        stop = builtins.max(stop, start)
+        if (start, stop, step) == (0, dim, 1):
+            return y
+        return bind("slice", y, **_slice_attrs(shape_of(y), axis, start, stop, step))
+    return bind("take", y, np.arange(start, stop, step, dtype=np.int64), axis=axis)
+
+
+def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
+    """Integer-array indices on axes `adv`: merge those axes and gather with one linear index."""
+    axes = [a for a, _ in adv]
+    if axes != list(range(axes[0], axes[0] + len(axes))):  # separated: numpy puts them first
+        rest = [i for i in range(len(shape_of(y))) if i not in axes]
+        y, axes, pos = transpose(y, axes + rest), list(range(len(axes))), 0
+    else:
+        pos = axes[0]
+    dims = [shape_of(y)[a] for a in axes]
+    shape = shape_of(y)
+    y = reshape(y, (*shape[:pos], math.prod(dims), *shape[pos + len(dims):]))
+    strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+    idxs = [k for _, k in adv]
+    if not builtins.any(_is_value(k) for k in idxs):
+        parts = [_checked_index(np.asarray(k), d, a) for (a, k), d in zip(adv, dims, strict=True)]
+        lin = np.zeros((), np.int64)
+        for p, s in zip(parts, strides, strict=True):
+            lin = lin + p * s
+        return bind("take", y, lin, axis=pos)
+    lin: Any = 0
+    for k, d, s in zip(idxs, dims, strides, strict=True):
+        k = astype(k, "int64")
+        k = where(less(k, 0), add(k, d), k) if _is_value(k) else _checked_index(np.asarray(k), d, pos)
+        lin = add(lin, multiply(k, s)) if s != 1 else add(lin, k)
+    return bind("take", y, lin, axis=pos)
+
+
+# ---------------------------------------------------------------- numpy protocol tables
+
+UFUNCS: dict[str, Callable[..., Any]] = {
+    "add": add, "subtract": subtract, "multiply": multiply, "divide": divide, "true_divide": divide,
+    "power": power, "maximum": maximum, "minimum": minimum, "arctan2": arctan2, "negative": negative,
+    "positive": lambda x: x, "exp": exp, "log": log, "log1p": log1p, "expm1": expm1, "sin": sin, "cos": cos,
+    "tan": tan, "tanh": tanh, "sqrt": sqrt, "absolute": abs, "fabs": abs, "sign": sign, "floor": floor,
+    "ceil": ceil, "less": less, "less_equal": less_equal, "greater": greater, "greater_equal": greater_equal,
+    "equal": equal, "not_equal": not_equal, "matmul": matmul, "square": square,
+}
+
+FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    np.sum: sum, np.mean: mean, np.max: max, np.min: min, np.amax: max, np.amin: min, np.var: var,
+    np.reshape: reshape, np.transpose: transpose, np.swapaxes: swapaxes, np.broadcast_to: broadcast_to,
+    np.expand_dims: expand_dims, np.squeeze: squeeze, np.concatenate: concatenate, np.stack: stack,
+    np.where: where, np.take: take, np.cumsum: cumsum, np.dot: dot, np.matmul: matmul, np.clip: clip,
+    np.pad: pad, np.zeros_like: zeros_like, np.ones_like: ones_like, np.linalg.norm: norm,
+}
+
+
+def array_ufunc(ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+    name = ufunc.__name__
+    if method != "__call__":
+        raise TypeError(f"numpy.{name}.{method} is not supported on traced values")
+    if kwargs:
+        raise TypeError(f"numpy.{name}: keyword arguments {sorted(kwargs)} are not supported on traced values")
+    if name not in UFUNCS:
+        raise TypeError(f"numpy.{name} is not supported on traced values (no gradient rule); "
+                        f"supported ufuncs: {sorted(UFUNCS)}")
+    return UFUNCS[name](*inputs)
+
+
+def array_function(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    if func not in FUNCTIONS:
+        name = getattr(func, "__module__", "numpy").replace("numpy.core", "numpy") + "." + func.__name__
+        raise TypeError(f"{name} is not supported on traced values (no gradient rule)")
+    return FUNCTIONS[func](*args, **kwargs)
+
+
+def _one_or_many(args: tuple) -> Any:
+    """`x.reshape(2, 3)` and `x.reshape((2, 3))` alike."""
+    return args[0] if len(args) == 1 and not isinstance(args[0], (int, np.integer)) else args
+
+
+class ArrayMethods:
+    """numpy-style operators and methods, shared by traced values and imperative tensors."""
+
+    __slots__ = ()
+    __array_priority__ = 1000
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return array_ufunc(ufunc, method, *inputs, **kwargs)
+
+    def __array_function__(self, func: Callable, types: Any, args: tuple, kwargs: dict) -> Any:
+        return array_function(func, args, kwargs)
+
+    def __add__(self, o): return add(self, o)
+    def __radd__(self, o): return add(o, self)
+    def __sub__(self, o): return subtract(self, o)
+    def __rsub__(self, o): return subtract(o, self)
+    def __mul__(self, o): return multiply(self, o)
+    def __rmul__(self, o): return multiply(o, self)
+    def __truediv__(self, o): return divide(self, o)
+    def __rtruediv__(self, o): return divide(o, self)
+    def __pow__(self, o): return power(self, o)
+    def __rpow__(self, o): return power(o, self)
+    def __matmul__(self, o): return matmul(self, o)
+    def __rmatmul__(self, o): return matmul(o, self)
+    def __neg__(self): return negative(self)
+    def __pos__(self): return self
+    def __abs__(self): return abs(self)
+    def __lt__(self, o): return less(self, o)
+    def __le__(self, o): return less_equal(self, o)
+    def __gt__(self, o): return greater(self, o)
+    def __ge__(self, o): return greater_equal(self, o)
+    def __eq__(self, o): return equal(self, o)  # type: ignore[override]
+    def __ne__(self, o): return not_equal(self, o)  # type: ignore[override]
+    def __getitem__(self, key): return getitem(self, key)
+    __hash__ = object.__hash__
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d value")
+        return self.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def T(self): return transpose(self)
+    def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return max(self, axis, keepdims)
+    def min(self, axis=None, keepdims=False): return min(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False, ddof=0): return var(self, axis, keepdims, ddof)
+    def reshape(self, *shape): return reshape(self, _one_or_many(shape))
+    def transpose(self, *axes): return transpose(self, _one_or_many(axes) or None)
+    def astype(self, dtype): return astype(self, dtype)
+    def squeeze(self, axis=None): return squeeze(self, axis)
+    def cumsum(self, axis=None): return cumsum(self, axis)
+    def dot(self, o): return dot(self, o)
+
+
+class Traced(ArrayMethods, Var):
+    """A traced value: a `Var` with numpy's operators, methods and protocols."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        raise TypeError(f"the truth value of a traced value {self!r} depends on its data: "
+                        "Python control flow on traced values is not traced; use gs.where")
+
+    def __float__(self) -> float:
+        raise TypeError(f"float() of a traced value {self!r}: its value is not known while tracing")
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"a traced value {self!r} cannot be converted to a numpy array while tracing")
+
+    def __setitem__(self, key, value):
+        raise TypeError("traced values are immutable; build a new value with gs.where or concatenate")
+
+
+Builder.value_type = Traced  # every trace and every transform builds numpy-style values
+
+
+__all__ = [
+    "abs", "add", "arctan2", "astype", "broadcast_to", "cast", "ceil", "clip", "concatenate", "cos", "cross_entropy",
+    "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1", "floor", "greater", "greater_equal",
+    "less", "less_equal", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "min",
+    "minimum", "mse", "multiply", "negative", "norm", "not_equal", "ones_like", "pad", "power", "relu", "reshape",
+    "sigmoid", "sign", "sin", "softmax", "sqrt", "square", "squeeze", "stack", "stop_gradient", "subtract", "sum",
+    "swapaxes", "take", "tan", "tanh", "transpose", "var", "where", "zeros_like",
+]

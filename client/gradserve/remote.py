@@ -1,0 +1,465 @@
+"""The remote session: `gs.connect(address)` gives the local API, executed by a gradserve server.
+
+Every call builds a request, calls the stub with a deadline, and turns `grpc.RpcError` into the
+`gs.RemoteError` family. Traced functions are registered once per input signature; a NOT_FOUND
+(evicted, or a server restarted without a store) re-registers and retries once, and idempotent
+calls retry UNAVAILABLE with backoff inside their deadline, so a restart is invisible.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradserve_engine.errors import GraphError
+from gradserve_engine.ir import Graph, tensor_from_proto, tensor_to_proto
+from gradserve_engine.primitives import FLOATS
+from gradserve_engine.v1 import service_pb2 as pb
+from gradserve_engine.v1 import service_pb2_grpc
+
+from .api import Functional, _as_array, _leaves, flatten, unflatten
+
+# ---------------------------------------------------------------- errors
+
+
+class RemoteError(Exception):
+    """A call the server answered with an error status; `.code` is the grpc.StatusCode."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)  # the server's message, as it sent it
+        if code is not None:
+            self.code = code
+
+
+def _subclass(name: str, code: grpc.StatusCode) -> type[RemoteError]:
+    return type(name, (RemoteError,), {"code": code, "__doc__": f"The server answered {code.name}.",
+                                       "__module__": __name__})
+
+
+InvalidArgument = _subclass("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT)
+NotFound = _subclass("NotFound", grpc.StatusCode.NOT_FOUND)
+ResourceExhausted = _subclass("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED)
+Unauthenticated = _subclass("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED)
+PermissionDenied = _subclass("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED)
+DeadlineExceeded = _subclass("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED)
+Cancelled = _subclass("Cancelled", grpc.StatusCode.CANCELLED)
+Unavailable = _subclass("Unavailable", grpc.StatusCode.UNAVAILABLE)
+Internal = _subclass("Internal", grpc.StatusCode.INTERNAL)
+_BY_CODE = {c.code: c for c in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, PermissionDenied,
+                                 DeadlineExceeded, Cancelled, Unavailable, Internal)}
+
+
+def _remote_error(e: grpc.RpcError) -> RemoteError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(code, RemoteError)
+    return cls(e.details() if hasattr(e, "details") else str(e), code)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class GradientResult:
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+
+
+def _first_rows(x: Any, n: int) -> Any:
+    a = np.asarray(x)
+    if a.ndim == 0 or a.shape[0] < n:
+        raise ValueError(f"batch_size={n} needs every array in args to have at least {n} rows, got shape {a.shape}")
+    return a[:n]
+
+
+def _tensors(field: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {name: tensor_from_proto(t, where=name) for name, t in field.items()}
+
+
+def _fill(field: Any, values: Mapping[str, Any]) -> None:
+    for name, v in values.items():
+        tensor_to_proto(_as_array(v), field[name])
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session:
+    """A connection to a gradserve server with the functional API of the local engine."""
+
+    def __init__(self, address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
+                 timeout: float = 60.0, max_message_bytes: int = 256 << 20):
+        self.address, self.timeout = address, timeout
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls:
+            root = None if tls is True else (tls if isinstance(tls, bytes) else Path(tls).read_bytes())
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        self._known: dict[str, Graph] = {}  # graphs registered through this session, to re-register
+        self._lock = threading.Lock()
+        self._fn = Functional(_RemoteBackend(self))
+
+    # ---- lifecycle
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport
+    def _call(self, method: str, request: Any, graph_id: str | None = None, idempotent: bool = True,
+              timeout: float | None = None) -> Any:
+        """Call with a deadline; retry UNAVAILABLE with backoff inside it; on NOT_FOUND for a
+        graph this session registered, register it again and retry once."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay, reregistered = 0.02, False
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return getattr(self._stub, method)(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and idempotent and remaining > delay:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND and graph_id in self._known and not reregistered:
+                    reregistered = True
+                    self._register(self._known[graph_id], deadline - time.monotonic())
+                    continue
+                raise _remote_error(e) from None
+
+    def _register(self, graph: Graph, timeout: float | None = None) -> str:
+        resp = self._call("RegisterGraph", pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=timeout)
+        if resp.graph_id != graph.id:
+            raise GraphError(f"the server hashed the graph to {resp.graph_id}, the client to {graph.id}")
+        with self._lock:
+            self._known[graph.id] = graph
+        return graph.id
+
+    def _ensure(self, graph: Graph) -> str:
+        if graph.id not in self._known:
+            self._register(graph)
+        return graph.id
+
+    def _graph_id(self, graph: Graph | str) -> str:
+        return self._ensure(graph) if isinstance(graph, Graph) else graph
+
+    # ---- graph-level API
+    def register(self, graph: Graph) -> str:
+        """Register `graph` (idempotent); returns its id, the content hash."""
+        return self._register(graph)
+
+    def evaluate(self, graph: Graph | str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
+        gid = self._graph_id(graph)
+        req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()))
+        _fill(req.inputs, inputs)
+        return _tensors(self._call("Evaluate", req, gid).outputs)
+
+    def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
+                 batch_axes: Mapping[str, int] | None = None) -> GradientResult:
+        """Outputs and gradients; `batch_axes` lets the server shard the call over its workers."""
+        gid = self._graph_id(graph)
+        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}))
+        _fill(req.inputs, inputs)
+        _fill(req.seeds, seeds or {})
+        resp = self._call("Gradient", req, gid)
+        return GradientResult(_tensors(resp.outputs), _tensors(resp.grads))
+
+    def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
+                       seeds: Sequence[Mapping[str, Any]] | None = None,
+                       outputs: Sequence[str] | None = None) -> list[GradientResult]:
+        gid = self._graph_id(graph)
+        req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        for k, item in enumerate(inputs):
+            entry = req.items.add()
+            _fill(entry.inputs, item)
+            _fill(entry.seeds, seeds[k] if seeds is not None else {})
+        resp = self._call("BatchGradient", req, gid)
+        return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
+
+    def graphs(self) -> list[pb.GraphInfo]:
+        return list(self._call("ListGraphs", pb.ListGraphsRequest()).graphs)
+
+    def delete(self, graph_id: str) -> bool:
+        with self._lock:
+            self._known.pop(graph_id, None)
+        return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
+
+    # ---- the functional API, executed remotely
+    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+             batch_axes: Mapping[str, int] | None = None) -> Callable:
+        """`gs.grad`, run by the server; with `batch_axes` it may shard the batch over workers."""
+        return self._fn.grad(f, argnums, has_aux, batch_axes)
+
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                       batch_axes: Mapping[str, int] | None = None) -> Callable:
+        return self._fn.value_and_grad(f, argnums, has_aux, batch_axes)
+
+    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
+        return self._fn.jvp(f, primals, tangents)
+
+    def jacobian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+        return self._fn.jacobian(f, argnums)
+
+    def hessian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+        return self._fn.hessian(f, argnums)
+
+    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any]) -> tuple:
+        return self._fn.hvp(f, primals, vectors)
+
+    def trace(self, f: Callable, *args: Any) -> Graph:
+        return self._fn.trace(f, *args)
+
+    # ---- jobs
+    def minimize(self, fun: Callable, params0: Any, args: tuple = (), optimizer: Any = None, steps: int = 1000,
+                 tol: float | None = None, batch_size: int | None = None, seed: int = 0,
+                 batch_axes: Mapping[str, int] | None = None, name: str = "", checkpoint_every: int = 0) -> Job:
+        """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job."""
+        import json
+
+        from . import optim
+
+        if optimizer is None:
+            optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
+        spec_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.spec()
+        args = args if isinstance(args, tuple) else (args,)
+        traced_args = args
+        if batch_size:  # the graph takes one minibatch; the server cuts them from the full args
+            traced_args = tuple(unflatten(flatten(a, "")[1], [_first_rows(x, batch_size) for _, x in flatten(a, "")[0]])
+                                for a in args)
+        t = self._fn.traced(fun, (params0, *traced_args))
+        param_names = t.in_names[:len(flatten(params0, "")[0])]  # the first argument's leaves come first
+        spec = pb.JobSpec(graph_id=t.graph.id, loss=t.out_names[0], optimizer_json=json.dumps(spec_dict), steps=steps,
+                          tol=tol or 0.0, batch_size=batch_size or 0, seed=seed, batch_axes=dict(batch_axes or {}),
+                          checkpoint_every=checkpoint_every, name=name)
+        spec.graph.CopyFrom(t.graph.to_proto())
+        leaves = [x for a in (params0, *args) for _, x in flatten(a, "")[0]]
+        for n, x in zip(t.in_names, leaves, strict=True):
+            target = spec.params0 if n in param_names else spec.args
+            tensor_to_proto(_as_array(x), target[n])
+        spec.arg_order.extend(n for n in t.in_names if n not in param_names)
+        job = self._call("SubmitJob", pb.SubmitJobRequest(spec=spec), idempotent=False).job
+        return Job(self, job.job_id, params0, param_names)
+
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job by id (from any process)."""
+        self._call("GetJob", pb.GetJobRequest(job_id=job_id))
+        return Job(self, job_id)
+
+    def jobs(self) -> list[Job]:
+        return [Job(self, j.job_id) for j in self._call("ListJobs", pb.ListJobsRequest()).jobs]
+
+    def vjp(self, f: Callable, *primals: Any, ttl: float = 0.0) -> tuple[Any, RemoteVjp]:
+        """Run the forward pass once on the server; the returned function sends only cotangents."""
+        t = self._fn.traced(f, primals)
+        gid = self._ensure(t.graph)
+        groups = self._fn._argnum_leaves_floats(t, f, primals)
+        wrt = [n for grp in groups for n in grp]
+        req = pb.OpenVjpRequest(graph_id=gid, wrt=wrt, ttl_seconds=ttl)
+        _fill(req.inputs, Functional._feed(t, primals))
+        resp = self._call("OpenVjp", req, gid)
+        outs = _tensors(resp.outputs)
+        return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, primals, groups)
+
+
+class Job:
+    """A server-side optimisation job (from `remote.minimize`, `remote.job(id)` or `remote.jobs()`)."""
+
+    def __init__(self, session: Session, job_id: str, params_like: Any = None, param_names: Sequence[str] | None = None):
+        self.session, self.id = session, job_id
+        self._like, self._names = params_like, list(param_names or [])
+
+    def __repr__(self) -> str:
+        return f"Job({self.id}, {self.status})"
+
+    def info(self) -> pb.Job:
+        return self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+
+    @property
+    def status(self) -> str:
+        """queued, running, succeeded, failed or cancelled."""
+        return self.info().status
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
+        """Block until the job finishes (following its progress stream); a tqdm bar with `progress`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        info = self.info()
+        step = info.step  # follow the events from here on
+        if info.status in ("succeeded", "failed", "cancelled"):
+            return self
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+                try:
+                    stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=step),
+                                                         timeout=remaining, metadata=self.session._metadata)
+                    for event in stream:
+                        if bar is not None and event.step > step:
+                            bar.update(event.step - step)
+                            bar.set_postfix(loss=f"{event.loss:.4g}")
+                        step = max(step, event.step)
+                        if event.status in ("succeeded", "failed", "cancelled"):
+                            return self
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", e.code()) from None
+                    if e.code() != grpc.StatusCode.UNAVAILABLE:  # a restarting server: watch again
+                        raise _remote_error(e) from None
+                    time.sleep(0.2)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self) -> Any:
+        """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
+        from .minimize import OptimizeResult
+
+        resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
+        job = resp.job
+        flat = _tensors(resp.params)
+        if self._like is not None and all(n in flat for n in self._names):
+            x = unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
+        else:
+            x = flat
+        return OptimizeResult(x=x, fun=resp.fun, nit=job.step, success=job.status == "succeeded", status=job.status,
+                              message=job.message, history={"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)},
+                              optimizer=job.optimizer_json)
+
+    def history(self) -> dict[str, list[float]]:
+        resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
+        return {"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+
+    def cancel(self) -> Job:
+        self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
+        return self
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG of the loss curve (needs matplotlib: the `plot` extra)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        loss = self.history()["loss"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(range(1, len(loss) + 1), loss)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log" if loss and min(loss) > 0 else "linear")
+        ax.set_title(f"job {self.id}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
+
+
+class RemoteVjp:
+    """`vjp_fn(cotangent)` of a residual session: one CallVjp per call, no forward pass."""
+
+    def __init__(self, session: Session, handle: str, traced: Any, primals: tuple, groups: list[list[str]]):
+        self.session, self.handle, self._t, self._primals, self._groups = session, handle, traced, primals, groups
+        self._float_outs = [n for n in traced.out_names if traced.graph.aval(dict(traced.graph.outputs)[n])[0] in FLOATS]
+
+    def __call__(self, cotangent: Any, batched: bool = False) -> tuple:
+        """Cotangents shaped like the output (one leading axis more when `batched`), returned
+        as one cotangent per primal (with the same leading axis when batched)."""
+        cts: list[Any] = []
+        _leaves(cotangent, cts)
+        if len(cts) != len(self._t.out_names):
+            raise ValueError(f"cotangent has {len(cts)} leaves for {len(self._t.out_names)} outputs {self._t.out_names}")
+        req = pb.CallVjpRequest(handle=self.handle, batched=batched)
+        _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs})
+        grads = _tensors(self.session._call("CallVjp", req).grads)
+        return tuple(unflatten(flatten(p, "")[1], [grads[n] for n in grp]) if grp else None
+                     for p, grp in zip(self._primals, self._groups, strict=True))
+
+    def close(self) -> None:
+        """Release the server-side residuals now (they also go on TTL or under memory pressure)."""
+        self.session._call("CloseVjp", pb.CloseVjpRequest(handle=self.handle))
+
+    def __enter__(self) -> RemoteVjp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _RemoteBackend:
+    """The Engine's interface (graph + named arrays) over RPCs, for the shared Functional API."""
+
+    def __init__(self, session: Session):
+        self.s = session
+
+    def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
+        return self.s.evaluate(graph, inputs, outputs)
+
+    def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
+            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None) -> tuple[dict, dict]:
+        r = self.s.gradient(graph, inputs, wrt, seeds, outputs, batch_axes)
+        return r.outputs, r.grads
+
+    def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
+        gid = self.s._ensure(graph)
+        req = pb.JvpRequest(graph_id=gid)
+        _fill(req.inputs, inputs)
+        _fill(req.tangents, tangents)
+        resp = self.s._call("Jvp", req, gid)
+        return _tensors(resp.outputs), _tensors(resp.tangents)
+
+    def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.JacobianRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        _fill(req.inputs, inputs)
+        resp = self.s._call("Jacobian", req, gid)
+        return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
+
+    def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
+        _fill(req.inputs, inputs)
+        resp = self.s._call("Hessian", req, gid)
+        return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
+
+    def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
+            vectors: Mapping[str, Any]) -> dict:
+        gid = self.s._ensure(graph)
+        req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
+        _fill(req.inputs, inputs)
+        _fill(req.vectors, vectors)
+        resp = self.s._call("Hessian", req, gid)
+        return {e.input: tensor_from_proto(e.value) for e in resp.entries}
+
+
+def connect(address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
+            timeout: float = 60.0) -> Session:
+    """A session with the server at `address` ("host:port"); use it as a context manager.
+
+    `token`: the bearer token the server was started with; `tls`: True for the system's roots,
+    or a CA certificate (path or PEM bytes); `timeout`: the deadline of each call, in seconds.
+    """
+    return Session(address, token=token, tls=tls, timeout=timeout)

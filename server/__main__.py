@@ -1,7 +1,0 @@
-"""`python -m gradserve.server [flags]`: the same as `gradserve serve`."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main(["serve", *sys.argv[1:]]))

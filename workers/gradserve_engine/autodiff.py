@@ -1,0 +1,191 @@
+"""Differentiation as graph transforms: reverse mode (VJP), forward mode (JVP), and their
+compositions (Jacobians with stacked seeds, Hessians, Hessian-vector products).
+
+Each transform takes a Graph and returns a new Graph; the result is an ordinary graph that the
+planner caches, the passes optimise, and the transforms can differentiate again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from gradserve_engine.errors import GraphError
+from gradserve_engine.ir import Builder, Graph, Var, replay
+from gradserve_engine.names import GRAD, SEED, TANGENT
+from gradserve_engine.primitives import FLOATS
+
+from .rules import JVP, NON_DIFFERENTIABLE, VJP, zeros
+
+
+def _check_wrt(graph: Graph, wrt: Sequence[str]) -> list[int]:
+    ids = []
+    for name in wrt:
+        inp = graph.input(name)
+        if inp.dtype not in FLOATS:
+            raise TypeError(f"cannot differentiate with respect to input {name!r} of dtype {inp.dtype}; "
+                            "only float32/float64 inputs have gradients")
+        ids.append(inp.id)
+    return ids
+
+
+def active_values(graph: Graph, sources: Sequence[int]) -> set[int]:
+    """Float values that depend differentiably on `sources` (forward reachability)."""
+    active = set(sources)
+    for n in graph.nodes:
+        if n.op not in NON_DIFFERENTIABLE and n.dtype in FLOATS and any(i in active for i in n.inputs):
+            active.add(n.id)
+    return active
+
+
+def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = None,
+              batch: tuple[int, ...] = (), keep_outputs: bool = True, residuals: bool = False) -> Graph:
+    """Reverse mode: a graph of `graph`'s outputs and `grad:<x>` for each x in `wrt`.
+
+    Each differentiated output `o` takes its cotangent from an input `ct:o` of shape
+    `batch + o.shape` (stacked seeds when `batch` is not empty; gradients then get the same
+    leading axes). With `residuals=True` the forward pass is not recomputed: every forward
+    value the backward pass reads becomes an input named by the forward graph's value
+    (`%<id>`, or the input's own name), to be fed from a forward pass already run.
+    """
+    wrt_ids = _check_wrt(graph, wrt)
+    names = graph.output_names()
+    outs = list(names if outputs is None else outputs)
+    for o in outs:
+        if o not in names:
+            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
+    out_ids = dict(graph.outputs)
+    b = Builder()
+    env: dict[int, Var] = {}
+    if residuals:
+        for i in graph.inputs:
+            env[i.id] = b.input(i.name, i.dtype, i.shape)
+        for k in range(len(graph.constants)):
+            env[len(graph.inputs) + k] = b.const(graph.constants[k])
+        for n in graph.nodes:
+            env[n.id] = b.input(f"%{n.id}", n.dtype, n.shape)
+    else:
+        for i in graph.inputs:
+            env[i.id] = b.input(i.name, i.dtype, i.shape)
+        replay(graph, b, env)
+
+    active = active_values(graph, wrt_ids)
+    nb = len(batch)
+    cts: dict[int, Var] = {}
+
+    def accumulate(vid: int, ct: Var) -> None:
+        cts[vid] = cts[vid] + ct if vid in cts else ct  # fan-out: cotangents sum (the chain rule)
+
+    for o in outs:
+        vid = out_ids[o]
+        dtype, shape = graph.aval(vid)
+        if dtype in FLOATS and vid in active:
+            accumulate(vid, b.input(SEED + o, dtype, tuple(batch) + shape))
+    for n in reversed(graph.nodes):
+        ct = cts.pop(n.id, None)  # consumed once: the adjoint is dropped after use
+        if ct is None or n.op in NON_DIFFERENTIABLE:
+            continue
+        need = [i in active for i in n.inputs]
+        results = VJP[n.op](ct, *(env[i] for i in n.inputs), out=env[n.id], need=need, nb=nb, **n.attrs)
+        if len(results) != len(n.inputs):
+            raise AssertionError(f"VJP rule of {n.op} returned {len(results)} cotangents for {len(n.inputs)} operands")
+        for i, r, want in zip(n.inputs, results, need, strict=True):
+            if want and r is not None and i in active:
+                if (r.dtype, r.shape) != (graph.aval(i)[0], tuple(batch) + graph.aval(i)[1]):
+                    raise AssertionError(f"VJP rule of {n.op} gave {r!r} for operand %{i} at {n.text()}")
+                accumulate(i, r)
+    result = [(o, env[out_ids[o]]) for o in names] if keep_outputs else []
+    for name, vid in zip(wrt, wrt_ids, strict=True):
+        dtype, shape = graph.aval(vid)
+        g = cts.get(vid)
+        if g is None:
+            g = zeros(tuple(batch) + shape, dtype, env[vid])
+        result.append((GRAD + name, g))
+    return b.build(result, prune_inputs=residuals)
+
+
+def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
+    """Forward mode: a graph of `graph`'s outputs and `tan:<o>` for each float output, with a
+    tangent input `tan:<x>` for each x in `wrt`."""
+    wrt_ids = _check_wrt(graph, wrt)
+    b = Builder()
+    env: dict[int, Var] = {}
+    tangents: dict[int, Var] = {}
+    for i in graph.inputs:
+        env[i.id] = b.input(i.name, i.dtype, i.shape)
+    for name, vid in zip(wrt, wrt_ids, strict=True):
+        tangents[vid] = b.input(TANGENT + name, *graph.aval(vid))
+    for k, c in enumerate(graph.constants):
+        env[len(graph.inputs) + k] = b.const(c)
+    for n in graph.nodes:
+        args = [env[i] for i in n.inputs]
+        out = env[n.id] = b.bind(n.op, *args, **n.attrs)
+        ts = [tangents.get(i) for i in n.inputs]
+        if n.op in NON_DIFFERENTIABLE or n.dtype not in FLOATS or all(t is None for t in ts):
+            continue
+        t = JVP[n.op](ts, *args, out=out, **n.attrs)
+        if (t.dtype, t.shape) != (n.dtype, n.shape):
+            raise AssertionError(f"JVP rule of {n.op} gave {t!r} at {n.text()}")
+        tangents[n.id] = t
+    result = [(o, env[vid]) for o, vid in graph.outputs]
+    for o, vid in graph.outputs:
+        dtype, shape = graph.aval(vid)
+        if dtype in FLOATS:
+            t = tangents.get(vid)
+            result.append((TANGENT + o, t if t is not None else zeros(shape, dtype, env[vid])))
+    return b.build(result)
+
+
+def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> tuple[Graph, list[int]]:
+    """Reverse-mode Jacobian of `outputs` w.r.t. `wrt` in one pass over stacked seeds.
+
+    Returns a graph with one input `seeds` of shape (M, M), M the total output size (the
+    caller feeds the identity), and an output `jac:<o>:<x>` of shape o.shape + x.shape for
+    each pair; and the list of output sizes.
+    """
+    out_ids = dict(graph.outputs)
+    sizes = [math.prod(graph.aval(out_ids[o])[1]) for o in outputs]
+    total = sum(sizes)
+    dtype = graph.aval(out_ids[outputs[0]])[0]
+    inner = vjp_graph(graph, wrt, outputs, batch=(total,), keep_outputs=False)
+    b = Builder()
+    env: dict[int, Var] = {}
+    seeds = b.input("seeds", dtype, (total, total))
+    for i in inner.inputs:
+        if i.name.startswith(SEED):
+            o = i.name[len(SEED):]
+            k = outputs.index(o)
+            start = sum(sizes[:k])
+            block = b.bind("slice", seeds, starts=(0, start), stops=(total, start + sizes[k]), steps=(1, 1))
+            env[i.id] = b.bind("reshape", b.bind("cast", block, dtype=i.dtype) if i.dtype != dtype else block,
+                               shape=i.shape)
+        else:
+            env[i.id] = b.input(i.name, i.dtype, i.shape)
+    replay(inner, b, env)
+    result = []
+    for name, vid in inner.outputs:
+        x = name[len(GRAD):]
+        g = env[vid]
+        start = 0
+        for o, m in zip(outputs, sizes, strict=True):
+            block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m, *g.shape[1:]),
+                           steps=(1,) * g.ndim)
+            oshape = graph.aval(out_ids[o])[1]
+            result.append((f"jac:{o}:{x}", b.bind("reshape", block, shape=oshape + g.shape[1:])))
+            start += m
+    return b.build(result), sizes
+
+
+def grad_only(graph: Graph, wrt: Sequence[str], output: str, keep_outputs: bool = False) -> Graph:
+    """The gradient of one scalar output as a function of the inputs (seed 1 folded in);
+    with `keep_outputs`, the graph's outputs too."""
+    _dtype, shape = graph.aval(dict(graph.outputs)[output])
+    if shape != ():
+        raise GraphError(f"grad needs a scalar output, but {output!r} has shape {shape}; use vjp or jacobian")
+    inner = vjp_graph(graph, wrt, [output], keep_outputs=keep_outputs)
+    b = Builder()
+    env: dict[int, Var] = {}
+    for i in inner.inputs:
+        env[i.id] = b.const(1.0, i.dtype) if i.name == SEED + output else b.input(i.name, i.dtype, i.shape)
+    replay(inner, b, env)
+    return b.build([(name, env[vid]) for name, vid in inner.outputs])

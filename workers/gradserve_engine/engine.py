@@ -1,0 +1,327 @@
+"""The Engine: evaluate and differentiate graphs with cached plans.
+
+The embedded (local) session and the gRPC servicer both call this object, so the default and
+the service run the same code. Plans are compiled once per (graph id, request) — the graph id
+fixes the input signature — and kept in an LRU; `cache_info()` says why each miss happened.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradserve_engine.errors import GraphError, ShapeError
+from gradserve_engine.ir import Graph, Var, type_str
+from gradserve_engine.primitives import FLOATS, NP_DTYPES
+
+from . import autodiff
+from .passes import optimize
+from .plan import Plan
+
+
+@dataclass
+class CacheInfo:
+    hits: int = 0
+    misses: int = 0
+    size: int = 0
+    maxsize: int = 0
+    reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
+    kernels: str = "numpy"  # which kernels run the plans, and why
+
+    def __str__(self) -> str:
+        return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
+
+
+@dataclass
+class Residuals:
+    """What a residual session keeps: the forward values its backward pass reads."""
+
+    graph: Graph
+    wrt: tuple[str, ...]
+    outputs: tuple[str, ...]
+    values: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(np.asarray(v).nbytes for v in self.values.values())
+
+
+class Engine:
+    """Runs graphs in process with the numpy kernels; thread-safe."""
+
+    def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
+        from .native import resolve_kernels
+
+        self.kernel_mode = kernels
+        self.kernels = resolve_kernels(kernels)  # "numpy", "native", "auto" or "gpu"
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+        self._seen_graphs: set[str] = set()
+        self._max_plans = max_plans
+        self._max_reasons = max_reasons
+        self._lock = threading.Lock()
+        self.info = CacheInfo(maxsize=max_plans, kernels=self.kernels.describe())
+
+    # ---- plans
+    def plan(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Plan:
+        """The cached plan for `request` on `graph`, compiling `build()` on a miss."""
+        key = (graph.id, request)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.info.hits += 1
+                return plan
+            self.info.misses += 1
+            why = "new graph" if graph.id not in self._seen_graphs else "new request on a known graph"
+            self._seen_graphs.add(graph.id)
+            self._note(f"plan miss: {why} {graph.id[:12]} ({request[0]}{_describe(request[1:])})")
+        plan = Plan(optimize(build()), kernels=self.kernels)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self._max_plans:
+                self._plans.popitem(last=False)
+            self.info.size = len(self._plans)
+        return plan
+
+    def _note(self, reason: str) -> None:
+        self.info.reasons.append(reason)
+        del self.info.reasons[:-self._max_reasons]
+
+    def note_miss(self, reason: str) -> None:
+        """Record a miss of a cache in front of the engine (the SDK's trace cache)."""
+        with self._lock:
+            self.info.misses += 1
+            self._note(reason)
+
+    def note_hit(self) -> None:
+        with self._lock:
+            self.info.hits += 1
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
+                             self.kernels.describe())
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self._graphs.clear()
+            self._seen_graphs.clear()
+            self.info = CacheInfo(maxsize=self._max_plans, kernels=self.kernels.describe())
+
+    # ---- requests
+    def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        outs = tuple(graph.output_names() if outputs is None else outputs)
+        _check_outputs(graph, outs)
+        plan = self.plan(graph, ("evaluate", outs), lambda: _select_outputs(graph, outs))
+        return plan.run(check_inputs(graph, inputs))
+
+    def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+            seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
+            residuals: Mapping[int, Any] | None = None) -> tuple[dict, dict]:
+        """Outputs and the gradients of sum(seed * output) w.r.t. `wrt`; scalar outputs seed 1.
+
+        With `residuals` (every forward node's value by id, from a forward pass already run)
+        only the backward pass runs, and the outputs dict is empty.
+        """
+        outs = differentiated_outputs(graph, outputs)
+        wrt = tuple(wrt)
+        feed = check_inputs(graph, inputs)
+        feed.update(seed_feed(graph, outs, seeds))
+        if residuals is not None:
+            plan = self._backward_plan(graph, wrt, outs, ())
+            for name, _ in plan.inputs:
+                if name.startswith("%"):
+                    feed[name] = residuals[int(name[1:])]
+        else:
+            plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, wrt, outs))
+        res = plan.run(_only(plan, feed))
+        grads = {x: res.pop(autodiff.GRAD + x) for x in wrt}
+        return res, grads
+
+    def _backward_plan(self, graph: Graph, wrt: tuple[str, ...], outs: tuple[str, ...], batch: tuple[int, ...]) -> Plan:
+        return self.plan(graph, ("backward", wrt, outs, batch),
+                         lambda: autodiff.vjp_graph(graph, wrt, outs, batch=batch, keep_outputs=False, residuals=True))
+
+    def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
+        """Run the forward pass once; return the outputs and the values the backward pass reads."""
+        outs = differentiated_outputs(graph, outputs)
+        wrt = tuple(wrt)
+        backward = self._backward_plan(graph, wrt, outs, ())
+        needed = [name for name, _ in backward.inputs if not name.startswith(autodiff.SEED)]
+        kept = tuple(int(name[1:]) for name in needed if name.startswith("%"))
+        forward = self.plan(graph, ("forward", kept), lambda: Graph(
+            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(f"%{k}", k) for k in kept]))
+        feed = check_inputs(graph, inputs)
+        res = forward.run(feed)
+        values = {name: res[name] if name.startswith("%") else feed[name] for name in needed}
+        return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
+
+    def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
+        """The gradients for cotangents of the outputs (each with one extra leading axis when
+        `batched`), from kept residuals: the forward pass is not run again."""
+        r = residuals
+        batch: tuple[int, ...] = ()
+        if batched:
+            sizes = {np.shape(c)[0] if np.ndim(c) else None for c in cotangents.values()}
+            if len(sizes) != 1 or None in sizes:
+                raise ShapeError(f"batched cotangents need one common leading axis, got shapes "
+                                 f"{ {k: np.shape(c) for k, c in cotangents.items()} }")
+            batch = (sizes.pop(),)
+        plan = self._backward_plan(r.graph, r.wrt, r.outputs, batch)
+        feed = {**r.values, **seed_feed(r.graph, r.outputs, cotangents, batch, "cotangent")}
+        res = plan.run(feed)
+        return {x: res[autodiff.GRAD + x] for x in r.wrt}
+
+    def grad_plan(self, graph: Graph, wrt: Sequence[str], output: str) -> Plan:
+        """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):
+        the SDK's cached fast path for grad/value_and_grad."""
+        wrt = tuple(wrt)
+        return self.plan(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output, keep_outputs=True))
+
+    def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict, dict]]:
+        """`vjp` for each (inputs, seeds) of a batch of input sets."""
+        return [self.vjp(graph, inputs, wrt, seeds or None, outputs) for inputs, seeds in items]
+
+    def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
+        """Outputs and their directional derivatives along `tangents` (forward mode)."""
+        wrt = tuple(tangents)
+        feed = check_inputs(graph, inputs)
+        for x in wrt:
+            i = graph.input(x)
+            feed[autodiff.TANGENT + x] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
+        plan = self.plan(graph, ("jvp", wrt), lambda: autodiff.jvp_graph(graph, wrt))
+        res = plan.run(feed)
+        outs = {o: res[o] for o in graph.output_names()}
+        return outs, {o: res[autodiff.TANGENT + o] for o in graph.output_names() if autodiff.TANGENT + o in res}
+
+    def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
+        """Full Jacobians {(output, input): array of shape out.shape + in.shape}, one batched pass."""
+        outs = tuple(outputs) if outputs is not None else tuple(graph.output_names())
+        _check_outputs(graph, outs)
+        for o in outs:
+            if graph.aval(dict(graph.outputs)[o])[0] not in FLOATS:
+                raise TypeError(f"output {o!r} is not a float value and has no Jacobian")
+        wrt = tuple(wrt)
+        plan = self.plan(graph, ("jacobian", wrt, outs), lambda: autodiff.jacobian_graph(graph, wrt, outs)[0])
+        feed = check_inputs(graph, inputs)
+        if "seeds" in plan.graph.input_names():
+            seeds = plan.graph.input("seeds")
+            feed["seeds"] = np.eye(seeds.shape[0], dtype=seeds.dtype)
+        res = plan.run(_only(plan, feed))
+        return {(o, x): res[f"jac:{o}:{x}"] for o in outs for x in wrt}
+
+    def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
+        """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
+        _check_outputs(graph, [output])
+        wrt = tuple(wrt)
+        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
+        jac = self.jacobian(grad, inputs, wrt)
+        return {(xi, xj): jac[(autodiff.GRAD + xi, xj)] for xi in wrt for xj in wrt}
+
+    def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
+            vectors: Mapping[str, Any]) -> dict[str, Any]:
+        """Hessian-vector products (forward over reverse): {x: sum_j H[x, j] v_j}."""
+        _check_outputs(graph, [output])
+        wrt = tuple(wrt)
+        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
+        _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
+        return {x: tangents[autodiff.GRAD + x] for x in wrt}
+
+    def _derived(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Graph:
+        """A transformed graph (not a plan), cached like plans: e.g. the gradient to differentiate again."""
+        key = (graph.id, request)
+        with self._lock:
+            if key in self._graphs:
+                self._graphs.move_to_end(key)
+                return self._graphs[key]
+        derived = optimize(build())
+        with self._lock:
+            self._graphs[key] = derived
+            while len(self._graphs) > self._max_plans:
+                self._graphs.popitem(last=False)
+        return derived
+
+
+def _describe(parts: tuple) -> str:
+    return "".join(f" {p if not isinstance(p, tuple) else list(p)}" for p in parts)
+
+
+def differentiated_outputs(graph: Graph, outputs: Sequence[str] | None) -> tuple[str, ...]:
+    """The outputs a VJP takes seeds for: those named (checked to exist), else every float output."""
+    if outputs is None:
+        return tuple(o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
+    _check_outputs(graph, outputs)
+    return tuple(outputs)
+
+
+def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None, batch: tuple[int, ...] = (),
+              what: str = "seed") -> dict[str, Any]:
+    """The `ct:<o>` inputs of a VJP graph: each given seed checked against batch + the output's
+    type; a scalar output without one takes 1 (not with stacked seeds)."""
+    feed = {}
+    for o in outs:
+        dtype, shape = graph.aval(dict(graph.outputs)[o])
+        seed = None if seeds is None else seeds.get(o)
+        if seed is None:
+            if shape != () or batch:
+                raise ShapeError(f"output {o!r} has shape {shape}: pass a {what} (cotangent) for it")
+            seed = np.ones((), dtype)
+        feed[autodiff.SEED + o] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
+    extra = sorted(set(seeds or ()) - set(outs))
+    if extra:
+        raise GraphError(f"{what}s given for {extra}, which are not differentiated outputs {list(outs)}")
+    return feed
+
+
+def _check_outputs(graph: Graph, outs: Sequence[str]) -> None:
+    names = graph.output_names()
+    for o in outs:
+        if o not in names:
+            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
+
+
+def _select_outputs(graph: Graph, outs: tuple[str, ...]) -> Graph:
+    ids = dict(graph.outputs)
+    return Graph(graph.inputs, graph.constants, graph.nodes, [(o, ids[o]) for o in outs])
+
+
+def _only(plan: Plan, feed: dict[str, Any]) -> dict[str, Any]:
+    return {name: feed[name] for name, _ in plan.inputs}
+
+
+def _check_value(value: Any, dtype: str, shape: tuple[int, ...], what: str) -> Any:
+    if isinstance(value, Var):  # a traced value: the plan is inlined into its trace
+        if value.shape != shape or value.dtype != dtype:
+            raise ShapeError(f"{what} is {value!r}, expected {type_str(dtype, shape)}")
+        return value
+    a = np.asarray(value)
+    if a.dtype != NP_DTYPES[dtype]:
+        if a.dtype.kind in "biuf" and np.can_cast(a.dtype, dtype, "same_kind") and a.dtype.kind == np.dtype(dtype).kind:
+            a = a.astype(dtype)
+        elif isinstance(value, (int, float, bool)) and not isinstance(value, np.generic):
+            a = np.asarray(value, dtype=dtype)
+        else:
+            raise ShapeError(f"{what} has dtype {a.dtype}, expected {dtype}")
+    if a.shape != shape:
+        raise ShapeError(f"{what} has shape {a.shape}, expected {type_str(dtype, shape)}")
+    return a
+
+
+def check_inputs(graph: Graph, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs as arrays of the graph's declared types, or an error naming the input."""
+    names = graph.input_names()
+    missing = [n for n in names if n not in inputs]
+    extra = sorted(set(inputs) - set(names))
+    if missing or extra:
+        raise GraphError(f"inputs do not match the graph: missing {missing}, unexpected {extra}")
+    return {i.name: _check_value(inputs[i.name], i.dtype, i.shape, f"input {i.name!r}") for i in graph.inputs}

@@ -1,0 +1,495 @@
+"""Fusion: the planner groups elementwise primitives into one kernel call.
+
+A *group* is a set of elementwise nodes of one result shape (the group's shape) that runs as
+one step: each member's value is computed element by element from the group's inputs, and
+only the group's *outputs* (members used after the group, or returned by the graph) are
+written to memory. Operands that broadcast against the group's shape (a bias row, a (256, 1)
+column, a scalar constant) are ordinary group inputs, and chains of broadcasting views that
+only the group reads (`broadcast_to`, `expand_dims`, `squeeze`, `reshape` that only adds or
+drops 1-dims) are looked through: the group reads their source and the views are never run.
+
+Grouping is a pure planner decision: the graph, its id and the results do not change. Groups
+grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with its own
+`y*y` and not with the forward pass that made `y`), and a producer joins only if the group
+stays *convex*: no path leaves the group and comes back into it, so the group can run as one
+step at a point where all its inputs exist.
+
+Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
+member by member with the reference kernels (same bits as unfused; used to test the planner),
+the native backend compiles it with numba (`workers/native.py`), the GPU backend with CuPy
+(`workers/gpu.py`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradserve_engine.ir import Graph, Node, type_str
+
+from .kernels import KERNELS, OUT_CAPABLE, Kernel
+
+Shape = tuple[int, ...]
+
+UNARY = frozenset({"neg", "exp", "log", "log1p", "expm1", "sin", "cos", "tan", "tanh", "logistic", "sqrt", "abs",
+                   "sign", "floor", "ceil", "cast"})
+BINARY = frozenset({"add", "sub", "mul", "div", "pow", "maximum", "minimum", "atan2", "lt", "le", "gt", "ge", "eq", "ne"})
+ELEMENTWISE = UNARY | BINARY | {"select"}
+# views that only broadcast or move 1-dims: a group reads through them (element order is kept)
+BROADCAST_VIEWS = frozenset({"broadcast_to", "expand_dims", "squeeze", "reshape"})
+MAX_VISITS = 20_000  # one cycle check gives up (and refuses the merge) beyond this many nodes visited
+MAX_TOTAL_VISITS = 1_000_000  # and all of a graph's checks together (huge graphs: planning stays fast, fusion stops)
+MERGE_PASSES = 4  # passes merging producer groups into consumer groups
+
+
+@dataclass(frozen=True)
+class Group:
+    """One fused step. Members are in graph order; every member has shape `shape`.
+
+    `inputs[k]` is a value id the group reads, laid against the group's shape as `aligned[k]`
+    (same rank; each dim is 1 where the input broadcasts, else the group's dim): the group
+    reads `value.reshape(aligned[k])`. The same value may appear twice with different
+    alignments. `operands[j]` wires member j: an operand `>= 0` is member position, `< 0`
+    is input `-1 - operand`. `outputs` are member positions whose values leave the group.
+    `absorbed` are view nodes that only the group read; the plan does not run them.
+    """
+
+    shape: Shape
+    members: tuple[Node, ...]
+    inputs: tuple[int, ...]
+    aligned: tuple[Shape, ...]
+    input_dtypes: tuple[str, ...]
+    operands: tuple[tuple[int, ...], ...]
+    outputs: tuple[int, ...]
+    absorbed: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        return tuple(self.members[j].id for j in self.outputs)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(n.op for n in self.members)
+
+    def signature(self) -> str:
+        """Canonical text of the computation without the sizes (what compiled code depends on,
+        together with which dims broadcast): ops, attributes, dtypes, wiring, outputs."""
+        parts = [f"rank {len(self.shape)}"]
+        for k, (dt, al) in enumerate(zip(self.input_dtypes, self.aligned, strict=True)):
+            pattern = "".join("b" if a == 1 and d != 1 else "r" for a, d in zip(al, self.shape, strict=True))
+            parts.append(f"in{k} {dt} {pattern}")
+        for j, n in enumerate(self.members):
+            attrs = ",".join(f"{k}={v}" for k, v in sorted(n.attrs.items()))
+            parts.append(f"m{j} {n.op}[{attrs}] {n.dtype} {self.operands[j]}")
+        parts.append(f"out {self.outputs}")
+        return "\n".join(parts)
+
+    def text(self) -> str:
+        """`%15,%16 = fused[add,tanh] %14 %1 -> %16:f32[256,1024]` (members, ops, inputs, outputs)."""
+        ins = " ".join(f"%{v}" for v in dict.fromkeys(self.inputs))
+        outs = ",".join(f"%{n.id}:{type_str(n.dtype, n.shape)}" for n in (self.members[j] for j in self.outputs))
+        head = f"{','.join(f'%{n.id}' for n in self.members)} = fused[{','.join(self.ops)}] {ins} -> {outs}"
+        if self.absorbed:
+            head += f"  (views read through: {' '.join(f'%{v}' for v in self.absorbed)})"
+        return head
+
+
+# ---------------------------------------------------------------- finding groups
+
+
+def _nonones(shape: Shape) -> list[int]:
+    return [d for d in shape if d != 1]
+
+
+def _view_source(graph: Graph, vid: int) -> tuple[int, Shape, list[int]] | None:
+    """If `vid` is made by a chain of broadcasting views, (source id, the source's shape laid
+    against vid's shape, the chain's node ids), else None."""
+    first = graph.first_node_id
+    chain: list[Node] = []
+    cur = vid
+    while cur >= first:
+        n = graph.nodes[cur - first]
+        if n.op not in BROADCAST_VIEWS:
+            break
+        if n.op == "reshape" and _nonones(graph.aval(n.inputs[0])[1]) != _nonones(n.shape):
+            break
+        chain.append(n)
+        cur = n.inputs[0]
+    if not chain:
+        return None
+    aligned = graph.aval(cur)[1]
+    for n in reversed(chain):  # from the source up to vid
+        src_shape = graph.aval(n.inputs[0])[1]
+        if n.op == "broadcast_to":
+            aligned = (1,) * (len(n.shape) - len(aligned)) + aligned
+        elif n.op == "expand_dims":
+            it = iter(aligned)
+            aligned = tuple(1 if i in n.attrs["axes"] else next(it) for i in range(len(n.shape)))
+        elif n.op == "squeeze":
+            aligned = tuple(a for i, a in enumerate(aligned) if i not in n.attrs["axes"])
+        else:  # reshape that keeps the non-1 dims in order
+            real = [a for a, d in zip(aligned, src_shape, strict=True) if d != 1]
+            it = iter(real)
+            aligned = tuple(next(it) if d != 1 else 1 for d in n.shape)
+    return cur, aligned, [n.id for n in chain]
+
+
+def _align(shape: Shape, target: Shape) -> Shape:
+    aligned = (1,) * (len(target) - len(shape)) + tuple(shape)
+    return tuple(a if a == d else 1 for a, d in zip(aligned, target, strict=True))
+
+
+def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None) -> list[Group]:
+    """Groups of at least `min_members` elementwise nodes; `accept(node)` may refuse nodes.
+    Groups are disjoint and convex; the result is in order of each group's first member."""
+    first = graph.first_node_id
+    nodes = graph.nodes
+    users: list[list[int]] = [[] for _ in range(graph.n_values)]
+    for n in nodes:
+        for i in dict.fromkeys(n.inputs):
+            users[i].append(n.id)
+    returned = {vid for _, vid in graph.outputs}
+
+    def fusible(vid: int, shape: Shape) -> bool:
+        if vid < first:
+            return False
+        n = nodes[vid - first]
+        return n.op in ELEMENTWISE and n.shape == shape and (accept is None or accept(n))
+
+    group_of: dict[int, int] = {}
+    spent = [0]  # nodes visited by all cycle checks so far
+
+    def reaches(starts: list[int], members: set[int], limit: int) -> bool:
+        """Whether some node in `members` is reachable from `starts` by following users
+        (only nodes up to id `limit` can be members); True also when the search is too big."""
+        seen: set[int] = set()
+        stack = [s for s in starts if s <= limit]
+        try:
+            while stack:
+                v = stack.pop()
+                if v in members:
+                    return True
+                if v in seen:
+                    continue
+                seen.add(v)
+                if len(seen) > MAX_VISITS or spent[0] + len(seen) > MAX_TOTAL_VISITS:
+                    return True
+                stack.extend(u for u in users[v] if u <= limit)
+            return False
+        finally:
+            spent[0] += len(seen)
+
+    def depends_on(starts: list[int], members: set[int], lower: int) -> bool:
+        """Whether some node in `members` is an ancestor of `starts` (following operands,
+        only down to id `lower`); True also when the search is too big."""
+        seen: set[int] = set()
+        stack = [s for s in starts if s >= lower]
+        try:
+            while stack:
+                v = stack.pop()
+                if v in members:
+                    return True
+                if v in seen or v < first:
+                    continue
+                seen.add(v)
+                if len(seen) > MAX_VISITS or spent[0] + len(seen) > MAX_TOTAL_VISITS:
+                    return True
+                stack.extend(i for i in nodes[v - first].inputs if i >= lower)
+            return False
+        finally:
+            spent[0] += len(seen)
+
+    raw: list[set[int]] = []
+    limits: list[int] = []  # the largest member id of each group (members are all ancestors of its seed)
+
+    def grow(gid: int, shape: Shape, start: list[int]) -> list[int]:
+        """Add producers of the group's members, largest id first, while the group stays convex
+        (no outside user of a producer leads back into the group); returns the ids added."""
+        members, limit = raw[gid], limits[gid]
+        added: list[int] = []
+        heap = [-i for i in dict.fromkeys(start) if i not in group_of and fusible(i, shape)]
+        heapq.heapify(heap)
+        refused: set[int] = set()
+        while True:
+            changed = False
+            while heap:
+                u = -heapq.heappop(heap)
+                if u in group_of:
+                    continue
+                outside = [x for x in users[u] if x not in members]
+                if outside and reaches(outside, members, limit):
+                    refused.add(u)  # joining would make a cycle (for now: members may still come)
+                    continue
+                refused.discard(u)
+                members.add(u)
+                group_of[u] = gid
+                added.append(u)
+                changed = True
+                for i in dict.fromkeys(nodes[u - first].inputs):
+                    if i not in group_of and fusible(i, shape):
+                        heapq.heappush(heap, -i)
+            if not changed or not refused:
+                break
+            heap = [-u for u in refused if u not in group_of]
+            heapq.heapify(heap)
+        return added
+
+    for n in reversed(nodes):
+        if n.id in group_of or not fusible(n.id, n.shape):
+            continue
+        # a consumer of an existing group joins it when that keeps the group convex: its other
+        # operands must not depend on the group, and its users must not lead back into it
+        joined = -1
+        candidates = {group_of[i] for i in n.inputs if i in group_of and nodes[i - first].shape == n.shape}
+        for gid in sorted(candidates, key=lambda g: -len(raw[g])):
+            members = raw[gid]
+            if reaches(users[n.id], members, limits[gid]):
+                continue
+            members.add(n.id)
+            group_of[n.id] = gid
+            new = [n.id, *grow(gid, n.shape, list(n.inputs))]
+            external = [i for v in new for i in nodes[v - first].inputs if i not in members]
+            if depends_on(external, members, min(members)):
+                for v in new:  # not convex after all: undo
+                    members.discard(v)
+                    del group_of[v]
+                continue
+            joined = gid
+            break
+        if joined < 0:
+            raw.append({n.id})
+            limits.append(n.id)
+            group_of[n.id] = len(raw) - 1
+            grow(len(raw) - 1, n.shape, list(n.inputs))
+
+    # merge a group into the group that consumes its values when the union stays convex (this
+    # catches what growing one group at a time misses, e.g. a forward tail that only the loss reads)
+    refused_pairs: set[tuple[int, int]] = set()
+    for _ in range(MERGE_PASSES):
+        changed = False
+        for gid in range(len(raw)):
+            members = raw[gid]
+            if not members or spent[0] > MAX_TOTAL_VISITS:
+                continue
+            producers = {group_of[i] for v in members for i in nodes[v - first].inputs
+                         if i in group_of and group_of[i] != gid and nodes[i - first].shape == nodes[v - first].shape}
+            for pid in sorted(producers, key=lambda g: -len(raw[g])):
+                if (gid, pid) in refused_pairs or not raw[pid]:
+                    continue
+                union = members | raw[pid]
+                external = [i for v in union for i in nodes[v - first].inputs if i not in union]
+                if depends_on(external, union, min(union)):
+                    refused_pairs.add((gid, pid))
+                    continue
+                for v in raw[pid]:
+                    group_of[v] = gid
+                members |= raw[pid]
+                raw[pid] = set()
+                limits[gid] = max(limits[gid], limits[pid])
+                changed = True
+        if not changed:
+            break
+
+    groups = []
+    for ids in raw:
+        if len(ids) >= min_members:
+            groups.append(_make_group(graph, sorted(ids), users, returned))
+    groups.sort(key=lambda g: g.members[0].id)
+    return groups
+
+
+def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int]) -> Group:
+    first = graph.first_node_id
+    members = [graph.nodes[i - first] for i in ids]
+    shape = members[0].shape
+    pos = {n.id: j for j, n in enumerate(members)}
+    inputs: list[int] = []
+    aligned: list[Shape] = []
+    index: dict[tuple[int, Shape], int] = {}
+    chains: dict[int, list[int]] = {}
+    operands = []
+    for n in members:
+        ops = []
+        for i in n.inputs:
+            if i in pos:
+                ops.append(pos[i])
+                continue
+            src = _view_source(graph, i)
+            if src is not None:
+                vid, al, chain = src
+                al = _align(al, shape)
+                chains[i] = chain
+            else:
+                vid, al = i, _align(graph.aval(i)[1], shape)
+            assert math.prod(al) == math.prod(graph.aval(vid)[1]), (vid, al)
+            key = (vid, al)
+            if key not in index:
+                index[key] = len(inputs)
+                inputs.append(vid)
+                aligned.append(al)
+            ops.append(-1 - index[key])
+        operands.append(tuple(ops))
+    # views that only this group reads (directly or through other such views) are not run
+    inside = set(ids)
+    absorbed: list[int] = []
+    changed = True
+    candidates = {v for chain in chains.values() for v in chain}
+    while changed:
+        changed = False
+        for v in sorted(candidates - set(absorbed), reverse=True):
+            if v not in returned and users[v] and all(u in inside for u in users[v]):
+                absorbed.append(v)
+                inside.add(v)
+                changed = True
+    outputs = tuple(j for j, n in enumerate(members) if n.id in returned or any(u not in inside for u in users[n.id]))
+    return Group(shape, tuple(members), tuple(inputs), tuple(aligned), tuple(graph.aval(v)[0] for v in inputs),
+                 tuple(operands), outputs, tuple(sorted(absorbed)))
+
+
+def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
+    """The steps in a valid order: each group runs as one step, absorbed views not at all.
+    Kahn's algorithm, preferring the earliest original position (a group's first member)."""
+    first = graph.first_node_id
+    unit_of: dict[int, int] = {}
+    units: list[Node | Group] = []
+    skipped = {v for g in groups for v in g.absorbed}
+    for g in groups:
+        for n in g.members:
+            unit_of[n.id] = len(units)
+        units.append(g)
+    for n in graph.nodes:
+        if n.id not in unit_of and n.id not in skipped:
+            unit_of[n.id] = len(units)
+            units.append(n)
+
+    def reads(u: Node | Group) -> tuple[int, ...]:
+        return u.inputs
+
+    def key(u: Node | Group) -> int:
+        return u.members[0].id if isinstance(u, Group) else u.id
+
+    deps: list[set[int]] = []
+    for u in units:
+        d = {unit_of[i] for i in reads(u) if i >= first and i in unit_of}
+        d.discard(unit_of[key(u)])
+        deps.append(d)
+    waiting = [len(d) for d in deps]
+    dependents: list[list[int]] = [[] for _ in units]
+    for k, d in enumerate(deps):
+        for j in d:
+            dependents[j].append(k)
+    ready = [(key(u), k) for k, u in enumerate(units) if waiting[k] == 0]
+    heapq.heapify(ready)
+    order: list[Node | Group] = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        order.append(units[k])
+        for j in dependents[k]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, (key(units[j]), j))
+    if len(order) != len(units):
+        raise AssertionError("fusion made a cycle (a group is not convex): this is a planner bug")
+    return order
+
+
+# ---------------------------------------------------------------- backends
+
+
+class KernelSet:
+    """What a Plan runs with: the per-op kernel table, and (when `fuse`) which fused groups
+    become single steps. `compile_group` returns a runner `fn(arrays, outs) -> tuple of
+    outputs` (arrays: the group's inputs in order; outs: a preallocated buffer or None per
+    output) or None to leave the group's members as separate steps."""
+
+    name = "numpy"
+    in_place = False  # whether a runner may write an output over an input that dies at the step
+
+    def __init__(self, table: Mapping[str, Kernel] = KERNELS, fuse: bool = False):
+        self.table = table
+        self.fuse = fuse
+        self.reason = ""  # why these kernels (e.g. "native requested, running numpy: numba is not importable")
+
+    def accept(self, node: Node) -> bool:
+        """Whether `node` may join a group (a hook for backends that cannot fuse some ops)."""
+        return True
+
+    def compile_group(self, group: Group) -> Callable[..., tuple[Any, ...]] | None:
+        return numpy_group_runner(group, self.table)
+
+    def upload(self, a: Any) -> Any:
+        """Constants and inputs as the kernels need them (the GPU backend moves them)."""
+        return a
+
+    def result(self, a: Any, mode: int) -> Any:
+        """A plan's result as the caller gets it. `mode`: 0 a value of the plan's own, 1 a value
+        that may alias an input or constant (copied), 2 a 0-d value (a numpy scalar)."""
+        return a if mode == 0 else np.array(a) if mode == 1 else a[()]
+
+    def describe(self) -> str:
+        """One line for cache_info and metrics: what runs, and why."""
+        return self.reason or self.name + (" (fusion on)" if self.fuse else "")
+
+
+def numpy_group_runner(group: Group, table: Mapping[str, Kernel]) -> Callable[..., tuple[Any, ...]]:
+    """Run a group member by member with `table`'s kernels: the same bits as the unfused plan.
+    Intermediates are dropped after their last use in the group and written over in place.
+    A member whose operands all broadcast is computed at their (smaller) broadcast shape, as
+    numpy would compute it from the views; an output of that kind is materialised at the end."""
+    members = group.members
+    m = len(members)
+    last = [-1] * m
+    for j, ops in enumerate(group.operands):
+        for o in ops:
+            if o >= 0:
+                last[o] = j
+    is_out = [False] * m
+    for j in group.outputs:
+        is_out[j] = True
+    out_slot = {j: k for k, j in enumerate(group.outputs)}
+    last_input = [-1] * len(group.inputs)
+    for j, ops in enumerate(group.operands):
+        for o in ops:
+            if o < 0:
+                last_input[-1 - o] = j
+    shape = group.shape
+    shapes: list[Shape] = []
+    steps = []
+    for j, n in enumerate(members):
+        ops = group.operands[j]
+        shapes.append(tuple(np.broadcast_shapes(*(shapes[o] if o >= 0 else group.aligned[-1 - o] for o in ops))))
+        can_out = n.op in OUT_CAPABLE and bool(n.shape)
+        dying = [o for o in dict.fromkeys(ops) if o >= 0 and last[o] == j and not is_out[o]]
+        reuse = next((o for o in dying if members[o].dtype == n.dtype and shapes[o] == shapes[j]), -1) if can_out else -1
+        later = tuple(k for k, lj in enumerate(last_input) if lj > j)
+        slot = out_slot.get(j, -1) if shapes[j] == shape else -1
+        steps.append((table[n.op], ops, dict(n.attrs), can_out, reuse, tuple(dying), later, slot))
+    aligned = group.aligned
+    outputs = [(j, shapes[j] != shape) for j in group.outputs]
+
+    def run(arrays: Sequence[Any], outs: Sequence[Any]) -> tuple[Any, ...]:
+        ins = [np.reshape(a, al) for a, al in zip(arrays, aligned, strict=True)]
+        env: list[Any] = [None] * m
+        for j, (kernel, ops, attrs, can_out, reuse, dying, later, slot) in enumerate(steps):
+            args = [env[o] if o >= 0 else ins[-1 - o] for o in ops]
+            buf = outs[slot] if slot >= 0 else None
+            if buf is not None and any(buf is arrays[k] for k in later):
+                buf = None  # still to be read by a later member: do not write over it yet
+            if buf is None and reuse >= 0:
+                buf = env[reuse]
+            env[j] = kernel(*args, out=buf, **attrs) if can_out and buf is not None else kernel(*args, **attrs)
+            for o in dying:
+                if o != j:
+                    env[o] = None
+        return tuple(np.broadcast_to(env[j], shape).copy() if small else env[j] for j, small in outputs)
+
+    return run

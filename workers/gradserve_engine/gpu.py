@@ -1,0 +1,163 @@
+"""GPU kernels: the same kernel table over CuPy arrays, fused groups as `cupy.ElementwiseKernel`s.
+
+    from gradserve_engine.gpu import GpuKernels
+    plan = Plan(graph, kernels=GpuKernels())          # numpy in, numpy out
+    plan.run(inputs)                                  # inputs moved to the device once, results back once
+    plan = Plan(graph, kernels=GpuKernels(to_host=False))
+    plan.run_values([cupy arrays ...])                # stays on the device (benchmarks, chained calls)
+
+The per-op table is `make_kernels(cupy)` (the reference kernels written against an array
+namespace), with `scatter_add` through `cupyx.scatter_add`. A plan's constants are uploaded
+once, when the plan is built. Fused groups become one elementwise CUDA kernel each: CuPy
+broadcasts the inputs (each reshaped to its alignment against the group's shape) and NVRTC
+compiles the body once per group signature (CuPy caches it on disk). Each member is one C++
+statement on the member's own type, so float32 stays float32 as in numpy.
+
+CuPy is optional: importing this module never needs it; `GpuKernels()` raises a RuntimeError
+that says what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gradserve_engine.ir import Node
+
+from .fusion import Group, KernelSet
+from .kernels import make_kernels
+
+C_TYPES = {"bool": "bool", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+
+
+def cupy_status() -> tuple[Any, str]:
+    """(the cupy module or None, a line saying what is there or why not)."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a CUDA library mismatch at import
+        return None, f"cupy is not importable ({type(e).__name__}: {e}); install cupy-cuda12x (or -cuda11x)"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return None, f"cupy {cupy.__version__} finds no CUDA device ({type(e).__name__}: {e})"
+    if n < 1:
+        return None, f"cupy {cupy.__version__} finds no CUDA device"
+    return cupy, f"cupy {cupy.__version__}, {n} device(s)"
+
+
+class GpuKernels(KernelSet):
+    """Plans on one CUDA device through CuPy. `to_host`: results come back as numpy arrays."""
+
+    name = "gpu"
+    in_place = True  # an elementwise CUDA thread reads its element before it writes it
+
+    def __init__(self, fuse: bool = True, to_host: bool = True):
+        cp, why = cupy_status()
+        if cp is None:
+            raise RuntimeError(f"the gpu kernels need CuPy and a CUDA device: {why}")
+        import cupyx
+
+        table = make_kernels(cp)
+        table["scatter_add"] = _scatter_add(cp, cupyx)
+        super().__init__(table, fuse=fuse)
+        self.cp = cp
+        self.to_host = to_host
+        self.reason = why
+
+    def upload(self, a: Any) -> Any:
+        return self.cp.asarray(a)
+
+    def result(self, a: Any, mode: int) -> Any:
+        cp = self.cp
+        if self.to_host:
+            host = cp.asnumpy(a)  # a copy: never aliases an input
+            return host[()] if mode == 2 else host
+        return a.copy() if mode == 1 else a
+
+    def compile_group(self, group: Group) -> Callable[..., tuple[Any, ...]] | None:
+        cp = self.cp
+        in_params, out_params, body = elementwise_source(group)
+        name = "gradserve_fused_" + hashlib.sha256(group.signature().encode()).hexdigest()[:16]
+        kernel = cp.ElementwiseKernel(in_params, out_params, body, name)
+        aligned = group.aligned
+        shape = group.shape
+        out_dtypes = [group.members[j].dtype for j in group.outputs]
+
+        def run(arrays: Sequence[Any], outs: Sequence[Any]) -> tuple[Any, ...]:
+            ins = [cp.asarray(a).reshape(al) for a, al in zip(arrays, aligned, strict=True)]
+            res = [o if o is not None else cp.empty(shape, dt) for o, dt in zip(outs, out_dtypes, strict=True)]
+            kernel(*ins, *res)
+            return tuple(res)
+
+        # compile now (NVRTC, or CuPy's disk cache), so that plan.compile_seconds covers it
+        t0 = time.perf_counter()
+        tiny = [cp.zeros((1,) * len(shape), dt) for dt in group.input_dtypes]
+        kernel(*tiny, *(cp.empty((1,) * len(shape), dt) for dt in out_dtypes))
+        cp.cuda.Stream.null.synchronize()
+        self.last_compile_seconds = time.perf_counter() - t0
+        return run
+
+    def describe(self) -> str:
+        return f"gpu: {self.reason}"
+
+
+def _scatter_add(cp: Any, cupyx: Any) -> Callable[..., Any]:
+    def kernel(x, idx, upd, *, axis):
+        out = cp.array(x, copy=True)
+        cupyx.scatter_add(out, (slice(None),) * axis + (idx,), upd)
+        return out
+
+    return kernel
+
+
+def _c_expr(n: Node, args: list[str], in_dtypes: list[str]) -> str:
+    """One member's value as a C++ expression (CUDA's math overloads keep float as float)."""
+    op, T = n.op, C_TYPES[n.dtype]
+    x = args[0]
+    y = args[1] if len(args) > 1 else ""
+    if op in ("exp", "expm1", "log", "log1p", "sin", "cos", "tan", "tanh", "sqrt", "floor", "ceil"):
+        return f"{op}({x})"
+    if op == "logistic":  # as the numpy kernel: 0.5 * tanh(0.5 * x) + 0.5
+        return f"(({T})0.5 * tanh({x} * ({T})0.5) + ({T})0.5)"
+    if op == "neg":
+        return f"({T})(-{x})"
+    if op == "abs":
+        return f"fabs({x})" if n.dtype in ("float32", "float64") else f"({x} < 0 ? ({T})(-{x}) : {x})"
+    if op == "sign":
+        if n.dtype in ("float32", "float64"):
+            return f"({x} > 0 ? ({T})1 : ({x} < 0 ? ({T})-1 : ({x} != {x} ? {x} : ({T})0)))"
+        return f"({x} > 0 ? ({T})1 : ({x} < 0 ? ({T})-1 : ({T})0))"
+    if op == "cast":
+        return f"({x} != 0)" if n.dtype == "bool" and in_dtypes[0] != "bool" else f"({T})({x})"
+    if op in ("add", "sub", "mul", "div"):
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+        return f"({T})({x} {sym} {y})"
+    if op == "pow":
+        return f"pow({x}, {y})"
+    if op == "atan2":
+        return f"atan2({x}, {y})"
+    if op == "maximum":  # NaN propagates, as numpy's
+        return f"(({x} > {y} || {x} != {x}) ? {x} : {y})"
+    if op == "minimum":
+        return f"(({x} < {y} || {x} != {x}) ? {x} : {y})"
+    if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+        sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
+        return f"({x} {sym} {y})"
+    if op == "select":
+        return f"({x} ? {args[1]} : {args[2]})"
+    raise NotImplementedError(f"no CUDA form for {op}")
+
+
+def elementwise_source(group: Group) -> tuple[str, str, str]:
+    """(in_params, out_params, body) of the group's `cupy.ElementwiseKernel`."""
+    in_params = ", ".join(f"{dt} x{k}" for k, dt in enumerate(group.input_dtypes))
+    out_params = ", ".join(f"{group.members[j].dtype} o{k}" for k, j in enumerate(group.outputs))
+    lines = []
+    for j, n in enumerate(group.members):
+        args = [f"v{o}" if o >= 0 else f"x{-1 - o}" for o in group.operands[j]]
+        in_dt = [group.members[o].dtype if o >= 0 else group.input_dtypes[-1 - o] for o in group.operands[j]]
+        lines.append(f"const {C_TYPES[n.dtype]} v{j} = {_c_expr(n, args, in_dt)};")
+    lines += [f"o{k} = v{j};" for k, j in enumerate(group.outputs)]
+    return in_params, out_params, "\n".join(lines)

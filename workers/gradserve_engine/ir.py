@@ -1,0 +1,511 @@
+"""The IR: a typed SSA list of primitive nodes, like a jaxpr (DESIGN §2).
+
+Value ids are dense: the graph's inputs, then its constants, then its nodes, in that order,
+so "defined before use" is "every operand id is smaller than the node's own id".
+`Graph.id` is the SHA-256 of a canonical serialisation; `to_proto`/`from_proto` convert
+exactly to and from the wire message, and `validate` checks a graph that came from outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import GraphError, LimitError, ShapeError
+from .primitives import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
+
+MAX_RANK = 32
+SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
+
+
+def type_str(dtype: str, shape: Shape) -> str:
+    return f"{SHORT[dtype]}[{','.join(map(str, shape))}]"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits a graph from outside must respect (checked before anything is allocated)."""
+
+    max_nodes: int = 100_000
+    max_elements: int = 1 << 28  # per tensor
+    max_constant_bytes: int = 1 << 30  # all constants together
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Input:
+    id: int
+    name: str
+    dtype: str
+    shape: Shape
+
+
+@dataclass(frozen=True)
+class Node:
+    id: int
+    op: str
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any]
+    dtype: str
+    shape: Shape
+
+    def text(self, names: dict[int, str] | None = None) -> str:
+        """One line of the printed graph, e.g. `%4:f64[3] = reduce_sum[axes=(0,) keepdims=False] %2`."""
+        names = names or {}
+        attrs = " ".join(f"{k}={_attr_text(v)}" for k, v in sorted(self.attrs.items()))
+        args = " ".join(names.get(i, f"%{i}") for i in self.inputs)
+        return f"%{self.id}:{type_str(self.dtype, self.shape)} = {self.op}{f'[{attrs}]' if attrs else ''} {args}"
+
+
+def _attr_text(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "(" + ",".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
+    return str(v)
+
+
+@dataclass(eq=False)
+class Graph:
+    inputs: list[Input]
+    constants: list[np.ndarray]
+    nodes: list[Node]
+    outputs: list[tuple[str, int]]
+    _id: str | None = field(default=None, repr=False)
+
+    # ---- types
+    @property
+    def n_values(self) -> int:
+        return len(self.inputs) + len(self.constants) + len(self.nodes)
+
+    @property
+    def first_node_id(self) -> int:
+        return len(self.inputs) + len(self.constants)
+
+    def aval(self, vid: int) -> AVal:
+        """(dtype, shape) of value `vid`."""
+        if vid < len(self.inputs):
+            i = self.inputs[vid]
+            return (i.dtype, i.shape)
+        if vid < self.first_node_id:
+            c = self.constants[vid - len(self.inputs)]
+            return (dtype_name(c.dtype), c.shape)
+        n = self.nodes[vid - self.first_node_id]
+        return (n.dtype, n.shape)
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [name for name, _ in self.outputs]
+
+    def input(self, name: str) -> Input:
+        for i in self.inputs:
+            if i.name == name:
+                return i
+        raise GraphError(f"graph has no input named {name!r}; inputs are {self.input_names()}")
+
+    # ---- identity
+    @property
+    def id(self) -> str:
+        """SHA-256 of the canonical serialisation: same computation, same id, on any client."""
+        if self._id is None:
+            h = hashlib.sha256(b"gradserve.graph.v1\n")
+            for i in self.inputs:
+                h.update(f"in {i.name!r} {type_str(i.dtype, i.shape)}\n".encode())
+            for c in self.constants:
+                data = np.ascontiguousarray(c).astype(c.dtype.newbyteorder("<"), copy=False).tobytes()
+                h.update(f"const {type_str(dtype_name(c.dtype), c.shape)} {len(data)}\n".encode())
+                h.update(data)
+            for n in self.nodes:
+                attrs = ";".join(f"{k}={_canonical_attr(v)}" for k, v in sorted(n.attrs.items()))
+                h.update(f"{n.op} {n.inputs} {{{attrs}}} {type_str(n.dtype, n.shape)}\n".encode())
+            for name, vid in self.outputs:
+                h.update(f"out {name!r} {vid}\n".encode())
+            self._id = h.hexdigest()
+        return self._id
+
+    def __str__(self) -> str:
+        ins = " ".join(f"{i.name}=%{i.id}:{type_str(i.dtype, i.shape)}" for i in self.inputs)
+        consts = " ".join(f"%{len(self.inputs) + k}:{type_str(dtype_name(c.dtype), c.shape)}={_const_text(c)}"
+                          for k, c in enumerate(self.constants))
+        body = "\n".join("    " + n.text() for n in self.nodes)
+        outs = ", ".join(f"{name}=%{vid}" for name, vid in self.outputs)
+        return f"{{ lambda {ins}{' ; ' + consts if consts else ''} . let\n{body}\n  in ({outs}) }}"
+
+    def node_text(self, vid: int) -> str:
+        if vid >= self.first_node_id:
+            return self.nodes[vid - self.first_node_id].text()
+        if vid < len(self.inputs):
+            return f"input {self.inputs[vid].name!r}"
+        return f"constant %{vid}"
+
+    # ---- wire
+    def to_proto(self):  # -> gradserve_engine.v1.graph_pb2.Graph
+        from .v1 import graph_pb2 as pb
+
+        msg = pb.Graph()
+        for i in self.inputs:
+            msg.inputs.add(id=i.id, name=i.name, dtype=_PB_DTYPE[i.dtype], shape=i.shape)
+        for k, c in enumerate(self.constants):
+            msg.constants.add(id=len(self.inputs) + k, value=tensor_to_proto(c))
+        for n in self.nodes:
+            node = msg.nodes.add(id=n.id, op=n.op, inputs=n.inputs, dtype=_PB_DTYPE[n.dtype], shape=n.shape)
+            for k, v in n.attrs.items():
+                _set_attr(node.attrs[k], v)
+        for name, vid in self.outputs:
+            msg.outputs.add(name=name, id=vid)
+        return msg
+
+    @classmethod
+    def from_proto(cls, msg, limits: Limits = DEFAULT_LIMITS) -> Graph:
+        """Decode and validate a wire graph; every problem is a GraphError naming the node."""
+        n_values = len(msg.inputs) + len(msg.constants) + len(msg.nodes)
+        if len(msg.nodes) > limits.max_nodes:
+            raise LimitError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
+        if len(msg.inputs) + len(msg.constants) > limits.max_nodes:
+            raise LimitError(f"graph has {len(msg.inputs)} inputs and {len(msg.constants)} constants, over the limit of "
+                             f"{limits.max_nodes} values")
+        inputs = []
+        for k, i in enumerate(msg.inputs):
+            if i.id != k:
+                raise GraphError(f"input {i.name!r} has id {i.id}, expected {k} (inputs come first, in order)")
+            inputs.append(Input(k, i.name, _dtype_from_pb(i.dtype, f"input {i.name!r}"),
+                                check_shape(i.shape, limits, f"input {i.name!r}")))
+        constants = []
+        const_bytes = 0
+        for k, c in enumerate(msg.constants):
+            vid = len(inputs) + k
+            if c.id != vid:
+                raise GraphError(f"constant has id {c.id}, expected {vid} (constants follow the inputs, in order)")
+            const_bytes += len(c.value.data)
+            if const_bytes > limits.max_constant_bytes:
+                raise LimitError(f"constant %{vid}: constants exceed the limit of {limits.max_constant_bytes} bytes")
+            constants.append(tensor_from_proto(c.value, limits, f"constant %{vid}"))
+        nodes = []
+        for k, n in enumerate(msg.nodes):
+            vid = len(inputs) + len(constants) + k
+            where = f"node %{n.id} ({n.op})"
+            if n.id != vid:
+                raise GraphError(f"{where}: id {n.id} out of order, expected {vid} "
+                                 "(nodes are numbered after inputs and constants)")
+            attrs = {key: _get_attr(a, f"{where} attribute {key!r}") for key, a in n.attrs.items()}
+            nodes.append(Node(vid, n.op, tuple(n.inputs), attrs, _dtype_from_pb(n.dtype, where),
+                              check_shape(n.shape, limits, where)))
+        outputs = []
+        for o in msg.outputs:
+            if not 0 <= o.id < n_values:
+                raise GraphError(f"output {o.name!r} refers to %{o.id}, which the graph does not define")
+            outputs.append((o.name, o.id))
+        graph = cls(inputs, constants, nodes, outputs)
+        validate(graph, limits)
+        return graph
+
+
+def _canonical_attr(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"b{int(v)}"
+    if isinstance(v, float):
+        return "f" + struct.pack("<d", v).hex()
+    if isinstance(v, int):
+        return f"i{v}"
+    if isinstance(v, tuple):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return "s" + repr(v)
+
+
+def _const_text(c: np.ndarray) -> str:
+    if c.size <= 4:
+        return np.array2string(c, separator=",").replace("\n", "")
+    return f"<{c.size} values>"
+
+
+# ---------------------------------------------------------------- tensors and attributes on the wire
+
+_PB_DTYPE = {"bool": 1, "int32": 2, "int64": 3, "float32": 4, "float64": 5}
+_WIRE_DTYPES = {name: dt.newbyteorder("<") for name, dt in NP_DTYPES.items()}  # the wire is little-endian
+_LITTLE = sys.byteorder == "little"
+_DTYPE_FROM_PB = {v: k for k, v in _PB_DTYPE.items()}
+
+
+def _dtype_from_pb(code: int, where: str) -> str:
+    if code not in _DTYPE_FROM_PB:
+        raise GraphError(f"{where}: unknown dtype code {code}")
+    return _DTYPE_FROM_PB[code]
+
+
+def check_shape(shape: Iterable[int], limits: Limits, where: str) -> Shape:
+    """A shape from outside: non-negative dims, element count within the limit (checked as it grows)."""
+    shape = tuple(shape)
+    if len(shape) > MAX_RANK:
+        raise LimitError(f"{where}: rank {len(shape)} is over the limit of {MAX_RANK}")
+    shape = tuple(int(d) for d in shape)
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise GraphError(f"{where}: negative dimension in shape {list(shape)}")
+        count *= d
+        if count > limits.max_elements or d > limits.max_elements:  # a huge dim next to a 0 is still refused
+            raise LimitError(f"{where}: shape {list(shape)} has more than {limits.max_elements} elements")
+    return shape
+
+
+def tensor_to_proto(a: np.ndarray, msg=None):
+    a = np.asarray(a)
+    code = _PB_DTYPE.get(dtype_name(a.dtype))
+    if code is None:
+        raise TypeError(f"dtype {a.dtype} cannot travel; use one of {list(DTYPES)}")
+    if msg is None:
+        from .v1 import graph_pb2
+
+        msg = graph_pb2.Tensor()
+    msg.dtype = code
+    msg.shape[:] = a.shape
+    msg.data = (a if _LITTLE and a.dtype.isnative else a.astype(a.dtype.newbyteorder("<"))).tobytes()
+    return msg
+
+
+def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor") -> np.ndarray:
+    dtype = _dtype_from_pb(msg.dtype, where)
+    shape = check_shape(msg.shape, limits, where)
+    want = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(msg.data) != want:
+        raise GraphError(f"{where}: {type_str(dtype, shape)} needs {want} bytes, got {len(msg.data)}")
+    if dtype == "bool" and msg.data.strip(b"\x00\x01"):
+        raise GraphError(f"{where}: bool data holds bytes other than 0 and 1")
+    return np.frombuffer(msg.data, dtype=_WIRE_DTYPES[dtype]).astype(NP_DTYPES[dtype], copy=False).reshape(shape)
+
+
+def _set_attr(msg, v: Any) -> None:
+    if isinstance(v, bool):
+        msg.b = v
+    elif isinstance(v, int):
+        msg.i = v
+    elif isinstance(v, float):
+        msg.f = v
+    elif isinstance(v, str):
+        msg.s = v
+    elif isinstance(v, tuple):
+        msg.ints.values[:] = v
+        msg.ints.SetInParent()
+    else:
+        raise TypeError(f"attribute value {v!r} has no wire form")
+
+
+def _get_attr(msg, where: str) -> Any:
+    kind = msg.WhichOneof("value")
+    if kind is None:
+        raise GraphError(f"{where} has no value")
+    if kind == "ints":
+        return tuple(msg.ints.values)
+    if kind == "floats":
+        return tuple(msg.floats.values)
+    return getattr(msg, kind)
+
+
+# ---------------------------------------------------------------- validation
+
+_KIND_CHECK = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, float),
+    "bool": lambda v: isinstance(v, bool),
+    "dtype": lambda v: v in DTYPES,
+    "ints": lambda v: isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+}
+
+
+def check_attrs(op: str, attrs: dict[str, Any], where: str) -> None:
+    schema = PRIMITIVES[op].attrs
+    missing = sorted(set(schema) - set(attrs))
+    extra = sorted(set(attrs) - set(schema))
+    if missing or extra:
+        raise GraphError(f"{where}: attributes {sorted(attrs)} do not match {op}'s {sorted(schema)}")
+    for key, kind in schema.items():
+        value = attrs[key]
+        if kind == "ints" and isinstance(value, tuple) and len(value) > MAX_RANK:  # shapes, axes, perms: one per dim
+            raise LimitError(f"{where}: attribute {key} has {len(value)} entries, over the rank limit of {MAX_RANK}")
+        if not _KIND_CHECK[kind](value):
+            raise GraphError(f"{where}: attribute {key}={_short(value)} is not of kind {kind}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """repr of a value from outside, cut to keep messages small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
+    if len(graph.nodes) > limits.max_nodes:
+        raise LimitError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
+    if len(graph.inputs) + len(graph.constants) > limits.max_nodes:
+        raise LimitError(f"graph has {len(graph.inputs)} inputs and {len(graph.constants)} constants, over the limit of "
+                         f"{limits.max_nodes} values")
+    for kind, names in (("input", graph.input_names()), ("output", graph.output_names())):
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        if dup:
+            raise GraphError(f"duplicate {kind} names {_short(dup)}")
+    if not graph.outputs:
+        raise GraphError("graph has no outputs")
+    for k, i in enumerate(graph.inputs):
+        if i.id != k:
+            raise GraphError(f"input {i.name!r} has id {i.id}, expected {k} (inputs come first, in order)")
+        check_shape(i.shape, limits, f"input {i.name!r}")
+    for name, vid in graph.outputs:
+        if not 0 <= vid < graph.n_values:
+            raise GraphError(f"output {name!r} refers to %{vid}, which the graph does not define")
+    for k, n in enumerate(graph.nodes):
+        where = n.text()
+        if n.id != graph.first_node_id + k:
+            raise GraphError(f"node id %{n.id} out of order, expected %{graph.first_node_id + k}, at {where}")
+        if n.op not in PRIMITIVES:
+            raise GraphError(f"unknown op {n.op!r} at {where}")
+        prim = PRIMITIVES[n.op]
+        if (prim.arity is not None and len(n.inputs) != prim.arity) or (prim.arity is None and not n.inputs):
+            want = prim.arity if prim.arity is not None else "at least 1"
+            raise GraphError(f"{n.op} takes {want} operands, got {len(n.inputs)}, at {where}")
+        for i in n.inputs:
+            if not 0 <= i < n.id:
+                raise GraphError(f"operand %{i} is used before it is defined (a cycle or a forward reference) at {where}")
+        check_attrs(n.op, n.attrs, where)
+        try:
+            dtype, shape = infer(n.op, [graph.aval(i) for i in n.inputs], n.attrs)
+        except ShapeError as e:
+            raise ShapeError(f"{e} at {where}") from None
+        if (dtype, tuple(shape)) != (n.dtype, n.shape):
+            raise ShapeError(f"declared type {type_str(n.dtype, n.shape)} but {n.op} gives {type_str(dtype, shape)} at {where}")
+        check_shape(shape, limits, where)
+
+
+# ---------------------------------------------------------------- builder
+
+
+class Var:
+    """A value being built: its id in the builder, dtype and shape. The SDK's traced values."""
+
+    __slots__ = ("builder", "dtype", "id", "shape")
+
+    def __init__(self, builder: Builder, vid: int, dtype: str, shape: Shape):
+        self.builder, self.id, self.dtype, self.shape = builder, vid, dtype, shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Traced<{type_str(self.dtype, self.shape)}>"
+
+
+class Builder:
+    """Emits nodes with type inference; `build` numbers them canonically and drops dead ones."""
+
+    value_type: type[Var] = Var
+
+    def __init__(self) -> None:
+        self._inputs: list[tuple[int, str, str, Shape]] = []
+        self._consts: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._nodes: list[tuple[int, str, tuple[int, ...], dict[str, Any], str, Shape]] = []
+        self._count = 0
+        self._const_by_id: dict[int, np.ndarray] = {}
+
+    def _new(self, dtype: str, shape: Shape) -> Var:
+        v = self.value_type(self, self._count, dtype, tuple(shape))
+        self._count += 1
+        return v
+
+    def input(self, name: str, dtype: str, shape: Shape) -> Var:
+        v = self._new(dtype, shape)
+        self._inputs.append((v.id, name, dtype, v.shape))
+        return v
+
+    def const(self, value: Any, dtype: str | None = None) -> Var:
+        a = np.asarray(value, dtype=dtype)
+        if dtype_name(a.dtype) not in DTYPES:
+            raise TypeError(f"constant of dtype {a.dtype} is not supported; use one of {list(DTYPES)}")
+        key = (dtype_name(a.dtype), a.shape, a.tobytes())
+        if key not in self._consts:
+            v = self._new(dtype_name(a.dtype), a.shape)
+            a = a.copy()
+            a.setflags(write=False)
+            self._consts[key] = (v.id, a)
+            self._const_by_id[v.id] = a
+            return v
+        vid, a = self._consts[key]
+        return self.value_type(self, vid, dtype_name(a.dtype), a.shape)
+
+    def constant_value(self, v: Var) -> np.ndarray | None:
+        """The array of `v` when it is a constant (used for folding and shortcuts), else None."""
+        return self._const_by_id.get(v.id)
+
+    def bind(self, op: str, *args: Var, **attrs: Any) -> Var:
+        for a in args:
+            if not isinstance(a, Var) or a.builder is not self:
+                raise GraphError(f"{op}: operand {a!r} does not belong to this trace (a value leaked from another trace?)")
+        attrs = {k: (tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()}
+        check_attrs(op, attrs, op)
+        try:
+            dtype, shape = infer(op, [(a.dtype, a.shape) for a in args], attrs)
+        except ShapeError as e:
+            operands = ", ".join(type_str(a.dtype, a.shape) for a in args)
+            raise ShapeError(f"{op}({operands}): {e}{_user_frame()}") from None
+        v = self._new(dtype, shape)
+        self._nodes.append((v.id, op, tuple(a.id for a in args), attrs, dtype, v.shape))
+        return v
+
+    def build(self, outputs: Sequence[tuple[str, Var]], prune_inputs: bool = False) -> Graph:
+        """The graph computing `outputs`: nodes that no output needs are dropped (and inputs
+        too with `prune_inputs`); ids are renumbered inputs, constants, nodes."""
+        live = {v.id for _, v in outputs}
+        for vid, _op, ins, *_ in reversed(self._nodes):
+            if vid in live:
+                live.update(ins)
+        renum: dict[int, int] = {}
+        inputs = []
+        for vid, name, dtype, shape in self._inputs:
+            if prune_inputs and vid not in live:
+                continue
+            renum[vid] = len(renum)
+            inputs.append(Input(renum[vid], name, dtype, shape))
+        constants = []
+        for vid, a in sorted(self._consts.values(), key=lambda t: t[0]):
+            if vid in live:
+                renum[vid] = len(renum)
+                constants.append(a)
+        nodes = []
+        for vid, op, ins, attrs, dtype, shape in self._nodes:
+            if vid in live:
+                renum[vid] = len(renum)
+                nodes.append(Node(renum[vid], op, tuple(renum[i] for i in ins), attrs, dtype, shape))
+        return Graph(inputs, constants, nodes, [(name, renum[v.id]) for name, v in outputs])
+
+
+def _user_frame() -> str:
+    """` (at file:line)` of the innermost caller outside gradserve's packages, for trace-time errors."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not frame.f_globals.get("__name__", "").startswith("gradserve"):
+            return f" (at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+        frame = frame.f_back
+    return ""
+
+
+def replay(graph: Graph, b: Builder, env: dict[int, Var]) -> dict[int, Var]:
+    """Emit `graph`'s constants and nodes into `b`; `env` maps its input ids to Vars and is filled in."""
+    for k, c in enumerate(graph.constants):
+        env[len(graph.inputs) + k] = b.const(c)
+    for n in graph.nodes:
+        env[n.id] = b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
+    return env
