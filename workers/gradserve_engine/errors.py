@@ -17,3 +17,7 @@ class LimitError(GraphError):
 
 class Cancelled(RuntimeError):
     """A computation stopped between kernels because its caller went away or ran out of time."""
+
+
+class ShardError(GraphError):
+    """The graph mixes examples along the batch axis, so it cannot be split across workers."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.errors import GraphError
+from gradserve_engine.errors import ShardError
 from gradserve_engine.ir import Builder, Graph, Node, Var
 from gradserve_engine.primitives import FLOATS
 
@@ -28,10 +28,6 @@ _ELEMENTWISE = frozenset({"neg", "exp", "log", "log1p", "expm1", "sin", "cos", "
                           "minimum", "atan2", "lt", "le", "gt", "ge", "eq", "ne", "select"})
 _LINEAR_UNARY = frozenset({"neg", "cast", "stop_gradient", "reshape", "transpose", "broadcast_to", "expand_dims", "squeeze",
                            "reduce_sum", "cumsum", "slice"})
-
-
-class ShardError(GraphError):
-    """The graph mixes examples along the batch axis, so it cannot be split across workers."""
 
 
 @dataclass(frozen=True)
