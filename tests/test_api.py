@@ -1,4 +1,4 @@
-"""The SDK contract of DESIGN §5: functional transforms, tracing through numpy, pytrees, caches."""
+"""The SDK contract: functional transforms, tracing through numpy, pytrees, caches."""
 
 from __future__ import annotations
 

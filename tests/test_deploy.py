@@ -33,7 +33,7 @@ from service_fixtures import LISTENING, ServerProcess, child_env, metric, parse_
 
 import gradserve as gs
 from gradserve import optim
-from gradserve_engine.cost import graph_cost
+from gradserve_engine.cost import graph_flops
 from gradserve_engine.engine import Engine
 from gradserve_engine.scheduler import Policy
 
@@ -538,7 +538,7 @@ def test_the_compose_stack_runs_on_one_machine(tmp_path):
         np.testing.assert_allclose(res.x, local.x, rtol=1e-9, atol=1e-12)
         # the server's scheduler sent the work to the actors: as its policy decides on this machine (on 2 cores,
         # where 3 actors add cores, it spreads both calls; on a machine with more cores it keeps them in process)
-        policy, flops = Policy(cluster_cores=3.0), 3.0 * graph_cost(graph).flops
+        policy, flops = Policy(cluster_cores=3.0), 3.0 * graph_flops(graph)
         samples = parse_metrics(scrape(metrics_port))
         assert (metric(samples, "gradserve_calls_by_mode_total", mode="data_parallel") == 1) == policy.pays(flops, 3, 3.0)
         assert (metric(samples, "gradserve_calls_by_mode_total", mode="fan_out") == 1) == policy.pays(3 * flops, 3, 3.0)

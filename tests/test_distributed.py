@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -232,7 +233,9 @@ def test_server_joins_a_two_node_cluster_by_address(tmp_path):
     token.write_text(secrets.token_hex(32))
     # the cluster authenticates its members with a token (Ray's own default once a token exists)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    port = 46379
+    with socket.socket() as s:  # a free port: a fixed one collides with another Ray on this machine (its /tmp/ray state)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     log = open(tmp_path / "cluster.log", "w")  # noqa: SIM115 (closed at the end)
     procs = [_ray_node(["--head", f"--port={port}", "--include-dashboard=false"], env, log)]
     try:

@@ -38,7 +38,7 @@ from service_fixtures import SERVICE, SERVING, ServerProcess, channel, health_st
 
 from gradserve_engine.errors import GraphError, LimitError
 from gradserve_engine.ir import DEFAULT_LIMITS, Builder, Graph, Limits, tensor_to_proto
-from gradserve_engine.primitives import DTYPES, NP_DTYPES, PRIMITIVES, infer
+from gradserve_engine.ops.core import DTYPES, NP_DTYPES, PRIMITIVES, infer
 from gradserve_engine.v1 import graph_pb2 as pb
 from gradserve_engine.v1 import service_pb2
 

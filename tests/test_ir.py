@@ -15,7 +15,7 @@ import pytest
 import gradserve as gs
 from gradserve_engine import ir
 from gradserve_engine.ir import Builder, Graph, Input, Limits, Node, tensor_from_proto, tensor_to_proto
-from gradserve_engine.primitives import ATTR_KINDS, DTYPES, PRIMITIVES
+from gradserve_engine.ops.core import ATTR_KINDS, DTYPES, PRIMITIVES
 from gradserve_engine.v1 import graph_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,9 +23,9 @@ from test_primitives import SPECS, arg_dtype, make_inputs, out_dtype
 from gradserve.api import Functional
 from gradserve_engine import autodiff, gpu, native
 from gradserve_engine.engine import Engine
-from gradserve_engine.fusion import ELEMENTWISE, KernelSet, find_groups, schedule
+from gradserve_engine.fusion import KernelSet, find_groups, schedule
 from gradserve_engine.ir import Builder, Graph
-from gradserve_engine.kernels import KERNELS
+from gradserve_engine.ops import KERNELS, PRIMITIVES
 from gradserve_engine.passes import optimize
 from gradserve_engine.plan import Plan
 
@@ -105,7 +105,7 @@ def elementwise_table_graph(dtype: str, shape: tuple[int, ...]):
     acc_dtype = dtype if dtype != "bool" else "int32"
     acc = None
     for s in SPECS:
-        if s.op not in ELEMENTWISE or dtype not in s.dtypes:
+        if not PRIMITIVES[s.op].elementwise or dtype not in s.dtypes:
             continue
         values = list(make_inputs(s, dtype).values())
         if np.broadcast_shapes(*(v.shape for v in values)) != shape:
@@ -511,9 +511,9 @@ def test_fallback_without_numba(monkeypatch) -> None:
 # bench/gpu_mlp.py) where a device exists.
 
 _C_TYPES = {"bool": np.bool_, "int": np.int32, "long long": np.int64, "float": np.float32, "double": np.float64}
-_C_FUNCS = {"exp": np.exp, "expm1": np.expm1, "log": np.log, "log1p": np.log1p, "sin": np.sin, "cos": np.cos,
-            "tan": np.tan, "tanh": np.tanh, "sqrt": np.sqrt, "floor": np.floor, "ceil": np.ceil, "fabs": np.abs,
-            "pow": np.power, "atan2": np.arctan2}
+# C's math functions by their numpy names, where the two differ
+_C_NAMES = {"fabs": "abs", "pow": "power", "atan": "arctan", "asin": "arcsin", "acos": "arccos", "atan2": "arctan2",
+            "asinh": "arcsinh", "acosh": "arccosh", "atanh": "arctanh"}
 
 
 class _CExpr:
@@ -587,14 +587,14 @@ class _CExpr:
             v = self.ternary()
             self.take(")")
             return v
-        if tok in _C_FUNCS:
+        if self.peek() == "(":  # a call of a C math function
             self.take("(")
             args = [self.ternary()]
             while self.peek() == ",":
                 self.take()
                 args.append(self.ternary())
             self.take(")")
-            return _C_FUNCS[tok](*args)
+            return getattr(np, _C_NAMES.get(tok, tok))(*args)
         if tok[0].isdigit():
             return float(tok) if "." in tok or "e" in tok else int(tok)
         return self.env[tok]

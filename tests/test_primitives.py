@@ -19,9 +19,8 @@ from gradserve_engine.autodiff import vjp_graph
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import ShapeError
 from gradserve_engine.ir import Builder, Graph
-from gradserve_engine.kernels import KERNELS
-from gradserve_engine.primitives import DTYPES, PRIMITIVES, infer
-from gradserve_engine.rules import JVP, NON_DIFFERENTIABLE, VJP
+from gradserve_engine.ops import KERNELS
+from gradserve_engine.ops.core import DTYPES, PRIMITIVES, infer
 
 ALL = ("bool", "int32", "int64", "float32", "float64")
 NUM = ("int32", "int64", "float32", "float64")
@@ -890,10 +889,48 @@ def test_every_primitive_has_a_spec_a_kernel_and_rules() -> None:
     assert sorted(set(PRIMITIVES) - tabled) == [], "primitives without a spec in this table"
     assert sorted(tabled - set(PRIMITIVES)) == [], "specs for ops that are not primitives"
     assert sorted(set(PRIMITIVES) - set(KERNELS)) == [], "primitives without a kernel"
-    no_rules = sorted(f"{name}: no {' and no '.join(kind for kind, table in (('VJP', VJP), ('JVP', JVP)) if name not in table)}"
-                      for name, p in PRIMITIVES.items() if p.differentiable and (name not in VJP or name not in JVP))
+    no_rules = sorted(f"{name}: no {' and no '.join(kind for kind, rule in (('VJP', p.vjp), ('JVP', p.jvp)) if rule is None)}"
+                      for name, p in PRIMITIVES.items() if p.differentiable and (p.vjp is None or p.jvp is None))
     assert no_rules == [], "differentiable primitives without a VJP or JVP rule"
-    assert {name for name, p in PRIMITIVES.items() if not p.differentiable} == set(NON_DIFFERENTIABLE)
+    assert [name for name, p in PRIMITIVES.items() if not p.differentiable and (p.vjp or p.jvp)] == [], \
+        "non-differentiable primitives with rules"
+
+
+def test_every_primitive_has_every_trait_the_passes_and_backends_need() -> None:
+    """The registry is the only list of ops: a primitive missing a trait that fusion, the cost model,
+    sharding, the native or the CUDA backend reads would be mishandled silently, so each is checked
+    here on the spec table's cases (every dtype the op allows)."""
+    missing = []
+    for name, p in PRIMITIVES.items():
+        if p.shard is None or p.shard_sum is None:
+            missing.append(f"{name}: no data-parallel sharding rule (shard and shard_sum)")
+        if p.in_place and not p.out:
+            missing.append(f"{name}: writes over an operand but takes no out= buffer")
+        if p.broadcast_view and not p.view:
+            missing.append(f"{name}: a broadcast view that is not a view")
+        if (p.identity is not None or p.additive) and p.arity != 2:
+            missing.append(f"{name}: identity or additive traits need a binary op")
+        if p.elementwise and (p.cost is None or p.native is None or p.cuda is None):
+            missing.append(f"{name}: elementwise without a cost class, a native or a CUDA expression")
+        if not p.elementwise and (p.libm or p.native or p.cuda or p.cost is not None):
+            missing.append(f"{name}: element-expression traits on an op that fusion never groups")
+        if ("shape" in p.attrs or "stops" in p.attrs) and p.reshard is None:  # attributes that spell out the batch dim
+            missing.append(f"{name}: its attributes hold dimensions, but no reshard rule for a shard's batch size")
+    for s in SPECS:
+        p = PRIMITIVES[s.op]
+        for dt in s.dtypes:
+            ins = [(dt if a.kind == "x" else "bool" if a.kind == "cond" else str(a.value.dtype), a.shape) for a in s.args]
+            out = infer(s.op, ins, s.attrs)
+            flops = p.flops(ins, out, s.attrs)
+            if not (isinstance(flops, float) and math.isfinite(flops) and flops >= 0):
+                missing.append(f"{s.name}: flops {flops!r}")
+            if p.elementwise:
+                names = [f"a{k}" for k in range(len(ins))]
+                for backend, expr in (("native", p.native), ("cuda", p.cuda)):
+                    text = expr(names, out[0], [d for d, _ in ins])
+                    if not isinstance(text, str) or not all(n in text for n in names):
+                        missing.append(f"{s.name} {dt}: {backend} expression {text!r} does not use every operand")
+    assert missing == []
 
 
 def test_the_spec_table_exercises_every_primitive_fully() -> None:
@@ -915,6 +952,6 @@ def test_the_spec_table_exercises_every_primitive_fully() -> None:
         if any(is_diff(s, dt) for dt in FLT) and s.torch is None:
             missing.append(f"{s.name}: differentiable but no PyTorch reference")
     exercised = {op for c in COMPOSITES for op in c.ops}
-    zero_grad_ops = set(NON_DIFFERENTIABLE) | {s.op for s in SPECS if s.grad == "zero"}
+    zero_grad_ops = {name for name, p in PRIMITIVES.items() if not p.differentiable} | {s.op for s in SPECS if s.grad == "zero"}
     missing += [f"{op}: not exercised inside a differentiable graph" for op in sorted(zero_grad_ops - exercised)]
     assert missing == []

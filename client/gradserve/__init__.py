@@ -6,15 +6,26 @@
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 from gradserve_engine.errors import GraphError, LimitError, ShapeError
 from gradserve_engine.ir import Graph, Limits
 
-from . import optim
-from .api import Functional, flatten, unflatten
+from . import numpy_api, optim
+from .api import flatten, unflatten
+from .local import (
+    cache_info,
+    clear_cache,
+    config,
+    grad,
+    hessian,
+    hvp,
+    jacobian,
+    jvp,
+    trace,
+    value_and_grad,
+    vjp,
+)
 from .minimize import OptimizeResult, minimize
 from .numpy_api import (
     abs,
@@ -86,86 +97,12 @@ from .tensor import Tensor, is_grad_enabled, no_grad, tensor, zero_grad
 __version__ = "0.1.0"
 
 
-_KERNELS = [os.environ.get("GRADSERVE_KERNELS", "numpy")]
-
-
-@functools.cache
-def _default_engine() -> Any:
-    from gradserve_engine.engine import Engine
-
-    return Engine(kernels=_KERNELS[0])
-
-
-def config(kernels: str | None = None) -> dict[str, str]:
-    """Settings of the local engine: `kernels` is "numpy" (the reference), "native" (fused numba
-    loops, the `native` extra), "auto" (native where the fused work is big enough to win) or "gpu"
-    (CuPy). Changing it starts a fresh engine (caches empty). Returns the settings in force."""
-    if kernels is not None and kernels != _KERNELS[0]:
-        from gradserve_engine.native import resolve_kernels
-
-        resolve_kernels(kernels)  # refuse an unknown mode before anything changes
-        _KERNELS[0] = kernels
-        _default_engine.cache_clear()
-        _local.cache_clear()
-    return {"kernels": _KERNELS[0], "running": _default_engine().kernels.describe()}
-
-
-@functools.cache
-def _local() -> Functional:
-    return Functional(_default_engine())
-
-
-def grad(f, argnums=0, has_aux=False, batch_axes=None):
-    """The gradient of scalar `f` w.r.t. the arguments `argnums` (a pytree like each argument).
-
-    `batch_axes` ({parameter or input name: axis}) declares batched inputs; the graph is checked
-    to keep examples independent until a final sum or mean (a server with workers shards it)."""
-    return _local().grad(f, argnums, has_aux, batch_axes)
-
-
-def value_and_grad(f, argnums=0, has_aux=False, batch_axes=None):
-    """Like `grad`, returning `(f(*args), gradient)`."""
-    return _local().value_and_grad(f, argnums, has_aux, batch_axes)
-
-
-def vjp(f, *primals):
-    """`(f(*primals), vjp_fn)`; `vjp_fn(cotangent)` returns one cotangent per primal."""
-    return _local().vjp(f, *primals)
-
-
-def jvp(f, primals, tangents):
-    """`(f(*primals), directional derivative along tangents)`, forward mode."""
-    return _local().jvp(f, primals, tangents)
-
-
-def jacobian(f, argnums=0):
-    """The full Jacobian (shape out.shape + in.shape), computed in one pass over stacked seeds."""
-    return _local().jacobian(f, argnums)
-
-
-def hessian(f, argnums=0):
-    """The Hessian of scalar `f` (shape x.shape + x.shape; nested tuples for several argnums)."""
-    return _local().hessian(f, argnums)
-
-
-def hvp(f, primals, vectors):
-    """Hessian-vector product of scalar `f` at `primals` along `vectors`, one per primal."""
-    return _local().hvp(f, primals, vectors)
-
-
-def trace(f, *args) -> Graph:
-    """Trace `f(*args)` into a printable Graph (inputs named after f's parameters)."""
-    return _local().trace(f, *args)
-
-
-def cache_info():
-    """Hits, misses and the reason for each recent miss, of the local trace and plan caches."""
-    return _default_engine().cache_info()
-
-
-def clear_cache() -> None:
-    _local()._traces.clear()
-    _default_engine().clear_cache()
+def __getattr__(name: str) -> Any:
+    """numpy's other elementwise functions: every one the primitive registry implements is
+    `gs.<numpy name>` (the names imported above are the same functions)."""
+    if name in numpy_api.UFUNCS:
+        return numpy_api.UFUNCS[name]
+    raise AttributeError(f"module 'gradserve' has no attribute {name!r}")
 
 
 __all__ = [

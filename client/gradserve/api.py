@@ -19,7 +19,8 @@ import numpy as np
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Builder, Graph, Var, type_str
 from gradserve_engine.names import GRAD
-from gradserve_engine.primitives import DTYPES, FLOATS, dtype_name
+from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name
+from gradserve_engine.shard import analyze
 
 from .numpy_api import Traced, dtype_of
 
@@ -178,7 +179,7 @@ def trace_function(f: Callable, args: tuple) -> TracedFunction:
     leaves: list[tuple[str, Any]] = []
     for name, a in zip(names, args, strict=True):
         leaves += flatten(a, name)[0]
-    b = Builder()
+    b = Builder(Traced)
     traced_leaves = []
     in_names = []
     for name, x in leaves:
@@ -331,8 +332,6 @@ class Functional:
         axes = self._batch_axes(t, f, args, batch_axes)
         grad_plan = getattr(self.backend, "grad_plan", None)
         if axes:
-            from gradserve_engine.shard import analyze
-
             analyze(t.graph, axes)  # refuse, naming the node, a graph that mixes examples
         extra = {"batch_axes": axes} if axes else {}
         if grad_plan is not None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import optim
 from .api import flatten, unflatten
+from .local import value_and_grad
 
 __all__ = ["LoopState", "OptimizationLoop", "OptimizeResult", "StepInfo", "batch_indices", "epoch_permutation",
            "minimize"]
@@ -370,8 +371,6 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
     (scipy's maxiter); 2/False a non-finite loss or gradient (x is where it was evaluated);
     99/False stopped by the callback.
     """
-    from . import value_and_grad as _value_and_grad
-
     if optimizer is None:
         optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
     elif isinstance(optimizer, Mapping):
@@ -382,13 +381,13 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
         raise TypeError(f"callback must be callable, got {callback!r}")
     if not isinstance(args, tuple):
         args = (args,)
-    vg_fun = _value_and_grad(fun)
+    vg_fun = value_and_grad(fun)
 
-    def value_and_grad(params: Any, batch_args: tuple) -> tuple[Any, Any]:
+    def loss_and_grad(params: Any, batch_args: tuple) -> tuple[Any, Any]:
         return vg_fun(params, *batch_args)
 
     state = LoopState.start(params0, optimizer)
-    loop = OptimizationLoop(value_and_grad, optimizer, state, args=args, steps=steps, batch_size=batch_size, seed=seed,
+    loop = OptimizationLoop(loss_and_grad, optimizer, state, args=args, steps=steps, batch_size=batch_size, seed=seed,
                             tol=tol)
     for info in loop:
         if callback is None:
@@ -404,7 +403,7 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
     if loop.last_eval is not None:
         fun_x, jac = loop.last_eval
     else:
-        fun_x, jac = value_and_grad(state.params, args)
+        fun_x, jac = loss_and_grad(state.params, args)
         fun_x = float(fun_x)
         nfev += 1
     grad_norm = _grad_norm(jac)

@@ -16,18 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.ir import Builder, Var
-from gradserve_engine.primitives import FLOATS, dtype_name
+from gradserve_engine.ir import Var
+from gradserve_engine.ops import KERNELS, PRIMITIVES, Primitive
+from gradserve_engine.ops.core import FLOATS, dtype_name
 
 # the imperative Tensor registers itself here: (class, bind function)
 _EAGER: list[tuple[type, Callable[..., Any]]] = []
 _ORDER = ("bool", "int32", "int64", "float32", "float64")
-
-
-def _kernels() -> dict[str, Callable[..., Any]]:
-    from gradserve_engine.kernels import KERNELS
-
-    return KERNELS
 
 
 def bind(op: str, *args: Any, **attrs: Any) -> Any:
@@ -39,7 +34,7 @@ def bind(op: str, *args: Any, **attrs: Any) -> Any:
     for cls, eager in _EAGER:
         if any(isinstance(a, cls) for a in args):
             return eager(op, *args, **attrs)
-    return _kernels()[op](*(np.asarray(a) for a in args), **attrs)
+    return KERNELS[op](*(np.asarray(a) for a in args), **attrs)
 
 
 def _is_value(x: Any) -> bool:
@@ -95,37 +90,44 @@ def _promoted(*xs: Any, to: tuple[str, ...] | None = None) -> list[Any]:
 # ---------------------------------------------------------------- elementwise
 
 
-def _unary(op: str, floats: bool = True) -> Callable[[Any], Any]:
+def _unary(op: str, floats: bool, name: str | None = None) -> Callable[[Any], Any]:
     def f(x: Any) -> Any:
         (x,) = _promoted(x, to=FLOATS) if floats else _promoted(x)
         return bind(op, x)
 
-    f.__name__ = op
-    f.__doc__ = f"Elementwise {op} (numpy semantics; integers promote to float64)."
+    f.__name__ = f.__qualname__ = name or op
+    f.__doc__ = f"Elementwise {op} (numpy semantics" + ("; integers promote to float64)." if floats else ").")
     return f
 
 
-exp, log, log1p, expm1 = _unary("exp"), _unary("log"), _unary("log1p"), _unary("expm1")
-sin, cos, tan, tanh, sqrt = _unary("sin"), _unary("cos"), _unary("tan"), _unary("tanh"), _unary("sqrt")
-sigmoid, floor, ceil = _unary("logistic"), _unary("floor"), _unary("ceil")
-negative, abs, sign = _unary("neg", False), _unary("abs", False), _unary("sign", False)
-stop_gradient = _unary("stop_gradient", False)
-
-
-def _binary(op: str, floats: bool = False) -> Callable[[Any, Any], Any]:
+def _binary(op: str, floats: bool, name: str | None = None) -> Callable[[Any, Any], Any]:
     def f(x: Any, y: Any) -> Any:
         x, y = _promoted(x, y, to=FLOATS if floats else None)
         return bind(op, x, y)
 
-    f.__name__ = op
+    f.__name__ = f.__qualname__ = name or op
+    f.__doc__ = f"Elementwise {op} with numpy broadcasting and promotion."
     return f
 
 
-add, subtract, multiply = _binary("add"), _binary("sub"), _binary("mul")
-divide, power, arctan2 = _binary("div", True), _binary("pow", True), _binary("atan2", True)
-maximum, minimum = _binary("maximum"), _binary("minimum")
-less, less_equal, greater, greater_equal = _binary("lt"), _binary("le"), _binary("gt"), _binary("ge")
-equal, not_equal = _binary("eq"), _binary("ne")
+def _elementwise(p: Primitive) -> Callable[..., Any]:
+    """numpy's ufunc over primitive `p`: float-only primitives promote integer operands to float64."""
+    return (_unary if p.arity == 1 else _binary)(p.name, p.dtypes == FLOATS, p.numpy)
+
+
+# every elementwise primitive that names the numpy ufunc it implements, by that name
+# (np.<name>(traced) dispatches here, and gs.<name> is the same function)
+UFUNCS: dict[str, Callable[..., Any]] = {p.numpy: _elementwise(p) for p in PRIMITIVES.values() if p.numpy}
+
+exp, log, log1p, expm1 = UFUNCS["exp"], UFUNCS["log"], UFUNCS["log1p"], UFUNCS["expm1"]
+sin, cos, tan, tanh, sqrt = UFUNCS["sin"], UFUNCS["cos"], UFUNCS["tan"], UFUNCS["tanh"], UFUNCS["sqrt"]
+floor, ceil, negative, abs, sign = UFUNCS["floor"], UFUNCS["ceil"], UFUNCS["negative"], UFUNCS["absolute"], UFUNCS["sign"]
+sigmoid, stop_gradient = _unary("logistic", True, "sigmoid"), _unary("stop_gradient", False)
+add, subtract, multiply = UFUNCS["add"], UFUNCS["subtract"], UFUNCS["multiply"]
+divide, power, arctan2 = UFUNCS["divide"], UFUNCS["power"], UFUNCS["arctan2"]
+maximum, minimum = UFUNCS["maximum"], UFUNCS["minimum"]
+less, less_equal, greater, greater_equal = UFUNCS["less"], UFUNCS["less_equal"], UFUNCS["greater"], UFUNCS["greater_equal"]
+equal, not_equal = UFUNCS["equal"], UFUNCS["not_equal"]
 
 
 def square(x: Any) -> Any:
@@ -456,14 +458,7 @@ def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
 
 # ---------------------------------------------------------------- numpy protocol tables
 
-UFUNCS: dict[str, Callable[..., Any]] = {
-    "add": add, "subtract": subtract, "multiply": multiply, "divide": divide, "true_divide": divide,
-    "power": power, "maximum": maximum, "minimum": minimum, "arctan2": arctan2, "negative": negative,
-    "positive": lambda x: x, "exp": exp, "log": log, "log1p": log1p, "expm1": expm1, "sin": sin, "cos": cos,
-    "tan": tan, "tanh": tanh, "sqrt": sqrt, "absolute": abs, "fabs": abs, "sign": sign, "floor": floor,
-    "ceil": ceil, "less": less, "less_equal": less_equal, "greater": greater, "greater_equal": greater_equal,
-    "equal": equal, "not_equal": not_equal, "matmul": matmul, "square": square,
-}
+UFUNCS.update({"true_divide": divide, "positive": lambda x: x, "fabs": abs, "matmul": matmul, "square": square})
 
 FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     np.sum: sum, np.mean: mean, np.max: max, np.min: min, np.amax: max, np.amin: min, np.var: var,
@@ -574,9 +569,6 @@ class Traced(ArrayMethods, Var):
 
     def __setitem__(self, key, value):
         raise TypeError("traced values are immutable; build a new value with gs.where or concatenate")
-
-
-Builder.value_type = Traced  # every trace and every transform builds numpy-style values
 
 
 __all__ = [

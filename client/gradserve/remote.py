@@ -20,7 +20,7 @@ import numpy as np
 
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Graph, tensor_from_proto, tensor_to_proto
-from gradserve_engine.primitives import FLOATS
+from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.v1 import service_pb2_grpc
 

@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.ir import Builder
-from gradserve_engine.primitives import DTYPES, FLOATS, dtype_name
+from gradserve_engine.ops import KERNELS, PRIMITIVES
+from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name, infer
 
 from . import numpy_api
+from .api import flatten
+from .local import default_engine
 from .numpy_api import ArrayMethods
 
 _state = threading.local()
@@ -124,8 +127,6 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
 
 def zero_grad(*tensors: Any) -> None:
     """Reset `.grad` of the given tensors (or of every tensor in the given pytrees)."""
-    from .api import flatten
-
     for t in tensors:
         for _, leaf in flatten(t, "")[0]:
             if isinstance(leaf, Tensor):
@@ -134,9 +135,7 @@ def zero_grad(*tensors: Any) -> None:
 
 def _eager(op: str, *args: Any, **attrs: Any) -> Tensor:
     ts = [a if isinstance(a, Tensor) else Tensor(np.asarray(a)) for a in args]
-    out = Tensor(numpy_api._kernels()[op](*(t.data for t in ts), **attrs))
-    from gradserve_engine.primitives import PRIMITIVES, infer
-
+    out = Tensor(KERNELS[op](*(t.data for t in ts), **attrs))
     dtype, shape = infer(op, [(dtype_name(t.data.dtype), t.data.shape) for t in ts], attrs)
     if dtype_name(out.data.dtype) != dtype or out.data.shape != shape:
         out.data = np.asarray(out.data, dtype=dtype).reshape(shape)
@@ -150,8 +149,6 @@ numpy_api._EAGER.append((Tensor, _eager))
 
 
 def _backward(root: Tensor, gradient: np.ndarray) -> None:
-    from . import _default_engine
-
     order: list[Tensor] = []
     seen: set[int] = set()
     stack: list[tuple[Tensor, bool]] = [(root, False)]
@@ -184,7 +181,7 @@ def _backward(root: Tensor, gradient: np.ndarray) -> None:
     graph = b.build([("out", var[id(root)])])
     # the builder numbers values canonically; map the graph's node ids back to the recorded tensors
     residuals = _residuals(b, graph, node_tensor)
-    _, grads = _default_engine().vjp(graph, inputs, [n for n, _ in leaves], seeds={"out": gradient},
+    _, grads = default_engine().vjp(graph, inputs, [n for n, _ in leaves], seeds={"out": gradient},
                                      outputs=["out"], residuals=residuals)
     for name, t in leaves:
         g = grads[name]

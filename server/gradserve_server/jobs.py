@@ -31,7 +31,7 @@ from gradserve import optim
 from gradserve.minimize import LoopState, OptimizationLoop
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto
-from gradserve_engine.primitives import FLOATS
+from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 
 from .registry import GraphRegistry, NotFound

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from gradserve_engine.errors import GraphError
-from gradserve_engine.ir import Builder, Graph, Var, replay
-from gradserve_engine.names import GRAD, SEED, TANGENT
-from gradserve_engine.primitives import FLOATS
-
-from .rules import JVP, NON_DIFFERENTIABLE, VJP, zeros
+from .errors import GraphError
+from .ir import Builder, Graph, Var, copy_into, replay
+from .names import GRAD, SEED, TANGENT
+from .ops import PRIMITIVES
+from .ops.core import FLOATS
+from .ops.emit import add, zeros
 
 
 def _check_wrt(graph: Graph, wrt: Sequence[str]) -> list[int]:
@@ -33,7 +33,7 @@ def active_values(graph: Graph, sources: Sequence[int]) -> set[int]:
     """Float values that depend differentiably on `sources` (forward reachability)."""
     active = set(sources)
     for n in graph.nodes:
-        if n.op not in NON_DIFFERENTIABLE and n.dtype in FLOATS and any(i in active for i in n.inputs):
+        if PRIMITIVES[n.op].differentiable and n.dtype in FLOATS and any(i in active for i in n.inputs):
             active.add(n.id)
     return active
 
@@ -56,25 +56,16 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
             raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
     out_ids = dict(graph.outputs)
     b = Builder()
-    env: dict[int, Var] = {}
-    if residuals:
-        for i in graph.inputs:
-            env[i.id] = b.input(i.name, i.dtype, i.shape)
-        for k in range(len(graph.constants)):
-            env[len(graph.inputs) + k] = b.const(graph.constants[k])
-        for n in graph.nodes:
-            env[n.id] = b.input(f"%{n.id}", n.dtype, n.shape)
-    else:
-        for i in graph.inputs:
-            env[i.id] = b.input(i.name, i.dtype, i.shape)
-        replay(graph, b, env)
+    env = copy_into(graph, b)
+    for n in graph.nodes:
+        env[n.id] = b.input(f"%{n.id}", n.dtype, n.shape) if residuals else b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
 
     active = active_values(graph, wrt_ids)
     nb = len(batch)
     cts: dict[int, Var] = {}
 
     def accumulate(vid: int, ct: Var) -> None:
-        cts[vid] = cts[vid] + ct if vid in cts else ct  # fan-out: cotangents sum (the chain rule)
+        cts[vid] = add(cts[vid], ct) if vid in cts else ct  # fan-out: cotangents sum (the chain rule)
 
     for o in outs:
         vid = out_ids[o]
@@ -83,10 +74,11 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
             accumulate(vid, b.input(SEED + o, dtype, tuple(batch) + shape))
     for n in reversed(graph.nodes):
         ct = cts.pop(n.id, None)  # consumed once: the adjoint is dropped after use
-        if ct is None or n.op in NON_DIFFERENTIABLE:
+        prim = PRIMITIVES[n.op]
+        if ct is None or prim.vjp is None:
             continue
         need = [i in active for i in n.inputs]
-        results = VJP[n.op](ct, *(env[i] for i in n.inputs), out=env[n.id], need=need, nb=nb, **n.attrs)
+        results = prim.vjp(ct, *(env[i] for i in n.inputs), out=env[n.id], need=need, nb=nb, **n.attrs)
         if len(results) != len(n.inputs):
             raise AssertionError(f"VJP rule of {n.op} returned {len(results)} cotangents for {len(n.inputs)} operands")
         for i, r, want in zip(n.inputs, results, need, strict=True):
@@ -109,21 +101,16 @@ def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
     tangent input `tan:<x>` for each x in `wrt`."""
     wrt_ids = _check_wrt(graph, wrt)
     b = Builder()
-    env: dict[int, Var] = {}
-    tangents: dict[int, Var] = {}
-    for i in graph.inputs:
-        env[i.id] = b.input(i.name, i.dtype, i.shape)
-    for name, vid in zip(wrt, wrt_ids, strict=True):
-        tangents[vid] = b.input(TANGENT + name, *graph.aval(vid))
-    for k, c in enumerate(graph.constants):
-        env[len(graph.inputs) + k] = b.const(c)
+    env = copy_into(graph, b)
+    tangents: dict[int, Var] = {vid: b.input(TANGENT + name, *graph.aval(vid)) for name, vid in zip(wrt, wrt_ids, strict=True)}
     for n in graph.nodes:
         args = [env[i] for i in n.inputs]
         out = env[n.id] = b.bind(n.op, *args, **n.attrs)
         ts = [tangents.get(i) for i in n.inputs]
-        if n.op in NON_DIFFERENTIABLE or n.dtype not in FLOATS or all(t is None for t in ts):
+        jvp = PRIMITIVES[n.op].jvp
+        if jvp is None or n.dtype not in FLOATS or all(t is None for t in ts):
             continue
-        t = JVP[n.op](ts, *args, out=out, **n.attrs)
+        t = jvp(ts, *args, out=out, **n.attrs)
         if (t.dtype, t.shape) != (n.dtype, n.shape):
             raise AssertionError(f"JVP rule of {n.op} gave {t!r} at {n.text()}")
         tangents[n.id] = t

@@ -17,9 +17,10 @@ import numpy as np
 
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Var, type_str
-from gradserve_engine.primitives import FLOATS, NP_DTYPES
 
 from . import autodiff
+from .native import resolve_kernels
+from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
 from .plan import Plan
 
@@ -55,8 +56,6 @@ class Engine:
     """Runs graphs in process with the numpy kernels; thread-safe."""
 
     def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
-        from .native import resolve_kernels
-
         self.kernel_mode = kernels
         self.kernels = resolve_kernels(kernels)  # "numpy", "native", "auto" or "gpu"
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()

@@ -30,18 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.ir import Graph, Node, type_str
-
-from .kernels import KERNELS, OUT_CAPABLE, Kernel
+from .ir import Graph, Node, type_str
+from .ops import KERNELS, OUT_CAPABLE, PRIMITIVES, Kernel
 
 Shape = tuple[int, ...]
 
-UNARY = frozenset({"neg", "exp", "log", "log1p", "expm1", "sin", "cos", "tan", "tanh", "logistic", "sqrt", "abs",
-                   "sign", "floor", "ceil", "cast"})
-BINARY = frozenset({"add", "sub", "mul", "div", "pow", "maximum", "minimum", "atan2", "lt", "le", "gt", "ge", "eq", "ne"})
-ELEMENTWISE = UNARY | BINARY | {"select"}
-# views that only broadcast or move 1-dims: a group reads through them (element order is kept)
-BROADCAST_VIEWS = frozenset({"broadcast_to", "expand_dims", "squeeze", "reshape"})
 MAX_VISITS = 20_000  # one cycle check gives up (and refuses the merge) beyond this many nodes visited
 MAX_TOTAL_VISITS = 1_000_000  # and all of a graph's checks together (huge graphs: planning stays fast, fusion stops)
 MERGE_PASSES = 4  # passes merging producer groups into consumer groups
@@ -118,7 +111,7 @@ def _view_source(graph: Graph, vid: int) -> tuple[int, Shape, list[int]] | None:
     cur = vid
     while cur >= first:
         n = graph.nodes[cur - first]
-        if n.op not in BROADCAST_VIEWS:
+        if not PRIMITIVES[n.op].broadcast_view:  # a view that only broadcasts or moves 1-dims keeps element order
             break
         if n.op == "reshape" and _nonones(graph.aval(n.inputs[0])[1]) != _nonones(n.shape):
             break
@@ -163,7 +156,7 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
         if vid < first:
             return False
         n = nodes[vid - first]
-        return n.op in ELEMENTWISE and n.shape == shape and (accept is None or accept(n))
+        return PRIMITIVES[n.op].elementwise and n.shape == shape and (accept is None or accept(n))
 
     group_of: dict[int, int] = {}
     spent = [0]  # nodes visited by all cycle checks so far

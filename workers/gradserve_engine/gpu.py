@@ -6,7 +6,7 @@
     plan = Plan(graph, kernels=GpuKernels(to_host=False))
     plan.run_values([cupy arrays ...])                # stays on the device (benchmarks, chained calls)
 
-The per-op table is `make_kernels(cupy)` (the reference kernels written against an array
+The per-op table is `kernel_table(cupy)` (the registry's reference kernels over an array
 namespace), with `scatter_add` through `cupyx.scatter_add`. A plan's constants are uploaded
 once, when the plan is built. Fused groups become one elementwise CUDA kernel each: CuPy
 broadcasts the inputs (each reshaped to its alignment against the group's shape) and NVRTC
@@ -24,12 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradserve_engine.ir import Node
-
 from .fusion import Group, KernelSet
-from .kernels import make_kernels
-
-C_TYPES = {"bool": "bool", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+from .ir import Node
+from .ops import PRIMITIVES, kernel_table
+from .ops.core import C_TYPES
 
 
 def cupy_status() -> tuple[Any, str]:
@@ -59,7 +57,7 @@ class GpuKernels(KernelSet):
             raise RuntimeError(f"the gpu kernels need CuPy and a CUDA device: {why}")
         import cupyx
 
-        table = make_kernels(cp)
+        table = kernel_table(cp)
         table["scatter_add"] = _scatter_add(cp, cupyx)
         super().__init__(table, fuse=fuse)
         self.cp = cp
@@ -113,41 +111,12 @@ def _scatter_add(cp: Any, cupyx: Any) -> Callable[..., Any]:
 
 
 def _c_expr(n: Node, args: list[str], in_dtypes: list[str]) -> str:
-    """One member's value as a C++ expression (CUDA's math overloads keep float as float)."""
-    op, T = n.op, C_TYPES[n.dtype]
-    x = args[0]
-    y = args[1] if len(args) > 1 else ""
-    if op in ("exp", "expm1", "log", "log1p", "sin", "cos", "tan", "tanh", "sqrt", "floor", "ceil"):
-        return f"{op}({x})"
-    if op == "logistic":  # as the numpy kernel: 0.5 * tanh(0.5 * x) + 0.5
-        return f"(({T})0.5 * tanh({x} * ({T})0.5) + ({T})0.5)"
-    if op == "neg":
-        return f"({T})(-{x})"
-    if op == "abs":
-        return f"fabs({x})" if n.dtype in ("float32", "float64") else f"({x} < 0 ? ({T})(-{x}) : {x})"
-    if op == "sign":
-        if n.dtype in ("float32", "float64"):
-            return f"({x} > 0 ? ({T})1 : ({x} < 0 ? ({T})-1 : ({x} != {x} ? {x} : ({T})0)))"
-        return f"({x} > 0 ? ({T})1 : ({x} < 0 ? ({T})-1 : ({T})0))"
-    if op == "cast":
-        return f"({x} != 0)" if n.dtype == "bool" and in_dtypes[0] != "bool" else f"({T})({x})"
-    if op in ("add", "sub", "mul", "div"):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
-        return f"({T})({x} {sym} {y})"
-    if op == "pow":
-        return f"pow({x}, {y})"
-    if op == "atan2":
-        return f"atan2({x}, {y})"
-    if op == "maximum":  # NaN propagates, as numpy's
-        return f"(({x} > {y} || {x} != {x}) ? {x} : {y})"
-    if op == "minimum":
-        return f"(({x} < {y} || {x} != {x}) ? {x} : {y})"
-    if op in ("lt", "le", "gt", "ge", "eq", "ne"):
-        sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
-        return f"({x} {sym} {y})"
-    if op == "select":
-        return f"({x} ? {args[1]} : {args[2]})"
-    raise NotImplementedError(f"no CUDA form for {op}")
+    """One member's value as a C++ expression, its primitive's `cuda` form (CUDA's math overloads
+    keep float as float)."""
+    cuda = PRIMITIVES[n.op].cuda
+    if cuda is None:
+        raise NotImplementedError(f"no CUDA form for {n.op}")
+    return cuda(args, n.dtype, in_dtypes)
 
 
 def elementwise_source(group: Group) -> tuple[str, str, str]:

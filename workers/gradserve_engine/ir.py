@@ -1,4 +1,4 @@
-"""The IR: a typed SSA list of primitive nodes, like a jaxpr (DESIGN §2).
+"""The IR: a typed SSA list of primitive nodes, like a jaxpr.
 
 Value ids are dense: the graph's inputs, then its constants, then its nodes, in that order,
 so "defined before use" is "every operand id is smaller than the node's own id".
@@ -14,14 +14,14 @@ import os
 import struct
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .errors import GraphError, LimitError, ShapeError
-from .primitives import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
+from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 
 MAX_RANK = 32
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
@@ -390,7 +390,8 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
 
 
 class Var:
-    """A value being built: its id in the builder, dtype and shape. The SDK's traced values."""
+    """A value being built: its id in the builder, dtype and shape. The engine emits with the
+    strict functions of `ops.emit`; the SDK's traced values subclass this with numpy's operators."""
 
     __slots__ = ("builder", "dtype", "id", "shape")
 
@@ -410,11 +411,11 @@ class Var:
 
 
 class Builder:
-    """Emits nodes with type inference; `build` numbers them canonically and drops dead ones."""
+    """Emits nodes with type inference; `build` numbers them canonically and drops dead ones.
+    Values are of `value_type` (the SDK traces with its numpy-style subclass of `Var`)."""
 
-    value_type: type[Var] = Var
-
-    def __init__(self) -> None:
+    def __init__(self, value_type: type[Var] = Var) -> None:
+        self.value_type = value_type
         self._inputs: list[tuple[int, str, str, Shape]] = []
         self._consts: dict[tuple, tuple[int, np.ndarray]] = {}
         self._nodes: list[tuple[int, str, tuple[int, ...], dict[str, Any], str, Shape]] = []
@@ -500,6 +501,15 @@ def _user_frame() -> str:
             return f" (at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
         frame = frame.f_back
     return ""
+
+
+def copy_into(graph: Graph, b: Builder, shape_of: Callable[[Input], Shape] | None = None) -> dict[int, Var]:
+    """Declare `graph`'s inputs (shaped by `shape_of`, default their own shape) and constants in
+    `b`; returns the map from `graph`'s value ids to them, for a transform to fill with nodes."""
+    env = {i.id: b.input(i.name, i.dtype, i.shape if shape_of is None else shape_of(i)) for i in graph.inputs}
+    for k, c in enumerate(graph.constants):
+        env[len(graph.inputs) + k] = b.const(c)
+    return env
 
 
 def replay(graph: Graph, b: Builder, env: dict[int, Var]) -> dict[int, Var]:

@@ -7,7 +7,7 @@
   not importable: the fallback is reported, never an error);
 * ``"auto"``: native when numba is importable, but only for groups of at least
   `AUTO_MIN_ELEMENTS` elements (smaller ones stay numpy kernels) and without the ops whose
-  native form is a scalar libm call (`LIBM_OPS`), where numpy's SIMD loops win.
+  native form is a scalar libm call (their primitive's `libm` trait), where numpy's SIMD loops win.
 
 How a group is compiled. The group's shape is collapsed: dims of size 1 are dropped and
 neighbours merged where every input either spans or broadcasts along both, so a bias-add over
@@ -35,7 +35,7 @@ log, log1p and tanh (and logistic, built on tanh op by op as the numpy kernel is
 range reduction, polynomials evaluated with fused multiply-adds, exponent bits through LLVM
 bitcasts, branch-free selects. float64 and float32 each have their own (float32 in float32
 arithmetic, 16 lanes); both agree with numpy within 3 ulp of their dtype, including inf, nan,
-signed zeros, overflow and subnormal results. sin, cos, tan, atan2 and pow use libm (`LIBM_OPS`).
+signed zeros, overflow and subnormal results. sin, cos, tan, arctan, atan2 and pow use libm (the `libm` trait).
 
 Threads. Kernels are compiled with ``nogil=True``. A group whose estimated work reaches
 `PARALLEL_MIN_WORK` runs on this module's small thread pool: the caller and ``threads - 1``
@@ -62,10 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.ir import Node
-
 from .fusion import Group, KernelSet, numpy_group_runner
-from .kernels import KERNELS
+from .gpu import GpuKernels
+from .ir import Node
+from .ops import KERNELS, PRIMITIVES
+from .ops.core import NUMBA_TYPES, Cost
 
 MODES = ("numpy", "native", "auto", "gpu")
 # groups under this many elements stay numpy kernels in "auto" mode. Measured (python bench/native.py
@@ -78,10 +79,7 @@ AUTO_MIN_ELEMENTS = 32_768
 # other op) reaches this: the hand-off costs ~25 us, and memory-bound groups gain nothing from a
 # second core (measured: tanh's VJP at 1 Mi elements is slower on 2 threads, bias-add + tanh faster)
 PARALLEL_MIN_WORK = 4_000_000
-# ops whose native form is a scalar libm call (numpy's SIMD loops are faster): not fused in "auto"
-LIBM_OPS = frozenset({"sin", "cos", "tan", "atan2", "pow"})
 
-_NP = {"bool": "np.bool_", "int32": "np.int32", "int64": "np.int64", "float32": "np.float32", "float64": "np.float64"}
 
 
 # ---------------------------------------------------------------- numba, imported lazily
@@ -124,8 +122,6 @@ def resolve_kernels(mode: str = "numpy", threads: int | None = None) -> KernelSe
     if mode == "numpy":
         return KernelSet(KERNELS)
     if mode == "gpu":
-        from .gpu import GpuKernels
-
         return GpuKernels()
     numba, why = numba_status()
     if numba is None:
@@ -160,7 +156,8 @@ class NativeKernels(KernelSet):
                                                                                       ", libm ops left to numpy")
 
     def accept(self, node: Node) -> bool:
-        return self.libm_ops or node.op not in LIBM_OPS
+        # an op whose native form is a scalar libm call (numpy's SIMD loop is faster) is not fused in "auto"
+        return self.libm_ops or not PRIMITIVES[node.op].libm
 
     def compile_group(self, group: Group) -> Callable[..., tuple[Any, ...]] | None:
         if group.size < max(self.min_elements, 1):
@@ -207,57 +204,20 @@ def collapse(shape: tuple[int, ...], aligned: Sequence[tuple[int, ...]]) -> tupl
 
 
 def _expr(n: Node, args: list[str], in_dtypes: list[str]) -> str:
-    """One member's value as a numba scalar expression over its operands' variables. Each
-    result has the member's dtype: numba keeps float32 op float32 in float32, int64 in int64;
-    only int32 results (numba computes them in int64) are wrapped back to int32, so that they
-    wrap around as numpy's do."""
-    op, T, dt = n.op, _NP[n.dtype], n.dtype
-
-    def typed(e: str) -> str:
-        return f"{T}({e})" if dt == "int32" else e
-
-    x = args[0]
-    y = args[1] if len(args) > 1 else ""
-    if op in ("exp", "expm1", "log", "log1p", "tanh", "logistic"):
-        return f"_{op}32({x})" if dt == "float32" else f"_{op}({x})"
-    if op in ("sin", "cos", "tan", "sqrt", "floor", "ceil"):
-        return f"np.{op}({x})"
-    if op == "neg":
-        return typed(f"-{x}")
-    if op == "abs":
-        return typed(f"abs({x})")
-    if op == "sign":  # sign(-0.0) is 0.0 and sign(nan) nan, as numpy's
-        if dt in ("float32", "float64"):
-            return f"_sel({x} > 0, {T}(1.0), _sel({x} < 0, {T}(-1.0), _sel({x} != {x}, {x}, {T}(0.0))))"
-        return f"_sel({x} > 0, {T}(1), _sel({x} < 0, {T}(-1), {T}(0)))"
-    if op == "cast":
-        src = in_dtypes[0]
-        if dt == "bool":
-            return x if src == "bool" else f"({x} != 0)"
-        if src == "bool":
-            return f"_sel({x}, {T}(1), {T}(0))"
-        return f"{T}({x})"
-    if op in ("add", "sub", "mul", "div"):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
-        return typed(f"{x} {sym} {y}")
-    if op == "pow":
-        return f"{T}({x} ** {y})"
-    if op == "maximum":  # NaN propagates, ties give the second operand, as numpy's
-        return f"_sel(({x} > {y}) | ({x} != {x}), {x}, {y})"
-    if op == "minimum":
-        return f"_sel(({x} < {y}) | ({x} != {x}), {x}, {y})"
-    if op == "atan2":
-        return f"np.arctan2({x}, {y})"
-    if op in ("lt", "le", "gt", "ge", "eq", "ne"):
-        sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
-        return f"({x} {sym} {y})"
-    if op == "select":
-        return f"_sel({x}, {args[1]}, {args[2]})"
-    raise NotImplementedError(f"no native form for {op}")
+    """One member's value as a numba scalar expression over its operands' variables, from its
+    primitive's `native` form. Each result has the member's dtype: numba keeps float32 op float32
+    in float32, int64 in int64; int32 results (numba computes them in int64) are wrapped back to
+    int32, so that they wrap around as numpy's do."""
+    native = PRIMITIVES[n.op].native
+    if native is None:
+        raise NotImplementedError(f"no native form for {n.op}")
+    return native(args, n.dtype, in_dtypes)
 
 
 # latency estimates (cycles) for splitting a group into stages; see `stages`
-_SLOW = frozenset({"exp", "expm1", "log", "log1p", "tanh", "logistic", "sin", "cos", "tan", "atan2", "pow"})
+# cycles of latency per element and op cost class (see `stages`), and relative work (`work_per_element`)
+_LATENCY = {Cost.CHEAP: 4, Cost.DIV: 15, Cost.TRANSCENDENTAL: 60}
+_WORK = {Cost.CHEAP: 0.5, Cost.DIV: 2.0, Cost.TRANSCENDENTAL: 8.0}
 STAGE_LATENCY = 80
 BLOCK = 256  # elements per block when a group runs in stages (values between stages stay in L1)
 
@@ -273,7 +233,7 @@ def stages(group: Group) -> list[int]:
     depth: list[int] = []
     cur = 0
     for j, n in enumerate(group.members):
-        cost = 60 if n.op in _SLOW else 15 if n.op in ("div", "sqrt") else 4
+        cost = _LATENCY[PRIMITIVES[n.op].cost]
         d = cost + max([depth[o] for o in group.operands[j] if o >= 0 and stage_of[o] == cur], default=0)
         if d > STAGE_LATENCY and cur in stage_of:
             cur += 1
@@ -327,7 +287,7 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     # wraparound, which would stop LLVM from vectorising (and slicing per tile costs compile time)
     body = [f"def kernel({', '.join(params)}):"]
     for dt, n_rows in rows.items():
-        body.append(f"    scr_{dt} = np.empty({n_rows * BLOCK}, {_NP[dt]})")
+        body.append(f"    scr_{dt} = np.empty({n_rows * BLOCK}, {NUMBA_TYPES[dt]})")
     for sl in sorted(set(slot.values())):
         body.append(f"    {sl} = np.uint64({int(sl.rsplit('_', 1)[1]) * BLOCK})")
     body += ["    for t in range(t0, t1):",
@@ -452,7 +412,7 @@ def load_kernel(source: str, signature: tuple, cache_dir: Path) -> Any:
 
 def work_per_element(group: Group) -> float:
     """A rough compute cost per element (see PARALLEL_MIN_WORK)."""
-    return sum(8.0 if n.op in _SLOW else 2.0 if n.op in ("div", "sqrt") else 0.5 for n in group.members)
+    return sum(_WORK[PRIMITIVES[n.op].cost] for n in group.members)
 
 
 def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable[..., tuple[Any, ...]]:

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.ir import Builder, Graph, Var
-
-from .kernels import KERNELS
+from .ir import Builder, Graph, Var, copy_into
+from .ops import KERNELS, PRIMITIVES
 
 FOLD_MAX_ELEMENTS = 64  # fold only small results: a folded broadcast would ship as a big constant
 
@@ -23,11 +22,12 @@ def _is_all(c: np.ndarray | None, value: float) -> bool:
 
 
 def _simplify(op: str, args: list[Var], consts: list[np.ndarray | None], shape: tuple[int, ...]) -> Var | None:
-    """x*1, 1*x, x+0, 0+x, x-0, x/1 -> x (when x already has the result's shape and dtype)."""
-    if op in ("mul", "add", "sub", "div") and len(args) == 2:
-        unit = 1.0 if op in ("mul", "div") else 0.0
-        for k in (1, 0) if op in ("mul", "add") else (1,):
-            if _is_all(consts[k], unit) and args[1 - k].shape == shape:
+    """x*1, 1*x, x+0, 0+x, x-0, x/1 -> x (when x already has the result's shape and dtype): an
+    operand equal to the op's identity element drops out."""
+    prim = PRIMITIVES[op]
+    if prim.identity is not None:
+        for k in (1, 0) if prim.commutative else (1,):
+            if _is_all(consts[k], prim.identity) and args[1 - k].shape == shape:
                 return args[1 - k]
     return None
 
@@ -35,11 +35,7 @@ def _simplify(op: str, args: list[Var], consts: list[np.ndarray | None], shape: 
 def optimize(graph: Graph) -> Graph:
     """Fold constants, simplify, share common subexpressions, drop dead nodes."""
     b = Builder()
-    env: dict[int, Var] = {}
-    for i in graph.inputs:
-        env[i.id] = b.input(i.name, i.dtype, i.shape)
-    for k, c in enumerate(graph.constants):
-        env[len(graph.inputs) + k] = b.const(c)
+    env = copy_into(graph, b)
     memo: dict[tuple, Var] = {}
     with np.errstate(all="ignore"):
         for n in graph.nodes:

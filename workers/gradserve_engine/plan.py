@@ -25,7 +25,7 @@ from gradserve_engine.errors import Cancelled, GraphError
 from gradserve_engine.ir import Graph, Node, Var, replay
 
 from .fusion import Group, KernelSet, find_groups, schedule
-from .kernels import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
+from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
 
 NEVER = 1 << 62
 _STOP: ContextVar[Callable[[], bool] | None] = ContextVar("gradserve_stop", default=None)

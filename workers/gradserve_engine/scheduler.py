@@ -30,7 +30,7 @@ from gradserve_engine.ir import Graph
 from gradserve_engine.names import GRAD
 
 from . import autodiff
-from .cost import graph_cost
+from .cost import graph_flops
 from .engine import Engine, check_inputs, differentiated_outputs, seed_feed
 from .partition import Partition, partition
 from .passes import optimize
@@ -161,7 +161,7 @@ class DistributedEngine:
         if flops is None:
             if len(self._flops_by_id) > 4096:
                 self._flops_by_id.clear()
-            flops = self._flops_by_id[graph.id] = 3.0 * graph_cost(graph).flops
+            flops = self._flops_by_id[graph.id] = 3.0 * graph_flops(graph)
         return flops
 
     def _choose(self, graph: Graph, flops: float, sharding: Sharding | None) -> str:

@@ -1,0 +1,191 @@
+"""Broadcasting binary primitives (arithmetic, extrema, atan2), comparisons, and select.
+
+A differentiable binary op is given by its partials: `partials(g, x, y, out, need)` returns the
+images of a cotangent `g` under d/dx and d/dy (None where not needed); the VJP sums them back
+to each operand's shape, and the JVP applies them to the tangents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ShapeError
+from . import emit as e
+from .core import (
+    C_TYPES,
+    DTYPES,
+    FLOATS,
+    NUMBA_TYPES,
+    NUMERIC,
+    SUM,
+    AVal,
+    Cost,
+    Expr,
+    Primitive,
+    Shape,
+    ShardState,
+    broadcast_shapes,
+    flops_elementwise,
+    flops_transcendental,
+    need,
+    numba_typed,
+    register,
+    shard_elementwise,
+    sum_linear,
+    sum_refused,
+    ufunc,
+)
+
+Partials = Callable[..., tuple[Any, Any]]
+
+
+def _check(x: AVal, y: AVal, allowed: tuple[str, ...], name: str) -> Shape:
+    if x[0] != y[0]:
+        raise ShapeError(f"{name} operands have different dtypes {x[0]} and {y[0]} (insert a cast)")
+    need(x[0], allowed, f"{name} operands")
+    return broadcast_shapes(x[1], y[1])
+
+
+def _vjp(partials: Partials) -> Callable[..., list[Any]]:
+    def rule(g: Any, x: Any, y: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
+        px, py = partials(g, x, y, out, need)
+        return [e.unbroadcast(px, x.shape, nb) if need[0] else None,
+                e.unbroadcast(py, y.shape, nb) if need[1] else None]
+
+    return rule
+
+
+def _jvp(partials: Partials) -> Callable[..., Any]:
+    def rule(ts: Sequence[Any], x: Any, y: Any, *, out: Any) -> Any:
+        tx, ty = ts
+        need = (tx is not None, ty is not None)
+        # with the tangent as the "cotangent", the partials are the tangent's images
+        terms = []
+        if tx is not None:
+            terms.append(partials(tx, x, y, out, need)[0])
+        if ty is not None:
+            terms.append(partials(ty, x, y, out, need)[1])
+        t = terms[0] if len(terms) == 1 else e.add(terms[0], terms[1])
+        return e.broadcast_to(t, out.shape)
+
+    return rule
+
+
+def binary(name: str, partials: Partials | None, *, kernel: str, allowed: tuple[str, ...], cost: Cost, native: Expr,
+           cuda: Expr, libm: bool = False, linear: bool = False, additive: bool = False, identity: float | None = None,
+           commutative: bool = False, numpy: str | None = None,
+           shard_sum: Callable[[Any, list[ShardState]], bool] = sum_refused, result: str | None = None) -> Primitive:
+    """Register a broadcasting binary op (`result`: a fixed result dtype, for comparisons)."""
+    def rule(x: AVal, y: AVal) -> AVal:
+        return (result or x[0], _check(x, y, allowed, name))
+
+    return register(Primitive(
+        name, 2, {}, rule, ufunc(kernel), _vjp(partials) if partials else None, _jvp(partials) if partials else None,
+        differentiable=partials is not None, linear=linear, identity=identity, commutative=commutative,
+        dtypes=allowed, numpy=numpy or kernel,
+        flops=flops_transcendental if cost == Cost.TRANSCENDENTAL else flops_elementwise,
+        out=result is None, in_place=result is None, elementwise=True, cost=cost, libm=libm, native=native, cuda=cuda,
+        shard=shard_elementwise, shard_sum=shard_sum, additive=additive))
+
+
+def _infix(sym: str) -> dict[str, Expr]:
+    """numba and CUDA expressions `x sym y` of the result's type."""
+    return {"native": lambda a, dt, ins: numba_typed(f"{a[0]} {sym} {a[1]}", dt),
+            "cuda": lambda a, dt, ins: f"({C_TYPES[dt]})({a[0]} {sym} {a[1]})"}
+
+
+def _compare(sym: str) -> dict[str, Expr]:
+    return {"native": lambda a, dt, ins: f"({a[0]} {sym} {a[1]})", "cuda": lambda a, dt, ins: f"({a[0]} {sym} {a[1]})"}
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def _pow(g: Any, x: Any, y: Any, out: Any, need: Sequence[bool]) -> tuple[Any, Any]:
+    gx = gy = None
+    if need[0]:
+        gx = e.mul(g, e.select(e.eq(y, 0.0), 0.0, e.mul(y, e.pow_(x, e.sub(y, 1.0)))))
+    if need[1]:
+        gy = e.mul(g, e.select(e.eq(x, 0.0), 0.0, e.mul(out, e.bind("log", e.select(e.eq(x, 0.0), 1.0, x)))))
+    return gx, gy
+
+
+def _extremum(cmp: str) -> Partials:
+    def partials(g: Any, x: Any, y: Any, out: Any, need: Sequence[bool]) -> tuple[Any, Any]:
+        # ties split the cotangent evenly, like PyTorch's maximum/minimum
+        w = e.add(e.cast(e.bind(cmp, x, y), x.dtype), e.mul(0.5, e.cast(e.eq(x, y), x.dtype)))
+        return e.mul(g, w), e.mul(g, e.sub(1.0, w))
+
+    return partials
+
+
+def _atan2(g: Any, x: Any, y: Any, out: Any, need: Sequence[bool]) -> tuple[Any, Any]:
+    r = e.add(e.mul(x, x), e.mul(y, y))
+    return e.mul(g, e.div(y, r)), e.mul(g, e.neg(e.div(x, r)))
+
+
+def _sum_mul(n: Any, ins: list[ShardState]) -> bool:
+    return ins.count(SUM) == 1  # a sum over examples scaled by an example-independent factor
+
+
+def _sum_div(n: Any, ins: list[ShardState]) -> bool:
+    return ins[0] == SUM and ins[1] is None
+
+
+binary("add", lambda g, x, y, out, need: (g, g), kernel="add", allowed=NUMERIC, cost=Cost.CHEAP, **_infix("+"),
+       linear=True, additive=True, shard_sum=sum_linear, identity=0.0, commutative=True)
+binary("sub", lambda g, x, y, out, need: (g, e.neg(g) if need[1] else None), kernel="subtract", allowed=NUMERIC,
+       cost=Cost.CHEAP, **_infix("-"), linear=True, additive=True, shard_sum=sum_linear, identity=0.0)
+binary("mul", lambda g, x, y, out, need: (e.mul(g, y) if need[0] else None, e.mul(g, x) if need[1] else None),
+       kernel="multiply", allowed=NUMERIC, cost=Cost.CHEAP, **_infix("*"), shard_sum=_sum_mul, identity=1.0,
+       commutative=True)
+binary("div", lambda g, x, y, out, need: (e.div(g, y) if need[0] else None,
+                                          e.div(e.neg(e.mul(g, out)), y) if need[1] else None),
+       kernel="divide", allowed=FLOATS, cost=Cost.DIV, **_infix("/"), shard_sum=_sum_div, identity=1.0)
+binary("pow", _pow, kernel="power", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
+       native=lambda a, dt, ins: f"{NUMBA_TYPES[dt]}({a[0]} ** {a[1]})", cuda=lambda a, dt, ins: f"pow({a[0]}, {a[1]})")
+# NaN propagates, and ties give the second operand, as numpy's
+binary("maximum", _extremum("gt"), kernel="maximum", allowed=NUMERIC, cost=Cost.CHEAP,
+       native=lambda a, dt, ins: f"_sel(({a[0]} > {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+       cuda=lambda a, dt, ins: f"(({a[0]} > {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})")
+binary("minimum", _extremum("lt"), kernel="minimum", allowed=NUMERIC, cost=Cost.CHEAP,
+       native=lambda a, dt, ins: f"_sel(({a[0]} < {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+       cuda=lambda a, dt, ins: f"(({a[0]} < {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})")
+binary("atan2", _atan2, kernel="arctan2", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
+       native=lambda a, dt, ins: f"np.arctan2({a[0]}, {a[1]})", cuda=lambda a, dt, ins: f"atan2({a[0]}, {a[1]})")
+
+# ---------------------------------------------------------------- comparisons: bool results, no gradient
+
+for _name, _kernel, _sym in (("lt", "less", "<"), ("le", "less_equal", "<="), ("gt", "greater", ">"),
+                             ("ge", "greater_equal", ">="), ("eq", "equal", "=="), ("ne", "not_equal", "!=")):
+    binary(_name, None, kernel=_kernel, allowed=DTYPES, cost=Cost.CHEAP, result="bool", **_compare(_sym))
+
+
+# ---------------------------------------------------------------- select
+
+
+def _select_rule(c: AVal, x: AVal, y: AVal) -> AVal:
+    need(c[0], ("bool",), "select condition")
+    if x[0] != y[0]:
+        raise ShapeError(f"select branches have different dtypes {x[0]} and {y[0]}")
+    return (x[0], broadcast_shapes(c[1], x[1], y[1]))
+
+
+def _vjp_select(g: Any, c: Any, x: Any, y: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
+    return [None,
+            e.unbroadcast(e.select(c, g, 0), x.shape, nb) if need[1] else None,
+            e.unbroadcast(e.select(c, 0, g), y.shape, nb) if need[2] else None]
+
+
+def _jvp_select(ts: Sequence[Any], c: Any, x: Any, y: Any, *, out: Any) -> Any:
+    tx = ts[1] if ts[1] is not None else 0.0
+    ty = ts[2] if ts[2] is not None else 0.0
+    return e.broadcast_to(e.select(c, tx, ty), out.shape)
+
+
+register(Primitive(
+    "select", 3, {}, _select_rule, lambda xp: xp.where, _vjp_select, _jvp_select, elementwise=True, dtypes=DTYPES,
+    cost=Cost.CHEAP,
+    native=lambda a, dt, ins: f"_sel({a[0]}, {a[1]}, {a[2]})", cuda=lambda a, dt, ins: f"({a[0]} ? {a[1]} : {a[2]})",
+    shard=shard_elementwise, shard_sum=sum_refused))
