@@ -627,9 +627,3 @@ def _pool(n: int) -> _Pool:
             if p is None or p.pid != os.getpid():
                 p = _pools[n] = _Pool(n)
     return p
-
-
-def compile_report() -> dict[str, Any]:
-    """What this process has compiled or loaded (for cache_info / metrics): native kernels in
-    memory, the kernel cache directory, numba's version or why it is missing."""
-    return {"kernels_loaded": len(_kernels), "cache_dir": str(kernel_cache_dir()), "numba": numba_status()[1]}
