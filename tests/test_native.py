@@ -10,10 +10,14 @@ in well under a minute with numba compiling from scratch.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import subprocess
 import sys
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,11 +465,33 @@ def test_compiled_once_cached_on_disk_and_timed(tmp_path) -> None:
     assert plan.compile_seconds > 0
     (src,) = tmp_path.glob("k_*.py")
     assert "def kernel(" in src.read_text() and "log1p" in src.read_text()
+    assert "from gradserve_engine.native_math import log1p as _log1p\n" in src.read_text()  # imported, not pasted
     assert list((tmp_path / "__pycache__").glob(src.stem + ".kernel-*.nbi")), "numba wrote no cache index"
     again = Plan(graph, kernels=ks)
     assert again.compile_seconds < plan.compile_seconds  # loaded, not compiled
     feed = {"x": np.linspace(0, 1, 15).reshape(3, 5)}
     np.testing.assert_allclose(again.run(feed)["y"], np.log1p(feed["x"] ** 2), rtol=1e-12)
+
+
+@needs_numba
+def test_kernel_files_follow_the_math_module(tmp_path, monkeypatch) -> None:
+    """numba's disk cache of a kernel does not notice edits to the native_math functions it
+    inlines, so each kernel file's name covers native_math.py's bytes: other bytes, another file."""
+    from gradserve_engine import native_math
+
+    assert native.math_digest() == hashlib.sha256(Path(native_math.__file__).read_bytes()).digest()
+    b = Builder()
+    x = b.input("x", "float64", (2, 7))
+    graph = b.build([("y", b.bind("expm1", b.bind("add", x, x)))])  # a signature no other test compiles
+    ks = native.NativeKernels(min_elements=0, cache_dir=tmp_path)
+    Plan(graph, kernels=ks)
+    (first,) = tmp_path.glob("k_*.py")
+    monkeypatch.setattr(native, "_math_digest", hashlib.sha256(b"an edited native_math.py").digest())
+    plan = Plan(graph, kernels=ks)
+    files = sorted(tmp_path.glob("k_*.py"))
+    assert len(files) == 2 and first in files and files[0].read_text() == files[1].read_text()
+    feed = {"x": np.linspace(-1, 1, 14).reshape(2, 7)}
+    np.testing.assert_allclose(plan.run(feed)["y"], np.expm1(2 * feed["x"]), rtol=1e-12)
 
 
 def test_resolve_kernels_modes() -> None:
@@ -501,6 +527,25 @@ def test_fallback_without_numba(monkeypatch) -> None:
         monkeypatch.undo()
         native.reset_numba_status()
     assert native.numba_status()[0] is not None or "numba" not in sys.modules
+
+
+def test_engine_imports_without_numba() -> None:
+    """Only the generated kernels import native_math (and with it numba): without numba the
+    SDK, the engine and the server import, and "native" falls back to the numpy kernels."""
+    import gradserve
+    import gradserve_engine
+    import gradserve_server
+
+    code = ("import sys\n"
+            "sys.modules['numba'] = None\n"
+            "import gradserve, gradserve_server.app\n"
+            "from gradserve_engine import engine, native, plan\n"
+            "assert native.resolve_kernels('native').name == 'numpy'\n"
+            "assert 'gradserve_engine.native_math' not in sys.modules\n")
+    roots = [str(Path(m.__file__).parents[1]) for m in (gradserve, gradserve_engine, gradserve_server)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------- the GPU backend

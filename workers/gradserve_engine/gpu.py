@@ -20,7 +20,6 @@ that says what is missing.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,11 +89,9 @@ class GpuKernels(KernelSet):
             return tuple(res)
 
         # compile now (NVRTC, or CuPy's disk cache), so that plan.compile_seconds covers it
-        t0 = time.perf_counter()
         tiny = [cp.zeros((1,) * len(shape), dt) for dt in group.input_dtypes]
         kernel(*tiny, *(cp.empty((1,) * len(shape), dt) for dt in out_dtypes))
         cp.cuda.Stream.null.synchronize()
-        self.last_compile_seconds = time.perf_counter() - t0
         return run
 
     def describe(self) -> str:

@@ -142,13 +142,6 @@ class Graph:
         outs = ", ".join(f"{name}=%{vid}" for name, vid in self.outputs)
         return f"{{ lambda {ins}{' ; ' + consts if consts else ''} . let\n{body}\n  in ({outs}) }}"
 
-    def node_text(self, vid: int) -> str:
-        if vid >= self.first_node_id:
-            return self.nodes[vid - self.first_node_id].text()
-        if vid < len(self.inputs):
-            return f"input {self.inputs[vid].name!r}"
-        return f"constant %{vid}"
-
     # ---- wire
     def to_proto(self):  # -> gradserve_engine.v1.graph_pb2.Graph
         from .v1 import graph_pb2 as pb
