@@ -98,6 +98,7 @@ for _op, _np, _t, _dom in (
     ("exp", np.exp, torch.exp, "real"), ("log", np.log, torch.log, "pos"), ("log1p", np.log1p, torch.log1p, "gt-1"),
     ("expm1", np.expm1, torch.expm1, "real"), ("sin", np.sin, torch.sin, "real"), ("cos", np.cos, torch.cos, "real"),
     ("tan", np.tan, torch.tan, "tan"), ("tanh", np.tanh, torch.tanh, "real"),
+    ("arctan", np.arctan, torch.atan, "real"),
     ("logistic", np_logistic, torch.sigmoid, "real"), ("sqrt", np.sqrt, torch.sqrt, "pos"),
 ):
     for _shape in ((2, 3), ()):

@@ -89,6 +89,8 @@ unary("cos", lambda x, out: e.neg(e.bind("sin", x)), cost=Cost.TRANSCENDENTAL, n
       cuda=_call("cos"), libm=True)
 unary("tan", lambda x, out: e.add(1.0, e.mul(out, out)), cost=Cost.TRANSCENDENTAL, native=_call("np.tan"),
       cuda=_call("tan"), libm=True)
+unary("arctan", lambda x, out: e.div(1.0, e.add(1.0, e.mul(x, x))), cost=Cost.TRANSCENDENTAL,
+      native=_call("np.arctan"), cuda=_call("atan"), libm=True)
 unary("tanh", lambda x, out: e.sub(1.0, e.mul(out, out)), cost=Cost.TRANSCENDENTAL, native=_native_fast("tanh"),
       cuda=_call("tanh"))
 unary("sqrt", lambda x, out: e.div(0.5, out), cost=Cost.DIV, native=_call("np.sqrt"), cuda=_call("sqrt"))
