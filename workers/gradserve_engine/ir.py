@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -366,9 +367,9 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
         if (prim.arity is not None and len(n.inputs) != prim.arity) or (prim.arity is None and not n.inputs):
             want = prim.arity if prim.arity is not None else "at least 1"
             raise GraphError(f"{n.op} takes {want} operands, got {len(n.inputs)}, at {where}")
-        for i in n.inputs:
-            if not 0 <= i < n.id:
-                raise GraphError(f"operand %{i} is used before it is defined (a cycle or a forward reference) at {where}")
+        for operand in n.inputs:
+            if not 0 <= operand < n.id:
+                raise GraphError(f"operand %{operand} is used before it is defined (a cycle or a forward reference) at {where}")
         check_attrs(n.op, n.attrs, where)
         try:
             dtype, shape = infer(n.op, [graph.aval(i) for i in n.inputs], n.attrs)
@@ -488,7 +489,7 @@ class Builder:
 
 def _user_frame() -> str:
     """` (at file:line)` of the innermost caller outside gradserve's packages, for trace-time errors."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if not frame.f_globals.get("__name__", "").startswith("gradserve"):
             return f" (at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"

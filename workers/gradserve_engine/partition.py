@@ -58,13 +58,13 @@ def partition(joint: Graph, parts: int, heavy_fraction: float = 0.002) -> Partit
     parent: dict[int, int] = {}
     for n in joint.nodes:
         srcs = {owner[i] for i in n.inputs if i >= first}
-        clusters = {_find(parent, c) for c in srcs if c >= 0}
-        if n.id in heavy or (clusters and DRIVER not in srcs and len(clusters) == 1):
+        roots = {_find(parent, c) for c in srcs if c >= 0}
+        if n.id in heavy or (roots and DRIVER not in srcs and len(roots) == 1):
             parent[n.id] = n.id
-            for c in clusters:
+            for c in roots:
                 parent[_find(parent, c)] = n.id
             owner[n.id] = n.id
-        elif not clusters and DRIVER not in srcs:
+        elif not roots and DRIVER not in srcs:
             owner[n.id] = REPL
         else:
             owner[n.id] = DRIVER

@@ -53,6 +53,8 @@ def analyze(graph: Graph, batch_axes: Mapping[str, int]) -> Sharding:
         if all(s is None for s in ins):
             continue
         prim = PRIMITIVES[n.op]
+        if prim.shard is None or prim.shard_sum is None:  # the registry's coverage test rules this out
+            raise refuse(n, f"{n.op} declares no sharding rule")
         if SUM not in ins:
             states[n.id] = prim.shard(ctx, n, ins)
         elif any(s is not None and s != SUM for s in ins):

@@ -72,11 +72,13 @@ def _jvp(partials: Partials) -> Callable[..., Any]:
     return rule
 
 
-def binary(name: str, partials: Partials | None, *, kernel: str, allowed: tuple[str, ...], cost: Cost, native: Expr,
-           cuda: Expr, libm: bool = False, linear: bool = False, additive: bool = False, identity: float | None = None,
-           commutative: bool = False, numpy: str | None = None,
+def binary(name: str, partials: Partials | None, *, kernel: str, allowed: tuple[str, ...], cost: Cost,
+           forms: tuple[Expr, Expr], libm: bool = False, linear: bool = False, additive: bool = False,
+           identity: float | None = None, commutative: bool = False, numpy: str | None = None,
            shard_sum: Callable[[Any, list[ShardState]], bool] = sum_refused, result: str | None = None) -> Primitive:
-    """Register a broadcasting binary op (`result`: a fixed result dtype, for comparisons)."""
+    """Register a broadcasting binary op (`result`: a fixed result dtype, for comparisons; `forms`:
+    its numba and CUDA expressions)."""
+    native, cuda = forms
     def rule(x: AVal, y: AVal) -> AVal:
         return (result or x[0], _check(x, y, allowed, name))
 
@@ -89,14 +91,15 @@ def binary(name: str, partials: Partials | None, *, kernel: str, allowed: tuple[
         shard=shard_elementwise, shard_sum=shard_sum, additive=additive))
 
 
-def _infix(sym: str) -> dict[str, Expr]:
+def _infix(sym: str) -> tuple[Expr, Expr]:
     """numba and CUDA expressions `x sym y` of the result's type."""
-    return {"native": lambda a, dt, ins: numba_typed(f"{a[0]} {sym} {a[1]}", dt),
-            "cuda": lambda a, dt, ins: f"({C_TYPES[dt]})({a[0]} {sym} {a[1]})"}
+    return (lambda a, dt, ins: numba_typed(f"{a[0]} {sym} {a[1]}", dt),
+            lambda a, dt, ins: f"({C_TYPES[dt]})({a[0]} {sym} {a[1]})")
 
 
-def _compare(sym: str) -> dict[str, Expr]:
-    return {"native": lambda a, dt, ins: f"({a[0]} {sym} {a[1]})", "cuda": lambda a, dt, ins: f"({a[0]} {sym} {a[1]})"}
+def _compare(sym: str) -> tuple[Expr, Expr]:
+    same: Expr = lambda a, dt, ins: f"({a[0]} {sym} {a[1]})"  # noqa: E731 (the numba and CUDA forms agree)
+    return (same, same)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -133,33 +136,33 @@ def _sum_div(n: Any, ins: list[ShardState]) -> bool:
     return ins[0] == SUM and ins[1] is None
 
 
-binary("add", lambda g, x, y, out, need: (g, g), kernel="add", allowed=NUMERIC, cost=Cost.CHEAP, **_infix("+"),
+binary("add", lambda g, x, y, out, need: (g, g), kernel="add", allowed=NUMERIC, cost=Cost.CHEAP, forms=_infix("+"),
        linear=True, additive=True, shard_sum=sum_linear, identity=0.0, commutative=True)
 binary("sub", lambda g, x, y, out, need: (g, e.neg(g) if need[1] else None), kernel="subtract", allowed=NUMERIC,
-       cost=Cost.CHEAP, **_infix("-"), linear=True, additive=True, shard_sum=sum_linear, identity=0.0)
+       cost=Cost.CHEAP, forms=_infix("-"), linear=True, additive=True, shard_sum=sum_linear, identity=0.0)
 binary("mul", lambda g, x, y, out, need: (e.mul(g, y) if need[0] else None, e.mul(g, x) if need[1] else None),
-       kernel="multiply", allowed=NUMERIC, cost=Cost.CHEAP, **_infix("*"), shard_sum=_sum_mul, identity=1.0,
+       kernel="multiply", allowed=NUMERIC, cost=Cost.CHEAP, forms=_infix("*"), shard_sum=_sum_mul, identity=1.0,
        commutative=True)
 binary("div", lambda g, x, y, out, need: (e.div(g, y) if need[0] else None,
                                           e.div(e.neg(e.mul(g, out)), y) if need[1] else None),
-       kernel="divide", allowed=FLOATS, cost=Cost.DIV, **_infix("/"), shard_sum=_sum_div, identity=1.0)
+       kernel="divide", allowed=FLOATS, cost=Cost.DIV, forms=_infix("/"), shard_sum=_sum_div, identity=1.0)
 binary("pow", _pow, kernel="power", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
-       native=lambda a, dt, ins: f"{NUMBA_TYPES[dt]}({a[0]} ** {a[1]})", cuda=lambda a, dt, ins: f"pow({a[0]}, {a[1]})")
+       forms=(lambda a, dt, ins: f"{NUMBA_TYPES[dt]}({a[0]} ** {a[1]})", lambda a, dt, ins: f"pow({a[0]}, {a[1]})"))
 # NaN propagates, and ties give the second operand, as numpy's
 binary("maximum", _extremum("gt"), kernel="maximum", allowed=NUMERIC, cost=Cost.CHEAP,
-       native=lambda a, dt, ins: f"_sel(({a[0]} > {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
-       cuda=lambda a, dt, ins: f"(({a[0]} > {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})")
+       forms=(lambda a, dt, ins: f"_sel(({a[0]} > {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+              lambda a, dt, ins: f"(({a[0]} > {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})"))
 binary("minimum", _extremum("lt"), kernel="minimum", allowed=NUMERIC, cost=Cost.CHEAP,
-       native=lambda a, dt, ins: f"_sel(({a[0]} < {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
-       cuda=lambda a, dt, ins: f"(({a[0]} < {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})")
+       forms=(lambda a, dt, ins: f"_sel(({a[0]} < {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
+              lambda a, dt, ins: f"(({a[0]} < {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})"))
 binary("atan2", _atan2, kernel="arctan2", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
-       native=lambda a, dt, ins: f"np.arctan2({a[0]}, {a[1]})", cuda=lambda a, dt, ins: f"atan2({a[0]}, {a[1]})")
+       forms=(lambda a, dt, ins: f"np.arctan2({a[0]}, {a[1]})", lambda a, dt, ins: f"atan2({a[0]}, {a[1]})"))
 
 # ---------------------------------------------------------------- comparisons: bool results, no gradient
 
 for _name, _kernel, _sym in (("lt", "less", "<"), ("le", "less_equal", "<="), ("gt", "greater", ">"),
                              ("ge", "greater_equal", ">="), ("eq", "equal", "=="), ("ne", "not_equal", "!=")):
-    binary(_name, None, kernel=_kernel, allowed=DTYPES, cost=Cost.CHEAP, result="bool", **_compare(_sym))
+    binary(_name, None, kernel=_kernel, allowed=DTYPES, cost=Cost.CHEAP, result="bool", forms=_compare(_sym))
 
 
 # ---------------------------------------------------------------- select
