@@ -107,60 +107,49 @@ class Plan:
         for r in members:
             if owned(r) and group_last[r] >= 0:
                 deaths.setdefault(group_last[r], []).append(r)
-        demand: dict[tuple, list[int]] = {}  # (dtype, shape) -> steps that can write into a buffer
-        for k, n in enumerate(units):
+        # per step (a node: one result; a group: one per output): each result's (dtype, shape), whether a
+        # result may be written over an operand that dies at the step, whether into a kept dead buffer
+        results: list[list[tuple]] = []
+        over: list[bool] = []
+        into: list[bool] = []
+        for n in units:
             if isinstance(n, Group):
-                for j in n.outputs:
-                    if n.shape:
-                        demand.setdefault((n.members[j].dtype, n.shape), []).append(k)
-            elif n.op in OUT_CAPABLE and n.shape:
-                demand.setdefault((n.dtype, n.shape), []).append(k)
+                results.append([(n.members[j].dtype, n.shape) for j in n.outputs])
+                over.append(in_place_groups and bool(n.shape))
+                into.append(bool(n.shape))
+            else:
+                results.append([(n.dtype, n.shape)])
+                over.append(n.op in IN_PLACE and bool(n.shape))
+                into.append(n.op in OUT_CAPABLE and bool(n.shape))
+        demand: dict[tuple, list[int]] = {}  # (dtype, shape) -> steps that can write into a buffer
+        for k, keys in enumerate(results):
+            if into[k]:
+                for key in keys:
+                    demand.setdefault(key, []).append(k)
         frees: list[list[int]] = [[] for _ in units]
         stash: dict[tuple, list[int]] = {}  # dead buffers kept for reuse, by (dtype, shape)
         died_at: dict[int, int] = {}
-        out_src: list[Any] = [-1] * len(units)  # a group step has a tuple, one source per output
+        out_src: list[list[int]] = []  # per step, the buffer each result is written into, or -1
         for k, n in enumerate(units):
-            if isinstance(n, Group):
-                srcs: list[int] = []
-                for j in n.outputs:
-                    key, src = (n.members[j].dtype, n.shape), -1
-                    if in_place_groups and n.shape:
-                        for i in dict.fromkeys(n.inputs):
-                            if (owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1
-                                    and i not in srcs):
-                                src = i
-                                break
-                    if src < 0 and n.shape and stash.get(key):
-                        src = stash[key].pop()
-                        frees[k].append(src)
-                    srcs.append(src)
-                out_src[k] = tuple(srcs)
-                for i in set(n.inputs):
-                    if last[i] == k and not (owned(i) and i not in srcs):
-                        frees[k].append(i)
-                for r in deaths.get(k, ()):
-                    if r in srcs:
-                        frees[k].append(r)
-                    elif demand.get(graph.aval(r), [-1])[-1] > k:  # demand lists are in step order
-                        stash.setdefault(graph.aval(r), []).append(r)
-                        died_at[r] = k
-                    else:
-                        frees[k].append(r)
-                continue
-            key = (n.dtype, n.shape)
-            if n.op in IN_PLACE and n.shape:  # write over an operand that dies here
-                for i in n.inputs:
-                    if owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1:
-                        out_src[k] = i
-                        break
-            if out_src[k] < 0 and n.op in OUT_CAPABLE and stash.get(key):
-                out_src[k] = stash[key].pop()
-                frees[k].append(out_src[k])
+            srcs: list[int] = []
+            for key in results[k]:
+                src = -1
+                if over[k]:  # write over an operand that dies here
+                    for i in dict.fromkeys(n.inputs):
+                        if (owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1
+                                and i not in srcs):
+                            src = i
+                            break
+                if src < 0 and into[k] and stash.get(key):
+                    src = stash[key].pop()
+                    frees[k].append(src)
+                srcs.append(src)
+            out_src.append(srcs)
             for i in set(n.inputs):
-                if last[i] == k and not (owned(i) and i != out_src[k]):
+                if last[i] == k and not (owned(i) and i not in srcs):
                     frees[k].append(i)  # owned buffers are handled when their last alias dies
             for r in deaths.get(k, ()):
-                if r == out_src[k]:
+                if r in srcs:
                     frees[k].append(r)
                 elif demand.get(graph.aval(r), [-1])[-1] > k:  # demand lists are in step order
                     stash.setdefault(graph.aval(r), []).append(r)  # kept; freed at its reuse
@@ -170,13 +159,13 @@ class Plan:
         for left in stash.values():  # kept but never reused after all: free when they died
             for r in left:
                 frees[died_at[r]].append(r)
-        self.n_reused = sum(sum(s >= 0 for s in src) if isinstance(src, tuple) else src >= 0 for src in out_src)
+        self.n_reused = sum(s >= 0 for srcs in out_src for s in srcs)
         # a step: (kernel, operand ids, attributes, result id, buffer to write into or -1, slots to clear, node);
         # a fused step: (runner, input ids, None, result ids, buffer per result, slots to clear, group)
         self.steps: list[tuple[Any, tuple[int, ...], Any, Any, Any, tuple[int, ...], Any]] = [
-            (runners[id(n)], n.inputs, None, n.output_ids, out_src[k], tuple(dict.fromkeys(frees[k])), n)
+            (runners[id(n)], n.inputs, None, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])), n)
             if isinstance(n, Group) else
-            (table[n.op], n.inputs, dict(n.attrs), n.id, out_src[k], tuple(dict.fromkeys(frees[k])), n)
+            (table[n.op], n.inputs, dict(n.attrs), n.id, out_src[k][0], tuple(dict.fromkeys(frees[k])), n)
             for k, n in enumerate(units)
         ]
         # fused steps, or a backend that moves data (the GPU), take the general run loop
