@@ -6,7 +6,7 @@ elementwise kernel writes over an operand that dies at that step, and a buffer w
 are all dead is kept for the next out-capable kernel of the same shape and dtype.
 
 With fusion (`Plan(graph, kernels=<KernelSet with fuse=True>)` or `fusion=True`), groups of
-elementwise nodes found by `fusion.find_groups` run as single steps (see `workers/fusion.py`);
+elementwise nodes found by `fusion.find_groups` run as single steps (see `fusion.py`);
 the same liveness and buffer reuse apply to a group's inputs and outputs. Without it (the
 default, a plain kernel table) the plan is exactly the unfused one.
 
