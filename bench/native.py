@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.fusion import ELEMENTWISE
+from gradserve_engine.plan import FusedStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlp as mlpbench
@@ -134,19 +135,17 @@ def profile(plan: Any, feed: dict[str, Any], repeat: int = 5) -> dict[str, float
             env[slot] = c
         acc: dict[str, float] = {}
         with np.errstate(all="ignore"):
-            for fn, ins, kw, out, src, frees, node in plan.steps:
+            for step in plan.steps:
                 t0 = time.perf_counter()
-                if kw is None:
-                    res = fn([env[i] for i in ins], [env[s] if s >= 0 else None for s in src])
-                    for o, r in zip(out, res, strict=True):
-                        env[o] = r
+                step.run(env)
+                if isinstance(step, FusedStep):
                     kind = f"fused ({plan.kernel_mode})"
                 else:
-                    env[out] = fn(*[env[i] for i in ins], out=env[src], **kw) if src >= 0 else fn(*[env[i] for i in ins], **kw)
-                    kind = ("matmul" if node.op == "matmul" else "reductions" if node.op.startswith("reduce")
-                            else "elementwise (unfused)" if node.op in ELEMENTWISE else "views and other")
+                    op = step.unit.op
+                    kind = ("matmul" if op == "matmul" else "reductions" if op.startswith("reduce")
+                            else "elementwise (unfused)" if op in ELEMENTWISE else "views and other")
                 acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - t0
-                for f in frees:
+                for f in step.frees:
                     env[f] = None
         for k, v in acc.items():
             totals.setdefault(k, []).append(v * 1e3)

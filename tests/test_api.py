@@ -101,7 +101,7 @@ def test_mlp_plan_frees_and_reuses_buffers():
 
     graph = gs.trace(mlp_loss, params, x, y)
     plan = Plan(optimize(vjp_graph(graph, [f"params.{k}" for k in params])))
-    freed = {f for step in plan.steps for f in step[5]}
+    freed = {f for step in plan.steps for f in step.frees}
     outputs = {vid for _, vid in plan.outputs}
     intermediates = {n.id for n in plan.graph.nodes} - outputs
     assert intermediates <= freed  # every intermediate is released after its last use

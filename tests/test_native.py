@@ -31,7 +31,7 @@ from gradserve_engine.fusion import KernelSet, find_groups, schedule
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import KERNELS, PRIMITIVES
 from gradserve_engine.passes import optimize
-from gradserve_engine.plan import Plan
+from gradserve_engine.plan import KernelStep, Plan
 
 TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # rtol, atol relative to max(1, |want|)
 FLOATS = ("float32", "float64")
@@ -215,7 +215,7 @@ def test_broadcasting_views_are_read_through_and_not_run() -> None:
     (g,) = plan.groups
     assert g.inputs[0] == 0 and g.aligned[g.inputs.index(1)] == (5, 1)  # v itself, as a (5, 1) column
     assert "views read through" in str(plan)
-    assert all(step[-1].op not in ("expand_dims", "broadcast_to") for step in plan.steps if step[2] is not None)
+    assert all(step.unit.op not in ("expand_dims", "broadcast_to") for step in plan.steps if isinstance(step, KernelStep))
     rng = np.random.default_rng(1)
     feed = {"x": rng.standard_normal((5, 3)), "v": rng.standard_normal(5)}
     np.testing.assert_array_equal(plan.run(feed)["y"], Plan(graph).run(feed)["y"])
@@ -255,8 +255,8 @@ def test_plain_plans_are_unchanged() -> None:
     """No fusion unless asked: the default plan has no fused steps and runs the numpy path."""
     graph, _ = mlp_grad_graph("float64")
     plan = Plan(graph)
-    assert not plan.groups and plan.kernel_mode == "numpy" and not plan._general
-    assert all(step[2] is not None for step in plan.steps)
+    assert not plan.groups and plan.kernel_mode == "numpy" and plan._upload is None and plan._result is None
+    assert all(isinstance(step, KernelStep) for step in plan.steps)
     assert Plan(graph, kernels=KernelSet(KERNELS)).groups == []
 
 

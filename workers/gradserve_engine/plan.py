@@ -6,14 +6,21 @@ elementwise kernel writes over an operand that dies at that step, and a buffer w
 are all dead is kept for the next out-capable kernel of the same shape and dtype.
 
 With fusion (`Plan(graph, kernels=<KernelSet with fuse=True>)` or `fusion=True`), groups of
-elementwise nodes found by `fusion.find_groups` run as single steps (see `workers/fusion.py`);
+elementwise nodes found by `fusion.find_groups` run as single steps (see `fusion.py`);
 the same liveness and buffer reuse apply to a group's inputs and outputs. Without it (the
 default, a plain kernel table) the plan is exactly the unfused one.
+
+A step is a `KernelStep` (one node, one result) or a `FusedStep` (one group, a result per
+output); each has `run(env)`, and one loop runs them all. A backend that moves data (the GPU)
+differs only at the plan's edges: inputs go through its `upload` once per call, results through
+its `result`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -40,6 +47,109 @@ def stop_when(check: Callable[[], bool]) -> Iterator[None]:
         yield
     finally:
         _STOP.reset(token)
+
+
+class Step:
+    """One step of a plan. `run(env)` reads its operands' slots `ins` of `env` and writes its
+    results `outs` (into the dead buffers `srcs` names, where >= 0); the run loop then clears
+    `frees`. `unit` is the graph node or the fused group it computes; `text()` names it in
+    errors."""
+
+    __slots__ = ("fn", "frees", "ins", "outs", "srcs", "unit")
+
+    def __init__(self, fn: Callable[..., Any], unit: Node | Group, outs: tuple[int, ...], srcs: tuple[int, ...],
+                 frees: tuple[int, ...]):
+        self.fn = fn
+        self.unit = unit
+        self.ins = unit.inputs
+        self.outs = outs
+        self.srcs = srcs
+        self.frees = frees
+
+    def run(self, env: list[Any]) -> None:
+        raise NotImplementedError
+
+    def text(self) -> str:
+        return self.unit.text()
+
+    def listing(self, kernel_mode: str) -> list[str]:
+        """The step's lines in `str(plan)`."""
+        raise NotImplementedError
+
+
+class KernelStep(Step):
+    """One node through its kernel (attributes bound), writing `out=` a dead buffer when it has one."""
+
+    __slots__ = ("operands", "out", "src")
+
+    def __init__(self, kernel: Kernel, node: Node, src: int, frees: tuple[int, ...]):
+        super().__init__(functools.partial(kernel, **node.attrs) if node.attrs else kernel, node, (node.id,), (src,), frees)
+        self.operands = _getter(self.ins)
+        self.out = node.id
+        self.src = src
+
+    @staticmethod
+    def of(kernel: Kernel, node: Node, src: int, frees: tuple[int, ...]) -> KernelStep:
+        """The step for `node`: a `UnaryStep` when it has one operand (read without building a tuple)."""
+        return (UnaryStep if len(node.inputs) == 1 else KernelStep)(kernel, node, src, frees)
+
+    def run(self, env: list[Any]) -> None:
+        if self.src < 0:
+            env[self.out] = self.fn(*self.operands(env))
+        else:
+            env[self.out] = self.fn(*self.operands(env), out=env[self.src])
+
+    def listing(self, kernel_mode: str) -> list[str]:
+        extra = f"  # out=%{self.src}" if self.src >= 0 else ""
+        return [self.unit.text() + extra + _free_text(self.frees)]
+
+
+class UnaryStep(KernelStep):
+    """A kernel step with one operand, read straight from its slot."""
+
+    __slots__ = ("operand",)
+
+    def __init__(self, kernel: Kernel, node: Node, src: int, frees: tuple[int, ...]):
+        super().__init__(kernel, node, src, frees)
+        self.operand = node.inputs[0]
+
+    def run(self, env: list[Any]) -> None:
+        if self.src < 0:
+            env[self.out] = self.fn(env[self.operand])
+        else:
+            env[self.out] = self.fn(env[self.operand], out=env[self.src])
+
+
+def _getter(ins: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """`env -> the values in slots ins`, as a tuple."""
+    if len(ins) > 1:
+        return operator.itemgetter(*ins)
+    return lambda env: tuple(env[i] for i in ins)
+
+
+class FusedStep(Step):
+    """A fused group through the backend's runner `fn(arrays, outs) -> results`; `outs` holds
+    a dead buffer or None per result."""
+
+    __slots__ = ()
+
+    def run(self, env: list[Any]) -> None:
+        res = self.fn([env[i] for i in self.ins], [env[s] if s >= 0 else None for s in self.srcs])
+        for o, r in zip(self.outs, res, strict=True):
+            env[o] = r
+
+    def text(self) -> str:
+        return f"fused step {self.unit.text()}"
+
+    def listing(self, kernel_mode: str) -> list[str]:
+        group = self.unit
+        reused = [f"%{o}=%{s}" for o, s in zip(self.outs, self.srcs, strict=True) if s >= 0]
+        extra = f"  # {kernel_mode}" + (f"  out {' '.join(reused)}" if reused else "")
+        return [group.text() + extra + _free_text(self.frees), *("    | " + m.text() for m in group.members)]
+
+
+def _free_text(frees: tuple[int, ...]) -> str:
+    return f"  free {' '.join(f'%{f}' for f in frees)}" if frees else ""
 
 
 class Plan:
@@ -107,60 +217,49 @@ class Plan:
         for r in members:
             if owned(r) and group_last[r] >= 0:
                 deaths.setdefault(group_last[r], []).append(r)
-        demand: dict[tuple, list[int]] = {}  # (dtype, shape) -> steps that can write into a buffer
-        for k, n in enumerate(units):
+        # per step (a node: one result; a group: one per output): each result's (dtype, shape), whether a
+        # result may be written over an operand that dies at the step, whether into a kept dead buffer
+        results: list[list[tuple]] = []
+        over: list[bool] = []
+        into: list[bool] = []
+        for n in units:
             if isinstance(n, Group):
-                for j in n.outputs:
-                    if n.shape:
-                        demand.setdefault((n.members[j].dtype, n.shape), []).append(k)
-            elif n.op in OUT_CAPABLE and n.shape:
-                demand.setdefault((n.dtype, n.shape), []).append(k)
+                results.append([(n.members[j].dtype, n.shape) for j in n.outputs])
+                over.append(in_place_groups and bool(n.shape))
+                into.append(bool(n.shape))
+            else:
+                results.append([(n.dtype, n.shape)])
+                over.append(n.op in IN_PLACE and bool(n.shape))
+                into.append(n.op in OUT_CAPABLE and bool(n.shape))
+        demand: dict[tuple, list[int]] = {}  # (dtype, shape) -> steps that can write into a buffer
+        for k, keys in enumerate(results):
+            if into[k]:
+                for key in keys:
+                    demand.setdefault(key, []).append(k)
         frees: list[list[int]] = [[] for _ in units]
         stash: dict[tuple, list[int]] = {}  # dead buffers kept for reuse, by (dtype, shape)
         died_at: dict[int, int] = {}
-        out_src: list[Any] = [-1] * len(units)  # a group step has a tuple, one source per output
+        out_src: list[list[int]] = []  # per step, the buffer each result is written into, or -1
         for k, n in enumerate(units):
-            if isinstance(n, Group):
-                srcs: list[int] = []
-                for j in n.outputs:
-                    key, src = (n.members[j].dtype, n.shape), -1
-                    if in_place_groups and n.shape:
-                        for i in dict.fromkeys(n.inputs):
-                            if (owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1
-                                    and i not in srcs):
-                                src = i
-                                break
-                    if src < 0 and n.shape and stash.get(key):
-                        src = stash[key].pop()
-                        frees[k].append(src)
-                    srcs.append(src)
-                out_src[k] = tuple(srcs)
-                for i in set(n.inputs):
-                    if last[i] == k and not (owned(i) and i not in srcs):
-                        frees[k].append(i)
-                for r in deaths.get(k, ()):
-                    if r in srcs:
-                        frees[k].append(r)
-                    elif demand.get(graph.aval(r), [-1])[-1] > k:  # demand lists are in step order
-                        stash.setdefault(graph.aval(r), []).append(r)
-                        died_at[r] = k
-                    else:
-                        frees[k].append(r)
-                continue
-            key = (n.dtype, n.shape)
-            if n.op in IN_PLACE and n.shape:  # write over an operand that dies here
-                for i in n.inputs:
-                    if owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1:
-                        out_src[k] = i
-                        break
-            if out_src[k] < 0 and n.op in OUT_CAPABLE and stash.get(key):
-                out_src[k] = stash[key].pop()
-                frees[k].append(out_src[k])
+            srcs: list[int] = []
+            for key in results[k]:
+                src = -1
+                if over[k]:  # write over an operand that dies here
+                    for i in dict.fromkeys(n.inputs):
+                        if (owned(i) and group_last[i] == k and graph.aval(i) == key and len(members[i]) == 1
+                                and i not in srcs):
+                            src = i
+                            break
+                if src < 0 and into[k] and stash.get(key):
+                    src = stash[key].pop()
+                    frees[k].append(src)
+                srcs.append(src)
+            out_src.append(srcs)
             for i in set(n.inputs):
-                if last[i] == k and not (owned(i) and i != out_src[k]):
+                if last[i] == k and not (owned(i) and i not in srcs):
                     frees[k].append(i)  # owned buffers are handled when their last alias dies
             for r in deaths.get(k, ()):
-                if r == out_src[k]:
+                if r in srcs:
                     frees[k].append(r)
                 elif demand.get(graph.aval(r), [-1])[-1] > k:  # demand lists are in step order
                     stash.setdefault(graph.aval(r), []).append(r)  # kept; freed at its reuse
@@ -170,17 +269,15 @@ class Plan:
         for left in stash.values():  # kept but never reused after all: free when they died
             for r in left:
                 frees[died_at[r]].append(r)
-        self.n_reused = sum(sum(s >= 0 for s in src) if isinstance(src, tuple) else src >= 0 for src in out_src)
-        # a step: (kernel, operand ids, attributes, result id, buffer to write into or -1, slots to clear, node);
-        # a fused step: (runner, input ids, None, result ids, buffer per result, slots to clear, group)
-        self.steps: list[tuple[Any, tuple[int, ...], Any, Any, Any, tuple[int, ...], Any]] = [
-            (runners[id(n)], n.inputs, None, n.output_ids, out_src[k], tuple(dict.fromkeys(frees[k])), n)
-            if isinstance(n, Group) else
-            (table[n.op], n.inputs, dict(n.attrs), n.id, out_src[k], tuple(dict.fromkeys(frees[k])), n)
+        self.n_reused = sum(s >= 0 for srcs in out_src for s in srcs)
+        self.steps: list[Step] = [
+            FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
+            if isinstance(n, Group) else KernelStep.of(table[n.op], n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
             for k, n in enumerate(units)
         ]
-        # fused steps, or a backend that moves data (the GPU), take the general run loop
-        self._general = fuse or (kset is not None and type(kset).upload is not KernelSet.upload)
+        # a backend that moves data (the GPU) takes the inputs up once per call and the results back once
+        self._upload = kset.upload if kset is not None and type(kset).upload is not KernelSet.upload else None
+        self._result = kset.result if kset is not None and type(kset).result is not KernelSet.result else None
         # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
         # would alias an input or a constant are copied
         self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
@@ -192,18 +289,18 @@ class Plan:
 
     def run_values(self, values: list[Any]) -> dict[str, Any]:
         """Execute on arrays given in the order of `self.inputs`. Given traced values instead,
-        emit the plan's graph into their trace (so transforms nest: a gradient of a gradient)."""
+        emit the plan's graph into their trace (so transforms nest: a gradient of a gradient).
+        On a backend that moves data, inputs are uploaded once and results taken back once."""
         traced = next((v for v in values if isinstance(v, Var)), None)
         if traced is not None:
             b = traced.builder
             env = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
             replay(self.graph, b, env)
             return {name: env[vid] for name, vid in self.outputs}
-        if self._general:
-            return self._run_general(values)
         env: list[Any] = [None] * self.n_slots
+        upload = self._upload
         for (_, slot), v in zip(self.inputs, values, strict=True):
-            env[slot] = v
+            env[slot] = v if upload is None else upload(v)
         for slot, c in self.constants:
             env[slot] = c
         step = None
@@ -211,53 +308,19 @@ class Plan:
         try:
             with np.errstate(all="ignore"):
                 for step in self.steps:
-                    fn, ins, kw, out, src, frees, _ = step
                     if stop is not None and stop():
-                        raise Cancelled(f"stopped before {step[-1].text()}")
-                    if src >= 0:
-                        env[out] = fn(*[env[i] for i in ins], out=env[src], **kw)
-                    else:
-                        env[out] = fn(*[env[i] for i in ins], **kw)
-                    for f in frees:
+                        raise Cancelled(f"stopped before {step.text()}")
+                    step.run(env)
+                    for f in step.frees:
                         env[f] = None
         except (IndexError, ValueError, TypeError, MemoryError) as e:
-            where = step[-1].text() if step is not None else "plan start"
+            where = step.text() if step is not None else "plan start"
             raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
+        result = self._result
+        if result is not None:
+            return {name: result(env[vid], mode) for name, vid, mode in self._results}
         return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
                 for name, vid, mode in self._results}
-
-    def _run_general(self, values: list[Any]) -> dict[str, Any]:
-        """`run_values` for plans with fused steps or on a device: inputs are uploaded once,
-        results downloaded once."""
-        kset = self.kernel_set
-        env: list[Any] = [None] * self.n_slots
-        for (_, slot), v in zip(self.inputs, values, strict=True):
-            env[slot] = kset.upload(v)
-        for slot, c in self.constants:
-            env[slot] = c
-        step = None
-        stop = _STOP.get()
-        try:
-            with np.errstate(all="ignore"):
-                for step in self.steps:
-                    fn, ins, kw, out, src, frees, _ = step
-                    if stop is not None and stop():
-                        raise Cancelled(f"stopped before {_step_text(step)}")
-                    if kw is None:
-                        res = fn([env[i] for i in ins], [env[s] if s >= 0 else None for s in src])
-                        for o, r in zip(out, res, strict=True):
-                            env[o] = r
-                    elif src >= 0:
-                        env[out] = fn(*[env[i] for i in ins], out=env[src], **kw)
-                    else:
-                        env[out] = fn(*[env[i] for i in ins], **kw)
-                    for f in frees:
-                        env[f] = None
-        except (IndexError, ValueError, TypeError, MemoryError) as e:
-            where = _step_text(step) if step is not None else "plan start"
-            raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
-        result = kset.result
-        return {name: result(env[vid], mode) for name, vid, mode in self._results}
 
     def kernel_info(self) -> dict[str, Any]:
         """What runs this plan: the backend, fused groups and their members, compile time."""
@@ -266,21 +329,4 @@ class Plan:
                 "compile_seconds": self.compile_seconds}
 
     def __str__(self) -> str:
-        lines = []
-        for _fn, _ins, kw, _out, src, frees, node in self.steps:
-            if kw is None:
-                extra = f"  # {self.kernel_mode}"
-                reused = [f"%{node.members[j].id}=%{s}" for j, s in zip(node.outputs, src, strict=True) if s >= 0]
-                extra += f"  out {' '.join(reused)}" if reused else ""
-            else:
-                extra = f"  # out=%{src}" if src >= 0 else ""
-            extra += f"  free {' '.join(f'%{f}' for f in frees)}" if frees else ""
-            lines.append(node.text() + extra)
-            if kw is None:
-                lines.extend("    | " + m.text() for m in node.members)
-        return "\n".join(lines)
-
-
-def _step_text(step: tuple) -> str:
-    node = step[-1]
-    return f"fused step {node.text()}" if step[2] is None else node.text()
+        return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
