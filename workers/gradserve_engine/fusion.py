@@ -16,8 +16,8 @@ step at a point where all its inputs exist.
 
 Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
 member by member with the reference kernels (same bits as unfused; used to test the planner),
-the native backend compiles it with numba (`workers/native.py`), the GPU backend with CuPy
-(`workers/gpu.py`).
+the native backend compiles it with numba (`native.py`), the GPU backend with CuPy
+(`gpu.py`).
 """
 
 from __future__ import annotations

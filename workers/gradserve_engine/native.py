@@ -119,7 +119,7 @@ def reset_numba_status() -> None:
 
 def resolve_kernels(mode: str = "numpy", threads: int | None = None) -> KernelSet:
     """The kernels for `mode` ("numpy", "native", "auto"; see the module docstring; or "gpu",
-    `workers/gpu.py`'s CuPy kernels, which raises RuntimeError without CuPy and a device).
+    `gpu.py`'s CuPy kernels, which raises RuntimeError without CuPy and a device).
     The result's `.name` is what actually runs ("numpy" when numba is missing) and
     `.describe()` says why; both are meant for `cache_info()` and the server's metrics."""
     if mode not in MODES:
