@@ -22,7 +22,7 @@ import contextlib
 import functools
 import operator
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -143,6 +143,7 @@ class FusedStep(Step):
 
     def listing(self, kernel_mode: str) -> list[str]:
         group = self.unit
+        assert isinstance(group, Group)
         reused = [f"%{o}=%{s}" for o, s in zip(self.outs, self.srcs, strict=True) if s >= 0]
         extra = f"  # {kernel_mode}" + (f"  out {' '.join(reused)}" if reused else "")
         return [group.text() + extra + _free_text(self.frees), *("    | " + m.text() for m in group.members)]
@@ -164,13 +165,15 @@ class Plan:
         self.n_slots = graph.n_values
         self.inputs = [(i.name, i.id) for i in graph.inputs]
         self.outputs = list(graph.outputs)
-        kset = kernels if isinstance(kernels, KernelSet) else None
-        fuse = bool(fusion if fusion is not None else kset is not None and kset.fuse)
-        if kset is None and fuse:
-            kset = KernelSet(kernels, fuse=True)
+        kset: KernelSet | None
+        if isinstance(kernels, KernelSet):
+            kset, table = kernels, kernels.table
+            fuse = kset.fuse if fusion is None else fusion
+        else:
+            fuse = bool(fusion)
+            kset, table = (KernelSet(kernels, fuse=True) if fuse else None), kernels
         self.kernel_set = kset
         self.kernel_mode = kset.name if kset is not None else "numpy"
-        table = kset.table if kset is not None else kernels
         upload = kset.upload if kset is not None else None
         self.constants = [(n_in + k, c if upload is None else upload(c)) for k, c in enumerate(graph.constants)]
 
@@ -178,8 +181,8 @@ class Plan:
         self.groups: list[Group] = []
         self.compile_seconds = 0.0
         runners: dict[int, Callable[..., Any]] = {}
-        units: list[Node | Group] = graph.nodes
-        if fuse:
+        units: Sequence[Node | Group] = graph.nodes
+        if fuse and kset is not None:
             t0 = time.perf_counter()
             for g in find_groups(graph, accept=kset.accept):
                 run = kset.compile_group(g)
@@ -294,9 +297,9 @@ class Plan:
         traced = next((v for v in values if isinstance(v, Var)), None)
         if traced is not None:
             b = traced.builder
-            env = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
-            replay(self.graph, b, env)
-            return {name: env[vid] for name, vid in self.outputs}
+            emitted = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
+            replay(self.graph, b, emitted)
+            return {name: emitted[vid] for name, vid in self.outputs}
         env: list[Any] = [None] * self.n_slots
         upload = self._upload
         for (_, slot), v in zip(self.inputs, values, strict=True):
