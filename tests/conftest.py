@@ -61,3 +61,21 @@ def ray_pool():
     yield pool
     pool.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture
+def serve_in_process():
+    """`serve_in_process(engine=None, **config)`: a started in-process Server on 127.0.0.1 (a free
+    port) over `engine` (default: the server's own), for tests that reach into it; all stop at the end."""
+    from gradserve_server.app import Config, Server
+
+    started = []
+
+    def start(engine=None, **config):
+        server = Server(Config(host="127.0.0.1", port=0, **config), engine).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(grace=0)

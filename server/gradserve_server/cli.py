@@ -27,8 +27,9 @@ def demo() -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
+    from gradserve_engine.errors import StoreError
+
     from .app import Config, MiB, Server
-    from .jobs import StoreError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None

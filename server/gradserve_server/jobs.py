@@ -29,20 +29,16 @@ import numpy as np
 
 from gradserve import optim
 from gradserve.minimize import LoopState, OptimizationLoop
-from gradserve_engine.errors import GraphError
+from gradserve_engine.errors import GraphError, InvalidRequest, NotFound, StoreError
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto
 from gradserve_engine.primitives import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 
-from .registry import GraphRegistry, NotFound
+from .registry import GraphRegistry
 
 log = logging.getLogger("gradserve.jobs")
 SCHEMA_VERSION = "1"
 FINISHED = ("succeeded", "failed", "cancelled")
-
-
-class StoreError(RuntimeError):
-    """The job store cannot be used as it is (damaged, or written by another schema version)."""
 
 
 # ---------------------------------------------------------------- the store
@@ -295,7 +291,7 @@ class JobManager:
 
     # ---- building and resuming
     def _build(self, job_id: str, spec: pb.JobSpec, resume: tuple[int, dict[str, np.ndarray]] | None) -> Run:
-        """Validate a spec into a runnable job; every problem is a GraphError/ValueError naming it."""
+        """Validate a spec into a runnable job; every problem is an InvalidRequest (or GraphError) naming it."""
         if spec.HasField("graph"):
             graph = Graph.from_proto(spec.graph, self.limits)
             if spec.graph_id and spec.graph_id != graph.id:
@@ -312,11 +308,14 @@ class JobManager:
         try:
             optimizer = optim.from_spec(json.loads(spec.optimizer_json or "{}"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"optimizer spec is not JSON: {e}") from None
+            raise InvalidRequest(f"optimizer spec is not JSON: {e}") from None
+        except ValueError as e:  # from_spec's ValueError names the bad field
+            raise InvalidRequest(str(e)) from None
         if spec.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {spec.steps}")
+            raise InvalidRequest(f"steps must be at least 1, got {spec.steps}")
         if spec.tol < 0 or not math.isfinite(spec.tol) or spec.seed < 0 or spec.batch_size < 0:
-            raise ValueError(f"tol, seed and batch_size must be non-negative (got {spec.tol}, {spec.seed}, {spec.batch_size})")
+            raise InvalidRequest(f"tol, seed and batch_size must be non-negative "
+                                 f"(got {spec.tol}, {spec.seed}, {spec.batch_size})")
         names = set(graph.input_names())
         param_names = [n for n in graph.input_names() if n in spec.params0]
         unknown = sorted(set(spec.params0) - names)

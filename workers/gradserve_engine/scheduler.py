@@ -31,7 +31,7 @@ from gradserve_engine.names import GRAD
 
 from . import autodiff
 from .cost import graph_cost
-from .engine import Engine, check_inputs, differentiated_outputs, seed_feed
+from .engine import Engine, check_inputs, check_wrt, differentiated_outputs, seed_feed
 from .partition import Partition, partition
 from .passes import optimize
 from .pool import Task
@@ -211,7 +211,8 @@ class DistributedEngine:
     def _partition(self, graph: Graph, wrt: tuple[str, ...], outputs: Sequence[str] | None) -> Partition | None:
         outs = tuple(outputs) if outputs is not None else None
         key = ("partition", graph.id, wrt, outs, self.workers)
-        return self._memo(key, lambda: partition(optimize(autodiff.vjp_graph(graph, wrt, outs)), self.workers))
+        return self._memo(key, lambda: partition(optimize(autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs)),
+                                                 self.workers))
 
     def _graph_parallel(self, graph: Graph, p: Partition, inputs: Mapping[str, Any], wrt: Sequence[str],
                         seeds: Mapping[str, Any] | None, outputs: Sequence[str] | None) -> tuple[dict, dict]:
