@@ -18,6 +18,7 @@ import pytest
 from service_fixtures import HOST, channel, child_env, stub
 
 import gradserve as gs
+from gradserve import remote as rm
 from gradserve_engine import errors
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import (
@@ -26,6 +27,7 @@ from gradserve_engine.errors import (
     GraphError,
     NotFound,
     ShapeError,
+    StoreError,
     WorkersUnavailable,
 )
 from gradserve_engine.ir import tensor_to_proto
@@ -184,3 +186,15 @@ def test_workers_that_do_not_answer_give_unavailable(serve_in_process):
             engine.batch_vjp(G, [({"x": V3, "n": np.arange(3)}, None)] * 2, ["x"])
     finally:
         pool.shutdown()
+
+
+def test_sdk_remote_errors_are_named_apart_from_the_family():
+    remote = {name: obj for name, obj in vars(rm).items() if isinstance(obj, type) and issubclass(obj, rm.RemoteError)}
+    assert {obj.__name__ for obj in remote.values()} == set(remote)
+    assert not set(remote) & {cls.__name__ for cls in FAMILY}
+    for name, cls in remote.items():
+        if cls is not rm.RemoteError:  # one class per status, named after it
+            assert name == "Remote" + "".join(w.capitalize() for w in cls.code.name.split("_")), name
+    answered = [cls for cls in FAMILY[1:] if cls is not StoreError]  # a bad store stops the server starting
+    for cls in answered:  # every status the service answers has its SDK class
+        assert rm._BY_CODE[grpc.StatusCode[cls.code]].code == grpc.StatusCode[cls.code]

@@ -586,18 +586,18 @@ def test_bad_jobs_through_the_sdk(remote, bare):
     args = (SMALL_X, SMALL_Y)
     for optimizer, says in [({"name": "Nadam"}, "Nadam"), ({"name": "Adam", "lr": -1.0}, "lr"),
                             ({"name": "Adam", "betas": [0.9, 2.0]}, "betas[1]")]:
-        with pytest.raises(rm.InvalidArgument, match=re.escape(says)) as e:
+        with pytest.raises(rm.RemoteInvalidArgument, match=re.escape(says)) as e:
             remote.minimize(small, SMALL_P0, args=args, optimizer=optimizer, steps=10)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(rm.InvalidArgument, match="steps"):
+    with pytest.raises(rm.RemoteInvalidArgument, match="steps"):
         remote.minimize(small, SMALL_P0, args=args, optimizer=optim.Adam(), steps=0)
-    with pytest.raises(rm.InvalidArgument, match="scalar"):
+    with pytest.raises(rm.RemoteInvalidArgument, match="scalar"):
         remote.minimize(lambda p, X, y: X @ p["w"] - y, SMALL_P0, args=args, optimizer=optim.Adam(), steps=10)
     with pytest.raises(ValueError, match="batch_size=21"):  # refused before it is sent (the bare case is above)
         remote.minimize(small, SMALL_P0, args=args, optimizer=optim.Adam(), steps=10, batch_size=21)
     assert len(remote.jobs()) == before
     # an unknown job or graph is NOT_FOUND, not INVALID_ARGUMENT
-    with pytest.raises(rm.NotFound):
+    with pytest.raises(rm.RemoteNotFound):
         remote.job("0123456789abcdef")
     spec = small_spec()
     spec.ClearField("graph")
@@ -644,7 +644,7 @@ def test_wait_timeout(remote):
     job = submit_fit(remote, steps=10**7, name="too long")
     try:
         start = time.monotonic()
-        with pytest.raises(rm.DeadlineExceeded):
+        with pytest.raises(rm.RemoteDeadlineExceeded):
             job.wait(timeout=0.3)
         assert time.monotonic() - start < 5
         assert job.status == "running"

@@ -165,12 +165,12 @@ def test_every_method_refuses_every_bad_credential_before_parsing(token_server):
 
 def test_a_refused_call_has_no_effect(token_server):
     g = gs.trace(f, V4, V4)
-    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.Unauthenticated):
+    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.RemoteUnauthenticated):
         bad.register(g)
     with gs.connect(token_server.address, token=TOKEN, timeout=10) as good:
         assert g.id not in [info.graph_id for info in good.graphs()], "an unauthenticated RegisterGraph registered its graph"
         gid = good.register(g)
-    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.Unauthenticated):
+    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.RemoteUnauthenticated):
         bad.delete(gid)
     with gs.connect(token_server.address, token=TOKEN, timeout=10) as good:
         assert gid in [info.graph_id for info in good.graphs()], "an unauthenticated DeleteGraph deleted a graph"
@@ -185,9 +185,9 @@ def test_token_and_tls_together(tmp_path):
         with gs.connect(s.address, token=TOKEN, tls=cert_pem, timeout=10) as r:
             np.testing.assert_allclose(r.grad(f)(V4, V4 + 1), np.cos(V4) * (V4 + 1))
         for token in (None, "wrong"):
-            with gs.connect(s.address, token=token, tls=cert_pem, timeout=10) as r, pytest.raises(rm.Unauthenticated):
+            with gs.connect(s.address, token=token, tls=cert_pem, timeout=10) as r, pytest.raises(rm.RemoteUnauthenticated):
                 r.graphs()
-        with gs.connect(s.address, token=TOKEN, timeout=2) as r, pytest.raises(rm.Unavailable):
+        with gs.connect(s.address, token=TOKEN, timeout=2) as r, pytest.raises(rm.RemoteUnavailable):
             r.graphs()  # the right token over plaintext: the TLS port does not answer
 
 
@@ -421,7 +421,7 @@ def test_pickle_payload_in_the_graph_store(store_server, tmp_path):
     gid = "ab" * 32
     (store_server.store / "graphs" / f"{gid}.pb").write_bytes(payload)
     with gs.connect(store_server.address, timeout=10) as r:
-        with pytest.raises(rm.NotFound) as info:
+        with pytest.raises(rm.RemoteNotFound) as info:
             r.evaluate(gid, {"x": V4, "y": V4})
         assert "damaged" in str(info.value) or "not registered" in str(info.value), str(info.value)
         assert gid not in [i.graph_id for i in r.graphs()]
@@ -595,7 +595,7 @@ def test_burst_over_max_concurrent_is_refused_and_the_slots_come_back():
         for t in threads:
             t.join(120)
         ok = [v for v in results if isinstance(v, float)]
-        refused = [v for v in results if isinstance(v, rm.ResourceExhausted)]
+        refused = [v for v in results if isinstance(v, rm.RemoteResourceExhausted)]
         assert len(ok) + len(refused) == callers, results
         assert 1 <= len(ok) <= 2, f"{len(ok)} calls ran at once with --max-concurrent 2: {results}"
         assert all(str(e) for e in refused)
