@@ -29,6 +29,7 @@ import numpy as np
 
 from gradserve import optim
 from gradserve.minimize import LoopState, OptimizationLoop
+from gradserve_engine.backend import Backend
 from gradserve_engine.errors import GraphError, InvalidRequest, NotFound, StoreError
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto
 from gradserve_engine.primitives import FLOATS
@@ -160,7 +161,7 @@ class Run:
 class JobManager:
     """Validates, stores, runs, checkpoints and resumes jobs; `runners` threads take turns."""
 
-    def __init__(self, engine: Any, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
+    def __init__(self, engine: Backend, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
                  checkpoint_every: int = 500, checkpoint_seconds: float = 30.0, quantum_seconds: float = 0.05):
         self.engine, self.registry, self.store, self.limits = engine, registry, store, limits
         self.checkpoint_every, self.checkpoint_seconds, self.quantum = checkpoint_every, checkpoint_seconds, quantum_seconds
@@ -348,9 +349,8 @@ class JobManager:
         engine = self.engine
 
         def value_and_grad(params: dict[str, np.ndarray], batch: tuple) -> tuple[Any, Any]:
-            extra = {"batch_axes": axes} if axes else {}
             outs, grads = engine.vjp(graph, {**params, **dict(zip(arg_names, batch, strict=True))}, param_names,
-                                     outputs=[loss], **extra)
+                                     outputs=[loss], batch_axes=axes or None)
             return outs[loss], grads
 
         state = LoopState.start(params0, optimizer) if resume is None else LoopState.from_arrays(resume[1], optimizer, params0)

@@ -1,4 +1,4 @@
-"""GradientService: each RPC decodes, calls the plain Engine, encodes (route_guide style).
+"""GradientService: each RPC decodes, calls the engine (a Backend), encodes (route_guide style).
 
 Requests arrive as raw bytes and are parsed here, so bytes that do not parse are answered
 INVALID_ARGUMENT (grpcio's own deserialiser would answer INTERNAL). Errors become status codes
@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from gradserve_engine.engine import Engine
+from gradserve_engine.backend import Backend
 from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
 from gradserve_engine.plan import stop_when
@@ -64,16 +64,16 @@ def _parse(request_cls: type, raw: bytes) -> Any:
 
 
 class Servicer:
-    """The RPC handlers over an Engine, a GraphRegistry and a ResidualStore."""
+    """The RPC handlers over a Backend, a GraphRegistry and a ResidualStore."""
 
-    def __init__(self, engine: Engine, registry: GraphRegistry, residuals: ResidualStore,
+    def __init__(self, engine: Backend, registry: GraphRegistry, residuals: ResidualStore,
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
         self.engine, self.registry, self.residuals, self.jobs = engine, registry, residuals, jobs
         self.limits, self.metrics = limits, metrics
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
-        metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.info.hits)
-        metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.info.misses)
+        metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
+        metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.cache_info().misses)
         self._inflight = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -125,10 +125,9 @@ class Servicer:
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
         graph = self.registry.get(req.graph_id)
-        extra = {"batch_axes": dict(req.batch_axes)} if req.batch_axes else {}
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
-                                      **extra)
+                                      batch_axes=dict(req.batch_axes) or None)
         return self._gradient_response(outs, grads)
 
     def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any]) -> pb.GradientResponse:

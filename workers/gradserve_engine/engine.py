@@ -20,6 +20,7 @@ from gradserve_engine.ir import Graph, Var, type_str
 from gradserve_engine.primitives import FLOATS, NP_DTYPES
 
 from . import autodiff
+from .backend import Backend
 from .passes import optimize
 from .plan import Plan
 
@@ -51,8 +52,8 @@ class Residuals:
         return sum(np.asarray(v).nbytes for v in self.values.values())
 
 
-class Engine:
-    """Runs graphs in process with the numpy kernels; thread-safe."""
+class Engine(Backend):
+    """Runs graphs in process with the numpy kernels; thread-safe. The server's Backend."""
 
     def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
         from .native import resolve_kernels
