@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_fixtures import HOST, channel, metric, parse_metrics, stub
+from service_fixtures import HOST, channel, fill, metric, parse_metrics, stub
 
 import gradserve as gs
 from gradserve_engine.backend import Backend
 from gradserve_engine.engine import Engine
-from gradserve_engine.ir import tensor_from_proto, tensor_to_proto
+from gradserve_engine.ir import tensor_from_proto
 from gradserve_engine.pool import LocalPool
 from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2 as pb
@@ -128,8 +128,7 @@ def test_a_server_over_either_backend_reports_its_plan_cache(serve_in_process, c
         st = stub(ch)
         st.RegisterGraph(pb.RegisterGraphRequest(graph=G.to_proto()), timeout=10)
         req = pb.GradientRequest(graph_id=G.id, wrt=["x"])
-        for name, value in INPUTS.items():
-            tensor_to_proto(value, req.inputs[name])
+        fill(req.inputs, INPUTS)
         for _ in range(2):
             resp = st.Gradient(req, timeout=10)
     _, want = Engine().vjp(G, INPUTS, ["x"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import HOST, channel, child_env, stub
+from service_fixtures import HOST, channel, child_env, fill, rpc_error, stub
 
 import gradserve as gs
 from gradserve import remote as rm
@@ -30,7 +30,6 @@ from gradserve_engine.errors import (
     StoreError,
     WorkersUnavailable,
 )
-from gradserve_engine.ir import tensor_to_proto
 from gradserve_engine.pool import LocalPool, Task, unwrap
 from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2 as pb
@@ -44,17 +43,6 @@ def f(x, n):
 
 
 G = gs.trace(f, V3, np.arange(3))  # x float64, n int64
-
-
-def fill(field, values):
-    for name, v in values.items():
-        tensor_to_proto(np.asarray(v), field[name])
-
-
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
 
 
 # ---------------------------------------------------------------- the family
@@ -105,8 +93,8 @@ def test_worker_failures_come_back_as_their_own_class():
 
 
 @pytest.fixture
-def bare(serve_in_process):
-    """A stub of an in-process server over a plain Engine, and the server."""
+def in_process(serve_in_process):
+    """A stub of an in-process server over a plain Engine (G registered), and the server."""
     server = serve_in_process(Engine())
     with channel(f"{HOST}:{server.port}") as ch:
         st = stub(ch)
@@ -114,8 +102,8 @@ def bare(serve_in_process):
         yield st, server
 
 
-def test_an_unexpected_error_in_the_engine_is_internal_and_logged(bare, monkeypatch, caplog):
-    st, server = bare
+def test_an_unexpected_error_in_the_engine_is_internal_and_logged(in_process, monkeypatch, caplog):
+    st, server = in_process
 
     def broken(*args, **kwargs):
         raise KeyError("x")
@@ -131,8 +119,8 @@ def test_an_unexpected_error_in_the_engine_is_internal_and_logged(bare, monkeypa
     assert logged and logged[-1].exc_info is not None and logged[-1].exc_info[0] is KeyError
 
 
-def test_user_mistakes_that_were_type_or_key_errors_are_invalid_argument(bare):
-    st, _ = bare
+def test_user_mistakes_that_were_type_or_key_errors_are_invalid_argument(in_process):
+    st, _ = in_process
     inputs = {"x": V3, "n": np.arange(3)}
     req = pb.GradientRequest(graph_id=G.id, wrt=["n"])  # an integer input has no gradient
     fill(req.inputs, inputs)

@@ -81,25 +81,7 @@ def assert_same_result(res, ref, steps: int) -> None:
     np.testing.assert_allclose(res.history["grad_norm"], ref.history["grad_norm"][:steps], rtol=0, atol=TOL)
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with gs.connect(server.address, timeout=60) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def bare(server):
-    with channel(server.address) as ch:
-        yield stub(ch)
+# ---------------------------------------------------------------- fixtures (server, remote, bare: conftest.py)
 
 
 @pytest.fixture(scope="module")

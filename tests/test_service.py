@@ -21,17 +21,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fixtures import (
-    _NO_PROXY,
-    _PROXY_VARS,
     NOT_SERVING,
     SERVICE,
     SERVING,
     ServerProcess,
     channel,
     child_env,
+    fill,
     health_status,
     metric,
     parse_metrics,
+    rpc_error,
     scrape,
     self_signed_cert,
     stub,
@@ -41,7 +41,7 @@ from service_fixtures import (
 import gradserve as gs
 from gradserve import remote as rm
 from gradserve_engine.engine import Engine
-from gradserve_engine.ir import Graph, Input, Node, tensor_from_proto, tensor_to_proto
+from gradserve_engine.ir import Graph, Input, Node, tensor_from_proto
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 
@@ -107,12 +107,6 @@ def assert_tree_close(actual, expected):
         assert_close(a, b)
 
 
-def fill(field, values):
-    for name, v in values.items():
-        tensor_to_proto(np.asarray(v), field[name])
-    return field
-
-
 def decode(field):
     return {name: tensor_from_proto(t) for name, t in field.items()}
 
@@ -135,48 +129,7 @@ def unique_graph():
     return gs.trace(lambda x: x * c + 1.0, np.zeros(3))
 
 
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_proxy():
-    """Every channel of this process goes straight to 127.0.0.1, whatever the environment says."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k in _PROXY_VARS:
-            mp.delenv(k, raising=False)
-        for k, v in _NO_PROXY.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--metrics-port", "0") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with gs.connect(server.address, timeout=30) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def chan(server):
-    ch = channel(server.address)
-    yield ch
-    ch.close()
-
-
-@pytest.fixture(scope="module")
-def bare(chan):
-    return stub(chan)
+# ---------------------------------------------------------------- fixtures (server, remote, chan, bare: conftest.py)
 
 
 @pytest.fixture(scope="module")
