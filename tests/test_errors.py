@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import logging
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from gradserve_engine.errors import (
     StoreError,
     WorkersUnavailable,
 )
+from gradserve_engine.ir import tensor_from_proto
 from gradserve_engine.pool import LocalPool, Task, unwrap
 from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2 as pb
@@ -146,6 +148,22 @@ def test_user_mistakes_that_were_type_or_key_errors_are_invalid_argument(in_proc
     err = rpc_error(st.Hessian, req, timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "['x']" in err.details(), err.details()
 
+    req = pb.HessianRequest(graph_id=G.id, output="out")  # no wrt: an IndexError deep in the Jacobian, before
+    fill(req.inputs, inputs)
+    err = rpc_error(st.Hessian, req, timeout=10)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "wrt" in err.details(), err.details()
+
+
+def test_an_input_named_twice_in_wrt_gets_its_gradient_once(in_process):
+    st, _ = in_process
+    grads = []
+    for wrt in (["x"], ["x", "x"]):  # the second was a KeyError while collecting the gradients
+        req = pb.GradientRequest(graph_id=G.id, wrt=wrt)
+        fill(req.inputs, {"x": V3, "n": np.arange(3)})
+        grads.append(st.Gradient(req, timeout=10).grads)
+    assert list(grads[1]) == ["x"]
+    np.testing.assert_array_equal(tensor_from_proto(grads[1]["x"]), tensor_from_proto(grads[0]["x"]))
+
 
 class _Stuck(LocalPool):
     """Workers that never answer in time."""
@@ -186,3 +204,69 @@ def test_sdk_remote_errors_are_named_apart_from_the_family():
     answered = [cls for cls in FAMILY[1:] if cls is not StoreError]  # a bad store stops the server starting
     for cls in answered:  # every status the service answers has its SDK class
         assert rm._BY_CODE[grpc.StatusCode[cls.code]].code == grpc.StatusCode[cls.code]
+
+
+def test_no_malformed_request_is_answered_internal(serve_in_process):
+    """Requests put together from bad pieces (names the graph does not have, integer inputs
+    differentiated, a name twice, wrong shapes and dtypes, empty lists) are the caller's
+    mistakes: never INTERNAL, over the scheduler (in process, fanned out, graph-parallel)."""
+    pool = LocalPool(2)
+    engine = DistributedEngine(Engine(), pool, Policy(local_cores=1, cluster_cores=2, flops_per_core=1e3))
+    server = serve_in_process(engine)
+    g = gs.trace(lambda x, w, n: {"s": gs.sum(gs.tanh(w @ x) ** 2), "v": gs.tanh(w @ x), "k": n + 1},
+                 V3, np.ones((2, 3)), np.arange(2))
+    good = {"x": V3, "w": np.ones((2, 3)), "n": np.arange(2)}
+    inputs = [good, {"x": V3}, {**good, "x": V3.astype(np.float32)}, {**good, "x": np.ones((2, 2))}, {**good, "z": V3}]
+    wrts = [[], ["x"], ["n"], ["nope"], ["x", "x"], ["out.s"]]
+    outputs = [[], ["out.s"], ["out.v"], ["out.k"], ["nope"], ["out.s", "out.s"]]
+    answered = {}
+
+    def call(method, req):
+        try:
+            method(req, timeout=20)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+            assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, e.details(), req)
+        answered[code] = answered.get(code, 0) + 1
+
+    try:
+        with channel(f"{HOST}:{server.port}") as ch:
+            st = stub(ch)
+            st.RegisterGraph(pb.RegisterGraphRequest(graph=g.to_proto()), timeout=10)
+            for feed, wrt, outs in itertools.product(inputs, wrts, outputs):
+                call(st.Evaluate, _with_inputs(pb.EvaluateRequest(graph_id=g.id, outputs=outs), feed))
+                for seeds in ({}, {"out.v": np.ones(2)}, {"out.k": np.ones(2)}, {"nope": V3}, {"out.v": V3}):
+                    req = _with_inputs(pb.GradientRequest(graph_id=g.id, wrt=wrt, outputs=outs), feed)
+                    fill(req.seeds, seeds)
+                    call(st.Gradient, req)
+                call(st.Jacobian, _with_inputs(pb.JacobianRequest(graph_id=g.id, wrt=wrt, outputs=outs), feed))
+                call(st.OpenVjp, _with_inputs(pb.OpenVjpRequest(graph_id=g.id, wrt=wrt, outputs=outs), feed))
+                batch = pb.BatchGradientRequest(graph_id=g.id, wrt=wrt, outputs=outs)
+                for _ in range(2):
+                    fill(batch.items.add().inputs, feed)
+                call(st.BatchGradient, batch)
+            for feed, wrt, output in itertools.product(inputs, wrts, ("out.s", "out.v", "out.k", "", "nope")):
+                call(st.Hessian, _with_inputs(pb.HessianRequest(graph_id=g.id, wrt=wrt, output=output), feed))
+                req = _with_inputs(pb.HessianRequest(graph_id=g.id, wrt=wrt, output=output), feed)
+                fill(req.vectors, {x: good.get(x, V3) for x in wrt})
+                call(st.Hessian, req)
+            for feed, tangents in itertools.product(inputs, ({}, {"x": V3}, {"n": np.arange(2)}, {"nope": V3},
+                                                            {"x": np.ones(2)})):
+                req = _with_inputs(pb.JvpRequest(graph_id=g.id), feed)
+                fill(req.tangents, tangents)
+                call(st.Jvp, req)
+            handle = st.OpenVjp(_with_inputs(pb.OpenVjpRequest(graph_id=g.id, wrt=["x"]), good), timeout=10).handle
+            for cotangents, batched in itertools.product(({}, {"out.s": np.ones(())}, {"out.v": np.ones((3, 2))},
+                                                          {"out.k": np.ones(2)}, {"nope": V3}), (False, True)):
+                req = pb.CallVjpRequest(handle=handle, batched=batched)
+                fill(req.cotangents, cotangents)
+                call(st.CallVjp, req)
+    finally:
+        pool.shutdown()
+    assert answered[grpc.StatusCode.OK] and answered[grpc.StatusCode.INVALID_ARGUMENT] > 1000, answered
+
+
+def _with_inputs(req, feed):
+    fill(req.inputs, feed)
+    return req

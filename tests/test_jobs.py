@@ -511,9 +511,15 @@ def _batch_too_large(spec):  # a graph traced for minibatches of 21 rows, 20 row
     spec.batch_size = 21
 
 
+def _batched_args_of_different_lengths(spec):  # minibatches of 8 rows; X has 20 rows, y 19
+    spec.CopyFrom(small_spec(batch_size=8))
+    tensor_to_proto(SMALL_Y[:19], spec.args["y"])
+
+
 BAD_SPECS = {
     "unknown optimizer": (_optimizer('{"name": "Nadam", "lr": 0.1}'), "Nadam"),
     "optimizer without name": (_optimizer('{"lr": 0.1}'), "name"),
+    "optimizer name not a string": (_optimizer('{"name": ["Adam"], "lr": 0.1}'), "name"),
     "unknown hyper-parameter": (_optimizer('{"name": "Adam", "momentum": 0.9}'), "momentum"),
     "negative lr": (_optimizer('{"name": "Adam", "lr": -0.1}'), "lr"),
     "beta1 out of range": (_optimizer('{"name": "Adam", "betas": [1.5, 0.999]}'), "betas[0]"),
@@ -534,6 +540,7 @@ BAD_SPECS = {
     "arg missing": (_drop_arg, "y"),
     "arg wrong shape": (_bad_arg, "y"),
     "batch larger than the data": (_batch_too_large, "batch_size=21"),
+    "batched args of different lengths": (_batched_args_of_different_lengths, "same length"),
     "non-scalar loss": (_vector_loss, "scalar"),
     "loss not an output": (_set("loss", "nope"), "nope"),
     "graph_id not the graph's": (_set("graph_id", "0" * 64), "0" * 64),

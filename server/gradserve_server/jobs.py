@@ -354,8 +354,11 @@ class JobManager:
             return outs[loss], grads
 
         state = LoopState.start(params0, optimizer) if resume is None else LoopState.from_arrays(resume[1], optimizer, params0)
-        loop = OptimizationLoop(value_and_grad, optimizer, state, args=tuple(args), steps=int(spec.steps),
-                                batch_size=int(spec.batch_size) or None, seed=int(spec.seed), tol=spec.tol or None)
+        try:
+            loop = OptimizationLoop(value_and_grad, optimizer, state, args=tuple(args), steps=int(spec.steps),
+                                    batch_size=int(spec.batch_size) or None, seed=int(spec.seed), tol=spec.tol or None)
+        except ValueError as e:  # the loop's ValueError names the argument (batch_size against the args' rows)
+            raise InvalidRequest(str(e)) from None
         run = Run(job_id, spec, graph, loss, param_names, optimizer, state, loop)
         run.events = list(zip(range(1, state.step + 1), state.history["loss"], state.history["grad_norm"], strict=True))
         run.checkpoint_step = state.step

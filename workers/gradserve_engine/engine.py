@@ -149,7 +149,7 @@ class Engine(Backend):
         else:
             plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs))
         res = plan.run(_only(plan, feed))
-        grads = {x: res.pop(autodiff.GRAD + x) for x in wrt}
+        grads = {x: res.pop(autodiff.GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
         return res, grads
 
     def _check_sharding(self, graph: Graph, batch_axes: Mapping[str, int]) -> None:
@@ -244,23 +244,28 @@ class Engine(Backend):
 
     def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
         """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
-        _check_outputs(graph, [output])
         wrt = tuple(wrt)
-        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output))
+        grad = self._grad_graph(graph, wrt, output)
         jac = self.jacobian(grad, inputs, wrt)
         return {(xi, xj): jac[(autodiff.GRAD + xi, xj)] for xi in wrt for xj in wrt}
 
     def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
             vectors: Mapping[str, Any]) -> dict[str, Any]:
         """Hessian-vector products (forward over reverse): {x: sum_j H[x, j] v_j}."""
-        _check_outputs(graph, [output])
         wrt = tuple(wrt)
-        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output))
+        grad = self._grad_graph(graph, wrt, output)
         missing = [x for x in wrt if x not in vectors]
         if missing:
             raise GraphError(f"hvp needs a vector for each of wrt; none given for {missing}")
         _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
         return {x: tangents[autodiff.GRAD + x] for x in wrt}
+
+    def _grad_graph(self, graph: Graph, wrt: tuple[str, ...], output: str) -> Graph:
+        """The gradient of scalar `output` w.r.t. `wrt` as a graph, to differentiate again."""
+        _check_outputs(graph, [output])
+        if not wrt:
+            raise GraphError("second derivatives need at least one input in wrt")
+        return self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output))
 
     def _derived(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Graph:
         """A transformed graph (not a plan), cached like plans: e.g. the gradient to differentiate again."""

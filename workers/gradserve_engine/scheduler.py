@@ -265,7 +265,7 @@ class DistributedEngine(Backend):
                 named[name] = p.joint.constants[vid - len(p.joint.inputs)]
             else:
                 named[name] = values[f"%{vid}"]
-        grads = {x: named.pop(GRAD + x) for x in wrt}
+        grads = {x: named.pop(GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
         return named, grads
 
     # ---- many input sets
