@@ -61,3 +61,72 @@ def ray_pool():
     yield pool
     pool.shutdown()
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- servers and their clients, for every test module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_proxy():
+    """Every channel of this process goes straight to 127.0.0.1, whatever the environment says."""
+    from service_fixtures import _NO_PROXY, _PROXY_VARS
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in _PROXY_VARS:
+            mp.delenv(k, raising=False)
+        for k, v in _NO_PROXY.items():
+            mp.setenv(k, v)
+        yield
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A `python -m gradserve_server` process shared by the tests of a module, with a metrics port."""
+    from service_fixtures import ServerProcess
+
+    with ServerProcess("--metrics-port", "0") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    """An SDK session with the module's server."""
+    import gradserve as gs
+
+    with gs.connect(server.address, timeout=60) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def chan(server):
+    """A bare channel to the module's server."""
+    from service_fixtures import channel
+
+    with channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def bare(chan):
+    """A bare GradientService stub on `chan`."""
+    from service_fixtures import stub
+
+    return stub(chan)
+
+
+@pytest.fixture
+def serve_in_process():
+    """`serve_in_process(engine=None, **config)`: a started in-process Server on 127.0.0.1 (a free
+    port) over `engine` (default: the server's own), for tests that reach into it; all stop at the end."""
+    from gradserve_server.app import Config, Server
+
+    started = []
+
+    def start(engine=None, **config):
+        server = Server(Config(host="127.0.0.1", port=0, **config), engine).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(grace=0)

@@ -1,5 +1,7 @@
 """Helpers for the service tests: real `python -m gradserve_server` processes on 127.0.0.1,
-bare stubs, health/reflection probes, metrics scraping and a self-signed certificate."""
+bare stubs, request building, health/reflection probes, metrics scraping and a self-signed
+certificate. The fixtures built on them (a shared server per module, its clients, in-process
+servers) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradserve_engine.ir import tensor_to_proto
 from gradserve_engine.v1 import service_pb2_grpc
 
 HOST = "127.0.0.1"
@@ -40,13 +45,15 @@ def child_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    """One `python -m gradserve_server --host 127.0.0.1 --port PORT ...` child process.
+    """One `python -m gradserve_server --host 127.0.0.1 --port PORT ...` child process
+    (`host=None`: no --host flag, the server's default; `host` is then what it printed).
 
     The constructor returns once the process printed its `gradserve listening on ...` line,
     so the port (and the metrics port) are known and the server accepts calls."""
 
-    def __init__(self, *args: str, port: int = 0, startup_timeout: float = 20.0):
-        self.args = [sys.executable, "-m", "gradserve_server", "--host", HOST, "--port", str(port),
+    def __init__(self, *args: str, port: int = 0, host: str | None = HOST, startup_timeout: float = 20.0):
+        bind = ["--host", host] if host is not None else []
+        self.args = [sys.executable, "-m", "gradserve_server", *bind, "--port", str(port),
                      "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(), it outlives this call)
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
@@ -55,8 +62,9 @@ class ServerProcess:
         m = LISTENING.search(line)
         if m is None:
             self._fail(f"server did not start: first line {line!r}")
-        assert m["host"] == HOST, line
+        assert host is None or m["host"] == host, line
         self.first_line = line
+        self.host = m["host"]
         self.port = int(m["port"])
         self.metrics_port = int(m["metrics"]) if m["metrics"] else None
         self.address = f"{HOST}:{self.port}"
@@ -126,6 +134,20 @@ def channel(address: str, credentials: grpc.ChannelCredentials | None = None) ->
 
 def stub(ch: grpc.Channel) -> service_pb2_grpc.GradientServiceStub:
     return service_pb2_grpc.GradientServiceStub(ch)
+
+
+def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
+    """The grpc.RpcError that `fn(*args, **kwargs)` raises (failing the test if it returns)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def fill(field, values):
+    """Put named arrays into a request's map of tensors; returns the map."""
+    for name, v in values.items():
+        tensor_to_proto(np.asarray(v), field[name])
+    return field
 
 
 def health_status(ch: grpc.Channel, service: str = "", timeout: float = 5.0) -> int:

@@ -16,9 +16,10 @@ import pytest
 
 import gradserve as gs
 from gradserve_engine.engine import Engine
+from gradserve_engine.errors import WorkersUnavailable
 from gradserve_engine.partition import partition
 from gradserve_engine.passes import optimize
-from gradserve_engine.pool import LocalPool, Task, WorkersUnavailable
+from gradserve_engine.pool import LocalPool, Task
 from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.shard import ShardError, analyze
 

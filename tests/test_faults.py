@@ -10,15 +10,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import ServerProcess, metric, parse_metrics, scrape
+from service_fixtures import ServerProcess, channel, fill, metric, parse_metrics, scrape, stub
 
 import gradserve as gs
 from gradserve_engine.engine import Engine
-from gradserve_engine.ir import tensor_to_proto
 from gradserve_engine.pool import Task
 from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2 as pb
-from gradserve_engine.v1 import service_pb2_grpc
 
 rng = np.random.default_rng(0)
 
@@ -68,13 +66,11 @@ def test_a_worker_task_failure_leaves_the_worker_serving(ray_pool):
 
 
 def _slow_call(address: str, timeout: float) -> grpc.Future:
-    channel = grpc.insecure_channel(address)
-    stub = service_pb2_grpc.GradientServiceStub(channel)
-    stub.RegisterGraph(pb.RegisterGraphRequest(graph=CHAIN.to_proto()))
+    st = stub(channel(address))
+    st.RegisterGraph(pb.RegisterGraphRequest(graph=CHAIN.to_proto()))
     req = pb.GradientRequest(graph_id=CHAIN.id, wrt=["w"])
-    for name, value in {"x": X, "w": W}.items():
-        tensor_to_proto(value, req.inputs[name])
-    return stub.Gradient.future(req, timeout=timeout)
+    fill(req.inputs, {"x": X, "w": W})
+    return st.Gradient.future(req, timeout=timeout)
 
 
 def _inflight(port: int) -> float:

@@ -680,13 +680,12 @@ class Wire:
 
 
 @pytest.fixture(scope="module")
-def wire():
-    with ServerProcess() as s:  # its environment names no proxy; bare channels disable proxies
-        w = Wire(s)
-        try:
-            yield w
-        finally:
-            w.channel.close()
+def wire(server):
+    w = Wire(server)  # the module's server (conftest.py); bare channels disable proxies
+    try:
+        yield w
+    finally:
+        w.channel.close()
 
 
 def _request_outcome(raw: bytes) -> tuple[str, str]:

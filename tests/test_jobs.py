@@ -81,25 +81,7 @@ def assert_same_result(res, ref, steps: int) -> None:
     np.testing.assert_allclose(res.history["grad_norm"], ref.history["grad_norm"][:steps], rtol=0, atol=TOL)
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with gs.connect(server.address, timeout=60) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def bare(server):
-    with channel(server.address) as ch:
-        yield stub(ch)
+# ---------------------------------------------------------------- fixtures (server, remote, bare: conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -529,9 +511,15 @@ def _batch_too_large(spec):  # a graph traced for minibatches of 21 rows, 20 row
     spec.batch_size = 21
 
 
+def _batched_args_of_different_lengths(spec):  # minibatches of 8 rows; X has 20 rows, y 19
+    spec.CopyFrom(small_spec(batch_size=8))
+    tensor_to_proto(SMALL_Y[:19], spec.args["y"])
+
+
 BAD_SPECS = {
     "unknown optimizer": (_optimizer('{"name": "Nadam", "lr": 0.1}'), "Nadam"),
     "optimizer without name": (_optimizer('{"lr": 0.1}'), "name"),
+    "optimizer name not a string": (_optimizer('{"name": ["Adam"], "lr": 0.1}'), "name"),
     "unknown hyper-parameter": (_optimizer('{"name": "Adam", "momentum": 0.9}'), "momentum"),
     "negative lr": (_optimizer('{"name": "Adam", "lr": -0.1}'), "lr"),
     "beta1 out of range": (_optimizer('{"name": "Adam", "betas": [1.5, 0.999]}'), "betas[0]"),
@@ -552,6 +540,7 @@ BAD_SPECS = {
     "arg missing": (_drop_arg, "y"),
     "arg wrong shape": (_bad_arg, "y"),
     "batch larger than the data": (_batch_too_large, "batch_size=21"),
+    "batched args of different lengths": (_batched_args_of_different_lengths, "same length"),
     "non-scalar loss": (_vector_loss, "scalar"),
     "loss not an output": (_set("loss", "nope"), "nope"),
     "graph_id not the graph's": (_set("graph_id", "0" * 64), "0" * 64),
@@ -586,18 +575,18 @@ def test_bad_jobs_through_the_sdk(remote, bare):
     args = (SMALL_X, SMALL_Y)
     for optimizer, says in [({"name": "Nadam"}, "Nadam"), ({"name": "Adam", "lr": -1.0}, "lr"),
                             ({"name": "Adam", "betas": [0.9, 2.0]}, "betas[1]")]:
-        with pytest.raises(rm.InvalidArgument, match=re.escape(says)) as e:
+        with pytest.raises(rm.RemoteInvalidArgument, match=re.escape(says)) as e:
             remote.minimize(small, SMALL_P0, args=args, optimizer=optimizer, steps=10)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(rm.InvalidArgument, match="steps"):
+    with pytest.raises(rm.RemoteInvalidArgument, match="steps"):
         remote.minimize(small, SMALL_P0, args=args, optimizer=optim.Adam(), steps=0)
-    with pytest.raises(rm.InvalidArgument, match="scalar"):
+    with pytest.raises(rm.RemoteInvalidArgument, match="scalar"):
         remote.minimize(lambda p, X, y: X @ p["w"] - y, SMALL_P0, args=args, optimizer=optim.Adam(), steps=10)
     with pytest.raises(ValueError, match="batch_size=21"):  # refused before it is sent (the bare case is above)
         remote.minimize(small, SMALL_P0, args=args, optimizer=optim.Adam(), steps=10, batch_size=21)
     assert len(remote.jobs()) == before
     # an unknown job or graph is NOT_FOUND, not INVALID_ARGUMENT
-    with pytest.raises(rm.NotFound):
+    with pytest.raises(rm.RemoteNotFound):
         remote.job("0123456789abcdef")
     spec = small_spec()
     spec.ClearField("graph")
@@ -644,7 +633,7 @@ def test_wait_timeout(remote):
     job = submit_fit(remote, steps=10**7, name="too long")
     try:
         start = time.monotonic()
-        with pytest.raises(rm.DeadlineExceeded):
+        with pytest.raises(rm.RemoteDeadlineExceeded):
             job.wait(timeout=0.3)
         assert time.monotonic() - start < 5
         assert job.status == "running"

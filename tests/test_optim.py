@@ -450,6 +450,7 @@ def test_bad_hyper_parameters_are_rejected(make, name):
 @pytest.mark.parametrize(("spec", "name"), [
     ({"name": "Adagrad"}, "name"),
     ({"lr": 0.1}, "name"),
+    ({"name": ["Adam"]}, "name"),
     ({"name": "Adam", "learning_rate": 0.1}, "learning_rate"),
     ({"name": "Adam", "betas": [0.9, 1.5]}, r"betas\[1\]"),
     ({"name": "SGD"}, "lr"),

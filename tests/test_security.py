@@ -52,7 +52,9 @@ from service_fixtures import (
     ServerProcess,
     channel,
     child_env,
+    fill,
     health_status,
+    rpc_error,
     self_signed_cert,
     stub,
 )
@@ -75,12 +77,6 @@ def f(x, y):
     return gs.sum(gs.sin(x) * y)
 
 
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
 def raw_method(ch: grpc.Channel, method) -> grpc.UnaryUnaryMultiCallable | grpc.UnaryStreamMultiCallable:
     """A bytes-in, bytes-out callable for a method of the service (streaming responses drained)."""
     path = f"/{SERVICE}/{method.name}"
@@ -97,25 +93,6 @@ def vm(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def chan(server):
-    ch = channel(server.address)
-    yield ch
-    ch.close()
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with gs.connect(server.address, timeout=30) as r:
-        yield r
 
 
 # ---------------------------------------------------------------- authentication
@@ -165,12 +142,12 @@ def test_every_method_refuses_every_bad_credential_before_parsing(token_server):
 
 def test_a_refused_call_has_no_effect(token_server):
     g = gs.trace(f, V4, V4)
-    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.Unauthenticated):
+    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.RemoteUnauthenticated):
         bad.register(g)
     with gs.connect(token_server.address, token=TOKEN, timeout=10) as good:
         assert g.id not in [info.graph_id for info in good.graphs()], "an unauthenticated RegisterGraph registered its graph"
         gid = good.register(g)
-    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.Unauthenticated):
+    with gs.connect(token_server.address, token="wrong", timeout=10) as bad, pytest.raises(rm.RemoteUnauthenticated):
         bad.delete(gid)
     with gs.connect(token_server.address, token=TOKEN, timeout=10) as good:
         assert gid in [info.graph_id for info in good.graphs()], "an unauthenticated DeleteGraph deleted a graph"
@@ -185,9 +162,9 @@ def test_token_and_tls_together(tmp_path):
         with gs.connect(s.address, token=TOKEN, tls=cert_pem, timeout=10) as r:
             np.testing.assert_allclose(r.grad(f)(V4, V4 + 1), np.cos(V4) * (V4 + 1))
         for token in (None, "wrong"):
-            with gs.connect(s.address, token=token, tls=cert_pem, timeout=10) as r, pytest.raises(rm.Unauthenticated):
+            with gs.connect(s.address, token=token, tls=cert_pem, timeout=10) as r, pytest.raises(rm.RemoteUnauthenticated):
                 r.graphs()
-        with gs.connect(s.address, token=TOKEN, timeout=2) as r, pytest.raises(rm.Unavailable):
+        with gs.connect(s.address, token=TOKEN, timeout=2) as r, pytest.raises(rm.RemoteUnavailable):
             r.graphs()  # the right token over plaintext: the TLS port does not answer
 
 
@@ -345,11 +322,6 @@ def test_pickle_payloads_as_raw_request_bytes(store_server, tmp_path):
     assert not marker.exists(), "the server unpickled client bytes"
 
 
-def _fill(field, values):
-    for name, v in values.items():
-        tensor_to_proto(np.asarray(v), field[name])
-
-
 def test_pickle_payloads_as_tensor_data(store_server, tmp_path):
     marker = tmp_path / "unpickled"
     payloads = pickle_payloads(marker)
@@ -367,29 +339,29 @@ def test_pickle_payloads_as_tensor_data(store_server, tmp_path):
                 for method, cls in (("Evaluate", pb.EvaluateRequest), ("Gradient", pb.GradientRequest),
                                     ("Jvp", pb.JvpRequest), ("Jacobian", pb.JacobianRequest), ("OpenVjp", pb.OpenVjpRequest)):
                     req = cls(graph_id=g.id)
-                    _fill(req.inputs, {"y": V4})
+                    fill(req.inputs, {"y": V4})
                     req.inputs["x"].CopyFrom(evil)
                     if method in ("Gradient", "Jacobian", "OpenVjp"):
                         req.wrt.append("x")
                     if method == "Jvp":
-                        _fill(req.tangents, {"x": V4, "y": V4})
+                        fill(req.tangents, {"x": V4, "y": V4})
                     requests.append((method, req))
                 req = pb.GradientRequest(graph_id=g.id, wrt=["x"])
-                _fill(req.inputs, {"x": V4, "y": V4})
+                fill(req.inputs, {"x": V4, "y": V4})
                 req.seeds["out"].CopyFrom(evil)
                 requests.append(("Gradient", req))
                 req = pb.JvpRequest(graph_id=g.id)
-                _fill(req.inputs, {"x": V4, "y": V4})
-                _fill(req.tangents, {"y": V4})
+                fill(req.inputs, {"x": V4, "y": V4})
+                fill(req.tangents, {"y": V4})
                 req.tangents["x"].CopyFrom(evil)
                 requests.append(("Jvp", req))
                 req = pb.BatchGradientRequest(graph_id=g.id, wrt=["x"])
                 item = req.items.add()
-                _fill(item.inputs, {"y": V4})
+                fill(item.inputs, {"y": V4})
                 item.inputs["x"].CopyFrom(evil)
                 requests.append(("BatchGradient", req))
                 req = pb.HessianRequest(graph_id=g.id, wrt=["x"], output="out")
-                _fill(req.inputs, {"x": V4, "y": V4})
+                fill(req.inputs, {"x": V4, "y": V4})
                 req.vectors["x"].CopyFrom(evil)
                 requests.append(("Hessian", req))
                 req = pb.CallVjpRequest(handle=handle)
@@ -410,7 +382,7 @@ def test_pickle_payloads_as_tensor_data(store_server, tmp_path):
 
 def _open_vjp(g: Graph) -> pb.OpenVjpRequest:
     req = pb.OpenVjpRequest(graph_id=g.id, wrt=["x"])
-    _fill(req.inputs, {"x": V4, "y": V4})
+    fill(req.inputs, {"x": V4, "y": V4})
     return req
 
 
@@ -421,7 +393,7 @@ def test_pickle_payload_in_the_graph_store(store_server, tmp_path):
     gid = "ab" * 32
     (store_server.store / "graphs" / f"{gid}.pb").write_bytes(payload)
     with gs.connect(store_server.address, timeout=10) as r:
-        with pytest.raises(rm.NotFound) as info:
+        with pytest.raises(rm.RemoteNotFound) as info:
             r.evaluate(gid, {"x": V4, "y": V4})
         assert "damaged" in str(info.value) or "not registered" in str(info.value), str(info.value)
         assert gid not in [i.graph_id for i in r.graphs()]
@@ -487,7 +459,7 @@ def _requests_with(t: graph_pb2.Tensor, g: Graph, handle: str) -> list[tuple[str
 
     def base(cls, **kw):
         req = cls(graph_id=g.id, **kw)
-        _fill(req.inputs, {"y": V4})
+        fill(req.inputs, {"y": V4})
         return req
 
     for method, cls, kw in (("Evaluate", pb.EvaluateRequest, {}), ("Gradient", pb.GradientRequest, {"wrt": ["x"]}),
@@ -497,22 +469,22 @@ def _requests_with(t: graph_pb2.Tensor, g: Graph, handle: str) -> list[tuple[str
         req.inputs["x"].CopyFrom(t)
         out.append((method, "'x'", req))
     req = pb.GradientRequest(graph_id=g.id, wrt=["x"])
-    _fill(req.inputs, {"x": V4, "y": V4})
+    fill(req.inputs, {"x": V4, "y": V4})
     req.seeds["out"].CopyFrom(t)
     out.append(("Gradient", "'out'", req))
     req = pb.JvpRequest(graph_id=g.id)
-    _fill(req.inputs, {"x": V4, "y": V4})
-    _fill(req.tangents, {"y": V4})
+    fill(req.inputs, {"x": V4, "y": V4})
+    fill(req.tangents, {"y": V4})
     req.tangents["x"].CopyFrom(t)
     out.append(("Jvp", "'x'", req))
     req = pb.BatchGradientRequest(graph_id=g.id, wrt=["x"])
-    _fill(req.items.add().inputs, {"x": V4, "y": V4})
+    fill(req.items.add().inputs, {"x": V4, "y": V4})
     item = req.items.add()
-    _fill(item.inputs, {"x": V4, "y": V4})
+    fill(item.inputs, {"x": V4, "y": V4})
     item.seeds["out"].CopyFrom(t)
     out.append(("BatchGradient", "'out'", req))
     req = pb.HessianRequest(graph_id=g.id, wrt=["x"], output="out")
-    _fill(req.inputs, {"x": V4, "y": V4})
+    fill(req.inputs, {"x": V4, "y": V4})
     req.vectors["x"].CopyFrom(t)
     out.append(("Hessian", "'x'", req))
     req = pb.CallVjpRequest(handle=handle)
@@ -595,7 +567,7 @@ def test_burst_over_max_concurrent_is_refused_and_the_slots_come_back():
         for t in threads:
             t.join(120)
         ok = [v for v in results if isinstance(v, float)]
-        refused = [v for v in results if isinstance(v, rm.ResourceExhausted)]
+        refused = [v for v in results if isinstance(v, rm.RemoteResourceExhausted)]
         assert len(ok) + len(refused) == callers, results
         assert 1 <= len(ok) <= 2, f"{len(ok)} calls ran at once with --max-concurrent 2: {results}"
         assert all(str(e) for e in refused)
@@ -647,46 +619,20 @@ def _loopback(address: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _serve(*args: str) -> tuple[subprocess.Popen, re.Match]:
-    proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env(), text=True)
-    line = proc.stdout.readline()
-    m = re.search(r"gradserve listening on (?P<host>[\d.:\[\]a-f]+):(?P<port>\d+)", line)
-    if m is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line!r} {proc.stderr.read()}")
-    return proc, m
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def test_default_host_is_loopback_only():
-    proc, m = _serve("--port", "0", "--metrics-port", "0")  # no --host
-    try:
-        assert LISTENING.search(m.string) and m["host"] == "127.0.0.1", m.string
-        listening = _listening_addresses(proc.pid)
+    with ServerProcess("--metrics-port", "0", host=None) as s:  # no --host
+        assert LISTENING.search(s.first_line) and s.host == "127.0.0.1", s.first_line
+        listening = _listening_addresses(s.proc.pid)
         ports = {port for _, port in listening}
-        assert int(m["port"]) in ports and len(ports) >= 2, listening  # the service and the metrics port
+        assert s.port in ports and len(ports) >= 2, listening  # the service and the metrics port
         assert all(_loopback(address) for address, _ in listening), f"listening beyond loopback: {listening}"
-    finally:
-        _stop(proc)
 
 
 def test_host_flag_changes_the_bind_address():
-    proc, m = _serve("--host", "0.0.0.0", "--port", "0")
-    try:
-        listening = _listening_addresses(proc.pid)
-        wildcard = [a for a, port in listening if port == int(m["port"]) and a in ("0.0.0.0", "::")]  # grpc binds [::] dual-stack
+    with ServerProcess(host="0.0.0.0") as s:
+        listening = _listening_addresses(s.proc.pid)
+        wildcard = [a for a, port in listening if port == s.port and a in ("0.0.0.0", "::")]  # grpc binds [::] dual-stack
         assert wildcard, listening
-    finally:
-        _stop(proc)
 
 
 # ---------------------------------------------------------------- denial of service

@@ -21,17 +21,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fixtures import (
-    _NO_PROXY,
-    _PROXY_VARS,
     NOT_SERVING,
     SERVICE,
     SERVING,
     ServerProcess,
     channel,
     child_env,
+    fill,
     health_status,
     metric,
     parse_metrics,
+    rpc_error,
     scrape,
     self_signed_cert,
     stub,
@@ -41,7 +41,7 @@ from service_fixtures import (
 import gradserve as gs
 from gradserve import remote as rm
 from gradserve_engine.engine import Engine
-from gradserve_engine.ir import Graph, Input, Node, tensor_from_proto, tensor_to_proto
+from gradserve_engine.ir import Graph, Input, Node, tensor_from_proto
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 
@@ -107,12 +107,6 @@ def assert_tree_close(actual, expected):
         assert_close(a, b)
 
 
-def fill(field, values):
-    for name, v in values.items():
-        tensor_to_proto(np.asarray(v), field[name])
-    return field
-
-
 def decode(field):
     return {name: tensor_from_proto(t) for name, t in field.items()}
 
@@ -135,48 +129,7 @@ def unique_graph():
     return gs.trace(lambda x: x * c + 1.0, np.zeros(3))
 
 
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_proxy():
-    """Every channel of this process goes straight to 127.0.0.1, whatever the environment says."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k in _PROXY_VARS:
-            mp.delenv(k, raising=False)
-        for k, v in _NO_PROXY.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--metrics-port", "0") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with gs.connect(server.address, timeout=30) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def chan(server):
-    ch = channel(server.address)
-    yield ch
-    ch.close()
-
-
-@pytest.fixture(scope="module")
-def bare(chan):
-    return stub(chan)
+# ---------------------------------------------------------------- fixtures (server, remote, chan, bare: conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -241,11 +194,11 @@ def test_gradient_with_and_without_seeds(remote):
     assert_close(r.outputs["out"], outs["out"])
     assert_close(r.grads["x"], grads["x"])
     assert_close(r.grads["w"], grads["w"])
-    with pytest.raises(rm.InvalidArgument) as info:
+    with pytest.raises(rm.RemoteInvalidArgument) as info:
         remote.gradient(gv, inputs, ["x"])
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "'out'" in str(info.value) and "seed" in str(info.value)
-    with pytest.raises(rm.InvalidArgument, match="nope"):
+    with pytest.raises(rm.RemoteInvalidArgument, match="nope"):
         remote.gradient(gv, inputs, ["nope"], seeds={"out": seed})
 
 
@@ -330,7 +283,7 @@ def test_residual_session_single_and_batched(remote, bare):
         assert_close(bw[k], ew)
 
     vjp_fn.close()
-    with pytest.raises(rm.NotFound) as info:
+    with pytest.raises(rm.RemoteNotFound) as info:
         vjp_fn(ct)
     message = str(info.value)
     assert vjp_fn.handle in message and "closed" in message and "vjp again" in message
@@ -355,7 +308,7 @@ def test_residual_session_expires_after_ttl(ttl_server):
         _, fn = r.vjp(seed_f, V4, V4 + 1)
         assert_tree_close(fn(1.0), gs.vjp(seed_f, V4, V4 + 1)[1](1.0))  # in time: works
         time.sleep(1.0)
-        with pytest.raises(rm.NotFound) as info:
+        with pytest.raises(rm.RemoteNotFound) as info:
             fn(1.0)
         assert fn.handle in str(info.value) and "TTL" in str(info.value)
 
@@ -396,7 +349,7 @@ def test_residual_sessions_released_under_memory_pressure(pressure_server):
         _, old = r.vjp(seed_f, x, x)
         assert_tree_close(old(1.0), gs.vjp(seed_f, x, x)[1](1.0))
         _, new = r.vjp(seed_f, x, 2 * x)
-        with pytest.raises(rm.NotFound) as info:
+        with pytest.raises(rm.RemoteNotFound) as info:
             old(1.0)
         assert old.handle in str(info.value) and "memory pressure" in str(info.value)
         assert_tree_close(new(1.0), gs.vjp(seed_f, x, 2 * x)[1](1.0))
@@ -419,7 +372,7 @@ def test_residual_session_over_the_whole_budget_is_resource_exhausted(pressure_s
 def test_invalid_graph_names_the_node(remote, bare):
     x = Input(0, "x", "float64", (3,))
     unknown_op = Graph([x], [], [Node(1, "bogus", (0,), {}, "float64", (3,))], [("out", 1)])
-    with pytest.raises(rm.InvalidArgument) as info:
+    with pytest.raises(rm.RemoteInvalidArgument) as info:
         remote.register(unknown_op)
     assert "bogus" in str(info.value) and "%1" in str(info.value)
     wrong_type = Graph([x], [], [Node(1, "sin", (0,), {}, "float64", (4,))], [("out", 1)])
@@ -441,7 +394,7 @@ def test_invalid_inputs_name_the_input(remote, bare):
         ({"x": V4, "y": V4, "z": V4}, "'z'"),  # unexpected
     ]
     for inputs, name in cases:
-        with pytest.raises(rm.InvalidArgument) as info:
+        with pytest.raises(rm.RemoteInvalidArgument) as info:
             remote.evaluate(g, inputs)
         assert name in str(info.value), str(info.value)
     req = _evaluate_request(g.id, {"x": V4, "y": V4})
@@ -465,7 +418,7 @@ def test_malformed_request_bytes_are_invalid_argument(chan, method, garbage):
 
 def test_unknown_ids_are_not_found(remote, bare):
     for gid in ("0" * 64, "no-such-graph", "../../etc/passwd", ""):
-        with pytest.raises(rm.NotFound) as info:
+        with pytest.raises(rm.RemoteNotFound) as info:
             remote.evaluate(gid, {"x": V4})
         assert info.value.code == grpc.StatusCode.NOT_FOUND and "not registered" in str(info.value)
         err = rpc_error(bare.Gradient, pb.GradientRequest(graph_id=gid, wrt=["x"]), timeout=10)
@@ -480,9 +433,9 @@ def test_unknown_ids_are_not_found(remote, bare):
 def test_message_over_the_size_limit_is_resource_exhausted():
     with ServerProcess("--max-message-mib", "1") as s, gs.connect(s.address, timeout=10) as r:
         big = np.zeros(300_000)  # 2.4 MB on the wire
-        with pytest.raises(rm.ResourceExhausted):
+        with pytest.raises(rm.RemoteResourceExhausted):
             r.evaluate(gs.trace(lambda x: x * 2.0, big), {"x": big})
-        with pytest.raises(rm.ResourceExhausted):  # a response over the limit too
+        with pytest.raises(rm.RemoteResourceExhausted):  # a response over the limit too
             r.evaluate(gs.trace(lambda x: gs.broadcast_to(x, (200_000,)), 1.0), {"x": 1.0})
         small = np.arange(1000.0)  # the server still serves what fits
         assert_close(r.grad(lambda x: gs.sum(x * x))(small), 2 * small)
@@ -490,7 +443,7 @@ def test_message_over_the_size_limit_is_resource_exhausted():
 
 def test_limits_on_graphs_and_tensors_are_resource_exhausted(remote, bare):
     huge = Graph([Input(0, "x", "float64", (10**6, 10**6))], [], [], [("out", 0)])
-    with pytest.raises(rm.ResourceExhausted) as info:
+    with pytest.raises(rm.RemoteResourceExhausted) as info:
         remote.register(huge)
     assert "'x'" in str(info.value) and "elements" in str(info.value)
 
@@ -528,7 +481,7 @@ def test_calls_over_max_concurrent_are_resource_exhausted(slow_reference):
         t.start()
         try:
             assert wait_until(lambda: metric(parse_metrics(scrape(s.metrics_port)), "gradserve_inflight_requests") == 1)
-            with pytest.raises(rm.ResourceExhausted) as info:
+            with pytest.raises(rm.RemoteResourceExhausted) as info:
                 other.graphs()
             assert "limit of 1 concurrent" in str(info.value)
         finally:
@@ -546,7 +499,7 @@ def test_token_auth(tmp_path):
     with ServerProcess("--token-file", str(token_file)) as s:
         for token in (None, "wrong-token", "s3cret-token-and-more"):
             with gs.connect(s.address, token=token, timeout=10) as r:
-                with pytest.raises(rm.Unauthenticated) as info:
+                with pytest.raises(rm.RemoteUnauthenticated) as info:
                     r.grad(seed_f)(V4, V4)
                 assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and "token" in str(info.value)
         with gs.connect(s.address, token="s3cret-token", timeout=10) as r:
@@ -567,7 +520,7 @@ def test_deadline_shorter_than_the_work(server, remote, chan):
     before = parse_metrics(scrape(server.metrics_port))
     with gs.connect(server.address, timeout=0.05) as hurried:
         start = time.monotonic()
-        with pytest.raises(rm.DeadlineExceeded) as info:
+        with pytest.raises(rm.RemoteDeadlineExceeded) as info:
             hurried.evaluate(gid, MATRICES)
         assert time.monotonic() - start < 2.0
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -742,9 +695,9 @@ def test_tls(tmp_path):
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             ch.close()
-        with gs.connect(s.address, timeout=1.5) as r, pytest.raises(rm.Unavailable):
+        with gs.connect(s.address, timeout=1.5) as r, pytest.raises(rm.RemoteUnavailable):
             r.graphs()
-        with gs.connect(s.address, tls=other_pem, timeout=1.5) as r, pytest.raises(rm.Unavailable):
+        with gs.connect(s.address, tls=other_pem, timeout=1.5) as r, pytest.raises(rm.RemoteUnavailable):
             r.graphs()  # a certificate the client does not trust
 
 
@@ -787,7 +740,7 @@ def test_graceful_shutdown(slow_reference):
                 # while draining, probes still get an answer: NOT_SERVING, so a balancer stops routing here
                 check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert check.status == NOT_SERVING
-                with gs.connect(s.address, timeout=0.5) as late, pytest.raises(rm.Unavailable):
+                with gs.connect(s.address, timeout=0.5) as late, pytest.raises(rm.RemoteUnavailable):
                     late.graphs()
             finally:
                 t.join(60)

@@ -616,7 +616,7 @@ def from_spec(spec: Mapping[str, Any]) -> Optimizer:
         raise ValueError(f"an optimizer spec must be a dict with a 'name', got {spec!r}")
     fields = dict(spec)
     name = fields.pop("name", None)
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(f"optimizer spec name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
     cls = OPTIMIZERS[name]
     unknown = sorted(str(k) for k in fields if k not in cls.fields)

@@ -45,17 +45,19 @@ def _subclass(name: str, code: grpc.StatusCode) -> type[RemoteError]:
                                        "__module__": __name__})
 
 
-InvalidArgument = _subclass("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT)
-NotFound = _subclass("NotFound", grpc.StatusCode.NOT_FOUND)
-ResourceExhausted = _subclass("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED)
-Unauthenticated = _subclass("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED)
-PermissionDenied = _subclass("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED)
-DeadlineExceeded = _subclass("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED)
-Cancelled = _subclass("Cancelled", grpc.StatusCode.CANCELLED)
-Unavailable = _subclass("Unavailable", grpc.StatusCode.UNAVAILABLE)
-Internal = _subclass("Internal", grpc.StatusCode.INTERNAL)
-_BY_CODE = {c.code: c for c in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, PermissionDenied,
-                                 DeadlineExceeded, Cancelled, Unavailable, Internal)}
+# Named Remote<status>: distinct from the engine's and the server's own exception classes.
+RemoteInvalidArgument = _subclass("RemoteInvalidArgument", grpc.StatusCode.INVALID_ARGUMENT)
+RemoteNotFound = _subclass("RemoteNotFound", grpc.StatusCode.NOT_FOUND)
+RemoteResourceExhausted = _subclass("RemoteResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED)
+RemoteUnauthenticated = _subclass("RemoteUnauthenticated", grpc.StatusCode.UNAUTHENTICATED)
+RemotePermissionDenied = _subclass("RemotePermissionDenied", grpc.StatusCode.PERMISSION_DENIED)
+RemoteDeadlineExceeded = _subclass("RemoteDeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED)
+RemoteCancelled = _subclass("RemoteCancelled", grpc.StatusCode.CANCELLED)
+RemoteUnavailable = _subclass("RemoteUnavailable", grpc.StatusCode.UNAVAILABLE)
+RemoteInternal = _subclass("RemoteInternal", grpc.StatusCode.INTERNAL)
+_BY_CODE = {c.code: c for c in (RemoteInvalidArgument, RemoteNotFound, RemoteResourceExhausted, RemoteUnauthenticated,
+                                 RemotePermissionDenied, RemoteDeadlineExceeded, RemoteCancelled, RemoteUnavailable,
+                                 RemoteInternal)}
 
 
 def _remote_error(e: grpc.RpcError) -> RemoteError:
@@ -313,7 +315,7 @@ class Job:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+                    raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s")
                 try:
                     stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=step),
                                                          timeout=remaining, metadata=self.session._metadata)
@@ -326,7 +328,7 @@ class Job:
                             return self
                 except grpc.RpcError as e:
                     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise DeadlineExceeded(f"job {self.id} did not finish within {timeout} s", e.code()) from None
+                        raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s", e.code()) from None
                     if e.code() != grpc.StatusCode.UNAVAILABLE:  # a restarting server: watch again
                         raise _remote_error(e) from None
                     time.sleep(0.2)

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradserve_engine.backend import Backend
 from gradserve_engine.engine import Engine
 from gradserve_engine.ir import Limits
 from gradserve_engine.scheduler import MODES, DistributedEngine, Policy
@@ -114,14 +115,15 @@ class _TokenAuth(grpc.ServerInterceptor):
 
 
 class Server:
-    """A running gradserve: `start()`, then `wait()`; `stop()` drains gracefully."""
+    """A running gradserve: `start()`, then `wait()`; `stop()` drains gracefully. It computes
+    through `engine` when given (then no worker pool starts), else through a DistributedEngine."""
 
-    def __init__(self, config: Config, engine: Engine | None = None):
+    def __init__(self, config: Config, engine: Backend | None = None):
         self.config = config
         keep_freed_buffers()
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
-        self.engine = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
+        self.engine: Backend = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
                         max_constant_bytes=config.max_message_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
@@ -156,9 +158,10 @@ class Server:
         self.metrics.gauge_fn("gradserve_kernels_info", lambda: 1, mode=kernels.name, requested=config.kernels)
         if self.pool is not None:
             self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: self.pool.replaced)
-        if isinstance(self.engine, DistributedEngine):
+        if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes
+            modes = self.engine.modes
             for mode in MODES:
-                self.metrics.gauge_fn("gradserve_calls_by_mode_total", lambda m=mode: self.engine.modes[m], mode=mode)
+                self.metrics.gauge_fn("gradserve_calls_by_mode_total", lambda m=mode: modes[m], mode=mode)
         self._http = None
         self._stopped = threading.Event()
 

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .app import Config, MiB
+
 
 def demo() -> int:
     """The seed's example end to end: trace z = x*y + sin(x), print the graph and its gradients."""
@@ -27,24 +29,12 @@ def demo() -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
-    from .app import Config, MiB, Server
-    from .jobs import StoreError
+    from gradserve_engine.errors import StoreError
+
+    from .app import Server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = None
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-        if not token:
-            raise SystemExit(f"token file {args.token_file} is empty")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    config = Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
-                    cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
-                    residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-                    threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
-                    workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
-                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, kernels=args.kernels)
+    config = config_from_args(args)
     try:
         server = Server(config).start()
     except StoreError as e:
@@ -54,6 +44,24 @@ def serve(args: argparse.Namespace) -> int:
     print(f"gradserve listening on {config.host}:{server.port}{extra}", flush=True)
     server.wait()
     return 0
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The server's Config from `gradserve serve`'s flags (sizes are given in MiB, kept in bytes)."""
+    token = None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise SystemExit(f"token file {args.token_file} is empty")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
+                  cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
+                  residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
+                  tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
+                  threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
+                  workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
+                  checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, kernels=args.kernels)
 
 
 def jobs(args: argparse.Namespace) -> int:
@@ -86,43 +94,65 @@ def jobs(args: argparse.Namespace) -> int:
             raise SystemExit(f"gradserve jobs: {e.code.name}: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_serve_flags(s: argparse.ArgumentParser) -> None:
+    """`gradserve serve`'s flags. Every default is Config's (`config_from_args` of no flags is Config())."""
+    d = Config()
+    s.add_argument("--host", default=d.host, help="address to bind (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=d.port, help="port (default %(default)s; 0 picks a free one and prints it)")
+    s.add_argument("--max-message-mib", type=int, default=d.max_message_bytes // MiB,
+                   help="largest request or response (default %(default)s)")
+    s.add_argument("--cache-mib", type=int, default=d.cache_bytes // MiB,
+                   help="graphs kept in memory, LRU by bytes (default %(default)s)")
+    s.add_argument("--residual-mib", type=int, default=d.residual_bytes // MiB,
+                   help="forward values kept by vjp sessions (default %(default)s)")
+    s.add_argument("--residual-ttl", type=float, default=d.residual_ttl,
+                   help="seconds an unused vjp session is kept (default %(default)s)")
+    s.add_argument("--store", type=Path, default=d.store, help="directory where registered graphs survive restarts")
+    s.add_argument("--token-file", type=Path, default=None,  # no file: Config's token None
+                   help="file holding the bearer token clients must send")
+    s.add_argument("--tls-cert", type=Path, default=d.tls_cert, help="PEM certificate chain (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, default=d.tls_key, help="PEM private key")
+    s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="serve Prometheus metrics on this port (0: any)")
+    s.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                   help="calls served at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
+    s.add_argument("--threads", type=int, default=d.threads, help="server threads (default %(default)s)")
+    s.add_argument("--grace", type=float, default=d.grace, help="seconds calls in flight get at shutdown (default %(default)s)")
+    s.add_argument("--ray", action="store_true", default=d.ray,
+                   help="start a local Ray and spread large work over its workers")
+    s.add_argument("--ray-address", default=d.ray_address, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
+    s.add_argument("--workers", type=int, default=d.workers, help="worker actors (default: the cluster's CPUs)")
+    s.add_argument("--worker-cpus", type=float, default=d.worker_cpus,
+                   help="CPUs (and BLAS threads) per worker (default %(default)s)")
+    s.add_argument("--job-runners", type=int, default=d.job_runners,
+                   help="threads that take turns running optimisation jobs (default %(default)s)")
+    s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="job steps between checkpoints (default %(default)s)")
+    s.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds,
+                   help="and at most this long between them (default %(default)s)")
+    s.add_argument("--kernels", default=d.kernels, choices=["numpy", "native", "auto", "gpu"],
+                   help="numpy kernels, fused numba kernels (the native extra), auto (native where it wins), or CuPy "
+                        "(default %(default)s)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
     parser = argparse.ArgumentParser(prog="gradserve", description="Distributed gradient computation.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the seed's z = x*y + sin(x) example end to end")
-    s = sub.add_parser("serve", help="run the gRPC gradient service")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=50051, help="port (0 picks a free one and prints it)")
-    s.add_argument("--max-message-mib", type=int, default=256, help="largest request or response")
-    s.add_argument("--cache-mib", type=int, default=512, help="graphs kept in memory (LRU by bytes)")
-    s.add_argument("--residual-mib", type=int, default=1024, help="forward values kept by vjp sessions")
-    s.add_argument("--residual-ttl", type=float, default=300.0, help="seconds an unused vjp session is kept")
-    s.add_argument("--store", type=Path, default=None, help="directory where registered graphs survive restarts")
-    s.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send")
-    s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
-    s.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
-    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
-    s.add_argument("--max-concurrent", type=int, default=64, help="calls served at once; more get RESOURCE_EXHAUSTED")
-    s.add_argument("--threads", type=int, default=16, help="server threads")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get at shutdown")
-    s.add_argument("--ray", action="store_true", help="start a local Ray and spread large work over its workers")
-    s.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
-    s.add_argument("--workers", type=int, default=None, help="worker actors (default: the cluster's CPUs)")
-    s.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs (and BLAS threads) per worker")
-    s.add_argument("--job-runners", type=int, default=2, help="threads that take turns running optimisation jobs")
-    s.add_argument("--checkpoint-every", type=int, default=500, help="job steps between checkpoints")
-    s.add_argument("--checkpoint-seconds", type=float, default=30.0, help="and at most this long between them")
-    s.add_argument("--kernels", default="numpy", choices=["numpy", "native", "auto", "gpu"],
-                   help="numpy kernels, fused numba kernels (the native extra), auto (native where it wins), or CuPy")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_serve_flags(sub.add_parser("serve", help="run the gRPC gradient service"))
     j = sub.add_parser("jobs", help="list, show or cancel a server's optimisation jobs")
     j.add_argument("action", choices=["list", "show", "cancel"])
     j.add_argument("job_id", nargs="?")
-    j.add_argument("--address", default="127.0.0.1:50051", help="the server (host:port)")
+    j.add_argument("--address", default=f"{d.host}:{d.port}", help="the server (host:port; default %(default)s)")
     j.add_argument("--token-file", type=Path, default=None)
     j.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of a TLS server")
     j.add_argument("--timeout", type=float, default=30.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         return demo()
     if args.command == "jobs":

@@ -29,20 +29,17 @@ import numpy as np
 
 from gradserve import optim
 from gradserve.minimize import LoopState, OptimizationLoop
-from gradserve_engine.errors import GraphError
+from gradserve_engine.backend import Backend
+from gradserve_engine.errors import GraphError, InvalidRequest, NotFound, StoreError
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 
-from .registry import GraphRegistry, NotFound
+from .registry import GraphRegistry
 
 log = logging.getLogger("gradserve.jobs")
 SCHEMA_VERSION = "1"
 FINISHED = ("succeeded", "failed", "cancelled")
-
-
-class StoreError(RuntimeError):
-    """The job store cannot be used as it is (damaged, or written by another schema version)."""
 
 
 # ---------------------------------------------------------------- the store
@@ -164,7 +161,7 @@ class Run:
 class JobManager:
     """Validates, stores, runs, checkpoints and resumes jobs; `runners` threads take turns."""
 
-    def __init__(self, engine: Any, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
+    def __init__(self, engine: Backend, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
                  checkpoint_every: int = 500, checkpoint_seconds: float = 30.0, quantum_seconds: float = 0.05):
         self.engine, self.registry, self.store, self.limits = engine, registry, store, limits
         self.checkpoint_every, self.checkpoint_seconds, self.quantum = checkpoint_every, checkpoint_seconds, quantum_seconds
@@ -295,7 +292,7 @@ class JobManager:
 
     # ---- building and resuming
     def _build(self, job_id: str, spec: pb.JobSpec, resume: tuple[int, dict[str, np.ndarray]] | None) -> Run:
-        """Validate a spec into a runnable job; every problem is a GraphError/ValueError naming it."""
+        """Validate a spec into a runnable job; every problem is an InvalidRequest (or GraphError) naming it."""
         if spec.HasField("graph"):
             graph = Graph.from_proto(spec.graph, self.limits)
             if spec.graph_id and spec.graph_id != graph.id:
@@ -312,11 +309,14 @@ class JobManager:
         try:
             optimizer = optim.from_spec(json.loads(spec.optimizer_json or "{}"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"optimizer spec is not JSON: {e}") from None
+            raise InvalidRequest(f"optimizer spec is not JSON: {e}") from None
+        except ValueError as e:  # from_spec's ValueError names the bad field
+            raise InvalidRequest(str(e)) from None
         if spec.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {spec.steps}")
+            raise InvalidRequest(f"steps must be at least 1, got {spec.steps}")
         if spec.tol < 0 or not math.isfinite(spec.tol) or spec.seed < 0 or spec.batch_size < 0:
-            raise ValueError(f"tol, seed and batch_size must be non-negative (got {spec.tol}, {spec.seed}, {spec.batch_size})")
+            raise InvalidRequest(f"tol, seed and batch_size must be non-negative "
+                                 f"(got {spec.tol}, {spec.seed}, {spec.batch_size})")
         names = set(graph.input_names())
         param_names = [n for n in graph.input_names() if n in spec.params0]
         unknown = sorted(set(spec.params0) - names)
@@ -349,14 +349,16 @@ class JobManager:
         engine = self.engine
 
         def value_and_grad(params: dict[str, np.ndarray], batch: tuple) -> tuple[Any, Any]:
-            extra = {"batch_axes": axes} if axes else {}
             outs, grads = engine.vjp(graph, {**params, **dict(zip(arg_names, batch, strict=True))}, param_names,
-                                     outputs=[loss], **extra)
+                                     outputs=[loss], batch_axes=axes or None)
             return outs[loss], grads
 
         state = LoopState.start(params0, optimizer) if resume is None else LoopState.from_arrays(resume[1], optimizer, params0)
-        loop = OptimizationLoop(value_and_grad, optimizer, state, args=tuple(args), steps=int(spec.steps),
-                                batch_size=int(spec.batch_size) or None, seed=int(spec.seed), tol=spec.tol or None)
+        try:
+            loop = OptimizationLoop(value_and_grad, optimizer, state, args=tuple(args), steps=int(spec.steps),
+                                    batch_size=int(spec.batch_size) or None, seed=int(spec.seed), tol=spec.tol or None)
+        except ValueError as e:  # the loop's ValueError names the argument (batch_size against the args' rows)
+            raise InvalidRequest(str(e)) from None
         run = Run(job_id, spec, graph, loss, param_names, optimizer, state, loop)
         run.events = list(zip(range(1, state.step + 1), state.history["loss"], state.history["grad_norm"], strict=True))
         run.checkpoint_step = state.step

@@ -14,19 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradserve_engine.engine import Residuals
-from gradserve_engine.errors import LimitError
+from gradserve_engine.errors import LimitError, NotFound
 from gradserve_engine.ir import DEFAULT_LIMITS, Graph, Limits
 
 from .metrics import Metrics
 
 log = logging.getLogger("gradserve.registry")
-
-
-class NotFound(KeyError):
-    """An unknown graph id or residual handle."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass

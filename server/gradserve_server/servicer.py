@@ -1,8 +1,10 @@
-"""GradientService: each RPC decodes, calls the plain Engine, encodes (route_guide style).
+"""GradientService: each RPC decodes, calls the engine (a Backend), encodes (route_guide style).
 
 Requests arrive as raw bytes and are parsed here, so bytes that do not parse are answered
-INVALID_ARGUMENT (grpcio's own deserialiser would answer INTERNAL). Domain errors become
-status codes in one place, `_status`; there is no business logic in this layer.
+INVALID_ARGUMENT (grpcio's own deserialiser would answer INTERNAL). Errors become status codes
+in one place, `_classify`: an error of the family in gradserve_engine.errors by the status its
+class names; anything else is a bug, answered INTERNAL with its traceback logged. There is no
+business logic in this layer.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from gradserve_engine.engine import Engine
-from gradserve_engine.errors import Cancelled, GraphError, LimitError
+from gradserve_engine.backend import Backend
+from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import graph_pb2
@@ -26,7 +28,7 @@ from gradserve_engine.v1 import service_pb2 as pb
 
 from .jobs import JobManager
 from .metrics import Metrics
-from .registry import GraphRegistry, NotFound, ResidualStore
+from .registry import GraphRegistry, ResidualStore
 
 log = logging.getLogger("gradserve.servicer")
 SERVICE = "gradserve.v1.GradientService"
@@ -43,32 +45,35 @@ def _status(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.Statu
 
 
 def _classify(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
-    if isinstance(e, LimitError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    if isinstance(e, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, Cancelled):
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= 0:  # stopped because the deadline passed
             return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {e}"
-        return grpc.StatusCode.CANCELLED, f"cancelled: {e}"
-    if isinstance(e, (GraphError, TypeError, ValueError, IndexError, KeyError, DecodeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e) if not isinstance(e, KeyError) else f"missing {e}"
-    log.exception("internal error")
+        return grpc.StatusCode[e.code], f"cancelled: {e}"
+    if isinstance(e, GradserveError):
+        return grpc.StatusCode[e.code], str(e)
+    log.exception("internal error")  # not the caller's mistake: a bug, with its traceback in the log
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
-class Servicer:
-    """The RPC handlers over an Engine, a GraphRegistry and a ResidualStore."""
+def _parse(request_cls: type, raw: bytes) -> Any:
+    try:
+        return request_cls.FromString(raw)
+    except DecodeError as e:
+        raise InvalidRequest(f"request bytes do not parse as {request_cls.__name__}: {e}") from None
 
-    def __init__(self, engine: Engine, registry: GraphRegistry, residuals: ResidualStore,
+
+class Servicer:
+    """The RPC handlers over a Backend, a GraphRegistry and a ResidualStore."""
+
+    def __init__(self, engine: Backend, registry: GraphRegistry, residuals: ResidualStore,
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
         self.engine, self.registry, self.residuals, self.jobs = engine, registry, residuals, jobs
         self.limits, self.metrics = limits, metrics
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
-        metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.info.hits)
-        metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.info.misses)
+        metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
+        metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.cache_info().misses)
         self._inflight = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -120,10 +125,9 @@ class Servicer:
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
         graph = self.registry.get(req.graph_id)
-        extra = {"batch_axes": dict(req.batch_axes)} if req.batch_axes else {}
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
-                                      **extra)
+                                      batch_axes=dict(req.batch_axes) or None)
         return self._gradient_response(outs, grads)
 
     def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any]) -> pb.GradientResponse:
@@ -244,11 +248,7 @@ class Servicer:
         def handle(raw: bytes, context: grpc.ServicerContext):
             code = grpc.StatusCode.OK
             try:
-                try:
-                    request = request_cls.FromString(raw)
-                except DecodeError as e:
-                    raise DecodeError(f"request bytes do not parse as {request_cls.__name__}: {e}") from None
-                yield from fn(request, context)
+                yield from fn(_parse(request_cls, raw), context)
             except Exception as e:
                 code, message = _status(e, context)
                 context.abort(code, message)
@@ -266,10 +266,7 @@ class Servicer:
                 self.metrics.observe_request(name, refused[0].name, time.perf_counter() - start)
                 context.abort(*refused)
             try:
-                try:
-                    request = request_cls.FromString(raw)
-                except DecodeError as e:
-                    raise DecodeError(f"request bytes do not parse as {request_cls.__name__}: {e}") from None
+                request = _parse(request_cls, raw)
                 with stop_when(lambda: not context.is_active()):
                     return fn(request, context)
             except Exception as e:

@@ -19,6 +19,7 @@ from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
+from .backend import Backend
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
@@ -52,8 +53,8 @@ class Residuals:
         return sum(np.asarray(v).nbytes for v in self.values.values())
 
 
-class Engine:
-    """Runs graphs in process with the numpy kernels; thread-safe."""
+class Engine(Backend):
+    """Runs graphs in process with the numpy kernels; thread-safe. The server's Backend."""
 
     def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
         self.kernel_mode = kernels
@@ -61,6 +62,7 @@ class Engine:
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self._seen_graphs: set[str] = set()
+        self._sharding_checked: OrderedDict[tuple, None] = OrderedDict()  # (graph id, batch axes) analysed
         self._max_plans = max_plans
         self._max_reasons = max_reasons
         self._lock = threading.Lock()
@@ -112,6 +114,7 @@ class Engine:
             self._plans.clear()
             self._graphs.clear()
             self._seen_graphs.clear()
+            self._sharding_checked.clear()
             self.info = CacheInfo(maxsize=self._max_plans, kernels=self.kernels.describe())
 
     # ---- requests
@@ -123,12 +126,16 @@ class Engine:
 
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
             seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
-            residuals: Mapping[int, Any] | None = None) -> tuple[dict, dict]:
+            batch_axes: Mapping[str, int] | None = None, residuals: Mapping[int, Any] | None = None) -> tuple[dict, dict]:
         """Outputs and the gradients of sum(seed * output) w.r.t. `wrt`; scalar outputs seed 1.
 
+        `batch_axes` names inputs batched along an axis, examples independent: checked (a
+        ShardError names a node that mixes examples), then the whole batch runs here at once.
         With `residuals` (every forward node's value by id, from a forward pass already run)
         only the backward pass runs, and the outputs dict is empty.
         """
+        if batch_axes:
+            self._check_sharding(graph, batch_axes)
         outs = differentiated_outputs(graph, outputs)
         wrt = tuple(wrt)
         feed = check_inputs(graph, inputs)
@@ -139,14 +146,27 @@ class Engine:
                 if name.startswith("%"):
                     feed[name] = residuals[int(name[1:])]
         else:
-            plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, wrt, outs))
+            plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs))
         res = plan.run(_only(plan, feed))
-        grads = {x: res.pop(autodiff.GRAD + x) for x in wrt}
+        grads = {x: res.pop(autodiff.GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
         return res, grads
 
+    def _check_sharding(self, graph: Graph, batch_axes: Mapping[str, int]) -> None:
+        key = (graph.id, tuple(sorted(batch_axes.items())))
+        with self._lock:
+            if key in self._sharding_checked:
+                return
+        from .shard import analyze
+
+        analyze(graph, batch_axes)
+        with self._lock:
+            self._sharding_checked[key] = None
+            while len(self._sharding_checked) > self._max_plans:
+                self._sharding_checked.popitem(last=False)
+
     def _backward_plan(self, graph: Graph, wrt: tuple[str, ...], outs: tuple[str, ...], batch: tuple[int, ...]) -> Plan:
-        return self.plan(graph, ("backward", wrt, outs, batch),
-                         lambda: autodiff.vjp_graph(graph, wrt, outs, batch=batch, keep_outputs=False, residuals=True))
+        return self.plan(graph, ("backward", wrt, outs, batch), lambda: autodiff.vjp_graph(
+            graph, check_wrt(graph, wrt), outs, batch=batch, keep_outputs=False, residuals=True))
 
     def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
                  outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
@@ -183,7 +203,8 @@ class Engine:
         """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):
         the SDK's cached fast path for grad/value_and_grad."""
         wrt = tuple(wrt)
-        return self.plan(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output, keep_outputs=True))
+        return self.plan(graph, ("grad", wrt, output),
+                         lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output, keep_outputs=True))
 
     def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
                   wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict, dict]]:
@@ -197,7 +218,7 @@ class Engine:
         for x in wrt:
             i = graph.input(x)
             feed[autodiff.TANGENT + x] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
-        plan = self.plan(graph, ("jvp", wrt), lambda: autodiff.jvp_graph(graph, wrt))
+        plan = self.plan(graph, ("jvp", wrt), lambda: autodiff.jvp_graph(graph, check_wrt(graph, wrt)))
         res = plan.run(feed)
         outs = {o: res[o] for o in graph.output_names()}
         return outs, {o: res[autodiff.TANGENT + o] for o in graph.output_names() if autodiff.TANGENT + o in res}
@@ -209,9 +230,10 @@ class Engine:
         _check_outputs(graph, outs)
         for o in outs:
             if graph.aval(dict(graph.outputs)[o])[0] not in FLOATS:
-                raise TypeError(f"output {o!r} is not a float value and has no Jacobian")
+                raise GraphError(f"output {o!r} is not a float value and has no Jacobian")
         wrt = tuple(wrt)
-        plan = self.plan(graph, ("jacobian", wrt, outs), lambda: autodiff.jacobian_graph(graph, wrt, outs)[0])
+        plan = self.plan(graph, ("jacobian", wrt, outs),
+                         lambda: autodiff.jacobian_graph(graph, check_wrt(graph, wrt), outs)[0])
         feed = check_inputs(graph, inputs)
         if "seeds" in plan.graph.input_names():
             seeds = plan.graph.input("seeds")
@@ -221,20 +243,28 @@ class Engine:
 
     def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
         """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
-        _check_outputs(graph, [output])
         wrt = tuple(wrt)
-        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
+        grad = self._grad_graph(graph, wrt, output)
         jac = self.jacobian(grad, inputs, wrt)
         return {(xi, xj): jac[(autodiff.GRAD + xi, xj)] for xi in wrt for xj in wrt}
 
     def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
             vectors: Mapping[str, Any]) -> dict[str, Any]:
         """Hessian-vector products (forward over reverse): {x: sum_j H[x, j] v_j}."""
-        _check_outputs(graph, [output])
         wrt = tuple(wrt)
-        grad = self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, wrt, output))
+        grad = self._grad_graph(graph, wrt, output)
+        missing = [x for x in wrt if x not in vectors]
+        if missing:
+            raise GraphError(f"hvp needs a vector for each of wrt; none given for {missing}")
         _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
         return {x: tangents[autodiff.GRAD + x] for x in wrt}
+
+    def _grad_graph(self, graph: Graph, wrt: tuple[str, ...], output: str) -> Graph:
+        """The gradient of scalar `output` w.r.t. `wrt` as a graph, to differentiate again."""
+        _check_outputs(graph, [output])
+        if not wrt:
+            raise GraphError("second derivatives need at least one input in wrt")
+        return self._derived(graph, ("grad", wrt, output), lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output))
 
     def _derived(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Graph:
         """A transformed graph (not a plan), cached like plans: e.g. the gradient to differentiate again."""
@@ -261,6 +291,16 @@ def differentiated_outputs(graph: Graph, outputs: Sequence[str] | None) -> tuple
         return tuple(o for o, vid in graph.outputs if graph.aval(vid)[0] in FLOATS)
     _check_outputs(graph, outputs)
     return tuple(outputs)
+
+
+def check_wrt(graph: Graph, wrt: Sequence[str]) -> tuple[str, ...]:
+    """`wrt` as a tuple, each a float input of `graph`, or a GraphError naming the one that is not."""
+    for x in wrt:
+        dtype = graph.input(x).dtype
+        if dtype not in FLOATS:
+            raise GraphError(f"cannot differentiate with respect to input {x!r} of dtype {dtype}; "
+                             "only float32/float64 inputs have gradients")
+    return tuple(wrt)
 
 
 def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None, batch: tuple[int, ...] = (),

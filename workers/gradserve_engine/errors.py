@@ -1,23 +1,72 @@
-"""The exceptions users see. Each carries one clear message naming the node or argument."""
+"""The exceptions users see, one family. Each carries one clear message naming the node or argument.
+
+Every class names, in `code`, the gRPC status the service answers it with (the status NAME, so
+this module needs no grpc: the servicer looks it up as `grpc.StatusCode[exc.code]`). Anything
+raised that is not of this family is a bug, and the service answers it INTERNAL.
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class GraphError(ValueError):
-    """A graph is malformed: unknown op, bad arity or attribute, cycle, over a limit, ..."""
+
+class GradserveError(Exception):
+    """The root of the family; raise one of its subclasses."""
+
+    code: ClassVar[str] = "UNKNOWN"
+
+
+class InvalidRequest(GradserveError, ValueError):
+    """A request is wrong: bytes that do not parse, a field out of range, a name it does not have."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class GraphError(InvalidRequest):
+    """A graph is malformed, or a request does not fit it: unknown op, bad arity or attribute,
+    cycle, an input or output name it does not have, ..."""
 
 
 class ShapeError(GraphError):
-    """Shapes or dtypes of a node's operands do not agree with its op."""
+    """Shapes or dtypes of a node's operands (or of a request's values) do not agree with the graph."""
 
 
 class LimitError(GraphError):
-    """A graph or tensor is over a configured size limit (the service answers RESOURCE_EXHAUSTED)."""
+    """A graph or tensor is over a configured size limit."""
 
-
-class Cancelled(RuntimeError):
-    """A computation stopped between kernels because its caller went away or ran out of time."""
+    code = "RESOURCE_EXHAUSTED"
 
 
 class ShardError(GraphError):
     """The graph mixes examples along the batch axis, so it cannot be split across workers."""
+
+
+class NotFound(GradserveError):
+    """An unknown graph id, residual handle or job (or one released, evicted or damaged)."""
+
+    code = "NOT_FOUND"
+
+
+class Cancelled(GradserveError, RuntimeError):
+    """A computation stopped between kernels because its caller went away or ran out of time
+    (the service answers DEADLINE_EXCEEDED instead when the call's deadline has passed)."""
+
+    code = "CANCELLED"
+
+
+class WorkersUnavailable(GradserveError, RuntimeError):
+    """No worker answered within the call's deadline."""
+
+    code = "UNAVAILABLE"
+
+
+class StoreError(GradserveError, RuntimeError):
+    """The job store cannot be used as it is (damaged, or written by another schema version):
+    the server refuses to start on it rather than reset it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+FAMILY: tuple[type[GradserveError], ...] = (GradserveError, InvalidRequest, GraphError, ShapeError, LimitError, ShardError,
+                                            NotFound, Cancelled, WorkersUnavailable, StoreError)
+BY_NAME: dict[str, type[GradserveError]] = {cls.__name__: cls for cls in FAMILY}

@@ -19,22 +19,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradserve_engine.errors import Cancelled, GraphError, LimitError, ShapeError
+from gradserve_engine.errors import BY_NAME, GraphError, WorkersUnavailable
 from gradserve_engine.ir import Graph
 
 from .engine import Engine
 
 log = logging.getLogger("gradserve_engine")
-_ERRORS = {"GraphError": GraphError, "ShapeError": ShapeError, "LimitError": LimitError, "TypeError": TypeError,
-           "ValueError": ValueError, "IndexError": IndexError, "Cancelled": Cancelled}
-
-
-class WorkersUnavailable(RuntimeError):
-    """No worker answered within the call's deadline (the service answers UNAVAILABLE)."""
 
 
 def run_task(engine: Engine, graph: Graph, method: str, inputs: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
-    """One task on a worker's engine, its failure returned as a value (never raised across)."""
+    """One task on a worker's engine, its failure returned as a value (never raised across):
+    ("ok", result) or ("error", class name, message)."""
     try:
         if method == "evaluate":
             return ("ok", engine.evaluate(graph, inputs, options.get("outputs")))
@@ -46,11 +41,16 @@ def run_task(engine: Engine, graph: Graph, method: str, inputs: Mapping[str, Any
 
 
 def unwrap(result: Any) -> Any:
+    """The result of a task, or its failure raised here: an error of the family (errors.py) as
+    its own class, anything else (a bug on the worker) as a RuntimeError naming its class."""
     status, *rest = result
     if status == "ok":
         return rest[0]
     kind, message = rest
-    raise _ERRORS.get(kind, RuntimeError)(message)
+    cls = BY_NAME.get(kind)
+    if cls is None:
+        raise RuntimeError(f"{kind} on a worker: {message}")
+    raise cls(message)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _worker_class() -> Any:
         def run(self, gid: str, method: str, options: dict, names: list[str], *values: Any) -> Any:
             graph = self.graphs.get(gid)
             if graph is None:
-                return ("error", "GraphError", f"worker has no graph {gid}")
+                return ("error", GraphError.__name__, f"worker has no graph {gid}")
             return run_task(self.engine, graph, method, dict(zip(names, values, strict=True)), options)
 
     return Worker

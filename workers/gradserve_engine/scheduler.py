@@ -1,6 +1,6 @@
 """The scheduler: per call, run in process or spread the work over a worker pool.
 
-`DistributedEngine` has the Engine's interface, so the servicer does not know which ran. For
+`DistributedEngine` is a Backend like the Engine, so the servicer does not know which ran. For
 each gradient call it estimates the work (FLOPs of the gradient graph) and picks one of
   in-process     small work, or no pool: a worker hop costs more than it saves;
   data-parallel  the caller named batch axes: shards run forward+backward, gradients add up;
@@ -30,8 +30,9 @@ from gradserve_engine.ir import Graph
 from gradserve_engine.names import GRAD
 
 from . import autodiff
+from .backend import Backend
 from .cost import graph_flops
-from .engine import Engine, check_inputs, differentiated_outputs, seed_feed
+from .engine import CacheInfo, Engine, Residuals, check_inputs, check_wrt, differentiated_outputs, seed_feed
 from .partition import Partition, partition
 from .passes import optimize
 from .pool import Task
@@ -74,12 +75,14 @@ class Policy:
         return workers >= 2 and self.spread_seconds(flops, workers, cores, hops) < self.min_gain * self.in_process_seconds(flops)
 
 
-class DistributedEngine:
-    """The Engine's interface over an in-process Engine and an optional worker pool."""
+class DistributedEngine(Backend):
+    """A Backend over an in-process Engine and an optional worker pool: gradients may spread
+    over the pool; everything else runs on the in-process Engine."""
 
     def __init__(self, engine: Engine | None = None, pool: Any = None, policy: Policy | None = None,
                  task_timeout: float = 600.0):
         self.engine = engine or Engine()
+        self.kernels = self.engine.kernels
         self.pool = pool
         self.policy = policy or Policy()
         self.task_timeout = task_timeout
@@ -89,9 +92,34 @@ class DistributedEngine:
         self._decided: dict[tuple[str, bool], str] = {}  # the mode chosen per (graph, sharded)
         self._lock = threading.Lock()
 
-    # ---- everything the Engine does in process stays there
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
+    # ---- what runs in process only
+    def cache_info(self) -> CacheInfo:
+        """The in-process Engine's plan cache (each worker has its own)."""
+        return self.engine.cache_info()
+
+    def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        return self.engine.evaluate(graph, inputs, outputs)
+
+    def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
+        return self.engine.open_vjp(graph, inputs, wrt, outputs)
+
+    def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
+        return self.engine.call_vjp(residuals, cotangents, batched)
+
+    def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
+        return self.engine.jvp(graph, inputs, tangents)
+
+    def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
+        return self.engine.jacobian(graph, inputs, wrt, outputs)
+
+    def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
+        return self.engine.hessian(graph, inputs, wrt, output)
+
+    def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
+            vectors: Mapping[str, Any]) -> dict[str, Any]:
+        return self.engine.hvp(graph, inputs, wrt, output, vectors)
 
     @property
     def workers(self) -> int:
@@ -123,8 +151,8 @@ class DistributedEngine:
 
     # ---- gradients
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
-            outputs: Sequence[str] | None = None, residuals: Mapping[int, Any] | None = None,
-            batch_axes: Mapping[str, int] | None = None, mode: str | None = None) -> tuple[dict, dict]:
+            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None,
+            residuals: Mapping[int, Any] | None = None, mode: str | None = None) -> tuple[dict, dict]:
         if residuals is not None:
             return self.engine.vjp(graph, inputs, wrt, seeds, outputs, residuals=residuals)
         if mode is not None and mode not in MODES[:3]:
@@ -211,7 +239,8 @@ class DistributedEngine:
     def _partition(self, graph: Graph, wrt: tuple[str, ...], outputs: Sequence[str] | None) -> Partition | None:
         outs = tuple(outputs) if outputs is not None else None
         key = ("partition", graph.id, wrt, outs, self.workers)
-        return self._memo(key, lambda: partition(optimize(autodiff.vjp_graph(graph, wrt, outs)), self.workers))
+        return self._memo(key, lambda: partition(optimize(autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs)),
+                                                 self.workers))
 
     def _graph_parallel(self, graph: Graph, p: Partition, inputs: Mapping[str, Any], wrt: Sequence[str],
                         seeds: Mapping[str, Any] | None, outputs: Sequence[str] | None) -> tuple[dict, dict]:
@@ -236,7 +265,7 @@ class DistributedEngine:
                 named[name] = p.joint.constants[vid - len(p.joint.inputs)]
             else:
                 named[name] = values[f"%{vid}"]
-        grads = {x: named.pop(GRAD + x) for x in wrt}
+        grads = {x: named.pop(GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
         return named, grads
 
     # ---- many input sets

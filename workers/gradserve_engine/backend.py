@@ -1,0 +1,73 @@
+"""The interface the server computes through: `Backend`.
+
+The servicer, the job manager and the app call exactly these members, and nothing else, on
+the engine they are given. Two classes implement it: `Engine` (everything in this process)
+and the scheduler's `DistributedEngine` (the same calls, some spread over a worker pool).
+Failures are errors of the family in `errors.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .engine import CacheInfo, Residuals
+    from .fusion import KernelSet
+    from .ir import Graph
+
+
+class Backend(Protocol):
+    """Evaluate and differentiate registered graphs on named arrays. Implementations subclass
+    it, so that a missing or mistyped member is an error at the class, not a surprise at a call."""
+
+    kernels: KernelSet  # the kernels that run the plans (`.name` is what actually runs)
+
+    def cache_info(self) -> CacheInfo:
+        """Plan cache hits and misses, and why each miss happened."""
+        ...
+
+    def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        """The named outputs (all by default)."""
+        ...
+
+    def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
+            outputs: Sequence[str] | None = None,
+            batch_axes: Mapping[str, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Outputs and the gradients of sum(seed * output) w.r.t. `wrt`; a scalar output's seed is 1.
+        `batch_axes` names inputs batched along an axis, their examples independent."""
+        ...
+
+    def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """`vjp` for each (inputs, seeds) of a batch of input sets."""
+        ...
+
+    def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> tuple[dict[str, Any], Residuals]:
+        """The forward pass once: the outputs, and the values a later `call_vjp` reads."""
+        ...
+
+    def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
+        """The gradients for cotangents of the outputs, from kept residuals."""
+        ...
+
+    def jvp(self, graph: Graph, inputs: Mapping[str, Any],
+            tangents: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Outputs and their directional derivatives along `tangents`."""
+        ...
+
+    def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                 outputs: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
+        """{(output, input): array of shape output.shape + input.shape}."""
+        ...
+
+    def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
+                output: str) -> dict[tuple[str, str], Any]:
+        """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
+        ...
+
+    def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
+            vectors: Mapping[str, Any]) -> dict[str, Any]:
+        """Hessian-vector products of a scalar output: {x: sum_j H[x, j] v_j}."""
+        ...
