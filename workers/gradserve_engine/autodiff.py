@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from .errors import GraphError
 from .ir import Builder, Graph, Var, copy_into, replay
-from .names import GRAD, SEED, TANGENT
+from .names import GRAD, SEED, SEEDS, TANGENT, jacobian_block, residual
 from .ops import PRIMITIVES
 from .ops.core import FLOATS
 from .ops.emit import add, zeros
@@ -57,8 +57,9 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
     out_ids = dict(graph.outputs)
     b = Builder()
     env = copy_into(graph, b)
-    for n in graph.nodes:
-        env[n.id] = b.input(f"%{n.id}", n.dtype, n.shape) if residuals else b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
+    for n in graph.nodes:  # the forward pass again, or (residuals) its values fed as inputs
+        env[n.id] = (b.input(residual(n.id), n.dtype, n.shape) if residuals
+                     else b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs))
 
     active = active_values(graph, wrt_ids)
     nb = len(batch)
@@ -126,9 +127,9 @@ def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
 def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> tuple[Graph, list[int]]:
     """Reverse-mode Jacobian of `outputs` w.r.t. `wrt` in one pass over stacked seeds.
 
-    Returns a graph with one input `seeds` of shape (M, M), M the total output size (the
-    caller feeds the identity), and an output `jac:<o>:<x>` of shape o.shape + x.shape for
-    each pair; and the list of output sizes.
+    Returns a graph with one input `%seeds` of shape (M, M), M the total output size (the
+    caller feeds the identity), and one output of shape o.shape + x.shape for each pair, named
+    as `jacobian_outputs` says; and the list of output sizes.
     """
     out_ids = dict(graph.outputs)
     sizes = [math.prod(graph.aval(out_ids[o])[1]) for o in outputs]
@@ -137,7 +138,7 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
     inner = vjp_graph(graph, wrt, outputs, batch=(total,), keep_outputs=False)
     b = Builder()
     env: dict[int, Var] = {}
-    seeds = b.input("seeds", dtype, (total, total))
+    seeds = b.input(SEEDS, dtype, (total, total))
     for i in inner.inputs:
         if i.name.startswith(SEED):
             o = i.name[len(SEED):]
@@ -149,18 +150,24 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
         else:
             env[i.id] = b.input(i.name, i.dtype, i.shape)
     replay(inner, b, env)
+    names = jacobian_outputs(outputs, wrt)
+    grads = dict(inner.outputs)
     result = []
-    for name, vid in inner.outputs:
-        x = name[len(GRAD):]
-        g = env[vid]
+    for x in wrt:
+        g = env[grads[GRAD + x]]
         start = 0
         for o, m in zip(outputs, sizes, strict=True):
             block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m, *g.shape[1:]),
                            steps=(1,) * g.ndim)
             oshape = graph.aval(out_ids[o])[1]
-            result.append((f"jac:{o}:{x}", b.bind("reshape", block, shape=oshape + g.shape[1:])))
+            result.append((names[(o, x)], b.bind("reshape", block, shape=oshape + g.shape[1:])))
             start += m
     return b.build(result), sizes
+
+
+def jacobian_outputs(outputs: Sequence[str], wrt: Sequence[str]) -> dict[tuple[str, str], str]:
+    """The output of `jacobian_graph` that holds each (output, input) block."""
+    return {(o, x): jacobian_block(i * len(outputs) + j) for i, x in enumerate(wrt) for j, o in enumerate(outputs)}
 
 
 def grad_only(graph: Graph, wrt: Sequence[str], output: str, keep_outputs: bool = False) -> Graph:

@@ -20,10 +20,12 @@ from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
 from .backend import Backend
+from .names import GRAD, SEED, SEEDS, TANGENT, residual, residual_id
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
 from .plan import Plan
+from .shard import analyze
 
 
 @dataclass
@@ -143,12 +145,13 @@ class Engine(Backend):
         if residuals is not None:
             plan = self._backward_plan(graph, wrt, outs, ())
             for name, _ in plan.inputs:
-                if name.startswith("%"):
-                    feed[name] = residuals[int(name[1:])]
+                vid = residual_id(name)
+                if vid is not None:
+                    feed[name] = residuals[vid]
         else:
             plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs))
         res = plan.run(_only(plan, feed))
-        grads = {x: res.pop(autodiff.GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
+        grads = {x: res.pop(GRAD + x) for x in wrt}
         return res, grads
 
     def _check_sharding(self, graph: Graph, batch_axes: Mapping[str, int]) -> None:
@@ -156,8 +159,6 @@ class Engine(Backend):
         with self._lock:
             if key in self._sharding_checked:
                 return
-        from .shard import analyze
-
         analyze(graph, batch_axes)
         with self._lock:
             self._sharding_checked[key] = None
@@ -174,13 +175,13 @@ class Engine(Backend):
         outs = differentiated_outputs(graph, outputs)
         wrt = tuple(wrt)
         backward = self._backward_plan(graph, wrt, outs, ())
-        needed = [name for name, _ in backward.inputs if not name.startswith(autodiff.SEED)]
-        kept = tuple(int(name[1:]) for name in needed if name.startswith("%"))
+        needed = [name for name, _ in backward.inputs if not name.startswith(SEED)]
+        kept = tuple(vid for vid in map(residual_id, needed) if vid is not None)
         forward = self.plan(graph, ("forward", kept), lambda: Graph(
-            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(f"%{k}", k) for k in kept]))
+            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(residual(k), k) for k in kept]))
         feed = check_inputs(graph, inputs)
         res = forward.run(feed)
-        values = {name: res[name] if name.startswith("%") else feed[name] for name in needed}
+        values = {name: res[name] if residual_id(name) is not None else feed[name] for name in needed}
         return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
 
     def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
@@ -197,7 +198,7 @@ class Engine(Backend):
         plan = self._backward_plan(r.graph, r.wrt, r.outputs, batch)
         feed = {**r.values, **seed_feed(r.graph, r.outputs, cotangents, batch, "cotangent")}
         res = plan.run(feed)
-        return {x: res[autodiff.GRAD + x] for x in r.wrt}
+        return {x: res[GRAD + x] for x in r.wrt}
 
     def grad_plan(self, graph: Graph, wrt: Sequence[str], output: str) -> Plan:
         """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):
@@ -217,11 +218,11 @@ class Engine(Backend):
         feed = check_inputs(graph, inputs)
         for x in wrt:
             i = graph.input(x)
-            feed[autodiff.TANGENT + x] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
+            feed[TANGENT + x] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
         plan = self.plan(graph, ("jvp", wrt), lambda: autodiff.jvp_graph(graph, check_wrt(graph, wrt)))
         res = plan.run(feed)
         outs = {o: res[o] for o in graph.output_names()}
-        return outs, {o: res[autodiff.TANGENT + o] for o in graph.output_names() if autodiff.TANGENT + o in res}
+        return outs, {o: res[TANGENT + o] for o in graph.output_names() if TANGENT + o in res}
 
     def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
                  outputs: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
@@ -235,18 +236,19 @@ class Engine(Backend):
         plan = self.plan(graph, ("jacobian", wrt, outs),
                          lambda: autodiff.jacobian_graph(graph, check_wrt(graph, wrt), outs)[0])
         feed = check_inputs(graph, inputs)
-        if "seeds" in plan.graph.input_names():
-            seeds = plan.graph.input("seeds")
-            feed["seeds"] = np.eye(seeds.shape[0], dtype=seeds.dtype)
+        if SEEDS in plan.graph.input_names():
+            seeds = plan.graph.input(SEEDS)
+            feed[SEEDS] = np.eye(seeds.shape[0], dtype=seeds.dtype)
         res = plan.run(_only(plan, feed))
-        return {(o, x): res[f"jac:{o}:{x}"] for o in outs for x in wrt}
+        names = autodiff.jacobian_outputs(outs, wrt)
+        return {(o, x): res[names[(o, x)]] for o in outs for x in wrt}
 
     def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
         """Second derivatives of a scalar output: {(xi, xj): array of shape xi.shape + xj.shape}."""
         wrt = tuple(wrt)
         grad = self._grad_graph(graph, wrt, output)
         jac = self.jacobian(grad, inputs, wrt)
-        return {(xi, xj): jac[(autodiff.GRAD + xi, xj)] for xi in wrt for xj in wrt}
+        return {(xi, xj): jac[(GRAD + xi, xj)] for xi in wrt for xj in wrt}
 
     def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
             vectors: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,7 +259,7 @@ class Engine(Backend):
         if missing:
             raise GraphError(f"hvp needs a vector for each of wrt; none given for {missing}")
         _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
-        return {x: tangents[autodiff.GRAD + x] for x in wrt}
+        return {x: tangents[GRAD + x] for x in wrt}
 
     def _grad_graph(self, graph: Graph, wrt: tuple[str, ...], output: str) -> Graph:
         """The gradient of scalar `output` w.r.t. `wrt` as a graph, to differentiate again."""
@@ -294,7 +296,9 @@ def differentiated_outputs(graph: Graph, outputs: Sequence[str] | None) -> tuple
 
 
 def check_wrt(graph: Graph, wrt: Sequence[str]) -> tuple[str, ...]:
-    """`wrt` as a tuple, each a float input of `graph`, or a GraphError naming the one that is not."""
+    """`wrt` as a tuple, each a float input of `graph` named once, or a GraphError naming the one
+    that is not."""
+    _no_duplicates(wrt, "wrt")
     for x in wrt:
         dtype = graph.input(x).dtype
         if dtype not in FLOATS:
@@ -308,21 +312,29 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
     """The `ct:<o>` inputs of a VJP graph: each given seed checked against batch + the output's
     type; a scalar output without one takes 1 (not with stacked seeds)."""
     feed = {}
+    ids = dict(graph.outputs)
     for o in outs:
-        dtype, shape = graph.aval(dict(graph.outputs)[o])
+        dtype, shape = graph.aval(ids[o])
         seed = None if seeds is None else seeds.get(o)
         if seed is None:
             if shape != () or batch:
                 raise ShapeError(f"output {o!r} has shape {shape}: pass a {what} (cotangent) for it")
             seed = np.ones((), dtype)
-        feed[autodiff.SEED + o] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
+        feed[SEED + o] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
     extra = sorted(set(seeds or ()) - set(outs))
     if extra:
         raise GraphError(f"{what}s given for {extra}, which are not differentiated outputs {list(outs)}")
     return feed
 
 
+def _no_duplicates(names: Sequence[str], what: str) -> None:
+    dup = sorted({n for n in names if list(names).count(n) > 1}) if len(set(names)) != len(names) else []
+    if dup:
+        raise GraphError(f"{what} names {dup} more than once")
+
+
 def _check_outputs(graph: Graph, outs: Sequence[str]) -> None:
+    _no_duplicates(outs, "outputs")
     names = graph.output_names()
     for o in outs:
         if o not in names:

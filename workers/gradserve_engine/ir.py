@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphError, LimitError, ShapeError
+from .names import INTERNAL
 from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 
 MAX_RANK = 32
@@ -348,6 +349,10 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
         dup = sorted(n for n, k in Counter(names).items() if k > 1)
         if dup:
             raise GraphError(f"duplicate {kind} names {_short(dup)}")
+        reserved = sorted(n for n in names if n.startswith(INTERNAL))
+        if reserved:
+            raise GraphError(f"{kind} names {_short(reserved)} begin with {INTERNAL!r}, which is reserved for the names "
+                             "gradserve's transforms add")
     if not graph.outputs:
         raise GraphError("graph has no outputs")
     for k, i in enumerate(graph.inputs):

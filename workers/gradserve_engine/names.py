@@ -1,5 +1,28 @@
-"""Names the transforms give to the inputs and outputs they add to a graph."""
+"""Names the transforms give to the inputs and outputs they add to a graph.
 
-GRAD = "grad:"  # gradient outputs: grad:<input name>
-SEED = "ct:"  # cotangent seed inputs: ct:<output name>
-TANGENT = "tan:"  # tangent inputs and outputs: tan:<input or output name>
+Every one begins with `INTERNAL` ("%"), which no name from outside may begin with (graph
+validation refuses it, and the SDK names inputs after parameters and outputs `out...`), so a
+transform's names can never collide with a user's: a user's input called `seeds` or output
+called `grad:x` stays theirs. Residual inputs are `%<value id>`.
+"""
+
+INTERNAL = "%"
+GRAD = "%grad:"  # gradient outputs: %grad:<input name>
+SEED = "%ct:"  # cotangent seed inputs: %ct:<output name>
+TANGENT = "%tan:"  # tangent inputs and outputs: %tan:<input or output name>
+SEEDS = "%seeds"  # a Jacobian's stacked seeds (the identity), one input
+
+
+def jacobian_block(k: int) -> str:
+    """The output holding the k-th (output, input) block of a Jacobian graph, in the order asked."""
+    return f"%jac{k}"
+
+
+def residual(vid: int) -> str:
+    """The input of a backward graph that carries the forward graph's value %<vid>."""
+    return f"%{vid}"
+
+
+def residual_id(name: str) -> int | None:
+    """The forward value id a residual input carries, or None for any other name."""
+    return int(name[1:]) if name.startswith(INTERNAL) and name[1:].isdigit() else None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gradserve_engine.ir import Builder, Graph, Var
 
 from .cost import node_bytes, node_flops
+from .names import residual
 
 REPL, DRIVER = -1, -2
 
@@ -138,8 +139,8 @@ def subgraph(joint: Graph, members: list[int], exports: list[int], owner: dict[i
                 else:
                     env[i] = b.input(name_of(joint, i), *joint.aval(i))
         env[vid] = b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
-    return b.build([(f"%{m}", env[m]) for m in exports])
+    return b.build([(residual(m), env[m]) for m in exports])
 
 
 def name_of(joint: Graph, vid: int) -> str:
-    return joint.inputs[vid].name if vid < len(joint.inputs) else f"%{vid}"
+    return joint.inputs[vid].name if vid < len(joint.inputs) else residual(vid)

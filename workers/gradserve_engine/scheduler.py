@@ -27,7 +27,7 @@ import numpy as np
 
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Graph
-from gradserve_engine.names import GRAD
+from gradserve_engine.names import GRAD, residual
 
 from . import autodiff
 from .backend import Backend
@@ -264,8 +264,8 @@ class DistributedEngine(Backend):
             elif vid < first:
                 named[name] = p.joint.constants[vid - len(p.joint.inputs)]
             else:
-                named[name] = values[f"%{vid}"]
-        grads = {x: named.pop(GRAD + x) for x in dict.fromkeys(wrt)}  # a name given twice: one gradient
+                named[name] = values[residual(vid)]
+        grads = {x: named.pop(GRAD + x) for x in wrt}
         return named, grads
 
     # ---- many input sets
