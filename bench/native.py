@@ -14,9 +14,9 @@ Workloads, each forward + backward, gradients checked against each other before 
    loss `sum(chain(x, w))`, gradients for x and w.
 
 Contenders: gradserve with the numpy kernels (the default), gradserve with `kernels="native"`
-(every fused group compiled with numba), and PyTorch (CPU autograd, default threads). The
-gradserve contenders call `gs.grad`-style cached plans (`Functional` over an `Engine` whose plans
-use the given kernels). Timing is bench/mlp.py's: contenders take turns round-robin, each turn
+(every fused group compiled with numba), with `kernels="auto"` (only large groups compiled), and
+PyTorch (CPU autograd, default threads). The gradserve contenders call `gs.grad`-style cached
+plans (`Functional` over an `Engine(kernels=mode)`). Timing is bench/mlp.py's: contenders take turns round-robin, each turn
 sleeps --settle s, makes one untimed call, then times --block calls; medians are shown.
 
 It also prints where each plan's time goes (per-step timings summed by kind: fused groups,
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.fusion import ELEMENTWISE
+from gradserve_engine.ops import PRIMITIVES
 from gradserve_engine.plan import FusedStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,34 +51,18 @@ import mlp as mlpbench
 
 CHAIN_SHAPE = (4096, 1024)
 CHAIN_BLOCKS = 5  # 10 elementwise ops each
+MODES = ("numpy", "native", "auto")
 
 
 # ---------------------------------------------------------------- gradserve with chosen kernels
 
 
-def functional(kernels: Any) -> Any:
-    """A `Functional` (gs.grad & co.) whose plans run with `kernels`. Uses `Engine(kernels=...)`
-    where the Engine takes it, else builds the Engine's plans with them (a stand-in until the
-    engine is wired)."""
-    import inspect
-
+def functional(mode: str) -> Any:
+    """A `Functional` (gs.grad & co.) over an `Engine(kernels=mode)`: "numpy", "native" or "auto"."""
     from gradserve.api import Functional
-    from gradserve_engine import engine as engine_module
-    from gradserve_engine.plan import Plan
+    from gradserve_engine.engine import Engine
 
-    if "kernels" in inspect.signature(engine_module.Engine).parameters:
-        return Functional(engine_module.Engine(kernels=kernels))
-
-    class KernelEngine(engine_module.Engine):
-        def plan(self, graph, request, build):
-            saved = engine_module.Plan
-            engine_module.Plan = lambda g: Plan(g, kernels=kernels)
-            try:
-                return super().plan(graph, request, build)
-            finally:
-                engine_module.Plan = saved
-
-    return Functional(KernelEngine())
+    return Functional(Engine(kernels=mode))
 
 
 def mlp_loss(params, x, y):
@@ -143,7 +127,7 @@ def profile(plan: Any, feed: dict[str, Any], repeat: int = 5) -> dict[str, float
                 else:
                     op = step.unit.op
                     kind = ("matmul" if op == "matmul" else "reductions" if op.startswith("reduce")
-                            else "elementwise (unfused)" if op in ELEMENTWISE else "views and other")
+                            else "elementwise (unfused)" if PRIMITIVES[op].elementwise else "views and other")
                 acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - t0
                 for f in step.frees:
                     env[f] = None
@@ -185,12 +169,9 @@ def plans_of(api: Any) -> list[Any]:
     return list(api.backend._plans.values())
 
 
-def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve_engine.native import resolve_kernels
-
+def mlp_workload(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     params, x, y = mlpbench.make_problem(dtype)
-    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
-            "auto": functional(resolve_kernels("auto"))}
+    apis = {mode: functional(mode) for mode in MODES}
     grads = {k: api.grad(mlp_loss) for k, api in apis.items()}
     t0 = time.perf_counter()
     got = {k: g(params, x, y) for k, g in grads.items()}
@@ -212,12 +193,9 @@ def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[s
     return r | {"grad_check": check, "ok": ok, "native": native_plan.kernel_info()}
 
 
-def chain_workload(native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve_engine.native import resolve_kernels
-
+def chain_workload(args: argparse.Namespace) -> dict[str, Any]:
     x, w = chain_problem()
-    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
-            "auto": functional(resolve_kernels("auto"))}
+    apis = {mode: functional(mode) for mode in MODES}
     grads = {k: api.grad(chain_loss, argnums=(0, 1)) for k, api in apis.items()}
     got = {}
     for k, g in grads.items():
@@ -350,15 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# numba {numba_mod.__version__}; native pool threads {info['numba_threads']}; kernel cache "
           f"{native.kernel_cache_dir()}")
     results: dict[str, Any] = {"environment": info, "config": vars(args), "workloads": {}}
-    native_ks = native.resolve_kernels("native")
 
     if "compile" in parts:
         results["compile_seconds"] = compile_times(args)
     if "mlp" in parts:
         for dt in [d.strip() for d in args.dtype.split(",") if d.strip()]:
-            results["workloads"][f"MLP fwd+bwd {dt}"] = mlp_workload(dt, native_ks, args)
+            results["workloads"][f"MLP fwd+bwd {dt}"] = mlp_workload(dt, args)
     if "chain" in parts:
-        results["workloads"]["50-op elementwise chain fwd+bwd float32"] = chain_workload(native_ks, args)
+        results["workloads"]["50-op elementwise chain fwd+bwd float32"] = chain_workload(args)
     if "threshold" in parts:
         results["threshold"] = threshold_sweep(args)
 
