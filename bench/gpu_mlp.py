@@ -3,6 +3,7 @@
 
     python bench/gpu_mlp.py                  # about a minute; needs cupy + a CUDA device (torch CUDA for the comparison)
     python bench/gpu_mlp.py --batch 4096 --repeat 10 --json out.json
+    python bench/gpu_mlp.py --smoke          # batch 32, 2 rounds of 2 calls; without CuPy only the parts on the CPU
 
 Batch 4096, 784 -> 1024 -> 1024 -> 10, tanh, softmax cross-entropy (mean), gradients of all six
 weights and biases (bench/mlp.py's model at a GPU-sized batch). No network access is needed.
@@ -19,6 +20,10 @@ Gradients are checked against each other (and against gradserve's CPU numpy plan
 timing. Contenders take turns round-robin (--repeat rounds of --block calls); medians are
 printed, and the ratio gradserve / PyTorch. Exit status: 0 ok, 1 gradients differ, 2 CuPy or
 a CUDA device is missing (the message says which).
+
+--smoke (for the tests): batch 32 and a few calls, the same code. Without CuPy or a device it
+runs what needs neither (the gradient graph, the CPU plan that is the reference, the CUDA
+source of every group the GPU plan would fuse), says what it skipped and exits 0.
 """
 
 from __future__ import annotations
@@ -86,6 +91,51 @@ def interleaved(steps: dict[str, Any], rounds: int, block: int, deadline: float)
     return samples
 
 
+def find_device() -> tuple[Any, str, int]:
+    """(cupy, the device's name, devices visible), or (None, why not, 0)."""
+    try:
+        import cupy as cp
+    except Exception as e:
+        return None, f"CuPy is not importable ({type(e).__name__}: {e}); install cupy-cuda12x", 0
+    try:
+        n_dev = cp.cuda.runtime.getDeviceCount()
+        props = cp.cuda.runtime.getDeviceProperties(0)
+    except Exception as e:
+        return None, f"CuPy finds no CUDA device ({type(e).__name__}: {e})", 0
+    return cp, props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]), n_dev
+
+
+def grad_graph(batch: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """The optimised gradient graph of the MLP (gradients of the six parameters, loss kept) and its feed."""
+    gs = import_gradserve()
+    from gradserve_engine import autodiff
+    from gradserve_engine.passes import optimize
+
+    params, x, y = problem(batch)
+    traced = gs.trace(loss_fn, params, x, y)
+    wrt = [f"params.{k}" for k in NAMES]
+    graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
+    return graph, {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+
+
+def cpu_smoke(batch: int, why: str) -> int:
+    """--smoke without a GPU: what runs without CuPy, then what was skipped."""
+    from gradserve_engine.fusion import find_groups
+    from gradserve_engine.gpu import elementwise_source
+    from gradserve_engine.plan import Plan
+
+    graph, feed = grad_graph(batch)
+    cpu = Plan(graph).run(feed)
+    ok = all(np.all(np.isfinite(cpu[f"grad:params.{n}"])) for n in NAMES)
+    groups = find_groups(graph)  # what GpuKernels(fuse=True) compiles: it accepts every elementwise op
+    sources = [elementwise_source(g) for g in groups]
+    print(f"# gradient graph: {len(graph.nodes)} nodes; CPU plan (the reference) ran, gradients "
+          f"{'finite' if ok else 'NOT FINITE'}; CUDA source of {len(sources)} fused groups "
+          f"({sum(len(body.splitlines()) for _, _, body in sources)} lines) generated", flush=True)
+    print(f"# skipped, no GPU here ({why}): the GPU plans, their gradient check and the timing", flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4096)
@@ -93,22 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=10, help="timed calls per contender per round (default 10)")
     ap.add_argument("--budget", type=float, default=100.0, help="stop timing after this many seconds in all (default 100)")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--smoke", action="store_true",
+                    help="batch 32, 2 rounds of 2 calls: the same code in seconds, for the tests; without CuPy or a "
+                         "device, only the parts that need neither (exit 0)")
+    if ap.parse_known_args(argv)[0].smoke:
+        ap.set_defaults(batch=32, repeat=2, block=2, budget=20.0)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     deadline = t_start + args.budget
 
-    try:
-        import cupy as cp
-    except Exception as e:
-        print(f"error: CuPy is not importable ({type(e).__name__}: {e}); install cupy-cuda12x", file=sys.stderr)
+    cp, device, n_dev = find_device()
+    if args.smoke:
+        print(f"# smoke run: batch {args.batch}, {args.repeat} rounds of {args.block} calls: checks that everything "
+              "runs, the numbers mean nothing", flush=True)
+    if cp is None:
+        if args.smoke:
+            return cpu_smoke(args.batch, device)
+        print(f"error: {device}", file=sys.stderr)
         return 2
-    try:
-        n_dev = cp.cuda.runtime.getDeviceCount()
-        props = cp.cuda.runtime.getDeviceProperties(0)
-    except Exception as e:
-        print(f"error: CuPy finds no CUDA device ({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
-    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     try:
         import torch
 
@@ -116,21 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         torch_note = f"torch {torch.__version__}, CUDA {'available' if have_torch else 'NOT available'}"
     except Exception as e:
         have_torch, torch_note = False, f"torch not importable ({type(e).__name__}: {e})"
-    gs = import_gradserve()
-    from gradserve_engine import autodiff
     from gradserve_engine.gpu import GpuKernels
-    from gradserve_engine.passes import optimize
     from gradserve_engine.plan import Plan
 
     print(f"# device: {device} ({n_dev} visible); cupy {cp.__version__}; {torch_note}; numpy {np.__version__}", flush=True)
     if not have_torch:
         print("# PyTorch CUDA is missing: gradserve's numbers only, no ratio", flush=True)
 
-    params, x, y = problem(args.batch)
-    traced = gs.trace(loss_fn, params, x, y)
-    wrt = [f"params.{k}" for k in NAMES]
-    graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
-    feed = {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+    graph, feed = grad_graph(args.batch)
+    params = {k: feed[f"params.{k}"] for k in NAMES}
+    x, y = feed["x"], feed["y"]
 
     t0 = time.perf_counter()
     plan = Plan(graph, kernels=GpuKernels(to_host=False))

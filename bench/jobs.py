@@ -3,6 +3,7 @@
 
     python bench/jobs.py                              # float64 and float32, under a minute on 2 quiet cores
     python bench/jobs.py --dtype float64 --steps 200 --store --json out.json
+    python bench/jobs.py --smoke                      # the same at a tiny MLP and 3 steps, seconds (run by the tests)
 
 The MLP of bench/mlp.py (batch 256, 784 -> 1024 -> 1024 -> 10, tanh, softmax cross-entropy, the same
 seeded data and Glorot weights), minimised with `optim.Adam(lr=1e-3)` for --steps full-batch steps:
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlp import BATCH, D_H, D_IN, D_OUT, make_problem  # the MLP exactly as bench/mlp.py builds it
+from mlp import MLP_SHAPE, SMOKE_SHAPE, make_problem, shape_text  # the MLP exactly as bench/mlp.py builds it
 
 import gradserve as gs
 from gradserve import optim
@@ -189,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=105.0,
                     help="seconds: a later dtype is skipped when the runs so far say it would not fit (default 105)")
     ap.add_argument("--json", metavar="PATH", help="also write every number (and the environment) here")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"{shape_text(SMOKE_SHAPE)} and 3 steps: the same code in seconds, for the tests "
+                         "(the numbers mean nothing; options given explicitly still apply)")
+    if ap.parse_known_args(argv)[0].smoke:
+        ap.set_defaults(steps=3)
     args = ap.parse_args(argv)
+    shape = SMOKE_SHAPE if args.smoke else MLP_SHAPE
     if args.blas_threads == 0:
         args.blas_threads = None
 
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
           f"numpy {np.__version__}; BLAS environment (shared with the server): {blas or 'none set'}")
     store = tempfile.TemporaryDirectory(prefix="gradserve-bench-store-") if args.store else None
     extra = shlex.split(args.server_args) + (["--store", store.name] if store is not None else [])
-    print(f"# MLP batch {BATCH}, {D_IN} -> {D_H} -> {D_H} -> {D_OUT}, tanh, softmax cross-entropy; "
+    print(f"# {'smoke run, the numbers mean nothing: ' if args.smoke else ''}MLP {shape_text(shape)}, "
+          "tanh, softmax cross-entropy; "
           f"Adam(lr={args.lr:g}), {args.steps} full-batch steps; one run each, remote first; "
           f"server flags: {' '.join(extra) or 'defaults (no --store)'}")
     server, address = start_server(args.blas_threads, extra)
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {dt}: skipped, it would not fit in --budget {args.budget:g} s (the last dtype took {last:.0f} s)")
                     results["skipped"].append(dt)
                     continue
-                params, x, y = make_problem(dt)
+                params, x, y = make_problem(dt, shape)
                 r = run_remote(remote, server.pid, params, x, y, args.steps, args.lr)
                 with blas_limits(args.blas_threads):
                     loc = run_local(server.pid, params, x, y, args.steps, args.lr)

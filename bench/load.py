@@ -2,6 +2,7 @@
 
     python bench/load.py [--calls 10000] [--clients 64] [--channels 8] [--rounds 2] [--graphs 16]
                          [--cache-mib 64] [--max-growth-mib 8] [--max-seconds 600] [--json PATH]
+    python bench/load.py --smoke     # 2 rounds of 100 calls from 4 clients over 4 graphs, seconds (run by the tests)
 
 Starts `python -m gradserve_server --host 127.0.0.1 --port 0` and runs `--rounds` identical
 rounds of `--calls` calls from `--clients` threads sharing `--channels` connections (`gs.connect`
@@ -234,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-growth-mib", type=float, default=8.0, help="allowed RSS growth after round 1")
     p.add_argument("--max-seconds", type=float, default=600.0, help="time limit per round")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 rounds of 100 calls from 4 clients over 2 channels and 4 graphs, 60 s per round at most: "
+                        "the same code and checks in seconds, for the tests (options given explicitly still apply)")
+    if p.parse_known_args(argv)[0].smoke:
+        p.set_defaults(calls=100, clients=4, channels=2, rounds=2, graphs=4, max_seconds=60.0)
     args = p.parse_args(argv)
     if args.calls < 1 or args.clients < 1 or args.rounds < 1 or args.channels < 1 or args.graphs < 1:
         p.error("--calls, --clients, --rounds, --channels and --graphs must be positive")

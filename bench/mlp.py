@@ -3,6 +3,7 @@
 
     python bench/mlp.py                       # everything, float32 and float64 (about a minute on 2 cores)
     python bench/mlp.py --repeat 20 --dtype float64 --json out.json
+    python bench/mlp.py --smoke               # the same code at tiny sizes, a few seconds (run by the tests)
 
 What is measured (see bench/README.md for how to read the table):
 
@@ -39,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-BATCH, D_IN, D_H, D_OUT = 256, 784, 1024, 10
+BATCH, D_IN, D_H, D_OUT = MLP_SHAPE = (256, 784, 1024, 10)
+SMOKE_SHAPE = (16, 24, 32, 10)  # --smoke: the same model, small enough to run in the tests
 PARAM_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 SEED = 0
 
@@ -47,23 +49,31 @@ SEED = 0
 # ---------------------------------------------------------------- problem: the same data for everybody
 
 
-def make_problem(dtype: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Glorot-uniform weights, small random biases, standard normal inputs, int64 labels (seeded)."""
+def make_problem(dtype: str, shape: tuple[int, int, int, int] = MLP_SHAPE
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Glorot-uniform weights, small random biases, standard normal inputs, int64 labels (seeded);
+    `shape` is (batch, inputs, hidden, classes)."""
     rng = np.random.default_rng(SEED)
     dt = np.dtype(dtype)
+    batch, d_in, d_h, d_out = shape
 
     def glorot(n_in: int, n_out: int) -> np.ndarray:
         lim = np.sqrt(6.0 / (n_in + n_out))
         return rng.uniform(-lim, lim, size=(n_in, n_out)).astype(dt)
 
     params = {
-        "w1": glorot(D_IN, D_H), "b1": (0.01 * rng.standard_normal(D_H)).astype(dt),
-        "w2": glorot(D_H, D_H), "b2": (0.01 * rng.standard_normal(D_H)).astype(dt),
-        "w3": glorot(D_H, D_OUT), "b3": (0.01 * rng.standard_normal(D_OUT)).astype(dt),
+        "w1": glorot(d_in, d_h), "b1": (0.01 * rng.standard_normal(d_h)).astype(dt),
+        "w2": glorot(d_h, d_h), "b2": (0.01 * rng.standard_normal(d_h)).astype(dt),
+        "w3": glorot(d_h, d_out), "b3": (0.01 * rng.standard_normal(d_out)).astype(dt),
     }
-    x = rng.standard_normal((BATCH, D_IN)).astype(dt)
-    y = rng.integers(0, D_OUT, size=BATCH, dtype=np.int64)
+    x = rng.standard_normal((batch, d_in)).astype(dt)
+    y = rng.integers(0, d_out, size=batch, dtype=np.int64)
     return params, x, y
+
+
+def shape_text(shape: tuple[int, int, int, int]) -> str:
+    batch, d_in, d_h, d_out = shape
+    return f"batch {batch}, {d_in} -> {d_h} -> {d_h} -> {d_out}"
 
 
 # ---------------------------------------------------------------- contenders: each returns a no-arg step
@@ -119,14 +129,15 @@ def floor_step(params: dict, x: np.ndarray, y: np.ndarray) -> Callable[[], Any]:
     rng = np.random.default_rng(SEED + 1)
     dt = x.dtype
     w1, w2, w3 = params["w1"], params["w2"], params["w3"]
-    h1 = np.tanh(rng.standard_normal((BATCH, D_H))).astype(dt)
-    h2 = np.tanh(rng.standard_normal((BATCH, D_H))).astype(dt)
-    g1 = rng.standard_normal((BATCH, D_H)).astype(dt)  # cotangent at the first pre-activation
-    g2 = rng.standard_normal((BATCH, D_H)).astype(dt)
-    g3 = rng.standard_normal((BATCH, D_OUT)).astype(dt)  # cotangent at the logits
-    o_a1, o_a2, o_a3 = np.empty((BATCH, D_H), dt), np.empty((BATCH, D_H), dt), np.empty((BATCH, D_OUT), dt)
-    o_dw3, o_dh2, o_dw2 = np.empty((D_H, D_OUT), dt), np.empty((BATCH, D_H), dt), np.empty((D_H, D_H), dt)
-    o_dh1, o_dw1 = np.empty((BATCH, D_H), dt), np.empty((D_IN, D_H), dt)
+    (batch, d_in), (d_h, d_out) = x.shape, w3.shape
+    h1 = np.tanh(rng.standard_normal((batch, d_h))).astype(dt)
+    h2 = np.tanh(rng.standard_normal((batch, d_h))).astype(dt)
+    g1 = rng.standard_normal((batch, d_h)).astype(dt)  # cotangent at the first pre-activation
+    g2 = rng.standard_normal((batch, d_h)).astype(dt)
+    g3 = rng.standard_normal((batch, d_out)).astype(dt)  # cotangent at the logits
+    o_a1, o_a2, o_a3 = np.empty((batch, d_h), dt), np.empty((batch, d_h), dt), np.empty((batch, d_out), dt)
+    o_dw3, o_dh2, o_dw2 = np.empty((d_h, d_out), dt), np.empty((batch, d_h), dt), np.empty((d_h, d_h), dt)
+    o_dh1, o_dw1 = np.empty((batch, d_h), dt), np.empty((d_in, d_h), dt)
     mm = np.matmul
 
     def step():
@@ -276,7 +287,7 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_child(lib: str, dtype: str, loop: int) -> dict[str, Any]:
+def memory_child(lib: str, dtype: str, loop: int, shape: tuple[int, int, int, int] = MLP_SHAPE) -> dict[str, Any]:
     """Run in the child: imports and inputs first, then the peak-RSS growth over the RSS just
     before each phase: `cold` (the first call: tracing, planning, lazy init included), `warm`
     (a second call, alone) and `loop` (`loop` calls back to back, each result dropped before the
@@ -285,7 +296,7 @@ def memory_child(lib: str, dtype: str, loop: int) -> dict[str, Any]:
         import torch  # noqa: F401
     else:
         import gradserve  # noqa: F401
-    params, x, y = make_problem(dtype)
+    params, x, y = make_problem(dtype, shape)
     step = STEPS[lib](params, x, y)
     res: dict[str, Any] = {"lib": lib, "dtype": dtype, "loop_calls": loop}
     for phase, calls in (("cold", 1), ("warm", 1), ("loop", loop)):
@@ -312,24 +323,25 @@ def memory_child(lib: str, dtype: str, loop: int) -> dict[str, Any]:
     return res
 
 
-def measure_memory(lib: str, dtype: str, loop: int) -> dict[str, Any]:
+def measure_memory(lib: str, dtype: str, loop: int, smoke: bool = False) -> dict[str, Any]:
     # A fixed mmap threshold disables glibc's dynamic one, so every large buffer is mmapped and
     # returned to the OS when freed: RSS then follows live memory instead of malloc's free lists.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", lib, "--dtype", dtype,
-           "--memory-loop", str(loop)]
+           "--memory-loop", str(loop)] + (["--smoke"] if smoke else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {lib} {dtype} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def live_set_bytes(dtype: str) -> int:
+def live_set_bytes(dtype: str, shape: tuple[int, int, int, int] = MLP_SHAPE) -> int:
     """A lower bound of a step's peak for whole-array kernels: the six gradients (returned, so
-    alive at the end) plus the (batch, 1024) cotangent that the last big weight gradient
+    alive at the end) plus the (batch, hidden) cotangent that the last big weight gradient
     (x.T @ g1, or h1.T @ g2) reads while its output is written."""
-    n_grads = D_IN * D_H + D_H + D_H * D_H + D_H + D_H * D_OUT + D_OUT
-    return (n_grads + BATCH * D_H) * np.dtype(dtype).itemsize
+    batch, d_in, d_h, d_out = shape
+    n_grads = d_in * d_h + d_h + d_h * d_h + d_h + d_h * d_out + d_out
+    return (n_grads + batch * d_h) * np.dtype(dtype).itemsize
 
 
 # ---------------------------------------------------------------- scalar gradient
@@ -495,15 +507,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scalar-repeat", type=int, default=25, help="timeit samples per scalar contender (default 25)")
     ap.add_argument("--scalar-number", type=int, default=1000, help="calls per timeit sample (default 1000)")
     ap.add_argument("--json", metavar="PATH", help="also write every number (and the environment) here")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"{shape_text(SMOKE_SHAPE)} and a few calls per measurement: the same code in seconds, "
+                         "for the tests (the numbers mean nothing; options given explicitly still apply)")
     ap.add_argument("--memory-child", choices=("gradserve", "pytorch"), help=argparse.SUPPRESS)
+    if ap.parse_known_args(argv)[0].smoke:
+        ap.set_defaults(repeat=2, block=2, settle=0.0, warmup=1, memory_loop=3, scalar_repeat=3, scalar_number=20)
     args = ap.parse_args(argv)
+    shape = SMOKE_SHAPE if args.smoke else MLP_SHAPE
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("float32", "float64"):
             ap.error(f"unsupported dtype {d!r}: use float32 and/or float64")
 
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, dtypes[0], args.memory_loop)))
+        print(json.dumps(memory_child(args.memory_child, dtypes[0], args.memory_loop, shape)))
         return 0
 
     t_start = time.perf_counter()
@@ -515,10 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     print_environment(info)
     if not use_jax:
         print("# JAX: " + ("left out (--no-jax)" if args.no_jax else "not importable, left out"))
+    if args.smoke:
+        print(f"# smoke run: {shape_text(shape)}, {args.repeat} rounds of {args.block} calls: "
+              "checks that everything runs, the numbers mean nothing")
     results: dict[str, Any] = {"environment": info, "config": vars(args) | {"contenders": contenders}, "mlp": {}}
 
     for dt in dtypes:
-        params, x, y = make_problem(dt)
+        params, x, y = make_problem(dt, shape)
         check = check_grads(params, x, y, contenders)
         tol = 1e-10 if dt == "float64" else None
         gs_diff = check["gradserve"]["max_abs_diff"]
@@ -545,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         results["memory"] = {}
         for dt in dtypes:
-            r = {lib: measure_memory(lib, dt, args.memory_loop) for lib in ("gradserve", "pytorch")}
-            r["live_set_bytes"] = live_set_bytes(dt)
+            r = {lib: measure_memory(lib, dt, args.memory_loop, args.smoke) for lib in ("gradserve", "pytorch")}
+            r["live_set_bytes"] = live_set_bytes(dt, shape)
             results["memory"][dt] = r
             print(f"# {dt}: peak RSS growth (MiB) warm / cold / {args.memory_loop} back-to-back: " + ", ".join(
                 f"{lib} " + " / ".join(fmt(None if r[lib][ph] is None else r[lib][ph] / 2**20, 1)

@@ -4,6 +4,7 @@
     python bench/native.py                    # both workloads and the threshold sweep (about 1-2 minutes on 2 cores)
     python bench/native.py --dtype float32 --repeat 6 --json out.json
     python bench/native.py --only threshold   # only the sweep behind native.AUTO_MIN_ELEMENTS
+    python bench/native.py --smoke            # every part at tiny sizes, seconds once numba's cache is warm (the tests)
 
 Workloads, each forward + backward, gradients checked against each other before timing:
 
@@ -14,10 +15,11 @@ Workloads, each forward + backward, gradients checked against each other before 
    loss `sum(chain(x, w))`, gradients for x and w.
 
 Contenders: gradserve with the numpy kernels (the default), gradserve with `kernels="native"`
-(every fused group compiled with numba), and PyTorch (CPU autograd, default threads). The
-gradserve contenders call `gs.grad`-style cached plans (`Functional` over an `Engine` whose plans
-use the given kernels). Timing is bench/mlp.py's: contenders take turns round-robin, each turn
-sleeps --settle s, makes one untimed call, then times --block calls; medians are shown.
+(every fused group compiled with numba), with `kernels="auto"` (only large groups compiled), and
+PyTorch (CPU autograd, default threads). The gradserve contenders call `gs.grad`-style cached
+plans (`Functional` over an `Engine(kernels=mode)`). Timing is bench/mlp.py's: contenders take
+turns round-robin, each turn sleeps --settle s, makes one untimed call, then times --block calls;
+medians are shown.
 
 It also prints where each plan's time goes (per-step timings summed by kind: fused groups,
 matrix products, reductions, the rest) and the compile time of the native plans, cold (empty
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.fusion import ELEMENTWISE
+from gradserve_engine.ops import PRIMITIVES
 from gradserve_engine.plan import FusedStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,34 +53,25 @@ import mlp as mlpbench
 
 CHAIN_SHAPE = (4096, 1024)
 CHAIN_BLOCKS = 5  # 10 elementwise ops each
+SWEEP_SIZES = (1 << 10, 1 << 12, 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 20)
+SWEEP_REPEAT, SWEEP_ELEMENTS = 7, 200_000  # best of 7 samples, each about SWEEP_ELEMENTS elements' worth of calls
+# --smoke: every part with the same code at sizes that run in seconds (numba's compiles aside)
+SMOKE = {"shape": mlpbench.SMOKE_SHAPE, "chain_shape": (64, 32), "chain_blocks": 1, "sweep_sizes": (1 << 10, 1 << 12),
+         "sweep_repeat": 2, "sweep_elements": 4096}
+FULL = {"shape": mlpbench.MLP_SHAPE, "chain_shape": CHAIN_SHAPE, "chain_blocks": CHAIN_BLOCKS, "sweep_sizes": SWEEP_SIZES,
+        "sweep_repeat": SWEEP_REPEAT, "sweep_elements": SWEEP_ELEMENTS}
+MODES = ("numpy", "native", "auto")
 
 
 # ---------------------------------------------------------------- gradserve with chosen kernels
 
 
-def functional(kernels: Any) -> Any:
-    """A `Functional` (gs.grad & co.) whose plans run with `kernels`. Uses `Engine(kernels=...)`
-    where the Engine takes it, else builds the Engine's plans with them (a stand-in until the
-    engine is wired)."""
-    import inspect
-
+def functional(mode: str) -> Any:
+    """A `Functional` (gs.grad & co.) over an `Engine(kernels=mode)`: "numpy", "native" or "auto"."""
     from gradserve.api import Functional
-    from gradserve_engine import engine as engine_module
-    from gradserve_engine.plan import Plan
+    from gradserve_engine.engine import Engine
 
-    if "kernels" in inspect.signature(engine_module.Engine).parameters:
-        return Functional(engine_module.Engine(kernels=kernels))
-
-    class KernelEngine(engine_module.Engine):
-        def plan(self, graph, request, build):
-            saved = engine_module.Plan
-            engine_module.Plan = lambda g: Plan(g, kernels=kernels)
-            try:
-                return super().plan(graph, request, build)
-            finally:
-                engine_module.Plan = saved
-
-    return Functional(KernelEngine())
+    return Functional(Engine(kernels=mode))
 
 
 def mlp_loss(params, x, y):
@@ -89,32 +82,36 @@ def mlp_loss(params, x, y):
     return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
 
 
-def chain(h, w, lib):
-    for _ in range(CHAIN_BLOCKS):
+def chain(h, w, lib, blocks: int = CHAIN_BLOCKS):
+    for _ in range(blocks):
         a = lib.tanh(h * w + 0.1)
         h = lib.log1p(lib.exp(a * -0.5)) * lib.sigmoid(a) - h * 0.25
     return h
 
 
-def chain_problem() -> tuple[np.ndarray, np.ndarray]:
+def chain_problem(shape: tuple[int, int] = CHAIN_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(mlpbench.SEED)
-    return (rng.standard_normal(CHAIN_SHAPE).astype(np.float32),
-            rng.uniform(0.5, 1.5, CHAIN_SHAPE[1]).astype(np.float32))
+    return (rng.standard_normal(shape).astype(np.float32),
+            rng.uniform(0.5, 1.5, shape[1]).astype(np.float32))
 
 
-def chain_loss(x, w):
-    import gradserve as gs
+def chain_loss_of(blocks: int) -> Callable[[Any, Any], Any]:
+    """The loss `sum(chain(x, w))` with `blocks` blocks of the chain."""
+    def chain_loss(x, w):
+        import gradserve as gs
 
-    return gs.sum(chain(x, w, gs))
+        return gs.sum(chain(x, w, gs, blocks))
+
+    return chain_loss
 
 
-def torch_chain_step(x: np.ndarray, w: np.ndarray) -> Callable[[], Any]:
+def torch_chain_step(x: np.ndarray, w: np.ndarray, blocks: int = CHAIN_BLOCKS) -> Callable[[], Any]:
     import torch
 
     tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
 
     def step():
-        loss = chain(tx, tw, torch).sum()
+        loss = chain(tx, tw, torch, blocks).sum()
         gx, gw = torch.autograd.grad(loss, [tx, tw])
         return {"x": gx, "w": gw}
 
@@ -143,7 +140,7 @@ def profile(plan: Any, feed: dict[str, Any], repeat: int = 5) -> dict[str, float
                 else:
                     op = step.unit.op
                     kind = ("matmul" if op == "matmul" else "reductions" if op.startswith("reduce")
-                            else "elementwise (unfused)" if op in ELEMENTWISE else "views and other")
+                            else "elementwise (unfused)" if PRIMITIVES[op].elementwise else "views and other")
                 acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - t0
                 for f in step.frees:
                     env[f] = None
@@ -185,12 +182,9 @@ def plans_of(api: Any) -> list[Any]:
     return list(api.backend._plans.values())
 
 
-def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve_engine.native import resolve_kernels
-
-    params, x, y = mlpbench.make_problem(dtype)
-    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
-            "auto": functional(resolve_kernels("auto"))}
+def mlp_workload(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+    params, x, y = mlpbench.make_problem(dtype, args.sizes["shape"])
+    apis = {mode: functional(mode) for mode in MODES}
     grads = {k: api.grad(mlp_loss) for k, api in apis.items()}
     t0 = time.perf_counter()
     got = {k: g(params, x, y) for k, g in grads.items()}
@@ -212,24 +206,22 @@ def mlp_workload(dtype: str, native_ks: Any, args: argparse.Namespace) -> dict[s
     return r | {"grad_check": check, "ok": ok, "native": native_plan.kernel_info()}
 
 
-def chain_workload(native_ks: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from gradserve_engine.native import resolve_kernels
-
-    x, w = chain_problem()
-    apis = {"numpy": functional(resolve_kernels("numpy")), "native": functional(native_ks),
-            "auto": functional(resolve_kernels("auto"))}
+def chain_workload(args: argparse.Namespace) -> dict[str, Any]:
+    x, w = chain_problem(args.sizes["chain_shape"])
+    chain_loss = chain_loss_of(args.sizes["chain_blocks"])
+    apis = {mode: functional(mode) for mode in MODES}
     grads = {k: api.grad(chain_loss, argnums=(0, 1)) for k, api in apis.items()}
     got = {}
     for k, g in grads.items():
         gx, gw = g(x, w)
         got[k] = {"x": gx, "w": gw}
-    torch_step = torch_chain_step(x, w)
+    torch_step = torch_chain_step(x, w, args.sizes["chain_blocks"])
     ref = torch_step()
     check = {k: grads_close(v, ref, 1e-4) for k, v in got.items()}
     ok = all(v <= 1e-4 for v in check.values())
     nodes = len(apis["numpy"].trace(chain_loss, x, w).nodes)
     native_plan = plans_of(apis["native"])[0]
-    print(f"# chain: {nodes - 1} elementwise ops forward + the sum; float32 {CHAIN_SHAPE}; gradients vs PyTorch, "
+    print(f"# chain: {nodes - 1} elementwise ops forward + the sum; float32 {x.shape}; gradients vs PyTorch, "
           "max relative |diff|: " + ", ".join(f"{k} {v:.2g}" for k, v in check.items()) + (" OK" if ok else " MISMATCH"))
     print(f"# chain: native plan: {native_plan.kernel_info()}")
     steps = {"numpy": lambda: grads["numpy"](x, w), "native": lambda: grads["native"](x, w),
@@ -247,12 +239,13 @@ def compile_times(args: argparse.Namespace) -> dict[str, float]:
     from gradserve_engine.passes import optimize
     from gradserve_engine.plan import Plan
 
-    params, x, y = mlpbench.make_problem("float32")
-    cx, cw = chain_problem()
+    params, x, y = mlpbench.make_problem("float32", args.sizes["shape"])
+    cx, cw = chain_problem(args.sizes["chain_shape"])
     graphs = {
         "mlp": optimize(autodiff.grad_only(gs.trace(mlp_loss, params, x, y), [f"params.{k}" for k in params], "out",
                                            keep_outputs=True)),
-        "chain": optimize(autodiff.grad_only(gs.trace(chain_loss, cx, cw), ["x", "w"], "out", keep_outputs=True)),
+        "chain": optimize(autodiff.grad_only(gs.trace(chain_loss_of(args.sizes["chain_blocks"]), cx, cw), ["x", "w"],
+                                             "out", keep_outputs=True)),
     }
     out: dict[str, float] = {}
     tmp = Path(tempfile.mkdtemp(prefix="gradserve-kernels-"))
@@ -286,11 +279,12 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     kernel_sets = {"native 1 thread": NativeKernels(threads=1), "native pool": NativeKernels()}
     rows_out = []
-    print("# threshold sweep: best-of-7 µs per call (numpy / native 1 thread / native pool)")
+    repeat = args.sizes["sweep_repeat"]
+    print(f"# threshold sweep: best-of-{repeat} µs per call (numpy / native 1 thread / native pool)")
     for dt in ("float32", "float64"):
         for kind in ("bias+tanh", "tanh-vjp"):
             line = []
-            for n in (1 << 10, 1 << 12, 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 20):
+            for n in args.sizes["sweep_sizes"]:
                 cols = min(n, 1024)
                 g = graph(kind, dt, n // cols, cols)
                 rng = np.random.default_rng(0)
@@ -298,8 +292,8 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                 res = {}
                 for name, plan in (("numpy", Plan(g)), *((k, Plan(g, kernels=ks)) for k, ks in kernel_sets.items())):
                     plan.run(feed)
-                    number = max(1, int(2e5 // n))
-                    res[name] = min(timeit.repeat(lambda p=plan, f=feed: p.run(f), number=number, repeat=7)) / number * 1e6
+                    number = max(1, args.sizes["sweep_elements"] // n)
+                    res[name] = min(timeit.repeat(lambda p=plan, f=feed: p.run(f), number=number, repeat=repeat)) / number * 1e6
                 rows_out.append({"dtype": dt, "group": kind, "elements": n, "us": res})
                 line.append(f"{n}: {res['numpy']:.1f}/{res['native 1 thread']:.1f}/{res['native pool']:.1f}")
             print(f"#   {dt} {kind}: " + "  ".join(line), flush=True)
@@ -333,7 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("mlp", "chain", "threshold", "compile"), action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--json", metavar="PATH", help="also write every number here")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"every part (or those of --only) with the same code at tiny sizes (MLP "
+                         f"{mlpbench.shape_text(SMOKE['shape'])}, a {SMOKE['chain_blocks'] * 10}-op chain over "
+                         f"{SMOKE['chain_shape']}, sweep up to "
+                         f"{SMOKE['sweep_sizes'][-1]} elements), a few calls each: for the tests, the numbers mean nothing")
+    if ap.parse_known_args(argv)[0].smoke:
+        ap.set_defaults(repeat=2, block=2, settle=0.0, warmup=1)
     args = ap.parse_args(argv)
+    args.sizes = SMOKE if args.smoke else FULL
     parts = set(args.only or ("mlp", "chain", "threshold", "compile"))
 
     from gradserve_engine import native
@@ -349,16 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     mlpbench.print_environment(info)
     print(f"# numba {numba_mod.__version__}; native pool threads {info['numba_threads']}; kernel cache "
           f"{native.kernel_cache_dir()}")
+    if args.smoke:
+        print("# smoke run: tiny sizes, a few calls each: checks that everything runs, the numbers mean nothing")
     results: dict[str, Any] = {"environment": info, "config": vars(args), "workloads": {}}
-    native_ks = native.resolve_kernels("native")
 
     if "compile" in parts:
         results["compile_seconds"] = compile_times(args)
     if "mlp" in parts:
         for dt in [d.strip() for d in args.dtype.split(",") if d.strip()]:
-            results["workloads"][f"MLP fwd+bwd {dt}"] = mlp_workload(dt, native_ks, args)
+            results["workloads"][f"MLP fwd+bwd {dt}"] = mlp_workload(dt, args)
     if "chain" in parts:
-        results["workloads"]["50-op elementwise chain fwd+bwd float32"] = chain_workload(native_ks, args)
+        label = f"{args.sizes['chain_blocks'] * 10}-op elementwise chain fwd+bwd float32"
+        results["workloads"][label] = chain_workload(args)
     if "threshold" in parts:
         results["threshold"] = threshold_sweep(args)
 

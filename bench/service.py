@@ -1,13 +1,14 @@
 """Service benchmark: the remote API against a bare gRPC echo (the floor), the local engine and PyTorch.
 
     python bench/service.py [--calls 2000] [--json PATH]
+    python bench/service.py --smoke      # the same at tiny sizes and counts, seconds (run by the tests)
 
 Starts a gradserve server and an echo server (same grpcio, same thread pool, raw bytes in and
 out) as child processes on 127.0.0.1, then measures in one run:
   - p50/p99 latency: echo of a scalar Gradient request's bytes vs the cached remote scalar
     gradient vs the same gradient run locally;
   - the MLP gradient remote vs local PyTorch;
-  - throughput with 8 concurrent clients, remote scalar gradient vs echo;
+  - throughput with --clients (8) concurrent clients, remote scalar gradient vs echo;
   - a residual-session VJP call on the MLP vs a full remote Gradient call.
 """
 
@@ -31,6 +32,8 @@ from gradserve_engine.ir import tensor_to_proto
 from gradserve_engine.v1 import service_pb2 as pb
 
 ECHO = "bench.Echo/Echo"
+MLP_SHAPE = (256, 784, 1024, 10)  # batch, inputs, hidden, classes
+SMOKE_SHAPE = (16, 24, 32, 10)
 
 
 def echo_server(port_file: str) -> None:
@@ -96,18 +99,34 @@ def mlp_loss(params, x, y):
     return gs.cross_entropy(h @ params["w3"] + params["b3"], y)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per latency measurement")
+    parser.add_argument("--mlp-calls", type=int, default=20, help="calls per MLP latency measurement")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput measurement")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny MLP (batch 16, 24 -> 32 -> 32 -> 10), 20 calls per latency, 2 clients for 0.3 s: "
+                             "the same code in seconds, for the tests (the numbers mean nothing)")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(calls=20, mlp_calls=5, seconds=0.3, clients=2)
+    args = parser.parse_args(argv)
+    batch, d_in, d_h, d_out = SMOKE_SHAPE if args.smoke else MLP_SHAPE
+    if args.smoke:
+        print(f"# smoke run: MLP batch {batch}, {d_in} -> {d_h} -> {d_h} -> {d_out}, {args.calls} calls per latency, "
+              f"{args.clients} clients for {args.seconds:g} s: checks that everything runs, the numbers mean nothing",
+              flush=True)
 
-    port_file = str(Path(tempfile.mkdtemp()) / "echo-port")
+    tmp = tempfile.TemporaryDirectory(prefix="gradserve-bench-")  # removed at the end: the tests run this often
+    port_file = str(Path(tmp.name) / "echo-port")
     echo = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                              f"import service; service.echo_server({port_file!r})"])
     server, address = start([sys.executable, "-m", "gradserve_server", "--port", "0", "--log-level", "warning"])
     while not Path(port_file).exists() or not Path(port_file).read_text():
+        if echo.poll() is not None:
+            server.terminate()
+            raise SystemExit(f"the echo server exited with status {echo.returncode}")
         time.sleep(0.05)
     echo_addr = f"127.0.0.1:{Path(port_file).read_text()}"
     rows: dict[str, float] = {}
@@ -139,11 +158,11 @@ def main() -> int:
                      "local scalar grad p50 ms": pct(local_lat, 50)})
 
         rng = np.random.default_rng(0)
-        shapes = {"w1": (784, 1024), "b1": (1024,), "w2": (1024, 1024), "b2": (1024,), "w3": (1024, 10), "b3": (10,)}
+        shapes = {"w1": (d_in, d_h), "b1": (d_h,), "w2": (d_h, d_h), "b2": (d_h,), "w3": (d_h, d_out), "b3": (d_out,)}
         params = {k: rng.standard_normal(s) * 0.03 for k, s in shapes.items()}
-        x, y = rng.standard_normal((256, 784)), rng.integers(0, 10, 256)
+        x, y = rng.standard_normal((batch, d_in)), rng.integers(0, d_out, batch)
         remote_mlp = remote.grad(mlp_loss)
-        n_mlp = 20
+        n_mlp = args.mlp_calls
         mlp_remote = latencies(lambda: remote_mlp(params, x, y), n_mlp)
         import torch
 
@@ -164,20 +183,23 @@ def main() -> int:
         vjp_fn.close()
         rows.update({"residual-session VJP call p50 ms": pct(vjp_lat, 50)})
 
-        rows["echo 8 clients calls/s"] = throughput(echo_call_factory, 8, args.seconds)
-        rows["remote scalar grad 8 clients calls/s"] = throughput(remote_call_factory, 8, args.seconds)
+        rows[f"echo {args.clients} clients calls/s"] = throughput(echo_call_factory, args.clients, args.seconds)
+        rows[f"remote scalar grad {args.clients} clients calls/s"] = throughput(remote_call_factory, args.clients,
+                                                                               args.seconds)
         remote.close()
     finally:
         server.terminate()
         echo.terminate()
         server.wait()
         echo.wait()
+        tmp.cleanup()
 
     ratios = {
         "remote scalar grad / echo (p50)": rows["remote scalar grad p50 ms"] / rows["echo p50 ms"],
         "remote / local scalar grad (p50)": rows["remote scalar grad p50 ms"] / rows["local scalar grad p50 ms"],
         "remote MLP / local PyTorch MLP": rows["remote MLP grad p50 ms"] / rows["local PyTorch MLP grad p50 ms"],
-        "8-client throughput / echo's": rows["remote scalar grad 8 clients calls/s"] / rows["echo 8 clients calls/s"],
+        f"{args.clients}-client throughput / echo's": (rows[f"remote scalar grad {args.clients} clients calls/s"]
+                                                       / rows[f"echo {args.clients} clients calls/s"]),
         "residual VJP / full remote Gradient (MLP)": rows["residual-session VJP call p50 ms"] / rows["remote MLP grad p50 ms"],
     }
     print("| measurement | value |\n|---|---|")
