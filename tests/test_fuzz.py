@@ -78,13 +78,11 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     """One small valid graph per primitive (every attribute kind and dtype class), and one graph
     with all of them together; the mutation campaign starts from these."""
     ops: dict[str, Callable] = {}
-    for name in ("exp", "log", "log1p", "expm1", "sin", "cos", "tan", "tanh", "logistic", "sqrt", "floor", "ceil",
-                 "abs", "sign", "neg", "stop_gradient"):
-        ops[name] = lambda b, v, _n=name: b.bind(_n, v["x"])
-    for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "atan2"):
-        ops[name] = lambda b, v, _n=name: b.bind(_n, v["x"], v["k"])
-    for name in ("lt", "le", "gt", "ge", "eq", "ne"):
-        ops[name] = lambda b, v, _n=name: b.bind(_n, v["x"], v["y"])
+    for name, p in PRIMITIVES.items():  # the unary and binary ops without attributes, from the registry
+        if p.arity == 1 and not p.attrs:
+            ops[name] = lambda b, v, _n=name: b.bind(_n, v["x"])
+        elif p.arity == 2 and p.elementwise:
+            ops[name] = lambda b, v, _n=name: b.bind(_n, v["x"], v["k"])
     ops["cast"] = lambda b, v: b.bind("cast", v["x"], dtype="float32")
     ops["select"] = lambda b, v: b.bind("select", v["c"], v["x"], v["y"])
     ops["reduce_sum"] = lambda b, v: b.bind("reduce_sum", v["x"], axes=(1,), keepdims=False)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve_engine.autodiff import vjp_graph
+from gradserve_engine.autodiff import vjp_graph, vjp_names
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import ShapeError
 from gradserve_engine.ir import Builder, Graph
@@ -780,16 +780,19 @@ def test_vjp_of_the_vjp_graph_matches_torch_double_backward(engine: Engine, s: S
     ct = randn(rng, graph.nodes[-1].shape, out_dtype(s, dtype))
     us = [randn(rng, arrays[p].shape, dtype) for p in wrt]
     g2 = vjp_graph(graph, names)
-    assert [n for n in g2.output_names() if n.startswith("grad:")] == [f"grad:{n}" for n in names]
-    has_ct = "ct:out" in g2.input_names()
-    feed = {**inputs, **({"ct:out": ct} if has_ct else {})}
-    _, grads = engine.vjp(g2, feed, [*names, *(["ct:out"] if has_ct else [])],
-                          seeds={f"grad:{n}": u for n, u in zip(names, us, strict=True)}, outputs=[f"grad:{n}" for n in names])
+    named = vjp_names(graph, names, ["out"])
+    assert [n for n in g2.output_names() if n != "out"] == [named.grad[n] for n in names]
+    ct_name = named.seed["out"]
+    has_ct = ct_name in g2.input_names()
+    feed = {**inputs, **({ct_name: ct} if has_ct else {})}
+    _, grads = engine.vjp(g2, feed, [*names, *([ct_name] if has_ct else [])],
+                          seeds={named.grad[n]: u for n, u in zip(names, us, strict=True)},
+                          outputs=[named.grad[n] for n in names])
     want_x, want_ct = torch_double_backward(s, arrays, wrt, ct, us)
     for n, want in zip(names, want_x, strict=True):
         assert_close(grads[n], want, dtype, TORCH_TOL, f"second-order grad {n}")
     if has_ct:
-        assert_close(grads["ct:out"], want_ct, out_dtype(s, dtype), TORCH_TOL, "second-order grad ct:out")
+        assert_close(grads[ct_name], want_ct, out_dtype(s, dtype), TORCH_TOL, "second-order grad of the cotangent")
     else:
         assert not np.any(want_ct), "the VJP graph ignores the cotangent, but PyTorch's gradient depends on it"
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .errors import GraphError
 from .ir import Builder, Graph, Var, copy_into, replay
-from .names import GRAD, SEED, SEEDS, TANGENT, jacobian_block, residual
+from .names import GRAD, SEED, SEEDS, TANGENT, fresh, jacobian_block, residual
 from .ops import PRIMITIVES
 from .ops.core import FLOATS
 from .ops.emit import add, zeros
@@ -38,15 +39,42 @@ def active_values(graph: Graph, sources: Sequence[int]) -> set[int]:
     return active
 
 
+@dataclass(frozen=True)
+class VjpNames:
+    """What a VJP graph names its seed input for each differentiated output and its gradient
+    output for each input differentiated against."""
+
+    seed: dict[str, str]
+    grad: dict[str, str]
+
+
+def vjp_names(graph: Graph, wrt: Sequence[str], outputs: Sequence[str], keep_outputs: bool = True) -> VjpNames:
+    taken_in, taken_out = set(graph.input_names()), set(graph.output_names()) if keep_outputs else set()
+    return VjpNames({o: fresh(SEED + o, taken_in) for o in outputs}, {x: fresh(GRAD + x, taken_out) for x in wrt})
+
+
+def jvp_names(graph: Graph, wrt: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """What a JVP graph names the tangent input of each x in `wrt` and the tangent output of each output."""
+    taken_in, taken_out = set(graph.input_names()), set(graph.output_names())
+    return ({x: fresh(TANGENT + x, taken_in) for x in wrt},
+            {o: fresh(TANGENT + o, taken_out) for o in graph.output_names()})
+
+
+def residual_names(graph: Graph) -> dict[int, str]:
+    """What a backward graph built with `residuals=True` names the input carrying each forward node's value."""
+    taken = set(graph.input_names())
+    return {n.id: fresh(residual(n.id), taken) for n in graph.nodes}
+
+
 def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = None,
               batch: tuple[int, ...] = (), keep_outputs: bool = True, residuals: bool = False) -> Graph:
     """Reverse mode: a graph of `graph`'s outputs and `grad:<x>` for each x in `wrt`.
 
-    Each differentiated output `o` takes its cotangent from an input `ct:o` of shape
-    `batch + o.shape` (stacked seeds when `batch` is not empty; gradients then get the same
-    leading axes). With `residuals=True` the forward pass is not recomputed: every forward
-    value the backward pass reads becomes an input named by the forward graph's value
-    (`%<id>`, or the input's own name), to be fed from a forward pass already run.
+    Each differentiated output `o` takes its cotangent from an input of shape `batch + o.shape`
+    (stacked seeds when `batch` is not empty; gradients then get the same leading axes); the
+    seed inputs and gradient outputs are named as `vjp_names` says. With `residuals=True` the
+    forward pass is not recomputed: every forward value the backward pass reads becomes an input
+    (named as `residual_names` says, or the input's own name), fed from a forward pass already run.
     """
     wrt_ids = _check_wrt(graph, wrt)
     names = graph.output_names()
@@ -55,10 +83,12 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
         if o not in names:
             raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
     out_ids = dict(graph.outputs)
+    named = vjp_names(graph, wrt, outs, keep_outputs)
+    kept = residual_names(graph) if residuals else {}
     b = Builder()
     env = copy_into(graph, b)
     for n in graph.nodes:  # the forward pass again, or (residuals) its values fed as inputs
-        env[n.id] = (b.input(residual(n.id), n.dtype, n.shape) if residuals
+        env[n.id] = (b.input(kept[n.id], n.dtype, n.shape) if residuals
                      else b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs))
 
     active = active_values(graph, wrt_ids)
@@ -72,7 +102,7 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
         vid = out_ids[o]
         dtype, shape = graph.aval(vid)
         if dtype in FLOATS and vid in active:
-            accumulate(vid, b.input(SEED + o, dtype, tuple(batch) + shape))
+            accumulate(vid, b.input(named.seed[o], dtype, tuple(batch) + shape))
     for n in reversed(graph.nodes):
         ct = cts.pop(n.id, None)  # consumed once: the adjoint is dropped after use
         prim = PRIMITIVES[n.op]
@@ -93,17 +123,18 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
         g = cts.get(vid)
         if g is None:
             g = zeros(tuple(batch) + shape, dtype, env[vid])
-        result.append((GRAD + name, g))
+        result.append((named.grad[name], g))
     return b.build(result, prune_inputs=residuals)
 
 
 def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
-    """Forward mode: a graph of `graph`'s outputs and `tan:<o>` for each float output, with a
-    tangent input `tan:<x>` for each x in `wrt`."""
+    """Forward mode: a graph of `graph`'s outputs and a tangent output for each float output,
+    with a tangent input for each x in `wrt` (named as `jvp_names` says)."""
     wrt_ids = _check_wrt(graph, wrt)
+    tan_in, tan_out = jvp_names(graph, wrt)
     b = Builder()
     env = copy_into(graph, b)
-    tangents: dict[int, Var] = {vid: b.input(TANGENT + name, *graph.aval(vid)) for name, vid in zip(wrt, wrt_ids, strict=True)}
+    tangents: dict[int, Var] = {vid: b.input(tan_in[x], *graph.aval(vid)) for x, vid in zip(wrt, wrt_ids, strict=True)}
     for n in graph.nodes:
         args = [env[i] for i in n.inputs]
         out = env[n.id] = b.bind(n.op, *args, **n.attrs)
@@ -120,7 +151,7 @@ def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
         dtype, shape = graph.aval(vid)
         if dtype in FLOATS:
             t = tangents.get(vid)
-            result.append((TANGENT + o, t if t is not None else zeros(shape, dtype, env[vid])))
+            result.append((tan_out[o], t if t is not None else zeros(shape, dtype, env[vid])))
     return b.build(result)
 
 
@@ -136,13 +167,14 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
     total = sum(sizes)
     dtype = graph.aval(out_ids[outputs[0]])[0]
     inner = vjp_graph(graph, wrt, outputs, batch=(total,), keep_outputs=False)
+    named = vjp_names(graph, wrt, outputs, keep_outputs=False)
+    seed_of = {name: o for o, name in named.seed.items()}
     b = Builder()
     env: dict[int, Var] = {}
-    seeds = b.input(SEEDS, dtype, (total, total))
+    seeds = b.input(seeds_name(graph), dtype, (total, total))
     for i in inner.inputs:
-        if i.name.startswith(SEED):
-            o = i.name[len(SEED):]
-            k = outputs.index(o)
+        if i.name in seed_of:
+            k = outputs.index(seed_of[i.name])
             start = sum(sizes[:k])
             block = b.bind("slice", seeds, starts=(0, start), stops=(total, start + sizes[k]), steps=(1, 1))
             env[i.id] = b.bind("reshape", b.bind("cast", block, dtype=i.dtype) if i.dtype != dtype else block,
@@ -154,7 +186,7 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
     grads = dict(inner.outputs)
     result = []
     for x in wrt:
-        g = env[grads[GRAD + x]]
+        g = env[grads[named.grad[x]]]
         start = 0
         for o, m in zip(outputs, sizes, strict=True):
             block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m, *g.shape[1:]),
@@ -163,6 +195,11 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
             result.append((names[(o, x)], b.bind("reshape", block, shape=oshape + g.shape[1:])))
             start += m
     return b.build(result), sizes
+
+
+def seeds_name(graph: Graph) -> str:
+    """The input of `jacobian_graph(graph, ...)` that takes the stacked seeds (the identity)."""
+    return fresh(SEEDS, set(graph.input_names()))
 
 
 def jacobian_outputs(outputs: Sequence[str], wrt: Sequence[str]) -> dict[tuple[str, str], str]:
@@ -177,9 +214,10 @@ def grad_only(graph: Graph, wrt: Sequence[str], output: str, keep_outputs: bool 
     if shape != ():
         raise GraphError(f"grad needs a scalar output, but {output!r} has shape {shape}; use vjp or jacobian")
     inner = vjp_graph(graph, wrt, [output], keep_outputs=keep_outputs)
+    seed = vjp_names(graph, wrt, [output], keep_outputs).seed[output]
     b = Builder()
     env: dict[int, Var] = {}
     for i in inner.inputs:
-        env[i.id] = b.const(1.0, i.dtype) if i.name == SEED + output else b.input(i.name, i.dtype, i.shape)
+        env[i.id] = b.const(1.0, i.dtype) if i.name == seed else b.input(i.name, i.dtype, i.shape)
     replay(inner, b, env)
     return b.build([(name, env[vid]) for name, vid in inner.outputs])

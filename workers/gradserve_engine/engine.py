@@ -20,7 +20,6 @@ from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
 from .backend import Backend
-from .names import GRAD, SEED, SEEDS, TANGENT, residual, residual_id
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
@@ -144,14 +143,15 @@ class Engine(Backend):
         feed.update(seed_feed(graph, outs, seeds))
         if residuals is not None:
             plan = self._backward_plan(graph, wrt, outs, ())
-            for name, _ in plan.inputs:
-                vid = residual_id(name)
-                if vid is not None:
+            wanted = {name for name, _ in plan.inputs}
+            for vid, name in autodiff.residual_names(graph).items():
+                if name in wanted:
                     feed[name] = residuals[vid]
         else:
             plan = self.plan(graph, ("vjp", wrt, outs), lambda: autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs))
         res = plan.run(_only(plan, feed))
-        grads = {x: res.pop(GRAD + x) for x in wrt}
+        names = autodiff.vjp_names(graph, wrt, outs, keep_outputs=residuals is None).grad
+        grads = {x: res.pop(names[x]) for x in wrt}
         return res, grads
 
     def _check_sharding(self, graph: Graph, batch_axes: Mapping[str, int]) -> None:
@@ -175,13 +175,14 @@ class Engine(Backend):
         outs = differentiated_outputs(graph, outputs)
         wrt = tuple(wrt)
         backward = self._backward_plan(graph, wrt, outs, ())
-        needed = [name for name, _ in backward.inputs if not name.startswith(SEED)]
-        kept = tuple(vid for vid in map(residual_id, needed) if vid is not None)
-        forward = self.plan(graph, ("forward", kept), lambda: Graph(
-            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(residual(k), k) for k in kept]))
+        seeds = set(autodiff.vjp_names(graph, wrt, outs, keep_outputs=False).seed.values())
+        needed = {name for name, _ in backward.inputs if name not in seeds}
+        kept = {vid: name for vid, name in autodiff.residual_names(graph).items() if name in needed}
+        forward = self.plan(graph, ("forward", tuple(kept)), lambda: Graph(
+            graph.inputs, graph.constants, graph.nodes, graph.outputs + [(name, vid) for vid, name in kept.items()]))
         feed = check_inputs(graph, inputs)
         res = forward.run(feed)
-        values = {name: res[name] if residual_id(name) is not None else feed[name] for name in needed}
+        values = {name: res[name] if name in kept.values() else feed[name] for name in needed}
         return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
 
     def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
@@ -198,7 +199,8 @@ class Engine(Backend):
         plan = self._backward_plan(r.graph, r.wrt, r.outputs, batch)
         feed = {**r.values, **seed_feed(r.graph, r.outputs, cotangents, batch, "cotangent")}
         res = plan.run(feed)
-        return {x: res[GRAD + x] for x in r.wrt}
+        names = autodiff.vjp_names(r.graph, r.wrt, r.outputs, keep_outputs=False).grad
+        return {x: res[names[x]] for x in r.wrt}
 
     def grad_plan(self, graph: Graph, wrt: Sequence[str], output: str) -> Plan:
         """A plan computing every output and `grad:<x>` of scalar `output` (seed 1 built in):
@@ -215,14 +217,15 @@ class Engine(Backend):
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
         """Outputs and their directional derivatives along `tangents` (forward mode)."""
         wrt = tuple(tangents)
+        tan_in, tan_out = autodiff.jvp_names(graph, wrt)
         feed = check_inputs(graph, inputs)
         for x in wrt:
             i = graph.input(x)
-            feed[TANGENT + x] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
+            feed[tan_in[x]] = _check_value(tangents[x], i.dtype, i.shape, f"tangent for input {x!r}")
         plan = self.plan(graph, ("jvp", wrt), lambda: autodiff.jvp_graph(graph, check_wrt(graph, wrt)))
         res = plan.run(feed)
         outs = {o: res[o] for o in graph.output_names()}
-        return outs, {o: res[TANGENT + o] for o in graph.output_names() if TANGENT + o in res}
+        return outs, {o: res[tan_out[o]] for o in graph.output_names() if tan_out[o] in res}
 
     def jacobian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
                  outputs: Sequence[str] | None = None) -> dict[tuple[str, str], Any]:
@@ -236,9 +239,10 @@ class Engine(Backend):
         plan = self.plan(graph, ("jacobian", wrt, outs),
                          lambda: autodiff.jacobian_graph(graph, check_wrt(graph, wrt), outs)[0])
         feed = check_inputs(graph, inputs)
-        if SEEDS in plan.graph.input_names():
-            seeds = plan.graph.input(SEEDS)
-            feed[SEEDS] = np.eye(seeds.shape[0], dtype=seeds.dtype)
+        seeds_name = autodiff.seeds_name(graph)
+        if seeds_name in plan.graph.input_names():
+            seeds = plan.graph.input(seeds_name)
+            feed[seeds_name] = np.eye(seeds.shape[0], dtype=seeds.dtype)
         res = plan.run(_only(plan, feed))
         names = autodiff.jacobian_outputs(outs, wrt)
         return {(o, x): res[names[(o, x)]] for o in outs for x in wrt}
@@ -248,7 +252,8 @@ class Engine(Backend):
         wrt = tuple(wrt)
         grad = self._grad_graph(graph, wrt, output)
         jac = self.jacobian(grad, inputs, wrt)
-        return {(xi, xj): jac[(GRAD + xi, xj)] for xi in wrt for xj in wrt}
+        names = autodiff.vjp_names(graph, wrt, [output], keep_outputs=False).grad
+        return {(xi, xj): jac[(names[xi], xj)] for xi in wrt for xj in wrt}
 
     def hvp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str,
             vectors: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,7 +264,8 @@ class Engine(Backend):
         if missing:
             raise GraphError(f"hvp needs a vector for each of wrt; none given for {missing}")
         _, tangents = self.jvp(grad, inputs, {x: vectors[x] for x in wrt})
-        return {x: tangents[GRAD + x] for x in wrt}
+        names = autodiff.vjp_names(graph, wrt, [output], keep_outputs=False).grad
+        return {x: tangents[names[x]] for x in wrt}
 
     def _grad_graph(self, graph: Graph, wrt: tuple[str, ...], output: str) -> Graph:
         """The gradient of scalar `output` w.r.t. `wrt` as a graph, to differentiate again."""
@@ -313,6 +319,7 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
     type; a scalar output without one takes 1 (not with stacked seeds)."""
     feed = {}
     ids = dict(graph.outputs)
+    names = autodiff.vjp_names(graph, (), outs).seed
     for o in outs:
         dtype, shape = graph.aval(ids[o])
         seed = None if seeds is None else seeds.get(o)
@@ -320,7 +327,7 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
             if shape != () or batch:
                 raise ShapeError(f"output {o!r} has shape {shape}: pass a {what} (cotangent) for it")
             seed = np.ones((), dtype)
-        feed[SEED + o] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
+        feed[names[o]] = _check_value(seed, dtype, batch + shape, f"{what} for output {o!r}")
     extra = sorted(set(seeds or ()) - set(outs))
     if extra:
         raise GraphError(f"{what}s given for {extra}, which are not differentiated outputs {list(outs)}")

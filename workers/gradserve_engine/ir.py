@@ -162,8 +162,10 @@ class Graph:
         return msg
 
     @classmethod
-    def from_proto(cls, msg, limits: Limits = DEFAULT_LIMITS) -> Graph:
-        """Decode and validate a wire graph; every problem is a GraphError naming the node."""
+    def from_proto(cls, msg, limits: Limits = DEFAULT_LIMITS, internal_names: bool = False) -> Graph:
+        """Decode and validate a wire graph; every problem is a GraphError naming the node.
+        `internal_names`: the graph is one of gradserve's own (a stage sent to a worker), whose
+        names may begin with the prefix reserved for transforms."""
         n_values = len(msg.inputs) + len(msg.constants) + len(msg.nodes)
         if len(msg.nodes) > limits.max_nodes:
             raise LimitError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
@@ -202,7 +204,7 @@ class Graph:
                 raise GraphError(f"output {o.name!r} refers to %{o.id}, which the graph does not define")
             outputs.append((o.name, o.id))
         graph = cls(inputs, constants, nodes, outputs)
-        validate(graph, limits)
+        validate(graph, limits, internal_names)
         return graph
 
 
@@ -338,7 +340,7 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
+def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool = False) -> None:
     """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
     if len(graph.nodes) > limits.max_nodes:
         raise LimitError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
@@ -349,7 +351,7 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
         dup = sorted(n for n, k in Counter(names).items() if k > 1)
         if dup:
             raise GraphError(f"duplicate {kind} names {_short(dup)}")
-        reserved = sorted(n for n in names if n.startswith(INTERNAL))
+        reserved = [] if internal_names else sorted(n for n in names if n.startswith(INTERNAL))
         if reserved:
             raise GraphError(f"{kind} names {_short(reserved)} begin with {INTERNAL!r}, which is reserved for the names "
                              "gradserve's transforms add")

@@ -23,6 +23,10 @@ def residual(vid: int) -> str:
     return f"%{vid}"
 
 
-def residual_id(name: str) -> int | None:
-    """The forward value id a residual input carries, or None for any other name."""
-    return int(name[1:]) if name.startswith(INTERNAL) and name[1:].isdigit() else None
+def fresh(name: str, taken: set[str]) -> str:
+    """`name`, or `name` with more INTERNAL prefixed until it is not in `taken` (a transform of a
+    graph that already carries a transform's names), added to `taken`."""
+    while name in taken:
+        name = INTERNAL + name
+    taken.add(name)
+    return name

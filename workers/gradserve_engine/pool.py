@@ -21,6 +21,7 @@ from typing import Any
 
 from gradserve_engine.errors import BY_NAME, GraphError, WorkersUnavailable
 from gradserve_engine.ir import Graph
+from gradserve_engine.v1 import graph_pb2
 
 from .engine import Engine
 
@@ -114,9 +115,8 @@ def _worker_class() -> Any:
             return os.getpid()
 
         def put_graph(self, gid: str, wire: bytes) -> None:
-            from gradserve_engine.v1 import graph_pb2
-
-            self.graphs[gid] = Graph.from_proto(graph_pb2.Graph.FromString(wire))
+            # the server's own graphs (stages of a partition carry transforms' names)
+            self.graphs[gid] = Graph.from_proto(graph_pb2.Graph.FromString(wire), internal_names=True)
 
         def run(self, gid: str, method: str, options: dict, names: list[str], *values: Any) -> Any:
             graph = self.graphs.get(gid)

@@ -27,7 +27,7 @@ import numpy as np
 
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Graph
-from gradserve_engine.names import GRAD, residual
+from gradserve_engine.names import residual
 
 from . import autodiff
 from .backend import Backend
@@ -265,7 +265,8 @@ class DistributedEngine(Backend):
                 named[name] = p.joint.constants[vid - len(p.joint.inputs)]
             else:
                 named[name] = values[residual(vid)]
-        grads = {x: named.pop(GRAD + x) for x in wrt}
+        names = autodiff.vjp_names(graph, wrt, graph.output_names() if outputs is None else outputs).grad
+        grads = {x: named.pop(names[x]) for x in wrt}
         return named, grads
 
     # ---- many input sets
