@@ -122,11 +122,12 @@ def cpu_smoke(batch: int, why: str) -> int:
     """--smoke without a GPU: what runs without CuPy, then what was skipped."""
     from gradserve_engine.fusion import find_groups
     from gradserve_engine.gpu import elementwise_source
+    from gradserve_engine.names import GRAD
     from gradserve_engine.plan import Plan
 
     graph, feed = grad_graph(batch)
     cpu = Plan(graph).run(feed)
-    ok = all(np.all(np.isfinite(cpu[f"grad:params.{n}"])) for n in NAMES)
+    ok = all(np.all(np.isfinite(cpu[GRAD + f"params.{n}"])) for n in NAMES)
     groups = find_groups(graph)  # what GpuKernels(fuse=True) compiles: it accepts every elementwise op
     sources = [elementwise_source(g) for g in groups]
     print(f"# gradient graph: {len(graph.nodes)} nodes; CPU plan (the reference) ran, gradients "
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         have_torch, torch_note = False, f"torch not importable ({type(e).__name__}: {e})"
     from gradserve_engine.gpu import GpuKernels
+    from gradserve_engine.names import GRAD
     from gradserve_engine.plan import Plan
 
     print(f"# device: {device} ({n_dev} visible); cupy {cp.__version__}; {torch_note}; numpy {np.__version__}", flush=True)
@@ -227,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     # gradients: gradserve GPU vs gradserve CPU (numpy) vs PyTorch CUDA
     got = {k: cp.asnumpy(v) for k, v in gs_step().items()}
     cpu = Plan(graph).run(feed)
-    scale = {n: float(np.max(np.abs(cpu[f"grad:params.{n}"]))) for n in NAMES}
-    diffs = {"gradserve GPU vs CPU": max(float(np.max(np.abs(got[f"grad:params.{n}"] - cpu[f"grad:params.{n}"]))) / scale[n]
+    scale = {n: float(np.max(np.abs(cpu[GRAD + f"params.{n}"]))) for n in NAMES}
+    diffs = {"gradserve GPU vs CPU": max(float(np.max(np.abs(got[GRAD + f"params.{n}"] - cpu[GRAD + f"params.{n}"]))) / scale[n]
                                          for n in NAMES)}
     if have_torch:
         tg = [g.detach().cpu().numpy() for g in torch_step()]
         diffs["gradserve GPU vs PyTorch CUDA"] = max(
-            float(np.max(np.abs(got[f"grad:params.{n}"] - t))) / scale[n] for n, t in zip(NAMES, tg, strict=True))
+            float(np.max(np.abs(got[GRAD + f"params.{n}"] - t))) / scale[n] for n, t in zip(NAMES, tg, strict=True))
     tol = 1e-3
     ok = all(v <= tol for v in diffs.values())
     print("# max |grad difference| / max |grad|: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
