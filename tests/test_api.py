@@ -166,8 +166,10 @@ def test_index_with_traced_integer_labels():
 def test_index_errors():
     with pytest.raises(IndexError, match="out of bounds"):
         gs.grad(lambda x: x[5].sum())(np.ones(2))
-    with pytest.raises(IndexError, match="boolean"):
-        gs.grad(lambda x: x[np.array([True, False])].sum())(np.ones(2))
+    with pytest.raises(IndexError, match="boolean"):  # a traced mask: the result's shape depends on the data
+        gs.grad(lambda x: x[x > 0].sum())(np.ones(2))
+    with pytest.raises(IndexError, match="boolean index did not match"):  # a constant mask of the wrong shape
+        gs.grad(lambda x: x[np.array([True, False, True])].sum())(np.ones(2))
 
 
 # ---------------------------------------------------------------- pytrees and names
