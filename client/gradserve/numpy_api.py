@@ -665,6 +665,16 @@ def _one_or_many(args: tuple) -> Any:
     return args[0] if len(args) == 1 and not isinstance(args[0], (int, np.integer)) else args
 
 
+def _binary_method(f: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Any, Any], Any]:
+    def method(self: Any, o: Any) -> Any:
+        if getattr(type(o), "__array_ufunc__", False) is None:
+            return NotImplemented
+        return f(o, self) if reflected else f(self, o)
+
+    method.__name__ = f"__r{f.__name__}__" if reflected else f"__{f.__name__}__"
+    return method
+
+
 class ArrayMethods:
     """numpy-style operators and methods, shared by traced values and imperative tensors."""
 
@@ -677,27 +687,20 @@ class ArrayMethods:
     def __array_function__(self, func: Callable, types: Any, args: tuple, kwargs: dict) -> Any:
         return array_function(func, args, kwargs)
 
-    def __add__(self, o): return add(self, o)
-    def __radd__(self, o): return add(o, self)
-    def __sub__(self, o): return subtract(self, o)
-    def __rsub__(self, o): return subtract(o, self)
-    def __mul__(self, o): return multiply(self, o)
-    def __rmul__(self, o): return multiply(o, self)
-    def __truediv__(self, o): return divide(self, o)
-    def __rtruediv__(self, o): return divide(o, self)
-    def __pow__(self, o): return power(self, o)
-    def __rpow__(self, o): return power(o, self)
-    def __matmul__(self, o): return matmul(self, o)
-    def __rmatmul__(self, o): return matmul(o, self)
+    # numpy's binary-operator protocol: an operand with __array_ufunc__ = None (pytest.approx, ...)
+    # handles the operation itself
+    __add__, __radd__ = _binary_method(add), _binary_method(add, reflected=True)
+    __sub__, __rsub__ = _binary_method(subtract), _binary_method(subtract, reflected=True)
+    __mul__, __rmul__ = _binary_method(multiply), _binary_method(multiply, reflected=True)
+    __truediv__, __rtruediv__ = _binary_method(divide), _binary_method(divide, reflected=True)
+    __pow__, __rpow__ = _binary_method(power), _binary_method(power, reflected=True)
+    __matmul__, __rmatmul__ = _binary_method(matmul), _binary_method(matmul, reflected=True)
+    __lt__, __le__ = _binary_method(less), _binary_method(less_equal)
+    __gt__, __ge__ = _binary_method(greater), _binary_method(greater_equal)
+    __eq__, __ne__ = _binary_method(equal), _binary_method(not_equal)  # type: ignore[assignment]
     def __neg__(self): return negative(self)
     def __pos__(self): return self
     def __abs__(self): return abs(self)
-    def __lt__(self, o): return less(self, o)
-    def __le__(self, o): return less_equal(self, o)
-    def __gt__(self, o): return greater(self, o)
-    def __ge__(self, o): return greater_equal(self, o)
-    def __eq__(self, o): return equal(self, o)  # type: ignore[override]
-    def __ne__(self, o): return not_equal(self, o)  # type: ignore[override]
     def __getitem__(self, key): return getitem(self, key)
     __hash__ = object.__hash__
 
