@@ -303,7 +303,7 @@ def test_backward_accumulates_and_zero_grad():
     x = gs.tensor(2.0, requires_grad=True)
     y = gs.tensor(3.0, requires_grad=True)
     z = x * y + gs.sin(x)
-    z.backward()
+    z.backward(retain_graph=True)  # as in PyTorch, a second backward through z needs the graph kept
     assert x.grad == pytest.approx(3 + np.cos(2.0)) and y.grad == pytest.approx(2.0)
     z.backward()  # .grad accumulates across backward calls, as in PyTorch
     assert x.grad == pytest.approx(2 * (3 + np.cos(2.0)))
