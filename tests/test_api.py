@@ -166,8 +166,10 @@ def test_index_with_traced_integer_labels():
 def test_index_errors():
     with pytest.raises(IndexError, match="out of bounds"):
         gs.grad(lambda x: x[5].sum())(np.ones(2))
-    with pytest.raises(IndexError, match="boolean"):
-        gs.grad(lambda x: x[np.array([True, False])].sum())(np.ones(2))
+    with pytest.raises(IndexError, match="boolean"):  # a traced mask: the result's shape depends on the data
+        gs.grad(lambda x: x[x > 0].sum())(np.ones(2))
+    with pytest.raises(IndexError, match="boolean index did not match"):  # a constant mask of the wrong shape
+        gs.grad(lambda x: x[np.array([True, False, True])].sum())(np.ones(2))
 
 
 # ---------------------------------------------------------------- pytrees and names
@@ -301,7 +303,7 @@ def test_backward_accumulates_and_zero_grad():
     x = gs.tensor(2.0, requires_grad=True)
     y = gs.tensor(3.0, requires_grad=True)
     z = x * y + gs.sin(x)
-    z.backward()
+    z.backward(retain_graph=True)  # as in PyTorch, a second backward through z needs the graph kept
     assert x.grad == pytest.approx(3 + np.cos(2.0)) and y.grad == pytest.approx(2.0)
     z.backward()  # .grad accumulates across backward calls, as in PyTorch
     assert x.grad == pytest.approx(2 * (3 + np.cos(2.0)))

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import builtins
 import math
+import operator
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Var
 from gradserve_engine.ops import KERNELS, PRIMITIVES, Primitive
-from gradserve_engine.ops.core import FLOATS, dtype_name
+from gradserve_engine.ops.core import FLOATS, INTS, dtype_name
 
 # the imperative Tensor registers itself here: (class, bind function)
 _EAGER: list[tuple[type, Callable[..., Any]]] = []
@@ -134,9 +138,20 @@ def square(x: Any) -> Any:
     return multiply(x, x)
 
 
-def where(cond: Any, x: Any, y: Any) -> Any:
+def where(cond: Any, x: Any = None, y: Any = None) -> Any:
+    """`x` where `cond`, else `y` (numpy broadcasting). With `cond` alone numpy returns the indices
+    where it holds: their number depends on the data, so a traced `cond` raises."""
+    if x is None and y is None:
+        if isinstance(cond, Var):
+            raise data_dependent("where(mask) with one argument (the indices of a mask)")
+        return np.nonzero(np.asarray(cond))
+    if x is None or y is None:
+        raise ValueError("either both or neither of x and y should be given")
     x, y = _promoted(x, y)
     return bind("select", astype(cond, "bool"), x, y)
+
+
+_select = where  # for the reductions, whose `where=` keyword shadows the function
 
 
 def relu(x: Any) -> Any:
@@ -162,12 +177,38 @@ def _norm_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:
+def _mask(where: Any, x: Any) -> Any:
+    """numpy's `where=` of a reduction: a boolean mask that broadcasts to `x`'s shape."""
+    if dtype_of(where) != "bool":
+        raise TypeError(f"where= must be a boolean mask, got dtype {dtype_of(where)}")
+    shape = shape_of(x)
+    try:
+        ok = np.broadcast_shapes(shape_of(where), shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"where= of shape {shape_of(where)} does not broadcast to the reduced array's shape {shape}")
+    return where
+
+
+def _keepdims(keepdims: Any) -> bool:
+    if not isinstance(keepdims, (bool, np.bool_, int, np.integer)) or keepdims not in (0, 1):
+        raise TypeError(f"keepdims must be a bool, got {keepdims!r} (pass dtype= by keyword)")
+    return bool(keepdims)
+
+
+def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *, where: Any = None,
+        initial: Any = None) -> Any:
+    """numpy's sum; `where=mask` adds only the elements where the mask holds (a masked sum, whose
+    gradient is the mask: the traceable form of `x[mask].sum()`)."""
     if dtype is not None:
         x = astype(x, dtype)
     elif dtype_of(x) in ("bool", "int32"):
         x = astype(x, "int64")  # as numpy: small integers sum in int64
-    return bind("reduce_sum", x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=bool(keepdims))
+    if where is not None:
+        x = _select(_mask(where, x), x, np.zeros((), dtype_of(x)))
+    out = bind("reduce_sum", x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=_keepdims(keepdims))
+    return out if initial is None else add(out, np.asarray(initial, dtype_of(out)))
 
 
 def _extremum(op: str) -> Callable[..., Any]:
@@ -180,11 +221,18 @@ def _extremum(op: str) -> Callable[..., Any]:
 max, min = _extremum("reduce_max"), _extremum("reduce_min")
 
 
-def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+def mean(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *, where: Any = None) -> Any:
+    """numpy's mean; `where=mask` averages only the elements where the mask holds (the traceable
+    form of `x[mask].mean()`; no element selected gives nan, as numpy)."""
     axes = _norm_axes(axis, len(shape_of(x)))
-    n = math.prod(shape_of(x)[a] for a in axes)
+    if dtype is not None:
+        x = astype(x, dtype)
     (x,) = _promoted(x, to=FLOATS)
-    return divide(sum(x, axes, keepdims), float(n))
+    if where is None:
+        return divide(sum(x, axes, keepdims), float(math.prod(shape_of(x)[a] for a in axes)))
+    mask = _mask(where, x)
+    n = sum(broadcast_to(astype(mask, dtype_of(x)), shape_of(x)), axes, keepdims)
+    return divide(sum(x, axes, keepdims, where=mask), n)
 
 
 def var(x: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Any:
@@ -359,37 +407,103 @@ def clip(x: Any, lo: Any, hi: Any) -> Any:
 
 # ---------------------------------------------------------------- indexing
 
+_VALID_INDICES = ("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis (`None`) and integer or boolean "
+                  "arrays are valid indices")
+
+
+class DataDependentShapeError(GraphError, IndexError):
+    """A traced value would take a shape that depends on its data (a boolean mask, nonzero, ...):
+    a graph has static shapes, so this cannot be traced."""
+
+
+def _user_site() -> str:
+    """` (at file:line)` of the innermost caller outside gradserve and numpy."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith(("gradserve", "numpy")):
+            return f" (at {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+        frame = frame.f_back
+    return ""
+
+
+def data_dependent(what: str) -> DataDependentShapeError:
+    return DataDependentShapeError(
+        f"{what} of a traced value has a shape that depends on the data{_user_site()}, and a traced "
+        "graph has static shapes; keep the shape with gs.where(mask, x, 0), or reduce over the mask "
+        "with gs.sum(x, where=mask) or gs.mean(x, where=mask)")
+
 
 def _checked_index(idx: np.ndarray, dim: int, axis: int) -> np.ndarray:
     if idx.dtype == bool:
-        raise IndexError("boolean mask indexing is not supported on traced values (its shape depends on data); use gs.where")
+        raise IndexError("boolean indices are not valid here; index with x[mask] or use gs.where")
     if idx.dtype.kind not in "iu":
-        raise IndexError(f"indices must be integers, got dtype {idx.dtype}")
+        raise IndexError("arrays used as indices must be of integer (or boolean) type")
     if idx.size and (idx.max() >= dim or idx.min() < -dim):
         bad = int(idx.max() if idx.max() >= dim else idx.min())
         raise IndexError(f"index {bad} is out of bounds for axis {axis} with size {dim}")
     return np.where(idx < 0, idx + dim, idx).astype(np.int64)
 
 
+def _index_operand(k: Any) -> Any:
+    """One entry of an index, as numpy reads it: None, Ellipsis, a slice, an int, a numpy array
+    (integer or boolean) or a traced integer value; anything else raises IndexError as numpy does."""
+    if k is None or k is Ellipsis:
+        return k
+    if isinstance(k, slice):
+        if builtins.any(isinstance(v, Var) for v in (k.start, k.stop, k.step)):
+            raise data_dependent("a slice with traced bounds")
+        return k
+    if isinstance(k, (bool, np.bool_)):
+        return np.asarray(k)  # a 0-d boolean: numpy adds an axis of length 1 (True) or 0 (False)
+    if isinstance(k, (int, np.integer)):
+        return int(k)
+    if isinstance(k, Var):
+        if k.dtype == "bool":
+            raise data_dependent("a boolean mask" if k.shape else "a 0-d boolean index")
+        if k.dtype not in INTS:
+            raise IndexError(f"arrays used as indices must be of integer (or boolean) type, got a traced {k.dtype} value")
+        return k
+    if _is_value(k):  # an imperative tensor: its value is known now
+        k = np.asarray(k)
+    elif isinstance(k, (list, tuple)):
+        a = np.asarray(k)
+        k = a.astype(np.intp) if a.size == 0 and a.dtype.kind == "f" else a  # numpy: [] indexes nothing
+    if isinstance(k, np.ndarray):
+        if k.dtype != bool and k.dtype.kind not in "iu":
+            raise IndexError("arrays used as indices must be of integer (or boolean) type")
+        return k
+    try:
+        return operator.index(k)
+    except TypeError:
+        raise IndexError(_VALID_INDICES) from None
+
+
+def _consumes(k: Any) -> int:
+    """How many axes of the indexed value an index entry consumes."""
+    if k is None or k is Ellipsis:
+        return 0
+    if isinstance(k, np.ndarray) and k.dtype == bool:
+        return k.ndim
+    return 1
+
+
 def getitem(x: Any, key: Any) -> Any:
-    """numpy indexing: ints, slices (any step), None, Ellipsis, integer arrays (advanced)."""
-    key = key if isinstance(key, tuple) else (key,)
-    key = tuple(np.asarray(k) if isinstance(k, list) else k for k in key)
-    is_array = [(_is_value(k) or isinstance(k, np.ndarray)) for k in key]
-    advanced = builtins.any(is_array)
-    n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
-    if n_real > len(shape_of(x)):
-        raise IndexError(f"too many indices: array is {len(shape_of(x))}-dimensional, but {n_real} were indexed")
+    """numpy indexing: ints, slices (any step), None, Ellipsis, integer arrays and constant boolean
+    masks (advanced). A traced boolean mask raises: its result's shape depends on the data."""
+    key = [_index_operand(k) for k in (key if isinstance(key, tuple) else (key,))]
+    nd = len(shape_of(x))
+    n_real = builtins.sum(_consumes(k) for k in key)
+    if n_real > nd:
+        raise IndexError(f"too many indices for array: array is {nd}-dimensional, but {n_real} were indexed")
     if builtins.sum(k is Ellipsis for k in key) > 1:
-        raise IndexError("an index can only have a single ellipsis")
-    if Ellipsis not in [k for k in key if not isinstance(k, np.ndarray) and not _is_value(k)]:
-        key = (*key, Ellipsis)
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if not builtins.any(k is Ellipsis for k in key):
+        key.append(Ellipsis)
     expanded: list[Any] = []
     for k in key:
-        if k is Ellipsis and not isinstance(k, np.ndarray):
-            expanded.extend([slice(None)] * (len(shape_of(x)) - n_real))
-        else:
-            expanded.append(k)
+        expanded.extend([slice(None)] * (nd - n_real) if k is Ellipsis else [k])
+    advanced = builtins.any(isinstance(k, (np.ndarray, Var)) for k in expanded)
     y, ax, adv = x, 0, []
     for k in expanded:
         if k is None:
@@ -398,17 +512,27 @@ def getitem(x: Any, key: Any) -> Any:
         elif isinstance(k, slice):
             y = _slice_axis(y, ax, k)
             ax += 1
-        elif isinstance(k, (int, np.integer)) and not advanced:
+        elif isinstance(k, int) and not advanced:
             dim = shape_of(y)[ax]
             if not -dim <= k < dim:
                 raise IndexError(f"index {k} is out of bounds for axis {ax} with size {dim}")
-            k = int(k) % dim
+            k %= dim
             y = squeeze(bind("slice", y, **_slice_attrs(shape_of(y), ax, k, k + 1, 1)), ax)
-        elif isinstance(k, (int, np.integer, np.ndarray)) or _is_value(k):
-            adv.append((ax, k))
+        elif isinstance(k, np.ndarray) and k.dtype == bool and k.ndim == 0:
+            y = expand_dims(y, ax)  # a new axis of length 1, picked once (True) or not at all (False)
+            adv.append((ax, np.zeros(int(k), np.int64)))
             ax += 1
+        elif isinstance(k, np.ndarray) and k.dtype == bool:
+            dims = shape_of(y)[ax:ax + k.ndim]
+            for i, (d, m) in enumerate(zip(dims, k.shape, strict=True)):
+                if d != m:
+                    raise IndexError(f"boolean index did not match indexed array along axis {ax + i}; "
+                                     f"size of axis is {d} but size of corresponding boolean axis is {m}")
+            adv.extend((ax + i, nz) for i, nz in enumerate(np.nonzero(k)))  # a constant mask: known positions
+            ax += k.ndim
         else:
-            raise IndexError(f"index {k!r} of type {type(k).__name__} is not supported")
+            adv.append((ax, np.asarray(k) if isinstance(k, int) else k))
+            ax += 1
     return _advanced(y, adv) if adv else y
 
 
@@ -432,6 +556,12 @@ def _slice_axis(y: Any, axis: int, s: slice) -> Any:
 def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
     """Integer-array indices on axes `adv`: merge those axes and gather with one linear index."""
     axes = [a for a, _ in adv]
+    idxs = [k for _, k in adv]
+    try:
+        bshape = np.broadcast_shapes(*(shape_of(k) for k in idxs))
+    except ValueError:
+        raise IndexError("shape mismatch: indexing arrays could not be broadcast together with shapes "
+                         + " ".join(str(shape_of(k)) for k in idxs)) from None
     if axes != list(range(axes[0], axes[0] + len(axes))):  # separated: numpy puts them first
         rest = [i for i in range(len(shape_of(y))) if i not in axes]
         y, axes, pos = transpose(y, axes + rest), list(range(len(axes))), 0
@@ -441,17 +571,30 @@ def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
     shape = shape_of(y)
     y = reshape(y, (*shape[:pos], math.prod(dims), *shape[pos + len(dims):]))
     strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
-    idxs = [k for _, k in adv]
-    if not builtins.any(_is_value(k) for k in idxs):
-        parts = [_checked_index(np.asarray(k), d, a) for (a, k), d in zip(adv, dims, strict=True)]
+    # numpy checks a scalar index always, an array's elements only where the broadcast picks them
+    empty = math.prod(bshape) == 0
+    consts = {i: _checked_index(np.broadcast_to(k, bshape) if empty and np.ndim(k) else np.asarray(k), d, a)
+              for i, ((a, k), d) in enumerate(zip(adv, dims, strict=True)) if not _is_value(k)}
+    if len(consts) == len(adv):
         lin = np.zeros((), np.int64)
-        for p, s in zip(parts, strides, strict=True):
-            lin = lin + p * s
+        for i, s in enumerate(strides):
+            lin = lin + consts[i] * s
         return bind("take", y, lin, axis=pos)
+    # computed indices: wrap negatives as numpy does; an index out of range on any axis makes the
+    # linear index point past the merged axis, so the gather raises IndexError instead of picking
+    # an element of a neighbouring row
+    total = math.prod(dims)
     lin: Any = 0
-    for k, d, s in zip(idxs, dims, strides, strict=True):
-        k = astype(k, "int64")
-        k = where(less(k, 0), add(k, d), k) if _is_value(k) else _checked_index(np.asarray(k), d, pos)
+    for i, (k, d, s) in enumerate(zip(idxs, dims, strides, strict=True)):
+        if i in consts:
+            k = consts[i]
+        else:
+            k = astype(k, "int64")
+            k = where(less(k, 0), add(k, d), k)
+            bad = not_equal(greater_equal(k, 0), less(k, d))
+            if empty and not shape_of(k):  # a scalar gathers nothing here, but numpy still checks it
+                lin = add(lin, multiply(bind("take", np.arange(d, dtype=np.int64), where(bad, d, k), axis=0), 0))
+            k = where(bad, total, k)
         lin = add(lin, multiply(k, s)) if s != 1 else add(lin, k)
     return bind("take", y, lin, axis=pos)
 
@@ -467,6 +610,35 @@ FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     np.where: where, np.take: take, np.cumsum: cumsum, np.dot: dot, np.matmul: matmul, np.clip: clip,
     np.pad: pad, np.zeros_like: zeros_like, np.ones_like: ones_like, np.linalg.norm: norm,
 }
+
+
+def _no_out(out: Any, name: str) -> None:
+    if out is not None:
+        raise TypeError(f"numpy.{name}: out= is not supported on traced values (they are immutable)")
+
+
+def _np_sum(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False,
+            initial: Any = None, where: Any = None) -> Any:
+    _no_out(out, "sum")
+    return sum(a, axis, keepdims, dtype, where=where, initial=initial)
+
+
+def _np_mean(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False, *,
+             where: Any = None) -> Any:
+    _no_out(out, "mean")
+    return mean(a, axis, keepdims, dtype, where=where)
+
+
+def _data_dependent_function(name: str) -> Callable[..., Any]:
+    def f(*args: Any, **kwargs: Any) -> Any:
+        raise data_dependent(f"numpy.{name}")
+
+    return f
+
+
+FUNCTIONS.update({np.sum: _np_sum, np.mean: _np_mean})
+FUNCTIONS.update({fn: _data_dependent_function(fn.__name__) for fn in (
+    np.nonzero, np.argwhere, np.flatnonzero, np.extract, np.compress, np.unique)})
 
 
 def array_ufunc(ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
@@ -493,6 +665,16 @@ def _one_or_many(args: tuple) -> Any:
     return args[0] if len(args) == 1 and not isinstance(args[0], (int, np.integer)) else args
 
 
+def _binary_method(f: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Any, Any], Any]:
+    def method(self: Any, o: Any) -> Any:
+        if getattr(type(o), "__array_ufunc__", False) is None:
+            return NotImplemented
+        return f(o, self) if reflected else f(self, o)
+
+    method.__name__ = f"__r{f.__name__}__" if reflected else f"__{f.__name__}__"
+    return method
+
+
 class ArrayMethods:
     """numpy-style operators and methods, shared by traced values and imperative tensors."""
 
@@ -505,27 +687,20 @@ class ArrayMethods:
     def __array_function__(self, func: Callable, types: Any, args: tuple, kwargs: dict) -> Any:
         return array_function(func, args, kwargs)
 
-    def __add__(self, o): return add(self, o)
-    def __radd__(self, o): return add(o, self)
-    def __sub__(self, o): return subtract(self, o)
-    def __rsub__(self, o): return subtract(o, self)
-    def __mul__(self, o): return multiply(self, o)
-    def __rmul__(self, o): return multiply(o, self)
-    def __truediv__(self, o): return divide(self, o)
-    def __rtruediv__(self, o): return divide(o, self)
-    def __pow__(self, o): return power(self, o)
-    def __rpow__(self, o): return power(o, self)
-    def __matmul__(self, o): return matmul(self, o)
-    def __rmatmul__(self, o): return matmul(o, self)
+    # numpy's binary-operator protocol: an operand with __array_ufunc__ = None (pytest.approx, ...)
+    # handles the operation itself
+    __add__, __radd__ = _binary_method(add), _binary_method(add, reflected=True)
+    __sub__, __rsub__ = _binary_method(subtract), _binary_method(subtract, reflected=True)
+    __mul__, __rmul__ = _binary_method(multiply), _binary_method(multiply, reflected=True)
+    __truediv__, __rtruediv__ = _binary_method(divide), _binary_method(divide, reflected=True)
+    __pow__, __rpow__ = _binary_method(power), _binary_method(power, reflected=True)
+    __matmul__, __rmatmul__ = _binary_method(matmul), _binary_method(matmul, reflected=True)
+    __lt__, __le__ = _binary_method(less), _binary_method(less_equal)
+    __gt__, __ge__ = _binary_method(greater), _binary_method(greater_equal)
+    __eq__, __ne__ = _binary_method(equal), _binary_method(not_equal)  # type: ignore[assignment]
     def __neg__(self): return negative(self)
     def __pos__(self): return self
     def __abs__(self): return abs(self)
-    def __lt__(self, o): return less(self, o)
-    def __le__(self, o): return less_equal(self, o)
-    def __gt__(self, o): return greater(self, o)
-    def __ge__(self, o): return greater_equal(self, o)
-    def __eq__(self, o): return equal(self, o)  # type: ignore[override]
-    def __ne__(self, o): return not_equal(self, o)  # type: ignore[override]
     def __getitem__(self, key): return getitem(self, key)
     __hash__ = object.__hash__
 
@@ -539,8 +714,10 @@ class ArrayMethods:
 
     @property
     def T(self): return transpose(self)
-    def sum(self, axis=None, keepdims=False): return sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return mean(self, axis, keepdims)
+    def sum(self, axis=None, keepdims=False, *, dtype=None, where=None, initial=None):
+        return sum(self, axis, keepdims, dtype, where=where, initial=initial)
+    def mean(self, axis=None, keepdims=False, *, dtype=None, where=None):
+        return mean(self, axis, keepdims, dtype, where=where)
     def max(self, axis=None, keepdims=False): return max(self, axis, keepdims)
     def min(self, axis=None, keepdims=False): return min(self, axis, keepdims)
     def var(self, axis=None, keepdims=False, ddof=0): return var(self, axis, keepdims, ddof)
