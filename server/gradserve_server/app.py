@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve_engine.backend import Backend
 from gradserve_engine.engine import Engine
 from gradserve_engine.ir import Limits
+from gradserve_engine.pool import RayPool
 from gradserve_engine.scheduler import MODES, DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2
 
@@ -66,9 +67,7 @@ def start_pool(config: Config) -> tuple[Any, Policy]:
     """Ray and the worker pool the config asks for (None: everything in process)."""
     if not config.ray and config.ray_address is None:
         return None, Policy()
-    import ray
-
-    from gradserve_engine.pool import RayPool
+    import ray  # optional: the ray extra
 
     if config.ray_address is not None:
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)

@@ -7,15 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .app import Config, MiB
+import numpy as np
+
+import gradserve as gs
+from gradserve_engine.errors import StoreError
+
+from .app import Config, MiB, Server
 
 
 def demo() -> int:
     """The seed's example end to end: trace z = x*y + sin(x), print the graph and its gradients."""
-    import numpy as np
-
-    import gradserve as gs
-
     def f(x, y):
         return x * y + gs.sin(x)
 
@@ -29,10 +30,6 @@ def demo() -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
-    from gradserve_engine.errors import StoreError
-
-    from .app import Server
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
     try:
@@ -67,8 +64,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def jobs(args: argparse.Namespace) -> int:
     """`gradserve jobs list|show ID|cancel ID`: look at and steer a server's optimisation jobs."""
     import datetime
-
-    import gradserve as gs
 
     token = args.token_file.read_text().strip() if args.token_file else None
     with gs.connect(args.address, token=token, tls=args.tls_ca or None, timeout=args.timeout) as remote:

@@ -16,6 +16,7 @@ from pathlib import Path
 from gradserve_engine.engine import Residuals
 from gradserve_engine.errors import LimitError, NotFound
 from gradserve_engine.ir import DEFAULT_LIMITS, Graph, Limits
+from gradserve_engine.v1 import graph_pb2
 
 from .metrics import Metrics
 
@@ -76,8 +77,6 @@ class GraphRegistry:
         path = self.store / f"{gid}.pb" if self.store is not None and _is_hex_id(gid) else None
         if path is None or not path.exists():
             raise NotFound(f"graph {gid} is not registered (register it again; the server may have restarted or evicted it)")
-        from gradserve_engine.v1 import graph_pb2
-
         data = path.read_bytes()
         try:
             msg = graph_pb2.Graph.FromString(data)

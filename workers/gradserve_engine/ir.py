@@ -24,6 +24,7 @@ import numpy as np
 from .errors import GraphError, LimitError, ShapeError
 from .names import INTERNAL
 from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
+from .v1 import graph_pb2 as pb
 
 MAX_RANK = 32
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
@@ -146,8 +147,6 @@ class Graph:
 
     # ---- wire
     def to_proto(self):  # -> gradserve_engine.v1.graph_pb2.Graph
-        from .v1 import graph_pb2 as pb
-
         msg = pb.Graph()
         for i in self.inputs:
             msg.inputs.add(id=i.id, name=i.name, dtype=_PB_DTYPE[i.dtype], shape=i.shape)
@@ -262,9 +261,7 @@ def tensor_to_proto(a: np.ndarray, msg=None):
     if code is None:
         raise TypeError(f"dtype {a.dtype} cannot travel; use one of {list(DTYPES)}")
     if msg is None:
-        from .v1 import graph_pb2
-
-        msg = graph_pb2.Tensor()
+        msg = pb.Tensor()
     msg.dtype = code
     msg.shape[:] = a.shape
     msg.data = (a if _LITTLE and a.dtype.isnative else a.astype(a.dtype.newbyteorder("<"))).tobytes()
