@@ -213,7 +213,7 @@ class LoopState:
         if missing:
             raise ValueError(f"checkpoint has no {missing}")
         step, nfev = int(np.asarray(arrays["step"])), int(np.asarray(arrays["nfev"]))
-        history = {"loss": [float(v) for v in np.asarray(arrays["history.loss"])],
+        history: dict[str, list[Any]] = {"loss": [float(v) for v in np.asarray(arrays["history.loss"])],
                    "grad_norm": [float(v) for v in np.asarray(arrays["history.grad_norm"])],
                    "nfev": [int(v) for v in np.asarray(arrays["history.nfev"])]}
         if any(len(v) != step for v in history.values()):
@@ -281,7 +281,7 @@ class OptimizationLoop:
             tol = optim._real("tol", tol, lo=0.0)
         self.tol = tol
         self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
-        self._batches = None if batch_size is None else _Batches(self.args, self.batch_size, self.seed)
+        self._batches = None if self.batch_size is None else _Batches(self.args, self.batch_size, self.seed)
         self.status: int | None = None
         self.success: bool | None = None
         self.message = ""

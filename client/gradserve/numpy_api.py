@@ -15,7 +15,8 @@ import operator
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -418,7 +419,7 @@ class DataDependentShapeError(GraphError, IndexError):
 
 def _user_site() -> str:
     """` (at file:line)` of the innermost caller outside gradserve and numpy."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if not name.startswith(("gradserve", "numpy")):
@@ -576,10 +577,10 @@ def _advanced(y: Any, adv: list[tuple[int, Any]]) -> Any:
     consts = {i: _checked_index(np.broadcast_to(k, bshape) if empty and np.ndim(k) else np.asarray(k), d, a)
               for i, ((a, k), d) in enumerate(zip(adv, dims, strict=True)) if not _is_value(k)}
     if len(consts) == len(adv):
-        lin = np.zeros((), np.int64)
+        flat = np.zeros((), np.int64)
         for i, s in enumerate(strides):
-            lin = lin + consts[i] * s
-        return bind("take", y, lin, axis=pos)
+            flat = flat + consts[i] * s
+        return bind("take", y, flat, axis=pos)
     # computed indices: wrap negatives as numpy does; an index out of range on any axis makes the
     # linear index point past the merged axis, so the gather raises IndexError instead of picking
     # an element of a neighbouring row
@@ -680,6 +681,10 @@ class ArrayMethods:
 
     __slots__ = ()
     __array_priority__ = 1000
+
+    if TYPE_CHECKING:  # given by the concrete class (a traced value's attribute, a tensor's property)
+        @property
+        def shape(self) -> tuple[int, ...]: ...
 
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         return array_ufunc(ufunc, method, *inputs, **kwargs)

@@ -568,8 +568,10 @@ class LBFGS(Optimizer):
             ls_func_evals = 0
             if self.line_search == "strong_wolfe":
                 # torch passes its line search the default tolerance_change=1e-9, not the optimiser's
-                loss, flat_grad, t, ls_func_evals = _strong_wolfe(lambda step, x0=x, d0=d: evaluate(x0 + step * d0), t, d,
-                                                                  loss, flat_grad, gtd, tolerance_change=1e-9,
+                def along(step: float, x0: np.ndarray = x, d0: np.ndarray = d) -> Any:
+                    return evaluate(x0 + step * d0)
+
+                loss, flat_grad, t, ls_func_evals = _strong_wolfe(along, t, d, loss, flat_grad, gtd, tolerance_change=1e-9,
                                                                   max_ls=max_eval - current_evals)
                 x = x + t * d
                 opt_cond = float(np.abs(flat_grad).max()) <= tolerance_grad

@@ -76,6 +76,7 @@ class _Use:
     """One operand of a recorded op, as it was when the op ran."""
 
     __slots__ = ("leaf", "node", "saved", "storage", "value", "version")
+    storage: _Storage | None
 
     def __init__(self, operand: Any, saved: bool):
         if isinstance(operand, Tensor):
@@ -83,7 +84,7 @@ class _Use:
             self.leaf = operand if operand.requires_grad and operand._node is None else None
             self.value, self.storage, self.version = operand.data, operand._st, operand._st.version
         else:  # a plain array or number: nothing can change it
-            self.node = self.leaf = self.storage = None
+            self.node, self.leaf, self.storage = None, None, None
             self.value, self.version = np.asarray(operand), 0
         # a plain operand cannot change, so it is never checked (torch does save `2` in x * 2: a second
         # backward of that raises in torch, and runs here)

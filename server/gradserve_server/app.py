@@ -4,6 +4,7 @@ graceful shutdown."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hmac
 import logging
 import os
@@ -12,8 +13,8 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,7 +64,7 @@ class Config:
     checkpoint_seconds: float = 30.0
 
 
-def start_pool(config: Config) -> tuple[Any, Policy]:
+def start_pool(config: Config) -> tuple[RayPool | None, Policy]:
     """Ray and the worker pool the config asks for (None: everything in process)."""
     if not config.ray and config.ray_address is None:
         return None, Policy()
@@ -152,16 +153,17 @@ class Server:
             self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        self.metrics.gauge_fn("gradserve_workers", lambda: self.pool.size if self.pool is not None else 0)
+        pool = self.pool
+        self.metrics.gauge_fn("gradserve_workers", lambda: pool.size if pool is not None else 0)
         kernels = self.engine.kernels
         self.metrics.gauge_fn("gradserve_kernels_info", lambda: 1, mode=kernels.name, requested=config.kernels)
-        if self.pool is not None:
-            self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: self.pool.replaced)
+        if pool is not None:
+            self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: pool.replaced)
         if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes
             modes = self.engine.modes
             for mode in MODES:
-                self.metrics.gauge_fn("gradserve_calls_by_mode_total", lambda m=mode: modes[m], mode=mode)
-        self._http = None
+                self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(modes.__getitem__, mode), mode=mode)
+        self._http: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
 
     def start(self) -> Server:

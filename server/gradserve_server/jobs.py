@@ -10,6 +10,7 @@ from its last good checkpoint; finished results stay readable.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -112,7 +113,7 @@ class JobStore:
 
     def save_checkpoint(self, db: sqlite3.Connection, job_id: str, step: int, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads the keywords as allow_pickle
         data = buf.getvalue()
         db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                    (job_id, step, data, hashlib.sha256(data).hexdigest(), time.time()))
@@ -227,7 +228,7 @@ class JobManager:
                 job.step, job.loss, job.grad_norm = run.events[-1]
         return job
 
-    def history(self, job_id: str) -> tuple[list[float], list[float]]:
+    def history(self, job_id: str) -> tuple[builtins.list[float], builtins.list[float]]:
         self.get(job_id)
         run = self._runs.get(job_id)
         if run is not None:
@@ -278,7 +279,10 @@ class JobManager:
         sent = from_step
         while active():
             with run.changed:
-                run.changed.wait_for(lambda after=sent: len(run.events) > after or run.status in FINISHED, timeout=0.5)
+                def ready(after: int = sent) -> bool:
+                    return len(run.events) > after or run.status in FINISHED
+
+                run.changed.wait_for(ready, timeout=0.5)
                 new = run.events[sent:]  # events[i] is step i + 1
                 status, message = run.status, run.message
             for step, loss, gnorm in new:
@@ -413,8 +417,9 @@ class JobManager:
                 db.execute("UPDATE jobs SET status = 'running', updated = ? WHERE id = ?", (time.time(), run.job_id))
         rows, done = [], False
         until = time.monotonic() + self.quantum
-        while time.monotonic() < until and not run.cancel and not self._stopping:
-            info = next(run.steps_iter, None)
+        steps = run.steps_iter
+        while steps is not None and time.monotonic() < until and not run.cancel and not self._stopping:
+            info = next(steps, None)
             if info is None:
                 done = True
                 break

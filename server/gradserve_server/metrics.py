@@ -42,10 +42,10 @@ class Metrics:
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Count one answered RPC and its time: one lock for the three series."""
-        labels = (("method", method),)
+        labels: tuple[tuple[str, str], ...] = (("method", method),)
         with self._lock:
             v = self._values
-            key = ("gradserve_requests_total", (("code", code), ("method", method)))
+            key: tuple[str, tuple[tuple[str, str], ...]] = ("gradserve_requests_total", (("code", code), ("method", method)))
             v[key] = v.get(key, 0.0) + 1
             key = ("gradserve_request_seconds_sum", labels)
             v[key] = v.get(key, 0.0) + seconds

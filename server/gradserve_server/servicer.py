@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gradserve_engine.backend import Backend
 from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
@@ -56,7 +56,7 @@ def _classify(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.Sta
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
-def _parse(request_cls: type, raw: bytes) -> Any:
+def _parse(request_cls: type[Message], raw: bytes) -> Any:
     try:
         return request_cls.FromString(raw)
     except DecodeError as e:

@@ -191,8 +191,8 @@ class Engine(Backend):
         r = residuals
         batch: tuple[int, ...] = ()
         if batched:
-            sizes = {np.shape(c)[0] if np.ndim(c) else None for c in cotangents.values()}
-            if len(sizes) != 1 or None in sizes:
+            sizes = {np.shape(c)[0] if np.ndim(c) else -1 for c in cotangents.values()}
+            if len(sizes) != 1 or -1 in sizes:
                 raise ShapeError(f"batched cotangents need one common leading axis, got shapes "
                                  f"{ {k: np.shape(c) for k, c in cotangents.items()} }")
             batch = (sizes.pop(),)

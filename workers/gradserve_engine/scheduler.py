@@ -162,18 +162,18 @@ class DistributedEngine(Backend):
             key = ("shard", graph.id, tuple(sorted(batch_axes.items())))
             sharding = self._memo(key, lambda: analyze(graph, batch_axes))  # refuses graphs that mix examples
         if mode is None:
-            key = (graph.id, sharding is not None)
-            mode = self._decided.get(key)
+            decided = (graph.id, sharding is not None)
+            mode = self._decided.get(decided)
             if mode is None:
                 if len(self._decided) > 4096:
                     self._decided.clear()
-                mode = self._decided[key] = self._choose(graph, self._flops(graph), sharding)
+                mode = self._decided[decided] = self._choose(graph, self._flops(graph), sharding)
             if mode == "in_process":
                 self.modes[mode] += 1
                 return self.engine.vjp(graph, inputs, wrt, seeds, outputs)
         chosen = mode
         if chosen == "data_parallel":
-            if sharding is None:
+            if sharding is None or not batch_axes:
                 raise GraphError("data-parallel execution needs batch_axes naming the batched inputs")
             return self._data_parallel(graph, sharding, batch_axes, inputs, wrt, seeds, outputs)
         if chosen == "graph_parallel":
@@ -254,8 +254,9 @@ class DistributedEngine(Backend):
                                              part.index)) for part in stage]
             for result in self.pool.get(handles, deadline):
                 values.update(result)
-            if p.driver[s] is not None:
-                values.update(self.engine.evaluate(p.driver[s], {n: values[n] for n in p.driver[s].input_names()}))
+            driver = p.driver[s]
+            if driver is not None:
+                values.update(self.engine.evaluate(driver, {n: values[n] for n in driver.input_names()}))
         first = p.joint.first_node_id
         named = {}
         for name, vid in p.joint.outputs:
