@@ -233,11 +233,11 @@ class _Selection:
     `(by argnums, by argnames)` when both are given."""
 
     def __init__(self, argnums: int | Sequence[int] | None, argnames: str | Sequence[str] | None):
+        self.both = argnames is not None and argnums is not None
         if argnums is None:
             argnums = 0 if argnames is None else ()
-        self.both = argnames is not None and argnums != ()
-        self.nums_multi = not isinstance(argnums, int)
-        self.nums = tuple(argnums) if self.nums_multi else (argnums,)
+        self.nums_multi = not isinstance(argnums, int) and (argnames is None or self.both)
+        self.nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         self.names_multi = argnames is not None and not isinstance(argnames, str)
         self.names = () if argnames is None else (tuple(argnames) if self.names_multi else (argnames,))
         self.by_name = argnames is not None

@@ -25,8 +25,10 @@ NAMESPACE = "gradserve"
 # Leaves in the order the user wrote the dict (optree sorts dict keys by default): graph inputs
 # keep the order of the code, and the graphs, their ids and the stored ones stay what they were
 # before optree. The setting is per namespace, so it touches no other user of optree; entered for
-# the life of the process.
-optree.dict_insertion_ordered(True, namespace=NAMESPACE).__enter__()
+# the life of the process (the reference keeps the context manager from being collected, which
+# would restore the sorted order).
+_INSERTION_ORDERED = optree.dict_insertion_ordered(True, namespace=NAMESPACE)
+_INSERTION_ORDERED.__enter__()
 
 # leaf types that are never an unregistered dataclass (the check is on every call's path)
 _PLAIN = frozenset({np.ndarray, float, int, bool, str, bytes, complex, type(None), np.float64, np.float32,
