@@ -297,6 +297,22 @@ def test_captured_array_in_python_control_flow_is_a_guarded_constant():
     assert any("closure 'gate' changed f64[1]" in r for r in gs.cache_info().reasons)
 
 
+def test_an_error_of_the_function_keeps_captured_arrays_inputs(traces):
+    a = np.ones(3)
+
+    def f(x):
+        return (a * x).sum()
+
+    g = gs.grad(f)
+    with pytest.raises(gs.ShapeError, match=r"mul\(f64\[3\], f64\[4\]\)"):
+        g(np.ones(4))  # the function's own error, as a plain trace reports it
+    np.testing.assert_allclose(g(X), np.ones(3))
+    n = traces[0]
+    a[:] = 2.0
+    np.testing.assert_allclose(g(X), np.full(3, 2.0))
+    assert traces[0] == n  # still an input: no retrace for the new contents
+
+
 # ---------------------------------------------------------------- against a real server
 
 

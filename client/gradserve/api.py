@@ -298,9 +298,11 @@ class Functional:
         cap = self._captures.get((f, constants))
         return cap if cap is not None else self._rescan(f, constants)
 
-    def _rescan(self, f: Callable, constants: bool, force: bool = False) -> Capture:
-        old = self._captures.get((f, constants))
-        cap = Capture(f, constants or force or (old is not None and old.constants))
+    def _rescan(self, f: Callable, constants: bool, cap: Capture | None = None) -> Capture:
+        """Scan `f` afresh (or take `cap`) as its current capture; the constants fallback sticks."""
+        if cap is None:
+            old = self._captures.get((f, constants))
+            cap = Capture(f, constants or (old is not None and old.constants))
         with self._lock:
             if len(self._captures) > 4096:
                 self._captures.clear()
@@ -343,13 +345,14 @@ class Functional:
                     raise
                 # captured arrays met something a traced value cannot do (Python control flow,
                 # a numpy function gradserve does not trace): constants, guarded by contents
-                cap = self._rescan(f, constants, force=True)
+                cap = Capture(f, constants=True)
                 ckey, captured, values = cap.read()
                 cap_text = cap.describe(values)
                 try:
                     t = trace_function(f, args, kwargs, cap, values)
-                except Exception as e2:
+                except Exception as e2:  # an error of the function itself: the plain trace's
                     raise e2 from None
+                self._rescan(f, constants, cap)  # only once constants did trace
                 first = str(e).splitlines()[0] if str(e) else ""
                 why += (f"; tracing its captured arrays failed ({type(e).__name__}: {first[:120]}), so they are "
                         "constants of the graph and a change of their contents retraces")
