@@ -50,10 +50,12 @@ def misses():
 @pytest.fixture(autouse=True)
 def _restore_globals():
     saved = {k: globals()[k] for k in ("W", "SCALE", "SQUARE", "PARAMS", "V")}
+    model_w = MODEL.w.copy()
     copies = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in saved.items()}
     copies["PARAMS"] = {"w": saved["PARAMS"]["w"].copy(), "b": saved["PARAMS"]["b"]}
     yield
     globals().update(copies)
+    MODEL.w = model_w
 
 
 @pytest.fixture
@@ -155,6 +157,66 @@ def test_captured_default_and_bound_method_state(traces):
     model.w[:] = 0.5
     np.testing.assert_allclose(gf(X), np.full(3, 4.0))
     np.testing.assert_allclose(gm(X), X)
+    assert traces[0] == n
+
+
+class PlainModel:
+    """No container: its attributes that its methods (or the traced code) name are captured."""
+
+    def __init__(self):
+        self.w = np.ones(3)
+        self.scale = 1.0
+        self.name = "plain"
+
+    def loss(self, x):
+        return (self.predict(x) ** 2).sum() * self.scale
+
+    def predict(self, x):
+        return self.w * x
+
+
+MODEL = PlainModel()
+
+
+def uses_model(x):
+    return MODEL.predict(x).sum()
+
+
+def test_attributes_of_plain_objects_and_modules(traces, tmp_path):
+    model = PlainModel()
+    g = gs.grad(model.loss)
+    np.testing.assert_allclose(g(X), 2 * X)
+    assert gs.trace(model.loss, X).input_names() == ["x", "<self>.w"]
+    n = traces[0]
+    model.w[:] = 3.0  # in place
+    np.testing.assert_allclose(g(X), 18 * X)
+    model.w = np.full(3, 2.0)  # rebound attribute
+    np.testing.assert_allclose(g(X), 8 * X)
+    assert traces[0] == n
+    model.scale = 2.0  # a guarded scalar attribute
+    np.testing.assert_allclose(g(X), 16 * X)
+    assert any("attribute 'scale' of self changed 1.0 -> 2.0" in r for r in gs.cache_info().reasons)
+
+    gm = gs.grad(uses_model)  # a global object, through a method it calls
+    np.testing.assert_allclose(gm(X), np.ones(3))
+    assert gs.trace(uses_model, X).input_names() == ["x", "<global>.MODEL.w"]
+    MODEL.w[:] = 4.0
+    np.testing.assert_allclose(gm(X), np.full(3, 4.0))
+
+    import types
+
+    config = types.ModuleType("config")  # a module of user code, read by attribute
+    config.__file__ = str(tmp_path / "config.py")
+    config.W = np.ones(3)
+
+    def reads_module(x):
+        return (config.W * x).sum()
+
+    gc = gs.grad(reads_module)
+    np.testing.assert_allclose(gc(X), np.ones(3))
+    n = traces[0]
+    config.W[:] = -1.0
+    np.testing.assert_allclose(gc(X), -np.ones(3))
     assert traces[0] == n
 
 

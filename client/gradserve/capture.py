@@ -10,17 +10,19 @@ through) are scanned the same way, up to `MAX_FUNCTIONS` of them. Each such plac
   container (dict, list, tuple, namedtuple, dataclass, registered node), are inputs of the graph,
   named `<closure>.W`, `<global>.W`, `<default>.W`, `<self>.W` (plus the path into a container:
   `<global>.params.w1`; a helper's closure is `<closure>.helper.W`, another module's global
-  `<global:module>.W`). Names beginning with `<` cannot be a parameter's. Their values are read
-  and sent at every call; only a changed shape or dtype retraces.
+  `<global:module>.W`; a plain object's attribute `<self>.W`, `<global>.model.W`). Names
+  beginning with `<` cannot be a parameter's. Their values are read and sent at every call;
+  only a changed shape or dtype retraces.
 - Python scalars, strings, bytes and None are guards: the trace keeps the value it saw, and a
   changed value retraces ("trace miss: global 'scale' changed 1.0 -> 10").
 - anything else (modules, functions, classes, other objects) is guarded by identity: rebinding
-  the name retraces. What such an object holds (a module's attributes, an object's fields) is
-  read at trace time and is not guarded.
+  the name retraces. A plain object (of a class of user code, no container) or a user module
+  is looked into: its attributes that the reading code or the class's methods name are sources
+  as above. What other objects hold is read at trace time and is not guarded.
 
 To trace, gradserve calls a copy of the function whose captured arrays are traced values: new
-closure cells, and a copy of its module's globals where a global is replaced (so a `global`
-statement's assignment during tracing lands in the copy). If tracing with traced captured
+closure cells, a copy of its module's globals where a global is replaced, a shallow copy of a
+plain object whose attribute is (so an assignment to them during tracing lands in the copy). If tracing with traced captured
 arrays fails (they met Python control flow, or a numpy function gradserve does not trace), the
 function is traced again with them as constants, guarded by their contents instead: still
 never stale, but a changed value then retraces. `constants=True` asks for that mode directly.
@@ -33,6 +35,7 @@ import functools
 import hashlib
 import os
 import site
+import sys
 import sysconfig
 import types
 import weakref
@@ -47,6 +50,7 @@ from gradserve_engine.ops.core import DTYPES, dtype_name
 from .pytree import flatten, tree_flatten, unflatten
 
 MAX_FUNCTIONS = 64
+MAX_SOURCES = 1024
 _MISSING = type("_Missing", (), {"__repr__": lambda self: "<unbound>"})()
 _VALUE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
 _OPAQUE_TYPES = frozenset({types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
@@ -75,6 +79,30 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(names)
 
 
+@functools.lru_cache(maxsize=4096)
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    """Every name the code (and code nested in it) uses: globals, attributes, methods."""
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _class_names(cls: type) -> frozenset[str]:
+    """The names the methods (and properties) of a user class use."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        for member in vars(klass).values():
+            fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if isinstance(fn, types.FunctionType) and _is_user_code(fn.__code__.co_filename):
+                names |= _code_names(fn.__code__)
+    return frozenset(names)
+
+
 def _library_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
@@ -100,17 +128,43 @@ def _is_user_code(filename: str) -> bool:
     return not os.path.realpath(filename).startswith(_LIBRARY)
 
 
+@functools.lru_cache(maxsize=1024)
+def _plain_class(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    file = getattr(module, "__file__", None)
+    return cls.__new__ is object.__new__ and (file is None or _is_user_code(file))
+
+
+def _plain(obj: Any) -> str | None:
+    """"instance" for an object of a user class whose attributes gradserve reads (a plain one:
+    no container, array or value), "module" for a module of user code, else None."""
+    t = type(obj)
+    if t is types.ModuleType:
+        file = getattr(obj, "__file__", None)
+        return "module" if file is not None and _is_user_code(file) else None
+    if t in _VALUE_TYPES or t in _OPAQUE_TYPES or _is_array(obj) or not hasattr(obj, "__dict__"):
+        return None
+    if not _plain_class(t) or not tree_flatten(obj)[1].is_leaf():
+        return None
+    return "instance"
+
+
+def _attr_getter(obj: Any, name: str) -> Callable[[], Any]:
+    return lambda: vars(obj).get(name, _MISSING)
+
+
 # ---------------------------------------------------------------- sources and the functions that read them
 
 
 class Source:
     """One place a captured value is read from."""
 
-    __slots__ = ("get", "label", "node", "where")
+    __slots__ = ("attrs", "get", "label", "node", "where")
 
     def __init__(self, label: str, where: str, get: Callable[[], Any]):
         self.label, self.where, self.get = label, where, get
         self.node: Node | None = None  # the callable it holds, when it is one gradserve looks into
+        self.attrs: list[tuple[str, Source]] = []  # attributes read of the plain object it holds
 
 
 class Node:
@@ -166,13 +220,19 @@ class Capture:
         self._nodes: dict[int, Node | None] = {}
         self._keep: list[Any] = []  # what the places' ids refer to, kept alive
         self._main_globals: dict | None = None
+        self._expanding: set[int] = set()
         self.top = self._node(f, main=True)
         self.layout = tuple(s.label for s in self.sources)
 
     # ---- scanning
-    def _source(self, place: Any, label: str, where: str, get: Callable[[], Any], owner: Any) -> Source:
+    def _source(self, place: Any, label: str, where: str, get: Callable[[], Any], owner: Any,
+                names: frozenset[str] = frozenset()) -> Source:
+        """The source at `place` (one per place); `names`: the names the reading code uses, for
+        the attributes of a plain object it holds."""
         s = self._by_place.get(place)
         if s is not None:
+            if names:
+                self._attributes(s, s.get(), names)
             return s
         base, k = label, 2
         while label in self._labels:
@@ -185,7 +245,25 @@ class Capture:
         value = get()
         if callable(value) and len(self._nodes) < MAX_FUNCTIONS:
             s.node = self._node(value)
+        if names:
+            self._attributes(s, value, names)
         return s
+
+    def _attributes(self, s: Source, obj: Any, names: frozenset[str]) -> None:
+        """Sources for the attributes of a plain object (of a class or module of user code) that
+        the reading code, or its class's methods, may read: `<global>.model.W`, `<self>.W`."""
+        kind = _plain(obj)
+        if kind is None or len(self.sources) >= MAX_SOURCES or id(s) in self._expanding:
+            return
+        self._expanding.add(id(s))  # an object that holds itself ends here
+        wanted = names | _class_names(type(obj)) if kind == "instance" else names
+        have = {name for name, _ in s.attrs}
+        for name in list(vars(obj)):
+            if name in wanted and name not in have and not name.startswith("__"):
+                sub = self._source(("attr", id(obj), name), f"{s.label}.{name}", f"attribute '{name}' of {s.where}",
+                                   _attr_getter(obj, name), obj, names)
+                s.attrs.append((name, sub))
+        self._expanding.discard(id(s))
 
     def _node(self, value: Any, main: bool = False) -> Node | None:
         key = id(value)
@@ -212,7 +290,8 @@ class Capture:
                 node.child = child
                 obj = value.__self__
                 node.self_source = self._source(("self", id(obj)), "<self>" if main else f"<self>.{value.__name__}",
-                                                "self" if main else f"self of {value.__qualname__}", lambda: obj, obj)
+                                                "self" if main else f"self of {value.__qualname__}", lambda: obj, obj,
+                                                _code_names(value.__func__.__code__))
             else:
                 node = self._nodes[key] = None
         elif isinstance(value, functools.partial):
@@ -229,9 +308,10 @@ class Capture:
             self._main_globals = fn.__globals__
         tag = "" if main else f".{fn.__name__}"
         of = "" if main else f" of {fn.__qualname__}"
+        names = _code_names(code)
         for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
             node.cells.append(self._source(("cell", id(cell)), f"<closure>{tag}.{name}", f"closure '{name}'{of}",
-                                           _cell_getter(cell), cell))
+                                           _cell_getter(cell), cell, names))
         g = fn.__globals__
         for name in _global_names(code):
             if g is self._main_globals:
@@ -240,7 +320,7 @@ class Capture:
                 module = g.get("__name__", "?")
                 label, where = f"<global:{module}>.{name}", f"global '{name}' of {module}"
             node.globals.append((name, self._source(("global", id(g), name), label, where,
-                                                    functools.partial(g.get, name, _MISSING), g)))
+                                                    functools.partial(g.get, name, _MISSING), g, names)))
         params = code.co_varnames[:code.co_argcount]
         for i, _ in enumerate(fn.__defaults__ or ()):
             name = params[len(params) - len(fn.__defaults__) + i]
@@ -303,27 +383,47 @@ class _Rebuild:
         self.memo: dict[int, Any] = {}
         self.globals: dict[int, dict] = {}
         self.cells: dict[int, types.CellType] = {}
-        self.needs: set[int] = set()
+        self.needs: set[int] = set()  # ids of the callables to copy
+        self.substituted: set[int] = set()  # ids of the sources whose value is replaced
         nodes = [n for n in cap._nodes.values() if n is not None]
         changed = True
-        while changed:  # a callable is copied when a value it reads is, or a callable it reads is copied
-            changed = False
+        while changed:  # a callable is copied when a value it reads is replaced; a value is replaced
+            changed = False  # when it has traced arrays, is a copied callable, or an object with such attributes
+            for s in cap.sources:
+                if id(s) not in self.substituted and (id(s) in subs or (s.node is not None and id(s.node) in self.needs)
+                                                      or any(id(a) in self.substituted for _, a in s.attrs)):
+                    self.substituted.add(id(s))
+                    changed = True
             for n in nodes:
-                if id(n) in self.needs:
-                    continue
-                if any(self._substituted(s) for s in n.sources()) or (n.child is not None and id(n.child) in self.needs):
+                if id(n) not in self.needs and (any(id(s) in self.substituted for s in n.sources())
+                                                or (n.child is not None and id(n.child) in self.needs)):
                     self.needs.add(id(n))
                     changed = True
 
     def _substituted(self, s: Source) -> bool:
-        return id(s) in self.subs or (s.node is not None and id(s.node) in self.needs)
+        return id(s) in self.substituted
 
     def value(self, s: Source) -> Any:
         if id(s) in self.subs:
             return self.subs[id(s)]
         if s.node is not None and id(s.node) in self.needs:
             return self.callable(s.node)
+        if id(s) in self.substituted and s.attrs:
+            return self._clone(s)
         return s.get()
+
+    def _clone(self, s: Source) -> Any:
+        """A shallow copy of the plain object `s` holds, with its substituted attributes."""
+        if id(s) in self.memo:
+            return self.memo[id(s)]
+        obj = s.get()
+        clone = types.ModuleType(obj.__name__) if isinstance(obj, types.ModuleType) else object.__new__(type(obj))
+        self.memo[id(s)] = clone
+        vars(clone).update(vars(obj))
+        for name, a in s.attrs:
+            if self._substituted(a):
+                vars(clone)[name] = self.value(a)
+        return clone
 
     def callable(self, node: Node) -> Any:
         if id(node) not in self.needs:
