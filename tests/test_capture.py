@@ -342,6 +342,44 @@ def test_rebinding_a_called_function(traces):
     np.testing.assert_allclose(g(X), 3 * X**2)
 
 
+TRACES_SEEN = 0
+
+
+def counts_its_traces(x):
+    global TRACES_SEEN
+    TRACES_SEEN += 1
+    return (W * x).sum()
+
+
+def test_assignments_while_tracing_reach_the_originals():
+    gs.grad(counts_its_traces)(X)  # traced through a copy of the globals (W is a traced value there)
+    assert TRACES_SEEN == 1
+    hits = []
+
+    def make():
+        a = np.ones(3)
+        calls = 0
+
+        def f(x):
+            nonlocal calls
+            calls += 1
+            hits.append(calls)
+            return (a * x).sum()
+
+        return f
+
+    gs.grad(make())(X)
+    assert hits == [1]
+    model = PlainModel()
+
+    def traced_method(x):
+        model.name = "traced"
+        return model.loss(x)
+
+    gs.grad(traced_method)(X)
+    assert model.name == "traced"
+
+
 # ---------------------------------------------------------------- arrays a trace cannot take: constants, guarded by contents
 
 

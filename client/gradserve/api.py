@@ -193,8 +193,11 @@ def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = 
         capture = Capture(f)
     if captured is None:
         captured = capture.read()[2]
-    fn, cap_inputs = capture.substitute(b, captured)
-    out = fn(*traced_args, **traced_kwargs)
+    fn, cap_inputs, done = capture.substitute(b, captured)
+    try:
+        out = fn(*traced_args, **traced_kwargs)
+    finally:
+        done()
     out_leaves, out_treedef = flatten(out, "out")
     if out_treedef.is_leaf():
         out_leaves = [("out", out)]

@@ -22,7 +22,8 @@ through) are scanned the same way, up to `MAX_FUNCTIONS` of them. Each such plac
 
 To trace, gradserve calls a copy of the function whose captured arrays are traced values: new
 closure cells, a copy of its module's globals where a global is replaced, a shallow copy of a
-plain object whose attribute is (so an assignment to them during tracing lands in the copy). If tracing with traced captured
+plain object whose attribute is; what the function assigns to them while tracing (a `global`
+counter, say) is carried back to the originals afterwards. If tracing with traced captured
 arrays fails (they met Python control flow, or a numpy function gradserve does not trace), the
 function is traced again with them as constants, guarded by their contents instead: still
 never stale, but a changed value then retraces. `constants=True` asks for that mode directly.
@@ -345,9 +346,11 @@ class Capture:
         return {s.where: _describe(v, self.constants) for s, v in zip(self.sources, values, strict=True)}
 
     # ---- tracing
-    def substitute(self, b: Builder, values: list[Any]) -> tuple[Callable, list[tuple[int, str]]]:
+    def substitute(self, b: Builder, values: list[Any]) -> tuple[Callable, list[tuple[int, str]], Callable[[], None]]:
         """The function to trace, reading traced values for its captured arrays (declared as
-        inputs of `b`), and `(index into read()'s arrays, input name)` for each input."""
+        inputs of `b`), `(index into read()'s arrays, input name)` for each input, and `done()`
+        to call after tracing: it carries what the function assigned to the copies (a global,
+        a nonlocal, an attribute) back to the originals."""
         inputs: list[tuple[int, str]] = []
         subs: dict[int, Any] = {}  # id(source) -> its substitute
         k = 0
@@ -364,8 +367,9 @@ class Capture:
                 k += 1
             subs[id(s)] = new[0] if spec is None else unflatten(spec, new)
         if self.top is None or not subs:
-            return self.f, inputs
-        return _Rebuild(self, subs).callable(self.top), inputs
+            return self.f, inputs, _nothing
+        rebuild = _Rebuild(self, subs)
+        return rebuild.callable(self.top), inputs, rebuild.write_back
 
     def has_constant_candidates(self, values: list[Any]) -> bool:
         """Whether tracing with constants would differ: a captured array that is not traced."""
@@ -373,6 +377,10 @@ class Capture:
         for v in values:
             _value_key(v, feed, False)
         return any(not isinstance(a, Var) for a in feed)
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Rebuild:
@@ -383,6 +391,8 @@ class _Rebuild:
         self.memo: dict[int, Any] = {}
         self.globals: dict[int, dict] = {}
         self.cells: dict[int, types.CellType] = {}
+        self.dicts: list[tuple[dict, dict, dict[str, Any], set[str]]] = []  # (original, copy, what was put, keys)
+        self.new_cells: list[tuple[types.CellType, types.CellType, Any]] = []  # (original, copy, what was put)
         self.needs: set[int] = set()  # ids of the callables to copy
         self.substituted: set[int] = set()  # ids of the sources whose value is replaced
         nodes = [n for n in cap._nodes.values() if n is not None]
@@ -420,10 +430,28 @@ class _Rebuild:
         clone = types.ModuleType(obj.__name__) if isinstance(obj, types.ModuleType) else object.__new__(type(obj))
         self.memo[id(s)] = clone
         vars(clone).update(vars(obj))
+        put = {}
         for name, a in s.attrs:
             if self._substituted(a):
-                vars(clone)[name] = self.value(a)
+                vars(clone)[name] = put[name] = self.value(a)
+        self.dicts.append((vars(obj), vars(clone), put, set(vars(clone))))
         return clone
+
+    def write_back(self) -> None:
+        """Carry the assignments the traced function made to the copies over to the originals."""
+        for original, copy, put, keys in self.dicts:
+            for k, v in list(copy.items()):
+                if (v is not put[k]) if k in put else (original.get(k, _MISSING) is not v):
+                    original[k] = v
+            for k in keys - set(copy):
+                original.pop(k, None)
+        for original, copy, put in self.new_cells:
+            try:
+                v = copy.cell_contents
+            except ValueError:
+                continue
+            if v is not put:
+                original.cell_contents = v
 
     def callable(self, node: Node) -> Any:
         if id(node) not in self.needs:
@@ -459,7 +487,7 @@ class _Rebuild:
             if s is not None and self._substituted(s):
                 if id(cell) not in self.cells:
                     self.cells[id(cell)] = types.CellType()
-                    fill.append((self.cells[id(cell)], s))
+                    fill.append((cell, self.cells[id(cell)], s))
                 cell = self.cells[id(cell)]
             closure.append(cell)
         new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, tuple(closure) if fn.__closure__ else None)
@@ -469,8 +497,9 @@ class _Rebuild:
         self.memo[id(node)] = new  # before filling: the values may be copies that read this one
         if fill_globals:
             self._fill_globals(original)
-        for cell, s in fill:
+        for original, cell, s in fill:
             cell.cell_contents = self.value(s)
+            self.new_cells.append((original, cell, cell.cell_contents))
         if node.defaults:
             new.__defaults__ = tuple(self.value(s) for s in node.defaults)
         for name, s in node.kwdefaults:
@@ -479,12 +508,14 @@ class _Rebuild:
 
     def _fill_globals(self, g: dict) -> None:
         copy = self.globals[id(g)]
+        put: dict[str, Any] = {}
         for n in self.cap._nodes.values():
             if n is None or n.kind != "function" or n.obj.__globals__ is not g:
                 continue
             for name, s in n.globals:
                 if self._substituted(s):
-                    copy[name] = self.value(s)
+                    copy[name] = put[name] = self.value(s)
+        self.dicts.append((g, copy, put, set(copy)))
 
 
 # ---------------------------------------------------------------- values
