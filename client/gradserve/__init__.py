@@ -12,7 +12,7 @@ from gradserve_engine.errors import GraphError, LimitError, ShapeError
 from gradserve_engine.ir import Graph, Limits
 
 from . import numpy_api, optim
-from .api import flatten, unflatten
+from .api import flatten, register_pytree_node, unflatten
 from .local import (
     cache_info,
     clear_cache,
@@ -114,7 +114,7 @@ __all__ = [
     "flatten", "floor", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",
     "less", "less_equal", "log", "log1p", "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "min",
     "minimum", "mse", "multiply", "negative", "no_grad", "norm", "not_equal", "ones_like", "pad", "power", "relu",
-    "reshape", "sigmoid", "sign", "sin", "softmax", "sqrt", "square", "squeeze", "stack", "stop_gradient",
+    "register_pytree_node", "reshape", "sigmoid", "sign", "sin", "softmax", "sqrt", "square", "squeeze", "stack", "stop_gradient",
     "subtract", "sum", "swapaxes", "take", "tan", "tanh", "tensor", "trace", "transpose", "unflatten",
     "value_and_grad", "var", "vjp", "where", "zero_grad", "zeros_like",
 ]

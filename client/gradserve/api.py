@@ -1,9 +1,12 @@
 """The functional AD API (grad, value_and_grad, vjp, jvp, jacobian, hessian, hvp, trace).
 
-A function is traced once per input signature (pytree structure, shapes, dtypes) into a Graph
-whose inputs take the Python parameter names; the engine differentiates and runs it. The same
-functions serve the local session (embedded engine) and, through `Session`, a remote one.
-Called on traced values, they inline into the outer trace, so transforms nest.
+A function is traced once per input signature (pytree structure, shapes, dtypes of the
+arguments, positional and keyword, and of the arrays it captures; values of the Python scalars
+it captures) into a Graph whose inputs take the Python parameter names; the engine
+differentiates and runs it. Arrays the function reads from closures, globals and defaults are
+inputs too, read at every call (see `capture.py`). The same functions serve the local session
+(embedded engine) and, through `Session`, a remote one. Called on traced values, they inline
+into the outer trace, so transforms nest.
 """
 
 from __future__ import annotations
@@ -22,50 +25,11 @@ from gradserve_engine.names import GRAD
 from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name
 from gradserve_engine.shard import analyze
 
+from .capture import Capture, register_transform
 from .numpy_api import Traced, dtype_of
+from .pytree import flatten, register_pytree_node, tree_flatten, unflatten
 
-# ---------------------------------------------------------------- pytrees
-
-
-def _is_leaf(x: Any) -> bool:
-    return not isinstance(x, (dict, list, tuple))
-
-
-def flatten(tree: Any, prefix: str) -> tuple[list[tuple[str, Any]], Any]:
-    """Leaves with their names (`params.w1`, `xs[0]`) and a structure to rebuild the tree."""
-    if isinstance(tree, dict):
-        leaves, defs = [], []
-        for k in tree:
-            if not isinstance(k, str):
-                raise TypeError(f"dict keys in arguments must be strings, got {k!r} in {prefix}")
-            sub, d = flatten(tree[k], f"{prefix}.{k}")
-            leaves += sub
-            defs.append((k, d))
-        return leaves, ("dict", tuple(defs))
-    if isinstance(tree, (list, tuple)):
-        leaves, defs = [], []
-        for i, v in enumerate(tree):
-            sub, d = flatten(v, f"{prefix}[{i}]")
-            leaves += sub
-            defs.append(d)
-        return leaves, (type(tree).__name__, tuple(defs))
-    return [(prefix, tree)], "*"
-
-
-def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
-    return _build(treedef, iter(leaves))
-
-
-def _build(d: Any, it: Any) -> Any:
-    # a module-level function, not a closure: a self-referencing closure would form a reference
-    # cycle that keeps every call's results alive until the cycle collector runs
-    if d == "*":
-        return next(it)
-    kind, children = d
-    if kind == "dict":
-        return {k: _build(c, it) for k, c in children}
-    items = [_build(c, it) for c in children]
-    return tuple(items) if kind == "tuple" else items
+# ---------------------------------------------------------------- leaves
 
 
 def _is_array_leaf(x: Any) -> bool:
@@ -83,17 +47,14 @@ def _as_array(x: Any) -> Any:
     return a
 
 
-def _fast_key(x: Any) -> Any:
-    """A hashable key of a call's argument structure, dtypes and shapes (cheap: the hot path)."""
+def _leaf_key(x: Any) -> Any:
+    """A hashable key of one argument leaf: dtype and shape of an array, the value of static data
+    (cheap: the hot path)."""
     t = type(x)
     if t is np.ndarray:
         return (x.dtype, x.shape)
     if t is float or t is int or t is bool:
         return t
-    if t is tuple or t is list:
-        return (t, tuple(_fast_key(v) for v in x))
-    if t is dict:
-        return (dict, tuple(x), tuple(_fast_key(v) for v in x.values()))
     if isinstance(x, Var):
         return (Var, x.dtype, x.shape)
     if isinstance(x, np.generic):
@@ -110,21 +71,36 @@ def _fast_key(x: Any) -> Any:
 _SCALAR = {float: np.float64, int: np.int64, bool: np.bool_}
 
 
-def _leaves(x: Any, out: list[Any]) -> None:
-    """Append the array leaves of `x` in flatten order, as arrays (the hot path of a cached call)."""
+def _value(x: Any) -> Any:
+    """An array leaf as it is fed."""
     t = type(x)
-    if t is np.ndarray or isinstance(x, (Var, np.generic)):
-        out.append(x)
-    elif t in _SCALAR:
-        out.append(_SCALAR[t](x))
-    elif t is tuple or t is list:
-        for v in x:
-            _leaves(v, out)
-    elif t is dict:
-        for v in x.values():
-            _leaves(v, out)
-    elif hasattr(x, "__gradserve_array__"):
-        out.append(x.__gradserve_array__())
+    if t in _SCALAR:
+        return _SCALAR[t](x)
+    if t is not np.ndarray and hasattr(x, "__gradserve_array__"):
+        return x.__gradserve_array__()
+    return x
+
+
+def _leaves(x: Any, out: list[Any]) -> None:
+    """Append the array leaves of `x` in flatten order, as arrays."""
+    out.extend(_value(v) for v in tree_flatten(x)[0] if _is_array_leaf(v))
+
+
+def _leaf_text(x: Any) -> str:
+    if _is_array_leaf(x):
+        a = x if isinstance(x, Var) else _as_array(x)
+        return type_str(dtype_of(a), tuple(a.shape))
+    return repr(x)
+
+
+def _kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Keyword arguments in a canonical (sorted) order: their order in a call is no signature."""
+    if not kwargs:
+        return {}
+    for k in kwargs:
+        if k.startswith("<"):
+            raise ValueError(f"keyword argument {k!r}: names beginning with '<' are those of captured values")
+    return {k: kwargs[k] for k in sorted(kwargs)}
 
 
 # ---------------------------------------------------------------- tracing
@@ -146,55 +122,84 @@ def _param_names(f: Callable, n: int) -> list[str]:
     return names[:n]
 
 
+def _positional_param(f: Callable, k: int) -> str | None:
+    """The name of `f`'s positional parameter number `k` (for an argnum passed by keyword)."""
+    try:
+        params = [p for p in inspect.signature(f).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    except (TypeError, ValueError):
+        return None
+    return params[k].name if 0 <= k < len(params) else None
+
+
+def _named_leaves(f: Callable, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Every leaf of a call's arguments with its name, in the order of `tree_flatten((args, kwargs))`."""
+    out: list[tuple[str, Any]] = []
+    for name, a in zip(_param_names(f, len(args)), args, strict=True):
+        out += flatten(a, name)[0]
+    for k, v in kwargs.items():
+        out += flatten(v, k)[0]
+    return out
+
+
+def shaped_like(value: Any, label: str) -> Callable[[Mapping[str, Any]], Any]:
+    """`rebuild(results)`: a tree shaped like argument `value` (named `label`) holding the result
+    of each array leaf by input name (None where there is none: an integer array, say); leaves
+    that are static data keep their value. Computed once per signature, cheap to call."""
+    named, spec = flatten(value, label)
+    entries = [(n, _is_array_leaf(x), x) for n, x in named]
+
+    def rebuild(results: Mapping[str, Any]) -> Any:
+        return unflatten(spec, [results.get(n) if array else x for n, array, x in entries])
+
+    return rebuild
+
+
 class TracedFunction:
-    """A traced function for one input signature: its graph and how to map arguments."""
+    """A traced function for one input signature: its graph and how to map arguments.
 
-    def __init__(self, graph: Graph, in_names: list[str], out_treedef: Any, out_names: list[str]):
+    `in_names` are the graph's inputs: first the arguments' array leaves (`arg_leaves`: their
+    positions among the call's leaves), then the captured arrays the graph reads (`cap_arrays`:
+    their positions among `Capture.read()`'s arrays)."""
+
+    def __init__(self, graph: Graph, in_names: list[str], out_treedef: Any, out_names: list[str],
+                 arg_leaves: Sequence[int] = (), cap_arrays: Sequence[int] = (), capture: Capture | None = None):
         self.graph, self.in_names, self.out_treedef, self.out_names = graph, in_names, out_treedef, out_names
+        self.arg_leaves, self.cap_arrays, self.capture = list(arg_leaves), list(cap_arrays), capture
+        self.keep: Any = None  # the captured values whose ids the cache key holds
+
+    def values(self, leaves: Sequence[Any], captured: Sequence[Any]) -> list[Any]:
+        """The input values, in `in_names` order, from a call's leaves and its captured arrays."""
+        return [_value(leaves[i]) for i in self.arg_leaves] + [captured[i] for i in self.cap_arrays]
 
 
-def _signature(args: tuple) -> tuple:
-    leaves, treedef = flatten(list(args), "")
-    sig = []
-    for _, x in leaves:
-        if _is_array_leaf(x):
-            a = x if isinstance(x, Var) else _as_array(x)
-            sig.append((dtype_of(a), tuple(a.shape)))
-        else:
-            try:
-                hash(x)
-            except TypeError:
-                raise TypeError(f"argument leaf {x!r} is neither an array nor hashable static data") from None
-            sig.append(("static", x))
-    return treedef, tuple(sig)
-
-
-def _sig_text(names: list[str], sig: tuple) -> dict[str, str]:
-    return {n: (type_str(*s) if s[0] != "static" else repr(s[1])) for n, s in zip(names, sig, strict=True)}
-
-
-def trace_function(f: Callable, args: tuple) -> TracedFunction:
-    """Trace `f(*args)` into a graph: array leaves become inputs named after the parameters."""
-    names = _param_names(f, len(args))
-    leaves: list[tuple[str, Any]] = []
-    for name, a in zip(names, args, strict=True):
-        leaves += flatten(a, name)[0]
+def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None, capture: Capture | None = None,
+                   captured: list[Any] | None = None) -> TracedFunction:
+    """Trace `f(*args, **kwargs)` into a graph: array leaves become inputs named after the
+    parameters, and so do the arrays `f` captures (`<global>.W`, ...; see `capture.py`)."""
+    kwargs = _kwargs(kwargs)
+    named = _named_leaves(f, args, kwargs)
     b = Builder(Traced)
-    traced_leaves = []
-    in_names = []
-    for name, x in leaves:
+    traced_leaves, in_names, arg_leaves = [], [], []
+    for i, (name, x) in enumerate(named):
         if _is_array_leaf(x):
             a = _as_array(x)
-            v = b.input(name, dtype_of(a), tuple(a.shape))
+            traced_leaves.append(b.input(name, dtype_of(a), tuple(a.shape)))
             in_names.append(name)
-            traced_leaves.append(v)
+            arg_leaves.append(i)
         else:
             traced_leaves.append(x)
-    it = iter(traced_leaves)
-    traced_args = [unflatten(flatten(a, "")[1], [next(it) for _ in flatten(a, "")[0]]) for a in args]
-    out = f(*traced_args)
+    traced_args, traced_kwargs = unflatten(tree_flatten((args, kwargs))[1], traced_leaves)
+    if capture is None:
+        capture = Capture(f)
+    if captured is None:
+        captured = capture.read()[2]
+    fn, cap_inputs, done = capture.substitute(b, captured)
+    try:
+        out = fn(*traced_args, **traced_kwargs)
+    finally:
+        done()
     out_leaves, out_treedef = flatten(out, "out")
-    if out_treedef == "*":
+    if out_treedef.is_leaf():
         out_leaves = [("out", out)]
     outputs = []
     for name, v in out_leaves:
@@ -206,7 +211,69 @@ def trace_function(f: Callable, args: tuple) -> TracedFunction:
             raise GraphError(f"output {name} comes from another trace (a traced value leaked out of its function)")
         outputs.append((name, v))
     graph = b.build(outputs)
-    return TracedFunction(graph, in_names, out_treedef, [n for n, _ in out_leaves])
+    if cap_inputs:  # a captured array the computation does not read is no input (one only sized, say)
+        used = {i for n in graph.nodes for i in n.inputs} | {vid for _, vid in graph.outputs}
+        n = len(in_names)
+        dead = {k for k in range(len(cap_inputs)) if n + k not in used}
+        if dead:
+            b._inputs = [e for j, e in enumerate(b._inputs) if j - n not in dead]
+            graph = b.build(outputs)
+            cap_inputs = [c for k, c in enumerate(cap_inputs) if k not in dead]
+    t = TracedFunction(graph, in_names + [name for _, name in cap_inputs], out_treedef, [n for n, _ in out_leaves],
+                       arg_leaves, [k for k, _ in cap_inputs], capture)
+    t.keep = captured
+    return t
+
+
+# ---------------------------------------------------------------- which arguments a transform differentiates
+
+
+class _Selection:
+    """`argnums` (positions) and `argnames` (parameter or keyword names) of a transform.
+
+    argnums defaults to 0, or to none when argnames is given. The result is shaped like the
+    selection: one argument's gradient for an int (a str), a tuple for a sequence, and
+    `(by argnums, by argnames)` when both are given."""
+
+    def __init__(self, argnums: int | Sequence[int] | None, argnames: str | Sequence[str] | None):
+        self.both = argnames is not None and argnums is not None
+        if argnums is None:
+            argnums = 0 if argnames is None else ()
+        self.nums_multi = not isinstance(argnums, int) and (argnames is None or self.both)
+        self.nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+        self.names_multi = argnames is not None and not isinstance(argnames, str)
+        self.names = () if argnames is None else (tuple(argnames) if self.names_multi else (argnames,))
+        self.by_name = argnames is not None
+
+    def resolve(self, f: Callable, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """`(parameter name, value)` of each selected argument."""
+        names = _param_names(f, len(args))
+        out = []
+        for k in self.nums:
+            if -len(args) <= k < len(args):
+                out.append((names[k], args[k]))
+                continue
+            p = _positional_param(f, k)
+            if p is None or p not in kwargs:
+                raise ValueError(f"argnums {k} is out of range for {len(args)} positional arguments")
+            out.append((p, kwargs[p]))
+        for n in self.names:
+            if n in kwargs:
+                out.append((n, kwargs[n]))
+            elif n in names:
+                out.append((n, args[names.index(n)]))
+            else:
+                raise ValueError(f"argnames {n!r} names no argument of this call: positional {names}, "
+                                 f"keyword {list(kwargs)}")
+        return out
+
+    def pack(self, results: Sequence[Any]) -> Any:
+        by_num, by_name = list(results[:len(self.nums)]), list(results[len(self.nums):])
+        nums = tuple(by_num) if self.nums_multi else (by_num[0] if by_num else None)
+        if not self.by_name:
+            return nums
+        names = tuple(by_name) if self.names_multi else by_name[0]
+        return (nums, names) if self.both else names
 
 
 # ---------------------------------------------------------------- the functional API over an engine-like backend
@@ -218,37 +285,111 @@ class Functional:
     def __init__(self, backend: Any):
         self.backend = backend
         self._traces: dict[tuple, TracedFunction] = {}
-        self._last_sig: dict[int, tuple] = {}
+        self._captures: dict[tuple, Capture] = {}
+        self._last: dict[Any, tuple] = {}
         self._lock = threading.Lock()
 
-    # ---- tracing with a cache per (function, signature)
-    def traced(self, f: Callable, args: tuple) -> TracedFunction:
-        treedef, sig = _signature(args)
-        key = (f, treedef, sig)
+    def clear(self) -> None:
         with self._lock:
-            t = self._traces.get(key)
-        if t is not None:
-            self._note_hit()
-            return t
-        names = [n for a_name, a in zip(_param_names(f, len(args)), args, strict=True) for n, _ in flatten(a, a_name)[0]]
+            self._traces.clear()
+            self._captures.clear()
+            self._last.clear()
+
+    # ---- captured state
+    def capture(self, f: Callable, constants: bool = False) -> Capture:
+        """The current scan of what `f` captures (scanned on first use and after each trace miss)."""
+        cap = self._captures.get((f, constants))
+        return cap if cap is not None else self._rescan(f, constants)
+
+    def _rescan(self, f: Callable, constants: bool, cap: Capture | None = None) -> Capture:
+        """Scan `f` afresh (or take `cap`) as its current capture; the constants fallback sticks."""
+        if cap is None:
+            old = self._captures.get((f, constants))
+            cap = Capture(f, constants or (old is not None and old.constants))
         with self._lock:
-            prev = self._last_sig.get(id(f))
-            self._last_sig[id(f)] = (treedef, sig)
-        if prev is None:
-            why = f"trace miss: first call of {getattr(f, '__qualname__', f)}"
-        elif prev[0] != treedef:
-            why = f"trace miss: argument structure of {getattr(f, '__qualname__', f)} changed"
+            if len(self._captures) > 4096:
+                self._captures.clear()
+            self._captures[(f, constants)] = cap
+        return cap
+
+    # ---- tracing with a cache per (function, signature, captured state)
+    def prepare(self, f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None,
+                constants: bool = False) -> tuple[TracedFunction, list[Any]]:
+        """The trace of `f` for this call (cached or new) and its input values, in `in_names`
+        order. `constants`: captured arrays become constants guarded by their contents."""
+        kwargs = _kwargs(kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        sig = tuple([_leaf_key(x) for x in leaves])
+        cap = self.capture(f, constants)
+        ckey, captured, _ = cap.read()
+        with self._lock:
+            t = self._traces.get((f, spec, sig, cap.layout, ckey))
+        if t is None:
+            t, captured = self._trace(f, args, kwargs, spec, sig, constants)
         else:
-            old, new = _sig_text(names, prev[1]), _sig_text(names, sig)
-            diff = ", ".join(f"{n}: {old[n]} -> {new[n]}" for n in names if old.get(n) != new[n])
-            why = f"trace miss: input signature of {getattr(f, '__qualname__', f)} changed ({diff})"
-        self._note_miss(why)
-        t = trace_function(f, args)
+            self._note_hit()
+        return t, t.values(leaves, captured)
+
+    def traced(self, f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None) -> TracedFunction:
+        return self.prepare(f, args, kwargs)[0]
+
+    def _trace(self, f: Callable, args: tuple, kwargs: dict[str, Any], spec: Any, sig: tuple,
+               constants: bool) -> tuple[TracedFunction, list[Any]]:
+        cap = self._rescan(f, constants)  # the functions it reaches may have been rebound
+        ckey, captured, values = cap.read()
+        arg_text = {n: _leaf_text(x) for n, x in _named_leaves(f, args, kwargs)}
+        cap_text = cap.describe(values)
+        why = self._why(f, spec, arg_text, cap_text)
+        try:
+            try:
+                t = trace_function(f, args, kwargs, cap, values)
+            except Exception as e:
+                if cap.constants or not cap.has_constant_candidates(values):
+                    raise
+                # captured arrays met something a traced value cannot do (Python control flow,
+                # a numpy function gradserve does not trace): constants, guarded by contents
+                cap = Capture(f, constants=True)
+                ckey, captured, values = cap.read()
+                cap_text = cap.describe(values)
+                try:
+                    t = trace_function(f, args, kwargs, cap, values)
+                except Exception as e2:  # an error of the function itself: the plain trace's
+                    raise e2 from None
+                self._rescan(f, constants, cap)  # only once constants did trace
+                first = str(e).splitlines()[0] if str(e) else ""
+                why += (f"; tracing its captured arrays failed ({type(e).__name__}: {first[:120]}), so they are "
+                        "constants of the graph and a change of their contents retraces")
+        finally:
+            self._note_miss(why)
         with self._lock:
             if len(self._traces) > 4096:
                 self._traces.clear()
-            self._traces[key] = t
-        return t
+            self._traces[(f, spec, sig, cap.layout, ckey)] = t
+            self._last[f] = (spec, arg_text, cap_text)
+        return t, captured
+
+    def _why(self, f: Callable, spec: Any, arg_text: dict[str, str], cap_text: dict[str, str]) -> str:
+        qual = getattr(f, "__qualname__", f)
+        with self._lock:
+            prev = self._last.get(f)
+        if prev is None:
+            return f"trace miss: first call of {qual}"
+        if prev[0] != spec:
+            return f"trace miss: argument structure of {qual} changed"
+        parts = []
+        old = prev[1]
+        diff = ", ".join(f"{n}: {old.get(n)} -> {text}" for n, text in arg_text.items() if old.get(n) != text)
+        if diff:
+            parts.append(f"input signature of {qual} changed ({diff})")
+        for where, text in cap_text.items():
+            before = prev[2].get(where)
+            if before is None:
+                parts.append(f"{qual} now reads {where} ({text})")
+            elif before != text:
+                parts.append(f"{where} changed {before} -> {text} (read by {qual})")
+        if not parts:
+            parts.append(f"no trace of {qual} for these inputs (cleared or evicted)")
+        return "trace miss: " + "; ".join(parts)
 
     def _note_hit(self) -> None:
         note = getattr(self.backend, "note_hit", None)
@@ -261,64 +402,72 @@ class Functional:
             note(why)
 
     @staticmethod
-    def _feed(t: TracedFunction, args: tuple) -> dict[str, Any]:
-        leaves = [x for a in args for _, x in flatten(a, "")[0] if _is_array_leaf(x)]
-        return {n: _as_array(x) for n, x in zip(t.in_names, leaves, strict=True)}
-
-    @staticmethod
-    def _argnum_leaves(t: TracedFunction, f: Callable, args: tuple, argnums: Sequence[int]) -> list[list[str]]:
-        """The input names of each differentiated argument's leaves."""
-        names = _param_names(f, len(args))
+    def _groups(t: TracedFunction, selected: Sequence[tuple[str, Any]], what: str = "argnums") -> list[list[str]]:
+        """The input names of each differentiated argument's array leaves."""
         out = []
-        for k in argnums:
-            if not -len(args) <= k < len(args):
-                raise ValueError(f"argnums {k} is out of range for {len(args)} positional arguments")
-            leaves = [n for n, x in flatten(args[k], names[k])[0] if _is_array_leaf(x)]
+        for label, value in selected:
+            leaves = [n for n, x in flatten(value, label)[0] if _is_array_leaf(x)]
             for n in leaves:
                 if t.graph.input(n).dtype not in FLOATS:
                     raise TypeError(f"cannot differentiate with respect to argument {n!r} of dtype "
-                                    f"{t.graph.input(n).dtype}; pass floats, or leave it out of argnums")
+                                    f"{t.graph.input(n).dtype}; pass floats, or leave it out of {what}")
             out.append(leaves)
         return out
+
+    def _argnum_leaves_floats(self, t: TracedFunction, f: Callable, args: tuple) -> list[list[str]]:
+        names = _param_names(f, len(args))
+        return [[n for n, x in flatten(a, name)[0] if _is_array_leaf(x) and t.graph.input(n).dtype in FLOATS]
+                for name, a in zip(names, args, strict=True)]
 
     def _outputs(self, t: TracedFunction, values: dict[str, Any]) -> Any:
         return unflatten(t.out_treedef, [values[n] for n in t.out_names])
 
     # ---- public transforms
-    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-             batch_axes: Mapping[str, int] | None = None) -> Callable:
-        vg = self.value_and_grad(f, argnums, has_aux, batch_axes)
+    def grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
+             batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
+        vg = self.value_and_grad(f, argnums, has_aux, batch_axes, argnames)
 
         @functools.wraps(f)
-        def g(*args: Any) -> Any:
-            value, grads = vg(*args)
+        def g(*args: Any, **kwargs: Any) -> Any:
+            value, grads = vg(*args, **kwargs)
             return (grads, value[1]) if has_aux else grads
 
+        register_transform(g, f, lambda h: self.grad(h, argnums, has_aux, batch_axes, argnames))
         return g
 
-    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                       batch_axes: Mapping[str, int] | None = None) -> Callable:
-        multi = not isinstance(argnums, int)
-        nums = tuple(argnums) if multi else (argnums,)
-        compiled: dict[Any, Callable[[tuple], tuple[Any, Any]]] = {}
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
+                       batch_axes: Mapping[str, int] | None = None,
+                       argnames: str | Sequence[str] | None = None) -> Callable:
+        sel = _Selection(argnums, argnames)
+        compiled: dict[Any, Callable[[list, list], tuple[Any, Any]]] = {}
 
         @functools.wraps(f)
-        def vg(*args: Any) -> tuple[Any, Any]:
-            key = _fast_key(args)
-            call = compiled.get(key)
+        def vg(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            kwargs = _kwargs(kwargs)
+            leaves, spec = tree_flatten((args, kwargs))
+            sig = tuple([_leaf_key(x) for x in leaves])
+            cap = self.capture(f)
+            ckey, captured, _ = cap.read()
+            call = compiled.get((spec, sig, cap.layout, ckey))
             if call is None:
-                call = compiled[key] = self._compile_value_and_grad(f, args, nums, multi, has_aux, batch_axes)
+                call = self._compile_value_and_grad(f, args, kwargs, sel, has_aux, batch_axes)
+                cap = self.capture(f)  # tracing rescans it
+                ckey, captured, _ = cap.read()
+                if len(compiled) > 256:
+                    compiled.clear()
+                compiled[(spec, sig, cap.layout, ckey)] = call
             else:
                 self._note_hit()
-            return call(args)
+            return call(leaves, captured)
 
+        register_transform(vg, f, lambda h: self.value_and_grad(h, argnums, has_aux, batch_axes, argnames))
         return vg
 
-    def _compile_value_and_grad(self, f: Callable, args: tuple, nums: tuple[int, ...], multi: bool,
-                                has_aux: bool, batch_axes: Mapping[str, int] | None) -> Callable[[tuple], tuple[Any, Any]]:
+    def _compile_value_and_grad(self, f: Callable, args: tuple, kwargs: dict[str, Any], sel: _Selection, has_aux: bool,
+                                batch_axes: Mapping[str, int] | None) -> Callable[[list, list], tuple[Any, Any]]:
         """Trace once for this signature and return the steady-state call: leaves in, plan run,
         pytrees out, with no re-validation (the signature key guarantees the types)."""
-        t = self.traced(f, args)
+        t, _ = self.prepare(f, args, kwargs)
         loss = t.out_names[0]
         dtype, shape = t.graph.aval(dict(t.graph.outputs)[loss])
         if (not has_aux and len(t.out_names) != 1) or dtype not in FLOATS or shape != ():
@@ -326,10 +475,11 @@ class Functional:
                             f"{getattr(f, '__name__', 'f')} returned {', '.join(t.out_names)} "
                             f"({type_str(dtype, shape)}{' ...' if len(t.out_names) > 1 else ''}); "
                             "use vjp or jacobian for other outputs, or has_aux=True")
-        groups = self._argnum_leaves(t, f, args, nums)
+        selected = sel.resolve(f, args, kwargs)
+        groups = self._groups(t, selected, "argnames" if sel.by_name and not sel.both else "argnums")
         wrt = [n for grp in groups for n in grp]
-        treedefs = [flatten(args[k], "")[1] for k in nums]
-        axes = self._batch_axes(t, f, args, batch_axes)
+        shapes = [shaped_like(value, label) for label, value in selected]
+        axes = self._batch_axes(t, f, args, kwargs, batch_axes)
         grad_plan = getattr(self.backend, "grad_plan", None)
         if axes:
             analyze(t.graph, axes)  # refuse, naming the node, a graph that mixes examples
@@ -349,20 +499,17 @@ class Functional:
                     outs = {**outs, **self.backend.evaluate(t.graph, feed, t.out_names[1:])}
                 return outs, grads
 
-        def call(args: tuple) -> tuple[Any, Any]:
-            values: list[Any] = []
-            for a in args:
-                _leaves(a, values)
-            outs, grads = run(values)
-            per_arg = [unflatten(d, [grads[n] for n in grp]) if grp else None
-                       for d, grp in zip(treedefs, groups, strict=True)]
+        def call(leaves: list, captured: list) -> tuple[Any, Any]:
+            outs, grads = run(t.values(leaves, captured))
+            per_arg = [like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True)]
             value = unflatten(t.out_treedef, [outs[n] for n in t.out_names])
-            return value, tuple(per_arg) if multi else per_arg[0]
+            return value, sel.pack(per_arg)
 
         return call
 
     @staticmethod
-    def _batch_axes(t: TracedFunction, f: Callable, args: tuple, batch_axes: Mapping[str, int] | None) -> dict[str, int]:
+    def _batch_axes(t: TracedFunction, f: Callable, args: tuple, kwargs: Mapping[str, Any],
+                    batch_axes: Mapping[str, int] | None) -> dict[str, int]:
         """Batch axes by input name; a parameter's name applies to every array leaf of it."""
         if not batch_axes:
             return {}
@@ -371,110 +518,120 @@ class Functional:
         for key, axis in batch_axes.items():
             if key in t.in_names:
                 out[key] = int(axis)
-            elif key in names:
-                leaves = [n for n, x in flatten(args[names.index(key)], key)[0] if _is_array_leaf(x)]
+            elif key in names or key in kwargs:
+                value = kwargs[key] if key in kwargs else args[names.index(key)]
+                leaves = [n for n, x in flatten(value, key)[0] if _is_array_leaf(x)]
                 out.update({n: int(axis) for n in leaves})
             else:
-                raise ValueError(f"batch_axes names {key!r}, which is neither a parameter {names} nor an input {t.in_names}")
+                raise ValueError(f"batch_axes names {key!r}, which is neither a parameter {names + list(kwargs)} "
+                                 f"nor an input {t.in_names}")
         return out
 
-    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
-        t = self.traced(f, primals)
-        feed = self._feed(t, primals)
+    def vjp(self, f: Callable, /, *primals: Any, **kwargs: Any) -> tuple[Any, Callable]:
+        t, values = self.prepare(f, primals, kwargs)
+        feed = dict(zip(t.in_names, values, strict=True))
         groups = self._argnum_leaves_floats(t, f, primals)
         out = self._outputs(t, self.backend.evaluate(t.graph, feed))
         wrt = [n for grp in groups for n in grp]
         float_outs = [n for n in t.out_names if t.graph.aval(dict(t.graph.outputs)[n])[0] in FLOATS]
+        shapes = [shaped_like(p, name) for name, p in zip(_param_names(f, len(primals)), primals, strict=True)]
 
         def vjp_fn(cotangent: Any) -> tuple:
-            cts = [x for _, x in flatten(cotangent, "")[0]] if t.out_treedef != "*" else [cotangent]
+            cts = tree_flatten(cotangent)[0] if not t.out_treedef.is_leaf() else [cotangent]
             if len(cts) != len(t.out_names):
                 raise ValueError(f"cotangent has {len(cts)} leaves for {len(t.out_names)} outputs {t.out_names}")
             seeds = {n: _as_array(c) for n, c in zip(t.out_names, cts, strict=True) if n in float_outs}
             _, grads = self.backend.vjp(t.graph, feed, wrt, seeds=seeds, outputs=list(seeds))
-            return tuple(unflatten(flatten(p, "")[1], [grads[n] for n in grp]) if grp else None
-                         for p, grp in zip(primals, groups, strict=True))
+            return tuple(like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True))
 
         return out, vjp_fn
 
-    def _argnum_leaves_floats(self, t: TracedFunction, f: Callable, args: tuple) -> list[list[str]]:
-        names = _param_names(f, len(args))
-        return [[n for n, x in flatten(a, name)[0] if _is_array_leaf(x) and t.graph.input(n).dtype in FLOATS]
-                for name, a in zip(names, args, strict=True)]
-
-    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
+    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any], /, **kwargs: Any) -> tuple[Any, Any]:
         primals, tangents = tuple(primals), tuple(tangents)
         if len(primals) != len(tangents):
             raise ValueError(f"jvp got {len(primals)} primals but {len(tangents)} tangents")
-        t = self.traced(f, primals)
+        t, values = self.prepare(f, primals, kwargs)
         groups = self._argnum_leaves_floats(t, f, primals)
         tans = {}
         for grp, tan in zip(groups, tangents, strict=True):
-            tleaves = [x for _, x in flatten(tan, "")[0]]
+            tleaves = tree_flatten(tan)[0]
             if len(tleaves) != len(grp):
                 raise ValueError(f"tangent {tan!r} does not match the float leaves {grp} of its primal")
             tans.update({n: _as_array(x) for n, x in zip(grp, tleaves, strict=True)})
-        outs, touts = self.backend.jvp(t.graph, self._feed(t, primals), tans)
+        outs, touts = self.backend.jvp(t.graph, dict(zip(t.in_names, values, strict=True)), tans)
         tout = {n: touts.get(n, np.zeros_like(outs[n]) if not isinstance(outs[n], Var) else outs[n] * 0)
                 for n in t.out_names}
         return self._outputs(t, outs), self._outputs(t, tout)
 
-    def jacobian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
-        multi = not isinstance(argnums, int)
-        nums = tuple(argnums) if multi else (argnums,)
+    def jacobian(self, f: Callable, argnums: int | Sequence[int] | None = None,
+                 argnames: str | Sequence[str] | None = None) -> Callable:
+        sel = _Selection(argnums, argnames)
 
         @functools.wraps(f)
-        def jac(*args: Any) -> Any:
-            t = self.traced(f, args)
-            groups = self._argnum_leaves(t, f, args, nums)
+        def jac(*args: Any, **kwargs: Any) -> Any:
+            kwargs = _kwargs(kwargs)
+            t, values = self.prepare(f, args, kwargs)
+            selected = sel.resolve(f, args, kwargs)
+            groups = self._groups(t, selected)
             wrt = [n for grp in groups for n in grp]
-            res = self.backend.jacobian(t.graph, self._feed(t, args), wrt, t.out_names)
+            res = self.backend.jacobian(t.graph, dict(zip(t.in_names, values, strict=True)), wrt, t.out_names)
+
+            shapes = [shaped_like(value, label) for label, value in selected]
 
             def per_output(o: str) -> Any:
-                per_arg = [unflatten(flatten(args[k], "")[1], [res[(o, n)] for n in grp])
-                           for k, grp in zip(nums, groups, strict=True)]
-                return tuple(per_arg) if multi else per_arg[0]
+                return sel.pack([like({n: res[(o, n)] for n in grp}) for like, grp in zip(shapes, groups, strict=True)])
 
             return unflatten(t.out_treedef, [per_output(o) for o in t.out_names])
 
+        register_transform(jac, f, lambda h: self.jacobian(h, argnums, argnames))
         return jac
 
-    def hessian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
-        multi = not isinstance(argnums, int)
-        nums = tuple(argnums) if multi else (argnums,)
+    def hessian(self, f: Callable, argnums: int | Sequence[int] | None = None,
+                argnames: str | Sequence[str] | None = None) -> Callable:
+        sel = _Selection(argnums, argnames)
 
         @functools.wraps(f)
-        def hess(*args: Any) -> Any:
-            t = self.traced(f, args)
+        def hess(*args: Any, **kwargs: Any) -> Any:
+            kwargs = _kwargs(kwargs)
+            t, values = self.prepare(f, args, kwargs)
             if len(t.out_names) != 1 or t.graph.aval(t.graph.outputs[0][1])[1] != ():
                 raise TypeError("hessian needs a function with one scalar float output")
-            groups = self._argnum_leaves(t, f, args, nums)
-            for k, grp in zip(nums, groups, strict=True):
+            selected = sel.resolve(f, args, kwargs)
+            groups = self._groups(t, selected)
+            for (label, _), grp in zip(selected, groups, strict=True):
                 if len(grp) != 1:
-                    raise TypeError(f"hessian argument {k} must be a single array, not a pytree of {len(grp)} leaves")
+                    raise TypeError(f"hessian argument {label!r} must be a single array, not a pytree of {len(grp)} leaves")
             wrt = [grp[0] for grp in groups]
-            res = self.backend.hessian(t.graph, self._feed(t, args), wrt, t.out_names[0])
-            if not multi:
+            res = self.backend.hessian(t.graph, dict(zip(t.in_names, values, strict=True)), wrt, t.out_names[0])
+            if len(wrt) == 1 and not (sel.nums_multi or sel.names_multi or sel.both):
                 return res[(wrt[0], wrt[0])]
-            return tuple(tuple(res[(a, b)] for b in wrt) for a in wrt)
+            rows = [tuple(res[(a, b)] for b in wrt) for a in wrt]
+            if not sel.both:
+                return tuple(rows)
+            k = len(sel.nums)  # (by argnums, by argnames) of the rows, each row split the same way
+            split = [(r[:k] if sel.nums_multi else r[0], r[k:] if sel.names_multi else r[k]) for r in rows]
+            nums = tuple(split[:k]) if sel.nums_multi else split[0]
+            names = tuple(split[k:]) if sel.names_multi else split[k]
+            return nums, names
 
+        register_transform(hess, f, lambda h: self.hessian(h, argnums, argnames))
         return hess
 
-    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any]) -> tuple:
+    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any], /, **kwargs: Any) -> tuple:
         """Hessian-vector product of scalar `f` at `primals` along `vectors` (forward over reverse)."""
         primals, vectors = tuple(primals), tuple(vectors)
-        t = self.traced(f, primals)
+        t, values = self.prepare(f, primals, kwargs)
         groups = self._argnum_leaves_floats(t, f, primals)
         wrt = [n for grp in groups for n in grp]
         vecs = {}
         for grp, v in zip(groups, vectors, strict=True):
-            vecs.update({n: _as_array(x) for n, x in zip(grp, [x for _, x in flatten(v, "")[0]], strict=True)})
-        res = self.backend.hvp(t.graph, self._feed(t, primals), wrt, t.out_names[0], vecs)
-        return tuple(unflatten(flatten(p, "")[1], [res[n] for n in grp]) if grp else None
-                     for p, grp in zip(primals, groups, strict=True))
+            vecs.update({n: _as_array(x) for n, x in zip(grp, tree_flatten(v)[0], strict=True)})
+        res = self.backend.hvp(t.graph, dict(zip(t.in_names, values, strict=True)), wrt, t.out_names[0], vecs)
+        return tuple(shaped_like(p, name)(res) if grp else None
+                     for name, p, grp in zip(_param_names(f, len(primals)), primals, groups, strict=True))
 
-    def trace(self, f: Callable, *args: Any) -> Graph:
-        return trace_function(f, args).graph
+    def trace(self, f: Callable, /, *args: Any, **kwargs: Any) -> Graph:
+        return trace_function(f, args, kwargs).graph
 
 
-__all__ = ["Functional", "Traced", "flatten", "trace_function", "unflatten"]
+__all__ = ["Functional", "Traced", "flatten", "register_pytree_node", "shaped_like", "trace_function", "unflatten"]

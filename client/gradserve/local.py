@@ -40,47 +40,52 @@ def _local() -> Functional:
     return Functional(default_engine())
 
 
-def grad(f, argnums=0, has_aux=False, batch_axes=None):
+def grad(f, argnums=None, has_aux=False, batch_axes=None, argnames=None):
     """The gradient of scalar `f` w.r.t. the arguments `argnums` (a pytree like each argument).
 
+    `argnames` selects arguments by name, passed by keyword or positionally
+    (`gs.grad(f, argnames="w")(x, w=w)`); argnums then defaults to none, and with both the
+    result is `(by argnums, by argnames)`. Other keyword arguments are inputs, not differentiated.
     `batch_axes` ({parameter or input name: axis}) declares batched inputs; the graph is checked
     to keep examples independent until a final sum or mean (a server with workers shards it)."""
-    return _local().grad(f, argnums, has_aux, batch_axes)
+    return _local().grad(f, argnums, has_aux, batch_axes, argnames)
 
 
-def value_and_grad(f, argnums=0, has_aux=False, batch_axes=None):
-    """Like `grad`, returning `(f(*args), gradient)`."""
-    return _local().value_and_grad(f, argnums, has_aux, batch_axes)
+def value_and_grad(f, argnums=None, has_aux=False, batch_axes=None, argnames=None):
+    """Like `grad`, returning `(f(*args, **kwargs), gradient)`."""
+    return _local().value_and_grad(f, argnums, has_aux, batch_axes, argnames)
 
 
-def vjp(f, *primals):
-    """`(f(*primals), vjp_fn)`; `vjp_fn(cotangent)` returns one cotangent per primal."""
-    return _local().vjp(f, *primals)
+def vjp(f, /, *primals, **kwargs):
+    """`(f(*primals, **kwargs), vjp_fn)`; `vjp_fn(cotangent)` returns one cotangent per primal
+    (keyword arguments are inputs, not differentiated)."""
+    return _local().vjp(f, *primals, **kwargs)
 
 
-def jvp(f, primals, tangents):
-    """`(f(*primals), directional derivative along tangents)`, forward mode."""
-    return _local().jvp(f, primals, tangents)
+def jvp(f, primals, tangents, /, **kwargs):
+    """`(f(*primals, **kwargs), directional derivative along tangents)`, forward mode."""
+    return _local().jvp(f, primals, tangents, **kwargs)
 
 
-def jacobian(f, argnums=0):
+def jacobian(f, argnums=None, argnames=None):
     """The full Jacobian (shape out.shape + in.shape), computed in one pass over stacked seeds."""
-    return _local().jacobian(f, argnums)
+    return _local().jacobian(f, argnums, argnames)
 
 
-def hessian(f, argnums=0):
+def hessian(f, argnums=None, argnames=None):
     """The Hessian of scalar `f` (shape x.shape + x.shape; nested tuples for several argnums)."""
-    return _local().hessian(f, argnums)
+    return _local().hessian(f, argnums, argnames)
 
 
-def hvp(f, primals, vectors):
+def hvp(f, primals, vectors, /, **kwargs):
     """Hessian-vector product of scalar `f` at `primals` along `vectors`, one per primal."""
-    return _local().hvp(f, primals, vectors)
+    return _local().hvp(f, primals, vectors, **kwargs)
 
 
-def trace(f, *args) -> Graph:
-    """Trace `f(*args)` into a printable Graph (inputs named after f's parameters)."""
-    return _local().trace(f, *args)
+def trace(f, /, *args, **kwargs) -> Graph:
+    """Trace `f(*args, **kwargs)` into a printable Graph (inputs named after f's parameters;
+    captured arrays are inputs `<global>.W`, `<closure>.W`, ...)."""
+    return _local().trace(f, *args, **kwargs)
 
 
 def cache_info():
@@ -89,5 +94,5 @@ def cache_info():
 
 
 def clear_cache() -> None:
-    _local()._traces.clear()
+    _local().clear()
     default_engine().clear_cache()

@@ -24,7 +24,7 @@ from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.v1 import service_pb2_grpc
 
-from .api import Functional, _as_array, _leaves, flatten, unflatten
+from .api import Functional, _as_array, _leaves, _param_names, flatten, shaped_like, unflatten
 
 # ---------------------------------------------------------------- errors
 
@@ -205,29 +205,31 @@ class Session:
         return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
 
     # ---- the functional API, executed remotely
-    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-             batch_axes: Mapping[str, int] | None = None) -> Callable:
+    def grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
+             batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
         """`gs.grad`, run by the server; with `batch_axes` it may shard the batch over workers."""
-        return self._fn.grad(f, argnums, has_aux, batch_axes)
+        return self._fn.grad(f, argnums, has_aux, batch_axes, argnames)
 
-    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                       batch_axes: Mapping[str, int] | None = None) -> Callable:
-        return self._fn.value_and_grad(f, argnums, has_aux, batch_axes)
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
+                       batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
+        return self._fn.value_and_grad(f, argnums, has_aux, batch_axes, argnames)
 
-    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
-        return self._fn.jvp(f, primals, tangents)
+    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any], /, **kwargs: Any) -> tuple[Any, Any]:
+        return self._fn.jvp(f, primals, tangents, **kwargs)
 
-    def jacobian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
-        return self._fn.jacobian(f, argnums)
+    def jacobian(self, f: Callable, argnums: int | Sequence[int] | None = None,
+                 argnames: str | Sequence[str] | None = None) -> Callable:
+        return self._fn.jacobian(f, argnums, argnames)
 
-    def hessian(self, f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
-        return self._fn.hessian(f, argnums)
+    def hessian(self, f: Callable, argnums: int | Sequence[int] | None = None,
+                argnames: str | Sequence[str] | None = None) -> Callable:
+        return self._fn.hessian(f, argnums, argnames)
 
-    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any]) -> tuple:
-        return self._fn.hvp(f, primals, vectors)
+    def hvp(self, f: Callable, primals: Sequence[Any], vectors: Sequence[Any], /, **kwargs: Any) -> tuple:
+        return self._fn.hvp(f, primals, vectors, **kwargs)
 
-    def trace(self, f: Callable, *args: Any) -> Graph:
-        return self._fn.trace(f, *args)
+    def trace(self, f: Callable, /, *args: Any, **kwargs: Any) -> Graph:
+        return self._fn.trace(f, *args, **kwargs)
 
     # ---- jobs
     def minimize(self, fun: Callable, params0: Any, args: tuple = (), optimizer: Any = None, steps: int = 1000,
@@ -246,7 +248,8 @@ class Session:
         if batch_size:  # the graph takes one minibatch; the server cuts them from the full args
             traced_args = tuple(unflatten(flatten(a, "")[1], [_first_rows(x, batch_size) for _, x in flatten(a, "")[0]])
                                 for a in args)
-        t = self._fn.traced(fun, (params0, *traced_args))
+        # a job runs on the values of now: captured arrays are constants of its graph
+        t, _ = self._fn.prepare(fun, (params0, *traced_args), constants=True)
         param_names = t.in_names[:len(flatten(params0, "")[0])]  # the first argument's leaves come first
         spec = pb.JobSpec(graph_id=t.graph.id, loss=t.out_names[0], optimizer_json=json.dumps(spec_dict), steps=steps,
                           tol=tol or 0.0, batch_size=batch_size or 0, seed=seed, batch_axes=dict(batch_axes or {}),
@@ -268,17 +271,19 @@ class Session:
     def jobs(self) -> list[Job]:
         return [Job(self, j.job_id) for j in self._call("ListJobs", pb.ListJobsRequest()).jobs]
 
-    def vjp(self, f: Callable, *primals: Any, ttl: float = 0.0) -> tuple[Any, RemoteVjp]:
-        """Run the forward pass once on the server; the returned function sends only cotangents."""
-        t = self._fn.traced(f, primals)
+    def vjp(self, f: Callable, /, *primals: Any, ttl: float = 0.0, **kwargs: Any) -> tuple[Any, RemoteVjp]:
+        """Run the forward pass once on the server; the returned function sends only cotangents.
+        Keyword arguments (but `ttl`, the residuals' lifetime) go to `f`, not differentiated."""
+        t, values = self._fn.prepare(f, primals, kwargs)
         gid = self._ensure(t.graph)
         groups = self._fn._argnum_leaves_floats(t, f, primals)
         wrt = [n for grp in groups for n in grp]
         req = pb.OpenVjpRequest(graph_id=gid, wrt=wrt, ttl_seconds=ttl)
-        _fill(req.inputs, Functional._feed(t, primals))
+        _fill(req.inputs, dict(zip(t.in_names, values, strict=True)))
         resp = self._call("OpenVjp", req, gid)
         outs = _tensors(resp.outputs)
-        return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, primals, groups)
+        shapes = [shaped_like(p, name) for name, p in zip(_param_names(f, len(primals)), primals, strict=True)]
+        return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, shapes, groups)
 
 
 class Job:
@@ -382,8 +387,8 @@ class Job:
 class RemoteVjp:
     """`vjp_fn(cotangent)` of a residual session: one CallVjp per call, no forward pass."""
 
-    def __init__(self, session: Session, handle: str, traced: Any, primals: tuple, groups: list[list[str]]):
-        self.session, self.handle, self._t, self._primals, self._groups = session, handle, traced, primals, groups
+    def __init__(self, session: Session, handle: str, traced: Any, shapes: list[Callable], groups: list[list[str]]):
+        self.session, self.handle, self._t, self._shapes, self._groups = session, handle, traced, shapes, groups
         self._float_outs = [n for n in traced.out_names if traced.graph.aval(dict(traced.graph.outputs)[n])[0] in FLOATS]
 
     def __call__(self, cotangent: Any, batched: bool = False) -> tuple:
@@ -396,8 +401,7 @@ class RemoteVjp:
         req = pb.CallVjpRequest(handle=self.handle, batched=batched)
         _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs})
         grads = _tensors(self.session._call("CallVjp", req).grads)
-        return tuple(unflatten(flatten(p, "")[1], [grads[n] for n in grp]) if grp else None
-                     for p, grp in zip(self._primals, self._groups, strict=True))
+        return tuple(like(grads) if grp else None for like, grp in zip(self._shapes, self._groups, strict=True))
 
     def close(self) -> None:
         """Release the server-side residuals now (they also go on TTL or under memory pressure)."""
