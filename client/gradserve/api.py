@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from gradserve_engine.autodiff import vjp_names
 from gradserve_engine.errors import GraphError
 from gradserve_engine.ir import Builder, Graph, Var, type_str
-from gradserve_engine.names import GRAD
 from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name
 from gradserve_engine.shard import analyze
 
 from .capture import Capture, register_transform
 from .numpy_api import Traced, dtype_of
-from .pytree import flatten, register_pytree_node, tree_flatten, unflatten
+from .pytree import flatten, flatten_call, register_pytree_node, tree_flatten, unflatten
 
 # ---------------------------------------------------------------- leaves
 
@@ -147,6 +147,9 @@ def shaped_like(value: Any, label: str) -> Callable[[Mapping[str, Any]], Any]:
     that are static data keep their value. Computed once per signature, cheap to call."""
     named, spec = flatten(value, label)
     entries = [(n, _is_array_leaf(x), x) for n, x in named]
+    if spec.is_leaf():  # one leaf (the common case of an array argument): no unflatten
+        (name, array, static), = entries
+        return (lambda results: results.get(name)) if array else (lambda results: static)
 
     def rebuild(results: Mapping[str, Any]) -> Any:
         return unflatten(spec, [results.get(n) if array else x for n, array, x in entries])
@@ -188,7 +191,7 @@ def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = 
             arg_leaves.append(i)
         else:
             traced_leaves.append(x)
-    traced_args, traced_kwargs = unflatten(tree_flatten((args, kwargs))[1], traced_leaves)
+    traced_args, traced_kwargs = unflatten(flatten_call(args, kwargs)[1], traced_leaves)
     if capture is None:
         capture = Capture(f)
     if captured is None:
@@ -318,7 +321,7 @@ class Functional:
         """The trace of `f` for this call (cached or new) and its input values, in `in_names`
         order. `constants`: captured arrays become constants guarded by their contents."""
         kwargs = _kwargs(kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = flatten_call(args, kwargs)
         sig = tuple([_leaf_key(x) for x in leaves])
         cap = self.capture(f, constants)
         ckey, captured, _ = cap.read()
@@ -444,7 +447,7 @@ class Functional:
         @functools.wraps(f)
         def vg(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
             kwargs = _kwargs(kwargs)
-            leaves, spec = tree_flatten((args, kwargs))
+            leaves, spec = flatten_call(args, kwargs)
             sig = tuple([_leaf_key(x) for x in leaves])
             cap = self.capture(f)
             ckey, captured, _ = cap.read()
@@ -487,10 +490,11 @@ class Functional:
         if grad_plan is not None:
             plan = grad_plan(t.graph, wrt, loss)
             order = [t.in_names.index(name) for name, _ in plan.inputs]
+            grad_names = vjp_names(t.graph, wrt, [loss]).grad
 
             def run(values: list[Any]) -> tuple[dict, dict]:
                 res = plan.run_values([values[i] for i in order])
-                return res, {n: res[GRAD + n] for n in wrt}
+                return res, {n: res[grad_names[n]] for n in wrt}
         else:
             def run(values: list[Any]) -> tuple[dict, dict]:
                 feed = dict(zip(t.in_names, values, strict=True))

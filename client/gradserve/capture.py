@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+import gradserve_engine
 from gradserve_engine.ir import Builder, Var, type_str
 from gradserve_engine.ops.core import DTYPES, dtype_name
 
@@ -112,8 +113,6 @@ def _library_dirs() -> tuple[str, ...]:
         dirs.add(site.getusersitepackages())
     except AttributeError:  # some virtualenvs' site module
         pass
-    import gradserve_engine
-
     dirs.add(os.path.dirname(os.path.abspath(__file__)))
     dirs.add(os.path.dirname(os.path.abspath(gradserve_engine.__file__)))
     return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)

@@ -24,7 +24,9 @@ from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.v1 import service_pb2_grpc
 
+from . import optim
 from .api import Functional, _as_array, _leaves, _param_names, flatten, shaped_like, unflatten
+from .minimize import OptimizeResult
 
 # ---------------------------------------------------------------- errors
 
@@ -238,8 +240,6 @@ class Session:
         """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job."""
         import json
 
-        from . import optim
-
         if optimizer is None:
             optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
         spec_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.spec()
@@ -343,8 +343,6 @@ class Job:
 
     def result(self) -> Any:
         """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
-        from .minimize import OptimizeResult
-
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
         job = resp.job
         flat = _tensors(resp.params)
