@@ -26,7 +26,7 @@ from typing import Any
 from .fusion import Group, KernelSet
 from .ir import Node
 from .ops import PRIMITIVES, kernel_table
-from .ops.core import C_TYPES
+from .ops.dtypes import C_TYPES
 
 
 def cupy_status() -> tuple[Any, str]:

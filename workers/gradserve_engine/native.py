@@ -71,7 +71,8 @@ from .fusion import Group, KernelSet, numpy_group_runner
 from .gpu import GpuKernels
 from .ir import Node
 from .ops import KERNELS, PRIMITIVES
-from .ops.core import NUMBA_TYPES, Cost
+from .ops.core import Cost
+from .ops.dtypes import NUMBA_TYPES
 
 MODES = ("numpy", "native", "auto", "gpu")
 # groups under this many elements stay numpy kernels in "auto" mode. Measured (python bench/native.py

@@ -34,44 +34,40 @@ __all__ = ["exp", "exp32", "exponent", "expm1", "expm132", "fma", "log", "log1p"
 # ---------------------------------------------------------------- LLVM intrinsics
 
 
-@intrinsic
-def pow2(typingctx, kf):
+def _from_bits(name: str, build):
+    """An intrinsic of one float argument computed on its bits: `build(builder, x, f32, ity, fty)`
+    gets the LLVM builder, the argument, whether it is float32, and the integer and float LLVM
+    types of its width."""
+    def typer(typingctx, x):
+        def codegen(context, builder, signature, args):
+            f32 = signature.return_type == types.float32
+            ity = context.get_value_type(types.int32 if f32 else types.int64)
+            return build(builder, args[0], f32, ity, context.get_value_type(signature.return_type))
+        return x(x), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+def _pow2(b, kf, f32, ity, fty):
     # 2**kf for an integral float kf in the normal exponent range, built from exponent bits
-    def codegen(context, builder, signature, args):
-        f32 = signature.return_type == types.float32
-        ity = context.get_value_type(types.int32 if f32 else types.int64)
-        i = builder.fptosi(args[0], ity)
-        i = builder.add(i, ity(127 if f32 else 1023))
-        i = builder.shl(i, ity(23 if f32 else 52))
-        return builder.bitcast(i, context.get_value_type(signature.return_type))
-    return kf(kf), codegen
+    biased = b.add(b.fptosi(kf, ity), ity(127 if f32 else 1023))
+    return b.bitcast(b.shl(biased, ity(23 if f32 else 52)), fty)
 
 
-@intrinsic
-def exponent(typingctx, x):
+def _exponent(b, x, f32, ity, fty):
     # the unbiased exponent field of a normal x, as a float
-    def codegen(context, builder, signature, args):
-        f32 = signature.return_type == types.float32
-        ity = context.get_value_type(types.int32 if f32 else types.int64)
-        i = builder.bitcast(args[0], ity)
-        i = builder.lshr(i, ity(23 if f32 else 52))
-        i = builder.and_(i, ity(0xFF if f32 else 0x7FF))
-        i = builder.sub(i, ity(127 if f32 else 1023))
-        return builder.sitofp(i, context.get_value_type(signature.return_type))
-    return x(x), codegen
+    field = b.and_(b.lshr(b.bitcast(x, ity), ity(23 if f32 else 52)), ity(0xFF if f32 else 0x7FF))
+    return b.sitofp(b.sub(field, ity(127 if f32 else 1023)), fty)
 
 
-@intrinsic
-def mantissa(typingctx, x):
+def _mantissa(b, x, f32, ity, fty):
     # x's significand as a float in [1, 2)
-    def codegen(context, builder, signature, args):
-        f32 = signature.return_type == types.float32
-        ity = context.get_value_type(types.int32 if f32 else types.int64)
-        i = builder.bitcast(args[0], ity)
-        i = builder.and_(i, ity((1 << 23) - 1 if f32 else (1 << 52) - 1))
-        i = builder.or_(i, ity(0x3F800000 if f32 else 0x3FF0000000000000))
-        return builder.bitcast(i, context.get_value_type(signature.return_type))
-    return x(x), codegen
+    frac = b.and_(b.bitcast(x, ity), ity((1 << 23) - 1 if f32 else (1 << 52) - 1))
+    return b.bitcast(b.or_(frac, ity(0x3F800000 if f32 else 0x3FF0000000000000)), fty)
+
+
+pow2, exponent, mantissa = _from_bits("pow2", _pow2), _from_bits("exponent", _exponent), _from_bits("mantissa", _mantissa)
 
 
 @intrinsic

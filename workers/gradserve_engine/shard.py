@@ -20,7 +20,8 @@ import numpy as np
 from .errors import ShardError
 from .ir import Builder, Graph, Input, copy_into
 from .ops import PRIMITIVES
-from .ops.core import FLOATS, SUM, ShardContext, refuse
+from .ops.core import FLOATS
+from .ops.sharding import SUM, ShardContext, refuse
 
 
 @dataclass(frozen=True)

@@ -12,30 +12,9 @@ from typing import Any
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import (
-    C_TYPES,
-    DTYPES,
-    FLOATS,
-    NUMBA_TYPES,
-    NUMERIC,
-    SUM,
-    AVal,
-    Cost,
-    Expr,
-    Primitive,
-    Shape,
-    ShardState,
-    broadcast_shapes,
-    flops_elementwise,
-    flops_transcendental,
-    need,
-    numba_typed,
-    register,
-    shard_elementwise,
-    sum_linear,
-    sum_refused,
-    ufunc,
-)
+from .core import Cost, Expr, Primitive, broadcast_shapes, flops_elementwise, flops_transcendental, need, register, ufunc
+from .dtypes import C_TYPES, DTYPES, FLOATS, NUMBA_TYPES, NUMERIC, AVal, Shape, numba_typed
+from .sharding import SUM, ShardState, shard_elementwise, sum_linear, sum_refused
 
 Partials = Callable[..., tuple[Any, Any]]
 

@@ -21,30 +21,18 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import numpy as np
+from ..errors import ShapeError
+from .dtypes import DTYPES, FLOATS, INTS, NP_DTYPES, NUMERIC, AVal, Shape, dtype_name
+from .sharding import ReshardRule, ShardRule, SumRule
 
-from ..errors import ShapeError, ShardError
-
-Shape = tuple[int, ...]
-AVal = tuple[str, Shape]  # (dtype name, shape)
-
-DTYPES = ("bool", "int32", "int64", "float32", "float64")
-NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
-_NAMES = {dt: name for name, dt in NP_DTYPES.items()}
-FLOATS = ("float32", "float64")
-INTS = ("int32", "int64")
-NUMERIC = INTS + FLOATS
+# the dtype names, with the registry, are what the rest of the engine imports from here
+__all__ = ["ATTR_KINDS", "DTYPES", "FLOATS", "INTS", "NP_DTYPES", "NUMERIC", "AVal", "Cost", "Expr", "FlopsRule",
+           "JvpRule", "Kernel", "KernelFactory", "PRIMITIVES", "Primitive", "Shape", "VjpRule", "broadcast_shapes",
+           "check_axes", "dtype_name", "flops_elementwise", "flops_none", "flops_of_input", "flops_transcendental",
+           "infer", "kernel_table", "names_where", "need", "register", "size_of", "ufunc"]
 
 # attribute kinds: how each attribute is typed on the wire and checked on arrival
 ATTR_KINDS = ("int", "float", "bool", "dtype", "ints")
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """The IR name of a numpy dtype ("float64", ...), or numpy's own name when unsupported
-    (`np.dtype.name` itself is slow: this is on every call's path)."""
-    name = _NAMES.get(dtype)
-    return name if name is not None else dtype.name
-
 
 Kernel = Callable[..., Any]
 KernelFactory = Callable[[ModuleType], Kernel]  # the kernel over an array namespace (numpy, CuPy)
@@ -64,64 +52,6 @@ class Cost(enum.IntEnum):
     CHEAP = 0  # add, compare, select, ...
     DIV = 1  # div, sqrt: a long-latency instruction
     TRANSCENDENTAL = 2  # exp, log, tanh, sin, pow, ...: a polynomial or a libm call
-
-
-# ---------------------------------------------------------------- data-parallel sharding states
-
-SUM = "sum"  # a partial sum over the examples: shards add up to the whole
-ShardState = Any  # None (does not depend on the examples), ("b", axis) (one slice per example), or SUM
-
-
-class ShardContext:
-    """What a sharding rule sees: operand types, the batch size, whether a value has the batch dim."""
-
-    def __init__(self, aval: Callable[[int], AVal], batch: int):
-        self.aval, self.batch = aval, batch
-
-    def has_batch_dim(self, vid: int, axis: int, ndim: int) -> bool:
-        shape = self.aval(vid)[1]
-        k = axis - (ndim - len(shape))
-        return k >= 0 and shape[k] == self.batch and self.batch != 1
-
-
-# shard(ctx, node, operand states) -> the result's state, for a node with a batched operand and
-# no SUM operand; raises ShardError (through `refuse`) when the op mixes examples
-ShardRule = Callable[[ShardContext, Any, list[ShardState]], ShardState]
-# shard_sum(node, operand states) -> whether the result of an op on a sum over examples (and
-# example-independent values) is still a sum: the op is linear in that operand
-SumRule = Callable[[Any, list[ShardState]], bool]
-# reshard(attrs, axis, size) -> the attributes of the node in a shard of `size` examples
-ReshardRule = Callable[[dict[str, Any], int, int], dict[str, Any]]
-
-
-def refuse(n: Any, why: str) -> ShardError:
-    return ShardError(f"cannot shard along the batch axis: {why}, at {n.text()}")
-
-
-def shard_refused(ctx: ShardContext, n: Any, ins: list[ShardState]) -> ShardState:
-    raise refuse(n, f"{n.op} on batched values is not supported by data-parallel execution")
-
-
-def sum_linear(n: Any, ins: list[ShardState]) -> bool:
-    return True
-
-
-def sum_refused(n: Any, ins: list[ShardState]) -> bool:
-    return False
-
-
-def shard_elementwise(ctx: ShardContext, n: Any, ins: list[ShardState]) -> ShardState:
-    """Elementwise ops keep examples apart when every batched operand is batched along one axis
-    and no unsharded operand carries the batch dimension."""
-    nd = len(n.shape)
-    axes = {s[1] + nd - len(ctx.aval(n.inputs[k])[1]) for k, s in enumerate(ins) if s is not None}
-    if len(axes) != 1:
-        raise refuse(n, "operands are batched along different axes")
-    (axis,) = axes
-    for k, s in enumerate(ins):
-        if s is None and ctx.has_batch_dim(n.inputs[k], axis, nd):
-            raise refuse(n, f"operand %{n.inputs[k]} has the batch dimension but is not one of the sharded inputs")
-    return ("b", axis)
 
 
 # ---------------------------------------------------------------- flops
@@ -144,18 +74,6 @@ def flops_none(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> floa
 
 def flops_of_input(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> float:
     return float(size_of(ins[0]))  # reductions and scans touch every input element once
-
-
-# ---------------------------------------------------------------- element expressions
-
-NUMBA_TYPES = {"bool": "np.bool_", "int32": "np.int32", "int64": "np.int64", "float32": "np.float32",
-               "float64": "np.float64"}
-C_TYPES = {"bool": "bool", "int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
-
-
-def numba_typed(expr: str, dtype: str) -> str:
-    """numba computes int32 arithmetic in int64: wrap the result back so it wraps as numpy's."""
-    return f"{NUMBA_TYPES[dtype]}({expr})" if dtype == "int32" else expr
 
 
 # ---------------------------------------------------------------- the registry

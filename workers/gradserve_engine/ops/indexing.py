@@ -9,20 +9,9 @@ from typing import Any
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import (
-    INTS,
-    AVal,
-    Primitive,
-    Shape,
-    ShardContext,
-    ShardState,
-    check_axes,
-    need,
-    refuse,
-    register,
-    shard_refused,
-    sum_refused,
-)
+from .core import Primitive, check_axes, need, register
+from .dtypes import INTS, AVal, Shape
+from .sharding import ShardContext, ShardState, refuse, shard_refused, sum_refused
 
 
 def _gathered(x: AVal, idx: AVal, axis: int, name: str) -> Shape:

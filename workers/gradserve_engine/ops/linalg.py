@@ -8,20 +8,9 @@ from typing import Any
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import (
-    NUMERIC,
-    SUM,
-    AVal,
-    Primitive,
-    ShardContext,
-    ShardState,
-    broadcast_shapes,
-    need,
-    refuse,
-    register,
-    sum_refused,
-    ufunc,
-)
+from .core import Primitive, broadcast_shapes, need, register, ufunc
+from .dtypes import NUMERIC, AVal
+from .sharding import SUM, ShardContext, ShardState, refuse, sum_refused
 
 
 def _matmul_rule(a: AVal, b: AVal) -> AVal:

@@ -8,22 +8,9 @@ from typing import Any
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import (
-    NUMERIC,
-    SUM,
-    AVal,
-    Primitive,
-    Shape,
-    ShardContext,
-    ShardState,
-    check_axes,
-    flops_of_input,
-    need,
-    refuse,
-    register,
-    sum_linear,
-    sum_refused,
-)
+from .core import Primitive, check_axes, flops_of_input, need, register
+from .dtypes import NUMERIC, AVal, Shape
+from .sharding import SUM, ShardContext, ShardState, refuse, sum_linear, sum_refused
 
 REDUCE_ATTRS = {"axes": "ints", "keepdims": "bool"}
 

@@ -12,25 +12,9 @@ import numpy as np
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import (
-    SUM,
-    AVal,
-    JvpRule,
-    KernelFactory,
-    Primitive,
-    ReshardRule,
-    Shape,
-    ShardContext,
-    ShardState,
-    SumRule,
-    VjpRule,
-    check_axes,
-    flops_elementwise,
-    flops_none,
-    refuse,
-    register,
-    sum_linear,
-)
+from .core import JvpRule, KernelFactory, Primitive, VjpRule, check_axes, flops_elementwise, flops_none, register
+from .dtypes import AVal, Shape
+from .sharding import SUM, ReshardRule, ShardContext, ShardState, SumRule, refuse, sum_linear
 
 
 def shape_op(name: str, attrs: dict[str, str], rule: Callable[..., AVal], kernel: KernelFactory, vjp: VjpRule,

@@ -11,28 +11,9 @@ from types import ModuleType
 from typing import Any
 
 from . import emit as e
-from .core import (
-    C_TYPES,
-    DTYPES,
-    FLOATS,
-    NUMBA_TYPES,
-    NUMERIC,
-    AVal,
-    Cost,
-    Expr,
-    KernelFactory,
-    Primitive,
-    flops_elementwise,
-    flops_none,
-    flops_transcendental,
-    need,
-    numba_typed,
-    register,
-    shard_elementwise,
-    sum_linear,
-    sum_refused,
-    ufunc,
-)
+from .core import Cost, Expr, KernelFactory, Primitive, flops_elementwise, flops_none, flops_transcendental, need, register, ufunc
+from .dtypes import C_TYPES, DTYPES, FLOATS, NUMBA_TYPES, NUMERIC, AVal, numba_typed
+from .sharding import shard_elementwise, sum_linear, sum_refused
 
 Deriv = Callable[[Any, Any], Any]  # (x, out) -> d out / d x, emitted
 
