@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlp import MLP_SHAPE, SMOKE_SHAPE, make_problem, shape_text  # the MLP exactly as bench/mlp.py builds it
+from mlp import MLP_SHAPE, SMOKE_SHAPE, ForeignLoad, make_problem, shape_text  # the MLP exactly as bench/mlp.py builds it
 
 import gradserve as gs
 from gradserve import optim
@@ -90,21 +90,12 @@ def _proc_stat(pid: int) -> tuple[float, int]:
         return 0.0, 0
 
 
-def _machine_busy() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
 class Load:
     """CPU seconds used by this process, by the server, and by every other process, over a span."""
 
     def __init__(self, server_pid: int):
         self.pid = server_pid
-        self.t0, self.busy0, self.own0, self.srv0 = time.perf_counter(), _machine_busy(), self._own(), _proc_stat(server_pid)
+        self.t0, self.busy0, self.own0, self.srv0 = time.perf_counter(), ForeignLoad._busy(), self._own(), _proc_stat(server_pid)
 
     @staticmethod
     def _own() -> tuple[float, int]:
@@ -113,7 +104,7 @@ class Load:
 
     def done(self) -> dict[str, float | None]:
         wall = max(time.perf_counter() - self.t0, 1e-9)
-        own, srv, busy = self._own(), _proc_stat(self.pid), _machine_busy()
+        own, srv, busy = self._own(), _proc_stat(self.pid), ForeignLoad._busy()
         own_cpu, srv_cpu = own[0] - self.own0[0], srv[0] - self.srv0[0]
         other = None if busy is None or self.busy0 is None else max(0.0, (busy - self.busy0) - own_cpu - srv_cpu) / wall
         return {"wall_s": wall, "client_cpu_s": own_cpu, "server_cpu_s": srv_cpu, "other_cores": other,
