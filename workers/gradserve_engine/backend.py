@@ -9,12 +9,40 @@ Failures are errors of the family in `errors.py`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .engine import CacheInfo, Residuals
-    from .fusion import KernelSet
-    from .ir import Graph
+import numpy as np
+
+from .fusion import KernelSet
+from .ir import Graph
+
+
+@dataclass
+class CacheInfo:
+    hits: int = 0
+    misses: int = 0
+    size: int = 0
+    maxsize: int = 0
+    reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
+    kernels: str = "numpy"  # which kernels run the plans, and why
+
+    def __str__(self) -> str:
+        return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
+
+
+@dataclass
+class Residuals:
+    """What a residual session keeps: the forward values its backward pass reads."""
+
+    graph: Graph
+    wrt: tuple[str, ...]
+    outputs: tuple[str, ...]
+    values: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(np.asarray(v).nbytes for v in self.values.values())
 
 
 class Backend(Protocol):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,39 +18,12 @@ from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
-from .backend import Backend
+from .backend import Backend, CacheInfo, Residuals
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
 from .plan import Plan
 from .shard import analyze
-
-
-@dataclass
-class CacheInfo:
-    hits: int = 0
-    misses: int = 0
-    size: int = 0
-    maxsize: int = 0
-    reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
-    kernels: str = "numpy"  # which kernels run the plans, and why
-
-    def __str__(self) -> str:
-        return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
-
-
-@dataclass
-class Residuals:
-    """What a residual session keeps: the forward values its backward pass reads."""
-
-    graph: Graph
-    wrt: tuple[str, ...]
-    outputs: tuple[str, ...]
-    values: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(np.asarray(v).nbytes for v in self.values.values())
 
 
 class Engine(Backend):
