@@ -245,7 +245,8 @@ class _Selection:
         self.nums_multi = not isinstance(argnums, int) and (argnames is None or self.both)
         self.nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         self.names_multi = argnames is not None and not isinstance(argnames, str)
-        self.names = () if argnames is None else (tuple(argnames) if self.names_multi else (argnames,))
+        self.names: tuple[str, ...] = (() if argnames is None else (argnames,) if isinstance(argnames, str)
+                                       else tuple(argnames))
         self.by_name = argnames is not None
 
     def resolve(self, f: Callable, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -138,7 +138,7 @@ def _plain_class(cls: type) -> bool:
 def _plain(obj: Any) -> str | None:
     """"instance" for an object of a user class whose attributes gradserve reads (a plain one:
     no container, array or value), "module" for a module of user code, else None."""
-    t = type(obj)
+    t: type = type(obj)  # `type`, not mypy's `type[Any]`: the lru_cache'd helpers take a Hashable
     if t is types.ModuleType:
         file = getattr(obj, "__file__", None)
         return "module" if file is not None and _is_user_code(file) else None
@@ -256,7 +256,8 @@ class Capture:
         if kind is None or len(self.sources) >= MAX_SOURCES or id(s) in self._expanding:
             return
         self._expanding.add(id(s))  # an object that holds itself ends here
-        wanted = names | _class_names(type(obj)) if kind == "instance" else names
+        cls: type = type(obj)
+        wanted = names | _class_names(cls) if kind == "instance" else names
         have = {name for name, _ in s.attrs}
         for name in list(vars(obj)):
             if name in wanted and name not in have and not name.startswith("__"):
@@ -322,8 +323,9 @@ class Capture:
             node.globals.append((name, self._source(("global", id(g), name), label, where,
                                                     functools.partial(g.get, name, _MISSING), g, names)))
         params = code.co_varnames[:code.co_argcount]
-        for i, _ in enumerate(fn.__defaults__ or ()):
-            name = params[len(params) - len(fn.__defaults__) + i]
+        defaults = fn.__defaults__ or ()
+        for i in range(len(defaults)):
+            name = params[len(params) - len(defaults) + i]
             node.defaults.append(self._source(("default", id(fn), i), f"<default>{tag}.{name}",
                                               f"default of '{name}'{of}", _default_getter(fn, i), fn))
         for name in fn.__kwdefaults__ or {}:
@@ -444,13 +446,13 @@ class _Rebuild:
                     original[k] = v
             for k in keys - set(copy):
                 original.pop(k, None)
-        for original, copy, put in self.new_cells:
+        for cell, copied, was in self.new_cells:
             try:
-                v = copy.cell_contents
+                v = copied.cell_contents
             except ValueError:
                 continue
-            if v is not put:
-                original.cell_contents = v
+            if v is not was:
+                cell.cell_contents = v
 
     def callable(self, node: Node) -> Any:
         if id(node) not in self.needs:
@@ -459,9 +461,14 @@ class _Rebuild:
             return self.memo[id(node)]
         if node.kind == "function":
             return self._function(node)
+        # a method, partial or transform is needed only through what its child reads (a method's
+        # `self` too), so it has a child; a method always has its `self`
+        assert node.child is not None
         self.memo[id(node)] = node.obj  # a cycle through a method or partial: the original
         child = self.callable(node.child)
+        out: Callable[..., Any]
         if node.kind == "method":
+            assert node.self_source is not None
             out = types.MethodType(child, self.value(node.self_source))
         elif node.kind == "partial":
             p = node.obj
@@ -501,8 +508,11 @@ class _Rebuild:
             self.new_cells.append((original, cell, cell.cell_contents))
         if node.defaults:
             new.__defaults__ = tuple(self.value(s) for s in node.defaults)
-        for name, s in node.kwdefaults:
-            new.__kwdefaults__[name] = self.value(s)
+        if node.kwdefaults:
+            kwdefaults = dict(fn.__kwdefaults__ or {})
+            for name, s in node.kwdefaults:
+                kwdefaults[name] = self.value(s)
+            new.__kwdefaults__ = kwdefaults
         return new
 
     def _fill_globals(self, g: dict) -> None:
