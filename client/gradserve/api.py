@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -259,6 +260,51 @@ def _feeder(t: TracedFunction, example: Sequence[Any], order: Sequence[int]) -> 
             values[j] = conv(values[j])
         return values
     return feed
+
+
+def _plan_call(run: Callable[[list], dict[str, Any]], feed: Callable[[Sequence, list], list], t: TracedFunction,
+               sel: _Selection, selected: Sequence[tuple[str, Any]], groups: Sequence[Sequence[str]],
+               grad_names: Mapping[str, str], has_aux: bool, grad_only: bool) -> Callable[[Sequence, list], Any]:
+    """The steady-state call of a gradient over a plan whose one result dict holds the outputs
+    and the gradients (`grad_names`: the result name of each input's): each argument's gradient
+    is read from it as directly as the argument's structure allows, with no dict built."""
+    parts: list[Any] = []  # per selected argument: None (no array leaf, no gradient), the result
+    for (label, value), grp in zip(selected, groups, strict=True):  # name (one array), or the structure
+        named, spec = flatten(value, label)  # and per leaf (result name, None) or (None, static leaf)
+        if not grp:
+            parts.append(None)
+        elif spec.is_leaf():
+            parts.append(grad_names[grp[0]])
+        else:
+            parts.append((spec, [(grad_names[n], None) if _is_array_leaf(x) else (None, x) for n, x in named]))
+    grads_of: Callable[[dict[str, Any]], Any]
+    if not sel.by_name and all(type(p) is str for p in parts):  # each argument one array: the commonest
+        keys = tuple(parts)
+        if not sel.nums_multi:
+            grads_of = operator.itemgetter(keys[0])
+        elif len(keys) > 1:
+            grads_of = operator.itemgetter(*keys)  # a tuple of them
+        else:
+            def grads_of(res: dict[str, Any]) -> Any:
+                return tuple([res[k] for k in keys])
+    else:
+        single = not sel.by_name and not sel.nums_multi
+
+        def grads_of(res: dict[str, Any]) -> Any:
+            per_arg = [None if p is None else res[p] if type(p) is str
+                       else unflatten(p[0], [x if k is None else res[k] for k, x in p[1]]) for p in parts]
+            return per_arg[0] if single else sel.pack(per_arg)
+
+    if grad_only and not has_aux:
+        return lambda leaves, captured: grads_of(run(feed(leaves, captured)))
+    loss, out_names, out_treedef = t.out_names[0], t.out_names, t.out_treedef
+    one = not has_aux and out_treedef.is_leaf()  # the value is the loss itself
+
+    def call(leaves: Sequence, captured: list) -> Any:
+        res = run(feed(leaves, captured))
+        value = res[loss] if one else unflatten(out_treedef, [res[n] for n in out_names])
+        return (grads_of(res), value[1]) if grad_only else (value, grads_of(res))
+    return call
 
 
 def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None, capture: Capture | None = None,
@@ -594,40 +640,16 @@ class Functional:
             plan = grad_plan(t.graph, wrt, loss)
             feed = _feeder(t, example, [t.in_names.index(name) for name, _ in plan.inputs])
             grad_names = vjp_names(t.graph, wrt, [loss]).grad
-            one = t.out_treedef.is_leaf()  # the loss alone: the value is that output
-            if not has_aux and not sel.by_name and all(grp and flatten(value, label)[1].is_leaf()
-                                                       for (label, value), grp in zip(selected, groups, strict=True)):
-                # the common case, without building dicts or lists: each differentiated argument
-                # is one array, whose gradient is one result of the plan
-                keys = tuple(grad_names[grp[0]] for grp in groups)
-                if not sel.nums_multi:
-                    (key,) = keys
-                    if grad_only:
-                        return lambda leaves, captured: plan.run_values(feed(leaves, captured))[key]
+            return _plan_call(plan.run_values, feed, t, sel, selected, groups, grad_names, has_aux, grad_only)
 
-                    def call_one(leaves: Sequence, captured: list) -> tuple[Any, Any]:
-                        res = plan.run_values(feed(leaves, captured))
-                        return res[loss] if one else unflatten(t.out_treedef, [res[loss]]), res[key]
-                    return call_one
+        feed = _feeder(t, example, range(len(t.in_names)))
 
-                def call_each(leaves: Sequence, captured: list) -> Any:
-                    res = plan.run_values(feed(leaves, captured))
-                    grads = tuple([res[k] for k in keys])
-                    return grads if grad_only else (res[loss] if one else unflatten(t.out_treedef, [res[loss]]), grads)
-                return call_each
-
-            def run(values: list[Any]) -> tuple[dict, dict]:
-                res = plan.run_values(values)
-                return res, {n: res[grad_names[n]] for n in wrt}
-        else:
-            feed = _feeder(t, example, range(len(t.in_names)))
-
-            def run(values: list[Any]) -> tuple[dict, dict]:
-                named = dict(zip(t.in_names, values, strict=True))
-                outs, grads = self.backend.vjp(t.graph, named, wrt, outputs=[loss], **extra)
-                if len(t.out_names) > 1:
-                    outs = {**outs, **self.backend.evaluate(t.graph, named, t.out_names[1:])}
-                return outs, grads
+        def run(values: list[Any]) -> tuple[dict, dict]:
+            named = dict(zip(t.in_names, values, strict=True))
+            outs, grads = self.backend.vjp(t.graph, named, wrt, outputs=[loss], **extra)
+            if len(t.out_names) > 1:
+                outs = {**outs, **self.backend.evaluate(t.graph, named, t.out_names[1:])}
+            return outs, grads
 
         def call(leaves: Sequence, captured: list) -> Any:
             outs, grads = run(feed(leaves, captured))
