@@ -86,6 +86,44 @@ def test_colliding_leaf_names_are_refused():
         gs.flatten({"a.b": 1.0, "a": {"b": 2.0}}, "p")
 
 
+def test_cached_call_key_leaves_are_flatten_order():
+    """The cached transforms key a call of dicts, lists, tuples, numbers, arrays, strings and None
+    without optree: the leaves must come in flatten_call's order, and other calls fall back."""
+    from gradserve.api import _call_key, _kwargs
+    from gradserve.pytree import flatten_call
+
+    a, b = np.ones(2), np.zeros((2, 3), np.float32)
+    calls = [((1.0, 2, True), {}), ((a, [b, 3.0], {"z": a, "a": (None, b)}), {}), ((a,), {"w": b, "c": [1.0, None]}),
+             (("relu", a, np.float32(1)), {}), (({1: a, "x": {"y": [a, (b,)]}},), {"k": "s"}), ((), {}), (([],), {})]
+    keys = []
+    for args, kwargs in calls:
+        kwargs = _kwargs(kwargs)
+        leaves, key = _call_key(args, kwargs)
+        flat = flatten_call(args, kwargs)[0]
+        assert len(leaves) == len(flat) and all(x is y for x, y in zip(leaves, flat, strict=True))
+        keys.append(key)
+    assert len(set(keys)) == len(keys)
+    def key(*args: object) -> object:
+        plain = _call_key(args, {})
+        return plain and plain[1]
+
+    assert key([a, a]) != key([a, b]) and key(1.0) != key(1) and key(a) != key(a[None]) and key(None) != key(())
+    for other in (Pair(a, a), Layer(a, a), gs.tensor(a), np.float16(1)):
+        assert key(a, [other]) is None
+
+
+def test_cached_call_converts_tensor_leaves_of_a_flattened_call():
+    """A call optree flattens (a namedtuple here) is keyed by dtypes and shapes, which do not tell
+    a gs.tensor from a numpy array: the entry compiled from arrays takes tensors as well."""
+    g = gs.grad(lambda p, s: (p.w * p.b).sum() * s)
+    u, v = np.arange(3.0), np.full(3, 2.0)
+    for p in (Pair(u, v), Pair(gs.tensor(u), gs.tensor(v)), Pair(u, gs.tensor(v))):
+        grads = g(p, 3.0)
+        assert type(grads) is Pair and type(grads.w) is np.ndarray and type(grads.b) is np.ndarray
+        np.testing.assert_allclose(grads.w, 3 * v)
+        np.testing.assert_allclose(grads.b, 3 * u)
+
+
 # ---------------------------------------------------------------- containers in transforms
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -69,6 +70,7 @@ def _leaf_key(x: Any) -> Any:
 
 
 _SCALAR = {float: np.float64, int: np.int64, bool: np.bool_}
+_NP_SCALARS = frozenset({np.float64, np.float32, np.int64, np.int32, np.bool_})
 
 
 def _value(x: Any) -> Any:
@@ -79,6 +81,61 @@ def _value(x: Any) -> Any:
     if t is not np.ndarray and hasattr(x, "__gradserve_array__"):
         return x.__gradserve_array__()
     return x
+
+
+class _NotPlain(Exception):
+    """An argument `_plain_key` does not cover: optree flattens the call."""
+
+
+def _plain_key(x: Any, leaves: list[Any]) -> Any:
+    """A hashable key of one argument made of dicts, lists and tuples (exactly those types) of
+    Python numbers, numpy arrays and scalars, strings and None, appending its leaves in optree's
+    flatten order (dicts in insertion order, None an empty subtree): the key pins the structure
+    and each leaf's exact type, dtype and shape, as `(spec, sig)` would, without optree's walk.
+    Raises _NotPlain for anything else. Each kind of key begins with its own type, so no two
+    kinds compare equal."""
+    t = type(x)
+    if t is np.ndarray:
+        leaves.append(x)
+        return (np.ndarray, x.dtype, x.shape)
+    if t is float or t is int or t is bool:
+        leaves.append(x)
+        return t
+    if t is dict:
+        return (dict, tuple(x), tuple([_plain_key(v, leaves) for v in x.values()]))
+    if t is list or t is tuple:
+        return (t, tuple([_plain_key(v, leaves) for v in x]))
+    if x is None:
+        return None
+    if t in _NP_SCALARS:
+        leaves.append(x)
+        return (t,)
+    if t is str:
+        leaves.append(x)
+        return (str, x)
+    raise _NotPlain
+
+
+def _call_key(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], Any] | None:
+    """`(leaves, key)` of a call (its keyword arguments in `_kwargs` order) by `_plain_key`, the
+    leaves in the order of `flatten_call(args, kwargs)`; None when an argument is not plain."""
+    leaves: list[Any] = []
+    keys: list[Any] = []
+    try:
+        for a in args:  # `_plain_key`'s commonest cases inline
+            t = type(a)
+            if t is float or t is int or t is bool:
+                leaves.append(a)
+                keys.append(t)
+            elif t is np.ndarray:
+                leaves.append(a)
+                keys.append((np.ndarray, a.dtype, a.shape))
+            else:
+                keys.append(_plain_key(a, leaves))
+        kw = _plain_key(kwargs, leaves) if kwargs else None
+    except _NotPlain:
+        return None
+    return leaves, (tuple(keys), kw)
 
 
 def _leaves(x: Any, out: list[Any]) -> None:
@@ -175,6 +232,81 @@ class TracedFunction:
         return [_value(leaves[i]) for i in self.arg_leaves] + [captured[i] for i in self.cap_arrays]
 
 
+def _feeder(t: TracedFunction, example: Sequence[Any], order: Sequence[int]) -> Callable[[Sequence, list], list]:
+    """`feed(leaves, captured)`: the input values of `t` in `order` (positions in `t.in_names`)
+    from a call's leaves and captured arrays, as `t.values` gives them, specialised once for
+    calls whose leaves have the signature of `example`'s: the positions are fixed, and the
+    leaves come as fed but for Python numbers, converted here by their type (the signature pins
+    it; np.float64 of an np.float64 is harmless)."""
+    n, first_cap = len(t.arg_leaves), len(example)
+    picks = [t.arg_leaves[k] if k < n else first_cap + t.cap_arrays[k - n] for k in order]
+    convert = [(j, _SCALAR[type(example[i])]) for j, i in enumerate(picks)
+               if i < first_cap and type(example[i]) in _SCALAR]
+    m = len(picks)
+    if picks == list(range(m)):  # in order: the leaves, then the captured arrays (trailing ones unread)
+        def feed_all(leaves: Sequence, captured: list) -> list:
+            values = [*leaves, *captured]
+            if len(values) != m:
+                del values[m:]
+            for j, conv in convert:
+                values[j] = conv(values[j])
+            return values
+        return feed_all
+
+    def feed(leaves: Sequence, captured: list) -> list:
+        both = [*leaves, *captured]
+        values = [both[i] for i in picks]
+        for j, conv in convert:
+            values[j] = conv(values[j])
+        return values
+    return feed
+
+
+def _plan_call(run: Callable[[list], dict[str, Any]], feed: Callable[[Sequence, list], list], t: TracedFunction,
+               sel: _Selection, selected: Sequence[tuple[str, Any]], groups: Sequence[Sequence[str]],
+               grad_names: Mapping[str, str], has_aux: bool, grad_only: bool) -> Callable[[Sequence, list], Any]:
+    """The steady-state call of a gradient over a plan whose one result dict holds the outputs
+    and the gradients (`grad_names`: the result name of each input's): each argument's gradient
+    is read from it as directly as the argument's structure allows, with no dict built."""
+    parts: list[Any] = []  # per selected argument: None (no array leaf, no gradient), the result
+    for (label, value), grp in zip(selected, groups, strict=True):  # name (one array), or the structure
+        named, spec = flatten(value, label)  # and per leaf (result name, None) or (None, static leaf)
+        if not grp:
+            parts.append(None)
+        elif spec.is_leaf():
+            parts.append(grad_names[grp[0]])
+        else:
+            parts.append((spec, [(grad_names[n], None) if _is_array_leaf(x) else (None, x) for n, x in named]))
+    grads_of: Callable[[dict[str, Any]], Any]
+    if not sel.by_name and all(type(p) is str for p in parts):  # each argument one array: the commonest
+        keys = tuple(parts)
+        if not sel.nums_multi:
+            grads_of = operator.itemgetter(keys[0])
+        elif len(keys) > 1:
+            grads_of = operator.itemgetter(*keys)  # a tuple of them
+        else:
+            def grads_of(res: dict[str, Any]) -> Any:
+                return tuple([res[k] for k in keys])
+    else:
+        single = not sel.by_name and not sel.nums_multi
+
+        def grads_of(res: dict[str, Any]) -> Any:
+            per_arg = [None if p is None else res[p] if type(p) is str
+                       else unflatten(p[0], [x if k is None else res[k] for k, x in p[1]]) for p in parts]
+            return per_arg[0] if single else sel.pack(per_arg)
+
+    if grad_only and not has_aux:
+        return lambda leaves, captured: grads_of(run(feed(leaves, captured)))
+    loss, out_names, out_treedef = t.out_names[0], t.out_names, t.out_treedef
+    one = not has_aux and out_treedef.is_leaf()  # the value is the loss itself
+
+    def call(leaves: Sequence, captured: list) -> Any:
+        res = run(feed(leaves, captured))
+        value = res[loss] if one else unflatten(out_treedef, [res[n] for n in out_names])
+        return (grads_of(res), value[1]) if grad_only else (value, grads_of(res))
+    return call
+
+
 def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None, capture: Capture | None = None,
                    captured: list[Any] | None = None) -> TracedFunction:
     """Trace `f(*args, **kwargs)` into a graph: array leaves become inputs named after the
@@ -245,7 +377,8 @@ class _Selection:
         self.nums_multi = not isinstance(argnums, int) and (argnames is None or self.both)
         self.nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         self.names_multi = argnames is not None and not isinstance(argnames, str)
-        self.names = () if argnames is None else (tuple(argnames) if self.names_multi else (argnames,))
+        self.names: tuple[str, ...] = (() if argnames is None else (argnames,) if isinstance(argnames, str)
+                                       else tuple(argnames))
         self.by_name = argnames is not None
 
     def resolve(self, f: Callable, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -428,48 +561,63 @@ class Functional:
     # ---- public transforms
     def grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
              batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
-        vg = self.value_and_grad(f, argnums, has_aux, batch_axes, argnames)
-
-        @functools.wraps(f)
-        def g(*args: Any, **kwargs: Any) -> Any:
-            value, grads = vg(*args, **kwargs)
-            return (grads, value[1]) if has_aux else grads
-
+        g = self._value_and_grad(f, argnums, has_aux, batch_axes, argnames, grad_only=True)
         register_transform(g, f, lambda h: self.grad(h, argnums, has_aux, batch_axes, argnames))
         return g
 
     def value_and_grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
                        batch_axes: Mapping[str, int] | None = None,
                        argnames: str | Sequence[str] | None = None) -> Callable:
+        vg = self._value_and_grad(f, argnums, has_aux, batch_axes, argnames, grad_only=False)
+        register_transform(vg, f, lambda h: self.value_and_grad(h, argnums, has_aux, batch_axes, argnames))
+        return vg
+
+    def _value_and_grad(self, f: Callable, argnums: int | Sequence[int] | None, has_aux: bool,
+                        batch_axes: Mapping[str, int] | None, argnames: str | Sequence[str] | None,
+                        grad_only: bool) -> Callable:
+        """`value_and_grad`'s function, or `grad`'s (`grad_only`: the gradient, or `(gradient,
+        aux)`). Its cache is keyed by the call's structure and signature and the captured state,
+        read at every call; a hit runs the compiled call with nothing re-derived."""
         sel = _Selection(argnums, argnames)
-        compiled: dict[Any, Callable[[list, list], tuple[Any, Any]]] = {}
+        compiled: dict[Any, Callable[[Sequence, list], Any]] = {}
+        captures, capture_key = self._captures, (f, False)  # `self.capture(f)`, inline
+        note_hit = getattr(self.backend, "note_hit", None)
 
         @functools.wraps(f)
-        def vg(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            kwargs = _kwargs(kwargs)
-            leaves, spec = flatten_call(args, kwargs)
-            sig = tuple([_leaf_key(x) for x in leaves])
-            cap = self.capture(f)
+        def vg(*args: Any, **kwargs: Any) -> Any:
+            if kwargs:
+                kwargs = _kwargs(kwargs)
+            plain = _call_key(args, kwargs)
+            if plain is not None:  # dicts, lists, tuples of numbers and numpy arrays: no optree
+                leaves, structure = plain
+                sig: tuple | None = None
+            else:
+                leaves, structure = flatten_call(args, kwargs)
+                sig = tuple([_leaf_key(x) for x in leaves])
+                leaves = [_value(x) for x in leaves]  # arrays as fed (sig does not tell a tensor from an array)
+            cap = captures.get(capture_key)
+            if cap is None:
+                cap = self._rescan(f, False)
             ckey, captured, _ = cap.read()
-            call = compiled.get((spec, sig, cap.layout, ckey))
+            call = compiled.get((structure, sig, cap.layout, ckey))
             if call is None:
-                call = self._compile_value_and_grad(f, args, kwargs, sel, has_aux, batch_axes)
+                call = self._compile_value_and_grad(f, args, kwargs, sel, has_aux, batch_axes, grad_only)
                 cap = self.capture(f)  # tracing rescans it
                 ckey, captured, _ = cap.read()
                 if len(compiled) > 256:
                     compiled.clear()
-                compiled[(spec, sig, cap.layout, ckey)] = call
-            else:
-                self._note_hit()
+                compiled[(structure, sig, cap.layout, ckey)] = call
+            elif note_hit is not None:
+                note_hit()
             return call(leaves, captured)
 
-        register_transform(vg, f, lambda h: self.value_and_grad(h, argnums, has_aux, batch_axes, argnames))
         return vg
 
     def _compile_value_and_grad(self, f: Callable, args: tuple, kwargs: dict[str, Any], sel: _Selection, has_aux: bool,
-                                batch_axes: Mapping[str, int] | None) -> Callable[[list, list], tuple[Any, Any]]:
-        """Trace once for this signature and return the steady-state call: leaves in, plan run,
-        pytrees out, with no re-validation (the signature key guarantees the types)."""
+                                batch_axes: Mapping[str, int] | None, grad_only: bool) -> Callable[[Sequence, list], Any]:
+        """Trace once for this signature and return the steady-state call: leaves (as fed, but
+        for Python numbers) and captured arrays in, plan run, pytrees out, with no re-validation
+        (the signature key guarantees the types)."""
         t, _ = self.prepare(f, args, kwargs)
         loss = t.out_names[0]
         dtype, shape = t.graph.aval(dict(t.graph.outputs)[loss])
@@ -487,26 +635,28 @@ class Functional:
         if axes:
             analyze(t.graph, axes)  # refuse, naming the node, a graph that mixes examples
         extra = {"batch_axes": axes} if axes else {}
+        example = flatten_call(args, kwargs)[0]  # this call's leaves, which the signature describes
         if grad_plan is not None:
             plan = grad_plan(t.graph, wrt, loss)
-            order = [t.in_names.index(name) for name, _ in plan.inputs]
+            feed = _feeder(t, example, [t.in_names.index(name) for name, _ in plan.inputs])
             grad_names = vjp_names(t.graph, wrt, [loss]).grad
+            return _plan_call(plan.run_values, feed, t, sel, selected, groups, grad_names, has_aux, grad_only)
 
-            def run(values: list[Any]) -> tuple[dict, dict]:
-                res = plan.run_values([values[i] for i in order])
-                return res, {n: res[grad_names[n]] for n in wrt}
-        else:
-            def run(values: list[Any]) -> tuple[dict, dict]:
-                feed = dict(zip(t.in_names, values, strict=True))
-                outs, grads = self.backend.vjp(t.graph, feed, wrt, outputs=[loss], **extra)
-                if len(t.out_names) > 1:
-                    outs = {**outs, **self.backend.evaluate(t.graph, feed, t.out_names[1:])}
-                return outs, grads
+        feed = _feeder(t, example, range(len(t.in_names)))
 
-        def call(leaves: list, captured: list) -> tuple[Any, Any]:
-            outs, grads = run(t.values(leaves, captured))
+        def run(values: list[Any]) -> tuple[dict, dict]:
+            named = dict(zip(t.in_names, values, strict=True))
+            outs, grads = self.backend.vjp(t.graph, named, wrt, outputs=[loss], **extra)
+            if len(t.out_names) > 1:
+                outs = {**outs, **self.backend.evaluate(t.graph, named, t.out_names[1:])}
+            return outs, grads
+
+        def call(leaves: Sequence, captured: list) -> Any:
+            outs, grads = run(feed(leaves, captured))
             per_arg = [like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True)]
             value = unflatten(t.out_treedef, [outs[n] for n in t.out_names])
+            if grad_only:
+                return (sel.pack(per_arg), value[1]) if has_aux else sel.pack(per_arg)
             return value, sel.pack(per_arg)
 
         return call

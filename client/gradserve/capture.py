@@ -34,6 +34,7 @@ from __future__ import annotations
 import dis
 import functools
 import hashlib
+import operator
 import os
 import site
 import sys
@@ -138,7 +139,7 @@ def _plain_class(cls: type) -> bool:
 def _plain(obj: Any) -> str | None:
     """"instance" for an object of a user class whose attributes gradserve reads (a plain one:
     no container, array or value), "module" for a module of user code, else None."""
-    t = type(obj)
+    t: type = type(obj)  # `type`, not mypy's `type[Any]`: the lru_cache'd helpers take a Hashable
     if t is types.ModuleType:
         file = getattr(obj, "__file__", None)
         return "module" if file is not None and _is_user_code(file) else None
@@ -157,12 +158,14 @@ def _attr_getter(obj: Any, name: str) -> Callable[[], Any]:
 
 
 class Source:
-    """One place a captured value is read from."""
+    """One place a captured value is read from: `get()` reads it; `fast()` too, quicker, but may
+    raise ValueError where `get` gives `_MISSING` (an empty closure cell)."""
 
-    __slots__ = ("attrs", "get", "label", "node", "where")
+    __slots__ = ("attrs", "fast", "get", "label", "node", "where")
 
-    def __init__(self, label: str, where: str, get: Callable[[], Any]):
+    def __init__(self, label: str, where: str, get: Callable[[], Any], fast: Callable[[], Any] | None = None):
         self.label, self.where, self.get = label, where, get
+        self.fast = get if fast is None else fast
         self.node: Node | None = None  # the callable it holds, when it is one gradserve looks into
         self.attrs: list[tuple[str, Source]] = []  # attributes read of the plain object it holds
 
@@ -187,6 +190,9 @@ class Node:
         if self.self_source is not None:
             out.append(self.self_source)
         return out
+
+
+_CELL_CONTENTS = operator.attrgetter("cell_contents")
 
 
 def _cell_getter(cell: types.CellType) -> Callable[[], Any]:
@@ -223,10 +229,11 @@ class Capture:
         self._expanding: set[int] = set()
         self.top = self._node(f, main=True)
         self.layout = tuple(s.label for s in self.sources)
+        self._fast = tuple(s.fast for s in self.sources)
 
     # ---- scanning
     def _source(self, place: Any, label: str, where: str, get: Callable[[], Any], owner: Any,
-                names: frozenset[str] = frozenset()) -> Source:
+                names: frozenset[str] = frozenset(), fast: Callable[[], Any] | None = None) -> Source:
         """The source at `place` (one per place); `names`: the names the reading code uses, for
         the attributes of a plain object it holds."""
         s = self._by_place.get(place)
@@ -237,7 +244,7 @@ class Capture:
         base, k = label, 2
         while label in self._labels:
             label, k = f"{base}#{k}", k + 1
-        s = Source(label, where, get)
+        s = Source(label, where, get, fast)
         self._by_place[place] = s
         self._labels.add(label)
         self._keep.append(owner)
@@ -256,7 +263,8 @@ class Capture:
         if kind is None or len(self.sources) >= MAX_SOURCES or id(s) in self._expanding:
             return
         self._expanding.add(id(s))  # an object that holds itself ends here
-        wanted = names | _class_names(type(obj)) if kind == "instance" else names
+        cls: type = type(obj)
+        wanted = names | _class_names(cls) if kind == "instance" else names
         have = {name for name, _ in s.attrs}
         for name in list(vars(obj)):
             if name in wanted and name not in have and not name.startswith("__"):
@@ -311,7 +319,7 @@ class Capture:
         names = _code_names(code)
         for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
             node.cells.append(self._source(("cell", id(cell)), f"<closure>{tag}.{name}", f"closure '{name}'{of}",
-                                           _cell_getter(cell), cell, names))
+                                           _cell_getter(cell), cell, names, functools.partial(_CELL_CONTENTS, cell)))
         g = fn.__globals__
         for name in _global_names(code):
             if g is self._main_globals:
@@ -322,8 +330,9 @@ class Capture:
             node.globals.append((name, self._source(("global", id(g), name), label, where,
                                                     functools.partial(g.get, name, _MISSING), g, names)))
         params = code.co_varnames[:code.co_argcount]
-        for i, _ in enumerate(fn.__defaults__ or ()):
-            name = params[len(params) - len(fn.__defaults__) + i]
+        defaults = fn.__defaults__ or ()
+        for i in range(len(defaults)):
+            name = params[len(params) - len(defaults) + i]
             node.defaults.append(self._source(("default", id(fn), i), f"<default>{tag}.{name}",
                                               f"default of '{name}'{of}", _default_getter(fn, i), fn))
         for name in fn.__kwdefaults__ or {}:
@@ -336,9 +345,26 @@ class Capture:
         arrays, values of the guards, identities of the rest), the arrays to feed, in input
         order, and the values read (kept alive with a trace: the key holds their ids)."""
         feed: list[Any] = []
-        values = [s.get() for s in self.sources]
-        key = tuple(_value_key(v, feed, self.constants) for v in values)
-        return key, feed, values
+        try:
+            values = [get() for get in self._fast]
+        except ValueError:  # an empty closure cell
+            values = [s.get() for s in self.sources]
+        if not values:
+            return (), feed, values
+        constants = self.constants
+        key: list[Any] = []
+        for v in values:  # _value_key, with its common cases first and inline: every call reads this
+            t = type(v)
+            if t in _OPAQUE_TYPES:
+                key.append(("id", id(v)))
+            elif t in _VALUE_TYPES:
+                key.append((t, v))
+            elif t is np.ndarray and not constants and dtype_name(v.dtype) in DTYPES:
+                feed.append(v)
+                key.append((v.dtype, v.shape))
+            else:
+                key.append(_value_key(v, feed, constants))
+        return tuple(key), feed, values
 
     def describe(self, values: list[Any]) -> dict[str, str]:
         """What each source held, for the miss reasons."""
@@ -444,13 +470,13 @@ class _Rebuild:
                     original[k] = v
             for k in keys - set(copy):
                 original.pop(k, None)
-        for original, copy, put in self.new_cells:
+        for cell, copied, was in self.new_cells:
             try:
-                v = copy.cell_contents
+                v = copied.cell_contents
             except ValueError:
                 continue
-            if v is not put:
-                original.cell_contents = v
+            if v is not was:
+                cell.cell_contents = v
 
     def callable(self, node: Node) -> Any:
         if id(node) not in self.needs:
@@ -459,9 +485,14 @@ class _Rebuild:
             return self.memo[id(node)]
         if node.kind == "function":
             return self._function(node)
+        # a method, partial or transform is needed only through what its child reads (a method's
+        # `self` too), so it has a child; a method always has its `self`
+        assert node.child is not None
         self.memo[id(node)] = node.obj  # a cycle through a method or partial: the original
         child = self.callable(node.child)
+        out: Callable[..., Any]
         if node.kind == "method":
+            assert node.self_source is not None
             out = types.MethodType(child, self.value(node.self_source))
         elif node.kind == "partial":
             p = node.obj
@@ -501,8 +532,11 @@ class _Rebuild:
             self.new_cells.append((original, cell, cell.cell_contents))
         if node.defaults:
             new.__defaults__ = tuple(self.value(s) for s in node.defaults)
-        for name, s in node.kwdefaults:
-            new.__kwdefaults__[name] = self.value(s)
+        if node.kwdefaults:
+            kwdefaults = dict(fn.__kwdefaults__ or {})
+            for name, s in node.kwdefaults:
+                kwdefaults[name] = self.value(s)
+            new.__kwdefaults__ = kwdefaults
         return new
 
     def _fill_globals(self, g: dict) -> None:

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -682,10 +682,6 @@ class ArrayMethods:
     __slots__ = ()
     __array_priority__ = 1000
 
-    if TYPE_CHECKING:  # given by the concrete class (a traced value's attribute, a tensor's property)
-        @property
-        def shape(self) -> tuple[int, ...]: ...
-
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         return array_ufunc(ufunc, method, *inputs, **kwargs)
 
@@ -709,10 +705,11 @@ class ArrayMethods:
     def __getitem__(self, key): return getitem(self, key)
     __hash__ = object.__hash__
 
-    def __len__(self) -> int:
-        if not self.shape:
+    def __len__(self) -> int:  # `shape` is the concrete class's (a traced value's slot, a tensor's property)
+        shape = shape_of(self)
+        if not shape:
             raise TypeError("len() of a 0-d value")
-        return self.shape[0]
+        return shape[0]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

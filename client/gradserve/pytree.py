@@ -53,9 +53,9 @@ def _register_dataclass(cls: type) -> None:
     def flat(obj: Any) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
         return [getattr(obj, n) for n in names], names, names
 
-    def unflat(fields: tuple[str, ...], children: Iterable[Any]) -> Any:
-        obj = object.__new__(cls)  # no __init__/__post_init__: they would run on traced values and gradients
-        for n, v in zip(fields, children, strict=True):
+    def unflat(_metadata: object, children: Iterable[Any]) -> Any:  # the metadata is `names`
+        obj: Any = object.__new__(cls)  # no __init__/__post_init__: they would run on traced values and gradients
+        for n, v in zip(names, children, strict=True):
             object.__setattr__(obj, n, v)  # frozen dataclasses too
         return obj
 
@@ -84,7 +84,9 @@ _LEAF_ARGS = frozenset({float, int, bool, np.ndarray, np.float64, np.float32, np
 
 @functools.cache
 def _positional_spec(n: int) -> optree.PyTreeSpec:
-    return optree.tree_structure(((0,) * n, {}), none_is_leaf=False, namespace=NAMESPACE)
+    call: Any = ((0,) * n, {})  # Any like every tree here: optree annotates trees as PyTree[T], which
+    # mypy reads as a class no tuple or dict is an instance of
+    return optree.tree_structure(call, none_is_leaf=False, namespace=NAMESPACE)
 
 
 def flatten_call(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], optree.PyTreeSpec]:
