@@ -606,3 +606,32 @@ def test_large_uploads_hash_on_a_thread_with_the_same_result():
     assert tid == wire.tensor_id(a)
     np.testing.assert_array_equal(a, b)
     assert not any(t.name == "gradserve-hash" for t in threading.enumerate())  # finish() joined it
+
+
+def test_uploads_in_progress_reserve_the_store_bound():
+    store = TensorStore(max_bytes=1000, metrics=Metrics())
+    first = wire.chunks(np.zeros(100), 64)  # 800 bytes, left half-sent
+    stream = iter(first)
+    started = threading.Event()
+    box: dict = {}
+
+    def slow():
+        yield next(stream)
+        started.set()
+        box["go"] = threading.Event()
+        box["go"].wait(10)
+        yield from stream
+
+    t = threading.Thread(target=lambda: box.setdefault("id", store.receive(slow())[0]))
+    t.start()
+    assert started.wait(10)
+    with pytest.raises(LimitError, match="in progress"):
+        _put(store, np.zeros(50))  # 400 more bytes than the bound leaves while the first is received
+    box["go"].set()
+    t.join(10)
+    assert box["id"] == wire.tensor_id(np.zeros(100))
+    store.release([box["id"]])
+    _put(store, np.zeros(50))  # the reservation went with the finished upload
+    with pytest.raises(InvalidRequest):
+        store.receive(iter([chunk_msg(dtype=graph_pb2.FLOAT64, shape=[100])]))  # a failed upload frees its reservation
+    _put(store, np.ones(60))

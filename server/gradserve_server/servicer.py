@@ -317,6 +317,7 @@ class Servicer:
         admit = name == "GetTensor"
 
         def handle(raw: bytes, context: grpc.ServicerContext):
+            start = time.perf_counter()
             code = grpc.StatusCode.OK
             self._count_in(len(raw))
             if admit:
@@ -332,7 +333,7 @@ class Servicer:
             finally:
                 if admit:
                     self._leave()
-                self.metrics.observe_request(name, code.name, 0.0)
+                self.metrics.observe_request(name, code.name, time.perf_counter() - start if admit else 0.0)
 
         return handle
 

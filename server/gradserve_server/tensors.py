@@ -68,6 +68,7 @@ class TensorStore:
         self._clock = clock
         self._tensors: OrderedDict[str, Stored] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._receiving = 0  # bytes of uploads in progress: together at most max_bytes
         self._lock = threading.Lock()
         self.metrics.gauge_fn("gradserve_tensor_store_bytes", lambda: self._bytes)
         self.metrics.gauge_fn("gradserve_tensors", lambda: len(self._tensors))
@@ -75,12 +76,27 @@ class TensorStore:
     # ---- adding
     def receive(self, raw_chunks: Iterable[bytes]) -> tuple[str, np.ndarray, bool]:
         """Assemble a PutTensor stream (validated before anything is allocated, hashed as it
-        arrives) and store it; returns (id, array, created)."""
-        with Assembler(self.limits, self.max_bytes, hashing=True, where="PutTensor",
-                       limit_name="the tensor store's bound (--tensor-store-mib)") as asm:
-            for raw in raw_chunks:
-                asm.add(raw)
-            array, tid = asm.finish()
+        arrives) and store it; returns (id, array, created). Uploads in progress together
+        reserve at most the store's bound, so slow or abandoned streams cannot pile up memory."""
+        reserved = [0]
+
+        def reserve(nbytes: int) -> None:
+            with self._lock:
+                if self._receiving + nbytes > self.max_bytes:
+                    raise LimitError(f"PutTensor: {self._receiving} bytes of uploads are in progress; {nbytes} more would "
+                                     f"pass the tensor store's bound of {self.max_bytes} (--tensor-store-mib); retry later")
+                self._receiving += nbytes
+                reserved[0] = nbytes
+
+        try:
+            with Assembler(self.limits, self.max_bytes, hashing=True, where="PutTensor", reserve=reserve,
+                           limit_name="the tensor store's bound (--tensor-store-mib)") as asm:
+                for raw in raw_chunks:
+                    asm.add(raw)
+                array, tid = asm.finish()
+        finally:
+            with self._lock:
+                self._receiving -= reserved[0]
         if asm.ref and asm.ref != tid:
             raise InvalidRequest(f"PutTensor: the stream names its tensor {asm.ref[:64]!r}, but its content hashes to {tid}")
         created = self._insert(tid, array)

@@ -20,7 +20,7 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -233,8 +233,11 @@ class Assembler:
     content id as the bytes arrive."""
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, max_bytes: int | None = None, hashing: bool = False,
-                 where: str = "tensor", limit_name: str = "the limit"):
+                 where: str = "tensor", limit_name: str = "the limit", reserve: Callable[[int], None] | None = None):
+        """`reserve(nbytes)`, when given, is called once the size is known and before the buffer
+        is allocated (it may refuse by raising)."""
         self.limits, self.max_bytes, self.hashing, self.where, self.limit_name = limits, max_bytes, hashing, where, limit_name
+        self.reserve = reserve
         self.dtype = ""
         self.shape: tuple[int, ...] = ()
         self.ref = ""
@@ -284,6 +287,8 @@ class Assembler:
         if self.max_bytes is not None and self.nbytes > self.max_bytes:
             raise LimitError(f"{self.where}: {type_str(self.dtype, self.shape)} takes {self.nbytes} bytes, over "
                              f"{self.limit_name} of {self.max_bytes}")
+        if self.reserve is not None:
+            self.reserve(self.nbytes)
         self._buf = np.empty(self.nbytes, np.uint8)
         if self.hashing:
             h = id_hasher(self.dtype, self.shape)
