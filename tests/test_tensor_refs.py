@@ -39,7 +39,7 @@ from gradserve_engine.ir import Limits, tensor_to_proto
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server.metrics import Metrics
-from gradserve_server.tensors import MISSING_KEY, TensorStore, refs_in
+from gradserve_server.tensors import TensorStore, refs_in
 
 MiB = 1 << 20
 SERVICE = "gradserve.v1.GradientService"
@@ -378,7 +378,7 @@ def test_unknown_ref_is_not_found_naming_every_missing_id(bare, chan):
     tensor_to_proto(X, req.inputs["x"])
     err = rpc_error(bare.Gradient, req, timeout=10)
     assert err.code() == grpc.StatusCode.NOT_FOUND and "tensor store" in err.details()
-    assert dict(err.trailing_metadata())[MISSING_KEY].split(",") == missing
+    assert dict(err.trailing_metadata())[wire.MISSING_KEY].split(",") == missing
 
 
 @pytest.mark.parametrize(("case", "code", "says"), [

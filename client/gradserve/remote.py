@@ -28,7 +28,7 @@ from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_prot
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
-from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, Assembler, chunks, contiguous
+from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, MISSING_KEY, Assembler, chunks, contiguous
 
 from . import optim
 from .api import Functional, _as_array, _is_array_leaf, _leaves, _param_names, flatten, shaped_like, unflatten
@@ -94,7 +94,6 @@ def _first_rows(x: Any, n: int) -> Any:
     return np.asarray(x)[:n]
 
 
-MISSING_KEY = "gradserve-missing-tensors"  # the server's trailing metadata on a NOT_FOUND for tensor refs
 _DOWNLOAD_LIMITS = Limits(max_elements=1 << 62)  # what the server sends is as large as it holds
 
 

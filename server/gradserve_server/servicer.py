@@ -26,12 +26,12 @@ from gradserve_engine.ops.core import dtype_name
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
-from gradserve_engine.wire import PB_DTYPE
+from gradserve_engine.wire import MISSING_KEY, PB_DTYPE
 
 from .jobs import FINISHED, JobManager
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
-from .tensors import MAX_MISSING_LISTED, MISSING_KEY, TensorStore, chunk_size, refs_in
+from .tensors import MAX_MISSING_LISTED, TensorStore, chunk_size, refs_in
 
 log = logging.getLogger("gradserve.servicer")
 SERVICE = "gradserve.v1.GradientService"

@@ -41,7 +41,6 @@ from gradserve_engine.wire import (
 
 from .metrics import Metrics
 
-MISSING_KEY = "gradserve-missing-tensors"  # trailing metadata: the ids a NOT_FOUND is about
 MAX_MISSING_LISTED = 64  # ids in that metadata (64 x 65 bytes stays well inside the trailers' limit)
 
 

@@ -30,6 +30,7 @@ from .ir import DEFAULT_LIMITS, Limits, check_shape, type_str
 from .ops.core import NP_DTYPES, dtype_name
 from .v1 import graph_pb2
 
+MISSING_KEY = "gradserve-missing-tensors"  # trailing metadata of a NOT_FOUND: the tensor ids it is about
 HEADER_ROOM = 4096  # a chunk's bytes besides its data (dtype, shape, ref, tags): at most this
 CHUNK_BYTES = (1 << 20) - HEADER_ROOM  # default data per chunk: a chunk fits the smallest message limit, 1 MiB
 PB_DTYPE: dict[str, Any] = {name: graph_pb2.DType.Value(name.upper()) for name in NP_DTYPES}
