@@ -11,7 +11,8 @@ out) as child processes on 127.0.0.1, then measures in one run:
     parameters resident on the server (`remote.put`, gradients still returned);
   - throughput with --clients (8) concurrent clients, remote scalar gradient vs echo;
   - a residual-session VJP call on the MLP vs a full remote Gradient call;
-  - loopback bulk transfer: `remote.put` then `remote.get` of --transfer-mib (64) MiB, in GB/s.
+  - loopback bulk transfer: `remote.put` then `remote.get` of --transfer-mib (64) MiB, in GB/s,
+    next to the same bytes sent as one plain request (an Evaluate input; it includes a sum).
 Each call's bytes in and out are read from the server's `gradserve_bytes_total` counter (its
 metrics port) and printed per call next to the times.
 """
@@ -97,6 +98,20 @@ def latencies(call, n: int) -> list[float]:
         t = time.perf_counter()
         call()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def interleaved(calls: list, n: int) -> list[list[float]]:
+    """Latencies of each call, the calls taking turns (after min(50, n) warm-up rounds)."""
+    for _ in range(min(50, n)):
+        for call in calls:
+            call()
+    out: list[list[float]] = [[] for _ in calls]
+    for _ in range(n):
+        for k, call in enumerate(calls):
+            t = time.perf_counter()
+            call()
+            out[k].append(time.perf_counter() - t)
     return out
 
 
@@ -227,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             return torch.autograd.grad(loss, list(tp.values()))
 
         mlp_torch = latencies(torch_mlp, n_mlp)
+        # the same pair again, call for call in turn: a busy machine slows both alike, so their ratio holds
+        paired_resident, paired_torch = interleaved([lambda: remote_mlp(resident, x, y), torch_mlp], n_mlp)
         rows.update({"remote MLP grad p50 ms": pct(mlp_remote, 50), "local PyTorch MLP grad p50 ms": pct(mlp_torch, 50),
-                     "remote MLP grad, resident params p50 ms": pct(mlp_resident, 50)})
+                     "remote MLP grad, resident params p50 ms": pct(mlp_resident, 50),
+                     "remote MLP grad, resident params, interleaved with PyTorch p50 ms": pct(paired_resident, 50),
+                     "local PyTorch MLP grad, interleaved p50 ms": pct(paired_torch, 50)})
 
         _, vjp_fn = remote.vjp(mlp_loss, params, x, y)
         vjp_lat, b_in, b_out = counter.per_call(lambda: vjp_fn(1.0), n_mlp)
@@ -238,8 +257,16 @@ def main(argv: list[str] | None = None) -> int:
 
         size = args.transfer_mib << 20
         bulk = np.random.default_rng(1).random(size // 8)
-        put_s, get_s, moved = [], [], {"put": [0.0, 0.0], "get": [0.0, 0.0]}
+        put_s, get_s, plain_s = [], [], []
+        moved = {"put": [0.0, 0.0], "get": [0.0, 0.0], "plain": [0.0, 0.0]}
+        total = gs.trace(lambda x: gs.sum(x), bulk)  # the reference: the same bytes as one plain request's input
         for _ in range(args.transfer_repeat):
+            b = counter.read()
+            t = time.perf_counter()
+            remote.evaluate(total, {"x": bulk})
+            plain_s.append(time.perf_counter() - t)
+            a = counter.read()
+            moved["plain"] = [a[0] - b[0], a[1] - b[1]]
             b0 = counter.read()
             t = time.perf_counter()
             ref = remote.put(bulk, hold=False)
@@ -254,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             for k, (before, after) in {"put": (b0, b1), "get": (b1, b2)}.items():
                 moved[k] = [after[0] - before[0], after[1] - before[1]]
             del back
-        for k, times in (("put", put_s), ("get", get_s)):
+        for k, label, times in (("plain", f"plain request {args.transfer_mib} MiB (Evaluate input)", plain_s),
+                                ("put", f"put {args.transfer_mib} MiB", put_s), ("get", f"get {args.transfer_mib} MiB", get_s)):
             med = float(np.median(times))
-            transfers[f"{k} {args.transfer_mib} MiB"] = (moved[k][0], moved[k][1], med * 1e3, size / med / 1e9)
+            transfers[label] = (moved[k][0], moved[k][1], med * 1e3, size / med / 1e9)
         rows[f"put {args.transfer_mib} MiB GB/s"] = transfers[f"put {args.transfer_mib} MiB"][3]
         rows[f"get {args.transfer_mib} MiB GB/s"] = transfers[f"get {args.transfer_mib} MiB"][3]
 
@@ -280,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "residual VJP / full remote Gradient (MLP)": rows["residual-session VJP call p50 ms"] / rows["remote MLP grad p50 ms"],
         "remote MLP (resident params) / local PyTorch MLP": (rows["remote MLP grad, resident params p50 ms"]
                                                              / rows["local PyTorch MLP grad p50 ms"]),
+        "remote MLP (resident params) / local PyTorch MLP, interleaved": (
+            rows["remote MLP grad, resident params, interleaved with PyTorch p50 ms"]
+            / rows["local PyTorch MLP grad, interleaved p50 ms"]),
     }
     print("| measurement | value |\n|---|---|")
     for k, v in rows.items():

@@ -68,6 +68,7 @@ def test_service_smoke():
                 "| remote scalar grad 2 clients calls/s |", "| remote scalar grad / echo (p50) |",
                 "| residual VJP / full remote Gradient (MLP) |", "| remote MLP grad, resident params p50 ms |",
                 "| remote MLP (resident params) / local PyTorch MLP |", "| put 4 MiB GB/s |", "| get 4 MiB GB/s |",
+                "| remote MLP (resident params) / local PyTorch MLP, interleaved |",
                 "| call | p50 ms | bytes in per call | bytes out per call |", "| remote MLP grad, resident params |",
                 "| transfer (loopback, median) | bytes in | bytes out | ms | GB/s |")
     # bytes are counted, not timed: deterministic. With the parameters resident a call sends x and y
