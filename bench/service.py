@@ -7,20 +7,27 @@ Starts a gradserve server and an echo server (same grpcio, same thread pool, raw
 out) as child processes on 127.0.0.1, then measures in one run:
   - p50/p99 latency: echo of a scalar Gradient request's bytes vs the cached remote scalar
     gradient vs the same gradient run locally;
-  - the MLP gradient remote vs local PyTorch;
+  - the MLP gradient remote vs local PyTorch, with every tensor sent at each call and with the
+    parameters resident on the server (`remote.put`, gradients still returned);
   - throughput with --clients (8) concurrent clients, remote scalar gradient vs echo;
-  - a residual-session VJP call on the MLP vs a full remote Gradient call.
+  - a residual-session VJP call on the MLP vs a full remote Gradient call;
+  - loopback bulk transfer: `remote.put` then `remote.get` of --transfer-mib (64) MiB, in GB/s,
+    next to the same bytes sent as one plain request (an Evaluate input; it includes a sum).
+Each call's bytes in and out are read from the server's `gradserve_bytes_total` counter (its
+metrics port) and printed per call next to the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -47,9 +54,40 @@ def echo_server(port_file: str) -> None:
 
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    proc, address, _ = start_with_metrics(cmd)
+    return proc, address
+
+
+def start_with_metrics(cmd: list[str]) -> tuple[subprocess.Popen, str, int | None]:
+    """A server child process; its address and, when it serves them, its metrics port."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    return proc, line.split()[3].rstrip(",")
+    metrics = re.search(r"metrics on [\d.]+:(\d+)/metrics", line)
+    return proc, line.split()[3].rstrip(","), int(metrics[1]) if metrics else None
+
+
+class ByteCounter:
+    """The server's request and response byte counters (gradserve_bytes_total), read over HTTP."""
+
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to 127.0.0.1
+
+    def read(self) -> tuple[float, float]:
+        with self.opener.open(self.url, timeout=10) as r:
+            text = r.read().decode()
+        values = dict.fromkeys(("in", "out"), 0.0)
+        for m in re.finditer(r'^gradserve_bytes_total\{direction="(in|out)",path="client_server"\} (\S+)$', text, re.M):
+            values[m[1]] = float(m[2])
+        return values["in"], values["out"]
+
+    def per_call(self, call, n: int) -> tuple[list[float], float, float]:
+        """`latencies(call, n)` and the bytes in and out per call (warm-up calls included)."""
+        b_in, b_out = self.read()
+        lat = latencies(call, n)
+        a_in, a_out = self.read()
+        calls = n + min(50, n)
+        return lat, (a_in - b_in) / calls, (a_out - b_out) / calls
 
 
 def latencies(call, n: int) -> list[float]:
@@ -60,6 +98,20 @@ def latencies(call, n: int) -> list[float]:
         t = time.perf_counter()
         call()
         out.append(time.perf_counter() - t)
+    return out
+
+
+def interleaved(calls: list, n: int) -> list[list[float]]:
+    """Latencies of each call, the calls taking turns (after min(50, n) warm-up rounds)."""
+    for _ in range(min(50, n)):
+        for call in calls:
+            call()
+    out: list[list[float]] = [[] for _ in calls]
+    for _ in range(n):
+        for k, call in enumerate(calls):
+            t = time.perf_counter()
+            call()
+            out[k].append(time.perf_counter() - t)
     return out
 
 
@@ -105,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-calls", type=int, default=20, help="calls per MLP latency measurement")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput measurement")
+    parser.add_argument("--transfer-mib", type=int, default=64, help="MiB moved by the put/get measurement")
+    parser.add_argument("--transfer-repeat", type=int, default=7, help="put/get rounds (the median is reported)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true",
-                        help="a tiny MLP (batch 16, 24 -> 32 -> 32 -> 10), 20 calls per latency, 2 clients for 0.3 s: "
-                             "the same code in seconds, for the tests (the numbers mean nothing)")
+                        help="a tiny MLP (batch 16, 24 -> 32 -> 32 -> 10), 20 calls per latency, 2 clients for 0.3 s, "
+                             "put/get of 4 MiB: the same code in seconds, for the tests (the numbers mean nothing)")
     if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(calls=20, mlp_calls=5, seconds=0.3, clients=2)
+        parser.set_defaults(calls=20, mlp_calls=5, seconds=0.3, clients=2, transfer_mib=4, transfer_repeat=2)
     args = parser.parse_args(argv)
     batch, d_in, d_h, d_out = SMOKE_SHAPE if args.smoke else MLP_SHAPE
     if args.smoke:
@@ -122,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     port_file = str(Path(tmp.name) / "echo-port")
     echo = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                              f"import service; service.echo_server({port_file!r})"])
-    server, address = start([sys.executable, "-m", "gradserve_server", "--port", "0", "--log-level", "warning"])
+    server, address, metrics_port = start_with_metrics([sys.executable, "-m", "gradserve_server", "--port", "0",
+                                                        "--metrics-port", "0", "--log-level", "warning"])
     while not Path(port_file).exists() or not Path(port_file).read_text():
         if echo.poll() is not None:
             server.terminate()
@@ -130,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.05)
     echo_addr = f"127.0.0.1:{Path(port_file).read_text()}"
     rows: dict[str, float] = {}
+    per_call: dict[str, tuple[float, float, float]] = {}  # call -> (p50 ms, bytes in, bytes out) per call
+    transfers: dict[str, tuple[float, float, float, float]] = {}  # put/get -> (bytes in, bytes out, ms, GB/s)
     try:
+        assert metrics_port is not None
+        counter = ByteCounter(metrics_port)
         remote = gs.connect(address)
         graph = gs.trace(seed_f, 2.0, 3.0)
         req = pb.GradientRequest(graph_id=graph.id, wrt=["x", "y"])
@@ -150,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
         echo_lat = latencies(echo_call_factory(), args.calls)
         remote_grad = remote.grad(seed_f, argnums=(0, 1))
-        remote_lat = latencies(lambda: remote_grad(2.0, 3.0), args.calls)
+        remote_lat, b_in, b_out = counter.per_call(lambda: remote_grad(2.0, 3.0), args.calls)
+        per_call["remote scalar grad"] = (pct(remote_lat, 50), b_in, b_out)
         local_grad = gs.grad(seed_f, argnums=(0, 1))
         local_lat = latencies(lambda: local_grad(2.0, 3.0), args.calls)
         rows.update({"echo p50 ms": pct(echo_lat, 50), "echo p99 ms": pct(echo_lat, 99),
@@ -163,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         x, y = rng.standard_normal((batch, d_in)), rng.integers(0, d_out, batch)
         remote_mlp = remote.grad(mlp_loss)
         n_mlp = args.mlp_calls
-        mlp_remote = latencies(lambda: remote_mlp(params, x, y), n_mlp)
+        mlp_remote, b_in, b_out = counter.per_call(lambda: remote_mlp(params, x, y), n_mlp)
+        per_call["remote MLP grad"] = (pct(mlp_remote, 50), b_in, b_out)
+        resident = remote.put(params)  # the parameters stay on the server; x and y travel, the gradients come back
+        mlp_resident, b_in, b_out = counter.per_call(lambda: remote_mlp(resident, x, y), n_mlp)
+        per_call["remote MLP grad, resident params"] = (pct(mlp_resident, 50), b_in, b_out)
+        for got, want in zip(remote_mlp(resident, x, y).values(), remote_mlp(params, x, y).values(), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
         import torch
 
         tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
@@ -176,12 +242,51 @@ def main(argv: list[str] | None = None) -> int:
             return torch.autograd.grad(loss, list(tp.values()))
 
         mlp_torch = latencies(torch_mlp, n_mlp)
-        rows.update({"remote MLP grad p50 ms": pct(mlp_remote, 50), "local PyTorch MLP grad p50 ms": pct(mlp_torch, 50)})
+        # the same pair again, call for call in turn: a busy machine slows both alike, so their ratio holds
+        paired_resident, paired_torch = interleaved([lambda: remote_mlp(resident, x, y), torch_mlp], n_mlp)
+        rows.update({"remote MLP grad p50 ms": pct(mlp_remote, 50), "local PyTorch MLP grad p50 ms": pct(mlp_torch, 50),
+                     "remote MLP grad, resident params p50 ms": pct(mlp_resident, 50),
+                     "remote MLP grad, resident params, interleaved with PyTorch p50 ms": pct(paired_resident, 50),
+                     "local PyTorch MLP grad, interleaved p50 ms": pct(paired_torch, 50)})
 
         _, vjp_fn = remote.vjp(mlp_loss, params, x, y)
-        vjp_lat = latencies(lambda: vjp_fn(1.0), n_mlp)
+        vjp_lat, b_in, b_out = counter.per_call(lambda: vjp_fn(1.0), n_mlp)
+        per_call["residual-session VJP call"] = (pct(vjp_lat, 50), b_in, b_out)
         vjp_fn.close()
         rows.update({"residual-session VJP call p50 ms": pct(vjp_lat, 50)})
+
+        size = args.transfer_mib << 20
+        bulk = np.random.default_rng(1).random(size // 8)
+        put_s, get_s, plain_s = [], [], []
+        moved = {"put": [0.0, 0.0], "get": [0.0, 0.0], "plain": [0.0, 0.0]}
+        total = gs.trace(lambda x: gs.sum(x), bulk)  # the reference: the same bytes as one plain request's input
+        for _ in range(args.transfer_repeat):
+            b = counter.read()
+            t = time.perf_counter()
+            remote.evaluate(total, {"x": bulk})
+            plain_s.append(time.perf_counter() - t)
+            a = counter.read()
+            moved["plain"] = [a[0] - b[0], a[1] - b[1]]
+            b0 = counter.read()
+            t = time.perf_counter()
+            ref = remote.put(bulk, hold=False)
+            put_s.append(time.perf_counter() - t)
+            b1 = counter.read()
+            t = time.perf_counter()
+            back = remote.get(ref)
+            get_s.append(time.perf_counter() - t)
+            b2 = counter.read()
+            assert back.shape == bulk.shape and np.array_equal(back, bulk)
+            remote.release(ref)
+            for k, (before, after) in {"put": (b0, b1), "get": (b1, b2)}.items():
+                moved[k] = [after[0] - before[0], after[1] - before[1]]
+            del back
+        for k, label, times in (("plain", f"plain request {args.transfer_mib} MiB (Evaluate input)", plain_s),
+                                ("put", f"put {args.transfer_mib} MiB", put_s), ("get", f"get {args.transfer_mib} MiB", get_s)):
+            med = float(np.median(times))
+            transfers[label] = (moved[k][0], moved[k][1], med * 1e3, size / med / 1e9)
+        rows[f"put {args.transfer_mib} MiB GB/s"] = transfers[f"put {args.transfer_mib} MiB"][3]
+        rows[f"get {args.transfer_mib} MiB GB/s"] = transfers[f"get {args.transfer_mib} MiB"][3]
 
         rows[f"echo {args.clients} clients calls/s"] = throughput(echo_call_factory, args.clients, args.seconds)
         rows[f"remote scalar grad {args.clients} clients calls/s"] = throughput(remote_call_factory, args.clients,
@@ -201,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.clients}-client throughput / echo's": (rows[f"remote scalar grad {args.clients} clients calls/s"]
                                                        / rows[f"echo {args.clients} clients calls/s"]),
         "residual VJP / full remote Gradient (MLP)": rows["residual-session VJP call p50 ms"] / rows["remote MLP grad p50 ms"],
+        "remote MLP (resident params) / local PyTorch MLP": (rows["remote MLP grad, resident params p50 ms"]
+                                                             / rows["local PyTorch MLP grad p50 ms"]),
+        "remote MLP (resident params) / local PyTorch MLP, interleaved": (
+            rows["remote MLP grad, resident params, interleaved with PyTorch p50 ms"]
+            / rows["local PyTorch MLP grad, interleaved p50 ms"]),
     }
     print("| measurement | value |\n|---|---|")
     for k, v in rows.items():
@@ -208,8 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| ratio | value |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f}x |")
+    print("\n| call | p50 ms | bytes in per call | bytes out per call |\n|---|---|---|---|")
+    for k, (ms, b_in, b_out) in per_call.items():
+        print(f"| {k} | {ms:.3f} | {b_in:,.0f} | {b_out:,.0f} |")
+    print("\n| transfer (loopback, median) | bytes in | bytes out | ms | GB/s |\n|---|---|---|---|---|")
+    for k, (b_in, b_out, ms, gbs) in transfers.items():
+        print(f"| {k} | {b_in:,.0f} | {b_out:,.0f} | {ms:.1f} | {gbs:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios, "per_call": per_call, "transfers": transfers},
+                                        indent=2))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +66,24 @@ def test_service_smoke():
     assert_rows(out, "| echo p50 ms |", "| remote scalar grad p50 ms |", "| local scalar grad p50 ms |",
                 "| remote MLP grad p50 ms |", "| local PyTorch MLP grad p50 ms |", "| residual-session VJP call p50 ms |",
                 "| remote scalar grad 2 clients calls/s |", "| remote scalar grad / echo (p50) |",
-                "| residual VJP / full remote Gradient (MLP) |")
+                "| residual VJP / full remote Gradient (MLP) |", "| remote MLP grad, resident params p50 ms |",
+                "| remote MLP (resident params) / local PyTorch MLP |", "| put 4 MiB GB/s |", "| get 4 MiB GB/s |",
+                "| remote MLP (resident params) / local PyTorch MLP, interleaved |",
+                "| call | p50 ms | bytes in per call | bytes out per call |", "| remote MLP grad, resident params |",
+                "| transfer (loopback, median) | bytes in | bytes out | ms | GB/s |")
+    # bytes are counted, not timed: deterministic. With the parameters resident a call sends x and y
+    # and at most 4 KiB more; a 4 MiB put sends its bytes and a few hundred more, the get sends them back
+    params = 8 * (24 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)  # SMOKE_SHAPE's weights and biases, float64
+    x_and_y = 8 * (16 * 24 + 16)
+    rows = {name: int(b_in.replace(",", "")) for name, b_in in
+            re.findall(r"^\| (remote MLP grad(?:, resident params)?) \| [\d.]+ \| ([\d,]+) \| [\d,]+ \|$", out, re.M)}
+    full_in, resident_in = rows["remote MLP grad"], rows["remote MLP grad, resident params"]
+    assert full_in >= params + x_and_y and resident_in <= x_and_y + 4096, (full_in, resident_in)
+    transfer = re.search(r"^\| put 4 MiB \| ([\d,]+) \| ([\d,]+) \|.*\n\| get 4 MiB \| ([\d,]+) \| ([\d,]+) \|", out, re.M)
+    assert transfer is not None, out[-3000:]
+    put_in, put_out, get_in, get_out = (int(v.replace(",", "")) for v in transfer.groups())
+    assert 4 << 20 <= put_in <= (4 << 20) + 4096 and put_out < 1024, (put_in, put_out)
+    assert 4 << 20 <= get_out <= (4 << 20) + 4096 and get_in < 1024, (get_in, get_out)
 
 
 @pytest.mark.ray

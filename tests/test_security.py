@@ -7,8 +7,8 @@ TLS port, the message size limit, one call over --max-concurrent 1, a 10^12-elem
   - auth: every RPC of the service refuses every malformed or wrong credential, before it parses
     the request, and a refused call has no effect; token and TLS together;
   - TLS: the handshake is TLS >= 1.2 with ALPN h2, and the port never speaks cleartext HTTP/2;
-  - no unpickling: a static scan of the decode path (server/gradserve_server/*.py, workers/gradserve_engine/ir.py) and pickle
-    payloads that would create a file when unpickled, sent as raw request bytes, as tensor data
+  - no unpickling: a static scan of the decode path (server/gradserve_server/*.py, workers/gradserve_engine/ir.py
+    and wire.py) and pickle payloads that would create a file when unpickled, sent as raw request bytes, as tensor data
     of every tensor-carrying field and as a stored graph: the file is never created;
   - limits: junk graphs over the node limit refused before validation, constants over the
     message limit, declared element counts one over the limit on every tensor-carrying field
@@ -216,7 +216,8 @@ def test_tls_port_never_speaks_cleartext_http2(tls_server):
 
 # ---------------------------------------------------------------- no unpickling of client data
 
-DECODE_PATH = [*sorted((ROOT / "server" / "gradserve_server").glob("*.py")), ROOT / "workers" / "gradserve_engine" / "ir.py"]
+DECODE_PATH = [*sorted((ROOT / "server" / "gradserve_server").glob("*.py")), ROOT / "workers" / "gradserve_engine" / "ir.py",
+               ROOT / "workers" / "gradserve_engine" / "wire.py"]  # wire.py: the chunks of PutTensor streams
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle", "joblib"}
 
 

@@ -91,6 +91,7 @@ from .numpy_api import (
     where,
     zeros_like,
 )
+from .refs import TensorRef
 from .remote import GradientResult, RemoteError, Session, connect
 from .tensor import Tensor, is_grad_enabled, no_grad, tensor, zero_grad
 
@@ -107,7 +108,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
-    "ShapeError", "Tensor",
+    "ShapeError", "Tensor", "TensorRef",
     "connect", "minimize", "optim",
     "abs", "add", "arctan", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip", "config",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",

@@ -29,16 +29,19 @@ from gradserve_engine.shard import analyze
 from .capture import Capture, register_transform
 from .numpy_api import Traced, dtype_of
 from .pytree import flatten, flatten_call, register_pytree_node, tree_flatten, unflatten
+from .refs import TensorRef
 
 # ---------------------------------------------------------------- leaves
 
 
 def _is_array_leaf(x: Any) -> bool:
-    return isinstance(x, (Var, np.ndarray, np.generic, int, float, bool)) or hasattr(x, "__gradserve_array__")
+    return isinstance(x, (Var, np.ndarray, np.generic, int, float, bool, TensorRef)) or hasattr(x, "__gradserve_array__")
 
 
 def _as_array(x: Any) -> Any:
-    if isinstance(x, Var):
+    """An array leaf as an array; traced values and server-side tensors (TensorRef, which has
+    the dtype and shape a trace needs) pass as they are."""
+    if isinstance(x, (Var, TensorRef)):
         return x
     if hasattr(x, "__gradserve_array__"):
         return x.__gradserve_array__()
@@ -58,6 +61,8 @@ def _leaf_key(x: Any) -> Any:
         return t
     if isinstance(x, Var):
         return (Var, x.dtype, x.shape)
+    if t is TensorRef:
+        return (TensorRef, x.dtype, x.shape)
     if isinstance(x, np.generic):
         return (t,)
     if hasattr(x, "__gradserve_array__"):
@@ -420,6 +425,7 @@ class Functional:
 
     def __init__(self, backend: Any):
         self.backend = backend
+        self.refs = bool(getattr(backend, "accepts_refs", False))  # a remote session resolves TensorRefs
         self._traces: dict[tuple, TracedFunction] = {}
         self._captures: dict[tuple, Capture] = {}
         self._last: dict[Any, tuple] = {}
@@ -469,8 +475,19 @@ class Functional:
     def traced(self, f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None) -> TracedFunction:
         return self.prepare(f, args, kwargs)[0]
 
+    def _arr(self, x: Any) -> Any:
+        """`_as_array` for this backend: a TensorRef only where a server resolves it."""
+        a = _as_array(x)
+        if not self.refs and type(a) is TensorRef:
+            a.__array__()  # raises, saying how to use it
+        return a
+
     def _trace(self, f: Callable, args: tuple, kwargs: dict[str, Any], spec: Any, sig: tuple,
                constants: bool) -> tuple[TracedFunction, list[Any]]:
+        if not self.refs:  # each signature is traced once, so this is not on the hot path
+            for x in tree_flatten((args, kwargs))[0]:
+                if type(x) is TensorRef:
+                    x.__array__()
         cap = self._rescan(f, constants)  # the functions it reaches may have been rebound
         ckey, captured, values = cap.read()
         arg_text = {n: _leaf_text(x) for n, x in _named_leaves(f, args, kwargs)}
@@ -694,7 +711,7 @@ class Functional:
             cts = tree_flatten(cotangent)[0] if not t.out_treedef.is_leaf() else [cotangent]
             if len(cts) != len(t.out_names):
                 raise ValueError(f"cotangent has {len(cts)} leaves for {len(t.out_names)} outputs {t.out_names}")
-            seeds = {n: _as_array(c) for n, c in zip(t.out_names, cts, strict=True) if n in float_outs}
+            seeds = {n: self._arr(c) for n, c in zip(t.out_names, cts, strict=True) if n in float_outs}
             _, grads = self.backend.vjp(t.graph, feed, wrt, seeds=seeds, outputs=list(seeds))
             return tuple(like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True))
 
@@ -711,7 +728,7 @@ class Functional:
             tleaves = tree_flatten(tan)[0]
             if len(tleaves) != len(grp):
                 raise ValueError(f"tangent {tan!r} does not match the float leaves {grp} of its primal")
-            tans.update({n: _as_array(x) for n, x in zip(grp, tleaves, strict=True)})
+            tans.update({n: self._arr(x) for n, x in zip(grp, tleaves, strict=True)})
         outs, touts = self.backend.jvp(t.graph, dict(zip(t.in_names, values, strict=True)), tans)
         tout = {n: touts.get(n, np.zeros_like(outs[n]) if not isinstance(outs[n], Var) else outs[n] * 0)
                 for n in t.out_names}
@@ -779,7 +796,7 @@ class Functional:
         wrt = [n for grp in groups for n in grp]
         vecs = {}
         for grp, v in zip(groups, vectors, strict=True):
-            vecs.update({n: _as_array(x) for n, x in zip(grp, tree_flatten(v)[0], strict=True)})
+            vecs.update({n: self._arr(x) for n, x in zip(grp, tree_flatten(v)[0], strict=True)})
         res = self.backend.hvp(t.graph, dict(zip(t.in_names, values, strict=True)), wrt, t.out_names[0], vecs)
         return tuple(shaped_like(p, name)(res) if grp else None
                      for name, p, grp in zip(_param_names(f, len(primals)), primals, groups, strict=True))

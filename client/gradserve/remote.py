@@ -4,6 +4,11 @@ Every call builds a request, calls the stub with a deadline, and turns `grpc.Rpc
 `gs.RemoteError` family. Traced functions are registered once per input signature; a NOT_FOUND
 (evicted, or a server restarted without a store) re-registers and retries once, and idempotent
 calls retry UNAVAILABLE with backoff inside their deadline, so a restart is invisible.
+
+Data stays where it is used: `put` uploads arrays once (streamed in chunks) and returns
+`TensorRef`s, accepted wherever a call takes an array; `keep=True` leaves results on the server
+as refs. The session holds the arrays it put, so when the server lost one (evicted, expired,
+restarted) a call that names it uploads it again and retries.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ import grpc
 import numpy as np
 
 from gradserve_engine.errors import GraphError
-from gradserve_engine.ir import Graph, tensor_from_proto, tensor_to_proto
+from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
 from gradserve_engine.ops.core import FLOATS
+from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
-from gradserve_engine.v1 import service_pb2_grpc
+from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, MISSING_KEY, Assembler, chunks, contiguous
 
 from . import optim
-from .api import Functional, _as_array, _leaves, _param_names, flatten, shaped_like, unflatten
+from .api import Functional, _as_array, _is_array_leaf, _leaves, _param_names, flatten, shaped_like, unflatten
 from .minimize import OptimizeResult
+from .pytree import tree_flatten
+from .refs import TensorRef
 
 # ---------------------------------------------------------------- errors
 
@@ -78,19 +86,50 @@ class GradientResult:
 
 
 def _first_rows(x: Any, n: int) -> Any:
-    a = np.asarray(x)
-    if a.ndim == 0 or a.shape[0] < n:
-        raise ValueError(f"batch_size={n} needs every array in args to have at least {n} rows, got shape {a.shape}")
-    return a[:n]
+    shape = x.shape if type(x) is TensorRef else np.shape(x)
+    if len(shape) == 0 or shape[0] < n:
+        raise ValueError(f"batch_size={n} needs every array in args to have at least {n} rows, got shape {shape}")
+    if type(x) is TensorRef:  # only traced (for its type): a stand-in of the minibatch's shape
+        return TensorRef(x.id, x.dtype, (n, *shape[1:]))
+    return np.asarray(x)[:n]
 
 
-def _tensors(field: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {name: tensor_from_proto(t, where=name) for name, t in field.items()}
+_DOWNLOAD_LIMITS = Limits(max_elements=1 << 62)  # what the server sends is as large as it holds
+
+
+def _tensor(t: graph_pb2.Tensor, where: str) -> Any:
+    """A response tensor: an array, or a TensorRef where the server kept the result."""
+    if t.ref:
+        return TensorRef(t.ref, DTYPE_FROM_PB[t.dtype], tuple(t.shape))
+    return tensor_from_proto(t, where=where)
+
+
+def _tensors(field: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: _tensor(t, name) for name, t in field.items()}
+
+
+def _fill_one(msg: graph_pb2.Tensor, v: Any) -> None:
+    if type(v) is TensorRef:
+        v.to_proto(msg)
+    else:
+        tensor_to_proto(_as_array(v), msg)
 
 
 def _fill(field: Any, values: Mapping[str, Any]) -> None:
     for name, v in values.items():
-        tensor_to_proto(_as_array(v), field[name])
+        _fill_one(field[name], v)
+
+
+def _missing_tensors(e: grpc.RpcError) -> list[str]:
+    """The tensor ids a NOT_FOUND names in its trailing metadata (none for other NOT_FOUNDs)."""
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # an error raised before the call had trailers
+        return []
+    for key, value in trailers:
+        if key == MISSING_KEY:
+            return [r for r in (value.decode() if isinstance(value, bytes) else value).split(",") if r]
+    return []
 
 
 # ---------------------------------------------------------------- the session
@@ -100,8 +139,10 @@ class Session:
     """A connection to a gradserve server with the functional API of the local engine."""
 
     def __init__(self, address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
-                 timeout: float = 60.0, max_message_bytes: int = 256 << 20):
+                 timeout: float = 60.0, max_message_bytes: int = 256 << 20, chunk_bytes: int = CHUNK_BYTES):
         self.address, self.timeout = address, timeout
+        # bytes of tensor data per streamed message: the default fits the smallest server message limit (1 MiB)
+        self.chunk_bytes = max(min(chunk_bytes, max_message_bytes - HEADER_ROOM), 1)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if tls:
@@ -111,9 +152,17 @@ class Session:
             self._channel = grpc.insecure_channel(address, options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        # the tensor streams move raw chunk bytes: encoded and parsed by gradserve_engine.wire, not protobuf objects
+        self._put = self._channel.stream_unary("/gradserve.v1.GradientService/PutTensor", request_serializer=None,
+                                               response_deserializer=pb.PutTensorResponse.FromString)
+        self._get = self._channel.unary_stream("/gradserve.v1.GradientService/GetTensor",
+                                               request_serializer=pb.GetTensorRequest.SerializeToString,
+                                               response_deserializer=None)
         self._known: dict[str, Graph] = {}  # graphs registered through this session, to re-register
+        self._held: dict[str, np.ndarray] = {}  # arrays put through this session, by id, to upload again
         self._lock = threading.Lock()
         self._fn = Functional(_RemoteBackend(self))
+        self._fn_keep = Functional(_RemoteBackend(self, keep=True))
 
     # ---- lifecycle
     def close(self) -> None:
@@ -132,6 +181,7 @@ class Session:
         graph this session registered, register it again and retry once."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay, reregistered = 0.02, False
+        uploaded: set[str] = set()
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -142,11 +192,46 @@ class Session:
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
+                if code == grpc.StatusCode.NOT_FOUND and self._reupload(_missing_tensors(e), uploaded, deadline):
+                    continue
                 if code == grpc.StatusCode.NOT_FOUND and graph_id in self._known and not reregistered:
                     reregistered = True
                     self._register(self._known[graph_id], deadline - time.monotonic())
                     continue
                 raise _remote_error(e) from None
+
+    def _reupload(self, missing: Sequence[str], uploaded: set[str], deadline: float) -> bool:
+        """Upload again the arrays this session put under `missing` (the server lost them);
+        False when there is nothing new to upload or the session does not hold them all."""
+        new = [r for r in missing if r not in uploaded]
+        if not new or any(r not in self._held for r in new):
+            return False
+        for r in new:
+            self._upload(self._held[r], deadline - time.monotonic(), expect=r)
+            uploaded.add(r)
+        return True
+
+    def _upload(self, a: np.ndarray, timeout: float | None = None, expect: str | None = None) -> pb.TensorInfo:
+        """One PutTensor stream (retried on UNAVAILABLE inside the deadline: it is idempotent)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay = 0.02
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                info = self._put(chunks(a, self.chunk_bytes), timeout=max(remaining, 0.001), metadata=self._metadata).tensor
+                break
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and remaining > delay:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise _remote_error(e) from None
+        if expect is not None and info.ref != expect:
+            with self._lock:
+                self._held.pop(expect, None)
+            raise RemoteNotFound(f"tensor {expect} is gone from the server, and the array this session put under it has "
+                                 f"changed since (it now hashes to {info.ref}): put it again", grpc.StatusCode.NOT_FOUND)
+        return info
 
     def _register(self, graph: Graph, timeout: float | None = None) -> str:
         resp = self._call("RegisterGraph", pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=timeout)
@@ -164,23 +249,93 @@ class Session:
     def _graph_id(self, graph: Graph | str) -> str:
         return self._ensure(graph) if isinstance(graph, Graph) else graph
 
+    # ---- tensors held by the server
+    def put(self, tree: Any, hold: bool = True) -> Any:
+        """Upload the arrays of `tree` (streamed in chunks, so larger than the message limit is
+        fine); returns the same tree with a `gs.TensorRef` for each array (refs and static leaves
+        stay as they are). With `hold` (the default) the session keeps each array, so a server
+        that lost one gets it again when a call names it; `release` lets go."""
+        leaves, spec = tree_flatten(tree)
+        out = []
+        for x in leaves:
+            if type(x) is TensorRef or not _is_array_leaf(x):
+                out.append(x)
+                continue
+            a = contiguous(_as_array(x))
+            info = self._upload(a)
+            ref = TensorRef(info.ref, DTYPE_FROM_PB[info.dtype], tuple(info.shape))
+            if hold:
+                with self._lock:
+                    self._held[ref.id] = a
+            out.append(ref)
+        return unflatten(spec, out)
+
+    def get(self, refs: Any) -> Any:
+        """Download the tensors of a tree of refs (streamed); returns the same tree of arrays."""
+        leaves, spec = tree_flatten(refs)
+        return unflatten(spec, [self._download(x) if type(x) is TensorRef else x for x in leaves])
+
+    def release(self, refs: Any) -> int:
+        """Let the server drop these tensors now (a job or vjp session using one keeps it until
+        it is done) and stop holding their arrays here; returns how many the server held."""
+        ids = [x.id for x in tree_flatten(refs)[0] if type(x) is TensorRef]
+        with self._lock:
+            for r in ids:
+                self._held.pop(r, None)
+        return int(self._call("ReleaseTensor", pb.ReleaseTensorRequest(refs=ids)).released) if ids else 0
+
+    def tensors(self) -> pb.ListTensorsResponse:
+        """What the server's tensor store holds: `.tensors` (ref, dtype, shape, bytes, pinned,
+        idle_seconds each), `.bytes`, `.max_bytes`, `.ttl_seconds`."""
+        return self._call("ListTensors", pb.ListTensorsRequest())
+
+    def _download(self, ref: TensorRef) -> np.ndarray:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        uploaded: set[str] = set()
+        while True:
+            remaining = deadline - time.monotonic()
+            asm = Assembler(_DOWNLOAD_LIMITS, where=f"GetTensor {ref.id}")
+            try:
+                for raw in self._get(pb.GetTensorRequest(ref=ref.id, chunk_bytes=self.chunk_bytes),
+                                     timeout=max(remaining, 0.001), metadata=self._metadata):
+                    asm.add(raw)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and remaining > delay:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND and self._reupload([ref.id], uploaded, deadline):
+                    continue
+                raise _remote_error(e) from None
+            a, _ = asm.finish()
+            a.flags.writeable = True  # a fresh buffer of the caller's
+            return a
+
     # ---- graph-level API
     def register(self, graph: Graph) -> str:
         """Register `graph` (idempotent); returns its id, the content hash."""
         return self._register(graph)
 
-    def evaluate(self, graph: Graph | str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
+    def evaluate(self, graph: Graph | str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None,
+                 keep: bool = False) -> dict:
+        """The outputs for `inputs` (arrays or TensorRefs); with `keep` they stay on the server
+        and come back as TensorRefs."""
         gid = self._graph_id(graph)
-        req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()))
+        req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()), keep=keep)
         _fill(req.inputs, inputs)
         return _tensors(self._call("Evaluate", req, gid).outputs)
 
     def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
                  seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
-                 batch_axes: Mapping[str, int] | None = None) -> GradientResult:
-        """Outputs and gradients; `batch_axes` lets the server shard the call over its workers."""
+                 batch_axes: Mapping[str, int] | None = None, keep: bool = False) -> GradientResult:
+        """Outputs and gradients; `batch_axes` lets the server shard the call over its workers.
+        Inputs and seeds may be TensorRefs; with `keep` the gradients stay on the server and
+        come back as TensorRefs."""
         gid = self._graph_id(graph)
-        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}))
+        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}),
+                                 keep=keep)
         _fill(req.inputs, inputs)
         _fill(req.seeds, seeds or {})
         resp = self._call("Gradient", req, gid)
@@ -188,9 +343,9 @@ class Session:
 
     def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
                        seeds: Sequence[Mapping[str, Any]] | None = None,
-                       outputs: Sequence[str] | None = None) -> list[GradientResult]:
+                       outputs: Sequence[str] | None = None, keep: bool = False) -> list[GradientResult]:
         gid = self._graph_id(graph)
-        req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
+        req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), keep=keep)
         for k, item in enumerate(inputs):
             entry = req.items.add()
             _fill(entry.inputs, item)
@@ -208,13 +363,17 @@ class Session:
 
     # ---- the functional API, executed remotely
     def grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
-             batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
-        """`gs.grad`, run by the server; with `batch_axes` it may shard the batch over workers."""
-        return self._fn.grad(f, argnums, has_aux, batch_axes, argnames)
+             batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None,
+             keep: bool = False) -> Callable:
+        """`gs.grad`, run by the server; with `batch_axes` it may shard the batch over workers.
+        Arguments may hold TensorRefs (`remote.put`); with `keep` the gradient comes back as a
+        tree of TensorRefs, its values left on the server."""
+        return (self._fn_keep if keep else self._fn).grad(f, argnums, has_aux, batch_axes, argnames)
 
     def value_and_grad(self, f: Callable, argnums: int | Sequence[int] | None = None, has_aux: bool = False,
-                       batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None) -> Callable:
-        return self._fn.value_and_grad(f, argnums, has_aux, batch_axes, argnames)
+                       batch_axes: Mapping[str, int] | None = None, argnames: str | Sequence[str] | None = None,
+                       keep: bool = False) -> Callable:
+        return (self._fn_keep if keep else self._fn).value_and_grad(f, argnums, has_aux, batch_axes, argnames)
 
     def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any], /, **kwargs: Any) -> tuple[Any, Any]:
         return self._fn.jvp(f, primals, tangents, **kwargs)
@@ -237,7 +396,9 @@ class Session:
     def minimize(self, fun: Callable, params0: Any, args: tuple = (), optimizer: Any = None, steps: int = 1000,
                  tol: float | None = None, batch_size: int | None = None, seed: int = 0,
                  batch_axes: Mapping[str, int] | None = None, name: str = "", checkpoint_every: int = 0) -> Job:
-        """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job."""
+        """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job.
+        `params0` and `args` may hold TensorRefs: the server keeps their values with the job (and
+        the stored tensors while it runs), so only the refs travel."""
         import json
 
         if optimizer is None:
@@ -258,7 +419,7 @@ class Session:
         leaves = [x for a in (params0, *args) for _, x in flatten(a, "")[0]]
         for n, x in zip(t.in_names, leaves, strict=True):
             target = spec.params0 if n in param_names else spec.args
-            tensor_to_proto(_as_array(x), target[n])
+            _fill_one(target[n], x)
         spec.arg_order.extend(n for n in t.in_names if n not in param_names)
         job = self._call("SubmitJob", pb.SubmitJobRequest(spec=spec), idempotent=False).job
         return Job(self, job.job_id, params0, param_names)
@@ -389,14 +550,15 @@ class RemoteVjp:
         self.session, self.handle, self._t, self._shapes, self._groups = session, handle, traced, shapes, groups
         self._float_outs = [n for n in traced.out_names if traced.graph.aval(dict(traced.graph.outputs)[n])[0] in FLOATS]
 
-    def __call__(self, cotangent: Any, batched: bool = False) -> tuple:
+    def __call__(self, cotangent: Any, batched: bool = False, keep: bool = False) -> tuple:
         """Cotangents shaped like the output (one leading axis more when `batched`), returned
-        as one cotangent per primal (with the same leading axis when batched)."""
+        as one cotangent per primal (with the same leading axis when batched); with `keep` as
+        TensorRefs, the values left on the server."""
         cts: list[Any] = []
         _leaves(cotangent, cts)
         if len(cts) != len(self._t.out_names):
             raise ValueError(f"cotangent has {len(cts)} leaves for {len(self._t.out_names)} outputs {self._t.out_names}")
-        req = pb.CallVjpRequest(handle=self.handle, batched=batched)
+        req = pb.CallVjpRequest(handle=self.handle, batched=batched, keep=keep)
         _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs})
         grads = _tensors(self.session._call("CallVjp", req).grads)
         return tuple(like(grads) if grp else None for like, grp in zip(self._shapes, self._groups, strict=True))
@@ -413,17 +575,20 @@ class RemoteVjp:
 
 
 class _RemoteBackend:
-    """The Engine's interface (graph + named arrays) over RPCs, for the shared Functional API."""
+    """The Engine's interface (graph + named arrays) over RPCs, for the shared Functional API.
+    Inputs may be TensorRefs (the server resolves them); with `keep`, gradients come back as refs."""
 
-    def __init__(self, session: Session):
-        self.s = session
+    accepts_refs = True
+
+    def __init__(self, session: Session, keep: bool = False):
+        self.s, self.keep = session, keep
 
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict:
         return self.s.evaluate(graph, inputs, outputs)
 
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
             outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None) -> tuple[dict, dict]:
-        r = self.s.gradient(graph, inputs, wrt, seeds, outputs, batch_axes)
+        r = self.s.gradient(graph, inputs, wrt, seeds, outputs, batch_axes, keep=self.keep)
         return r.outputs, r.grads
 
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -460,10 +625,13 @@ class _RemoteBackend:
 
 
 def connect(address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
-            timeout: float = 60.0) -> Session:
+            timeout: float = 60.0, max_message_bytes: int = 256 << 20, chunk_bytes: int = CHUNK_BYTES) -> Session:
     """A session with the server at `address` ("host:port"); use it as a context manager.
 
     `token`: the bearer token the server was started with; `tls`: True for the system's roots,
-    or a CA certificate (path or PEM bytes); `timeout`: the deadline of each call, in seconds.
+    or a CA certificate (path or PEM bytes); `timeout`: the deadline of each call, in seconds;
+    `max_message_bytes`: the largest message this client sends or takes; `chunk_bytes`: tensor
+    bytes per message of `put`/`get` streams (the default fits any server's message limit).
     """
-    return Session(address, token=token, tls=tls, timeout=timeout)
+    return Session(address, token=token, tls=tls, timeout=timeout, max_message_bytes=max_message_bytes,
+                   chunk_bytes=chunk_bytes)

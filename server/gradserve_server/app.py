@@ -31,6 +31,7 @@ from .jobs import JobManager, JobStore
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
 from .servicer import SERVICE, Servicer
+from .tensors import TensorStore
 
 log = logging.getLogger("gradserve_server")
 MiB = 1 << 20
@@ -44,6 +45,8 @@ class Config:
     cache_bytes: int = 512 * MiB
     residual_bytes: int = 1024 * MiB
     residual_ttl: float = 300.0
+    tensor_store_bytes: int = 1024 * MiB  # tensors uploaded with PutTensor or kept with keep=True (LRU)
+    tensor_ttl: float = 3600.0  # seconds an unpinned stored tensor is kept unused
     store: Path | None = None
     token: str | None = None
     tls_cert: Path | None = None
@@ -130,8 +133,9 @@ class Server:
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store), limits, config.job_runners,
                                config.checkpoint_every, config.checkpoint_seconds)
+        self.tensors = TensorStore(config.tensor_store_bytes, config.tensor_ttl, limits, self.metrics)
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
-                                 self.jobs)
+                                 self.jobs, tensors=self.tensors, max_message_bytes=config.max_message_bytes)
         interceptors = [_TokenAuth(config.token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),

@@ -54,7 +54,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit("--tls-cert and --tls-key go together")
     return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
                   cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
-                  residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
+                  residual_ttl=args.residual_ttl, tensor_store_bytes=args.tensor_store_mib * MiB,
+                  tensor_ttl=args.tensor_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
                   tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
                   threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
                   workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
@@ -102,6 +103,11 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="forward values kept by vjp sessions (default %(default)s)")
     s.add_argument("--residual-ttl", type=float, default=d.residual_ttl,
                    help="seconds an unused vjp session is kept (default %(default)s)")
+    s.add_argument("--tensor-store-mib", type=int, default=d.tensor_store_bytes // MiB,
+                   help="tensors uploaded with PutTensor or kept by keep=True calls, LRU by bytes (default %(default)s)")
+    s.add_argument("--tensor-ttl", type=float, default=d.tensor_ttl,
+                   help="seconds a stored tensor nobody uses (and no job or vjp session pins) is kept "
+                        "(default %(default)s)")
     s.add_argument("--store", type=Path, default=d.store, help="directory where registered graphs survive restarts")
     s.add_argument("--token-file", type=Path, default=None,  # no file: Config's token None
                    help="file holding the bearer token clients must send")

@@ -25,6 +25,10 @@ HELP = {
     "gradserve_calls_by_mode_total": ("counter", "Gradient calls by execution mode the scheduler chose"),
     "gradserve_workers_replaced_total": ("counter", "Workers that died and were replaced"),
     "gradserve_kernels_info": ("gauge", "The kernels plans run on: mode (what runs) and requested"),
+    "gradserve_bytes_total": ("counter", "Serialised request (in) and response (out) bytes, by path and direction"),
+    "gradserve_tensor_store_bytes": ("gauge", "Bytes of tensors held in the tensor store"),
+    "gradserve_tensors": ("gauge", "Tensors held in the tensor store"),
+    "gradserve_tensors_dropped_total": ("counter", "Stored tensors dropped, by reason (evicted, expired, released)"),
 }
 
 
@@ -78,7 +82,7 @@ class Metrics:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             seen.add(name)
             label_text = ",".join(f'{k}="{v}"' for k, v in labels)
-            lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+            lines.append(f"{name}{{{label_text}}} {_number(value)}" if labels else f"{name} {_number(value)}")
         return "\n".join(lines) + "\n"
 
     def serve(self, host: str, port: int) -> ThreadingHTTPServer:
@@ -103,3 +107,10 @@ class Metrics:
         httpd = ThreadingHTTPServer((host, port), Handler)
         threading.Thread(target=httpd.serve_forever, name="gradserve-metrics", daemon=True).start()
         return httpd
+
+
+def _number(value: float) -> str:
+    """A sample's value, exact: counters of bytes pass a million, where `%g` would round them."""
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)

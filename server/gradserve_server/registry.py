@@ -199,6 +199,12 @@ class ResidualStore:
             self._sessions.move_to_end(handle)
             return s.residuals
 
+    def alive(self, handle: str) -> bool:
+        """Whether the session is open and within its TTL (a look, not a use: no renewal)."""
+        with self._lock:
+            s = self._sessions.get(handle)
+            return s is not None and s.expires > self._clock()
+
     def close(self, handle: str) -> bool:
         with self._lock:
             s = self._sessions.pop(handle, None)

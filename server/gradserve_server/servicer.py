@@ -20,15 +20,18 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from gradserve_engine.backend import Backend
-from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
+from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound, TensorNotFound
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
+from gradserve_engine.ops.core import dtype_name
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
+from gradserve_engine.wire import MISSING_KEY, PB_DTYPE
 
-from .jobs import JobManager
+from .jobs import FINISHED, JobManager
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
+from .tensors import MAX_MISSING_LISTED, TensorStore, chunk_size, refs_in
 
 log = logging.getLogger("gradserve.servicer")
 SERVICE = "gradserve.v1.GradientService"
@@ -67,9 +70,12 @@ class Servicer:
     """The RPC handlers over a Backend, a GraphRegistry and a ResidualStore."""
 
     def __init__(self, engine: Backend, registry: GraphRegistry, residuals: ResidualStore,
-                 limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
+                 limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None,
+                 tensors: TensorStore | None = None, max_message_bytes: int = 256 << 20):
         self.engine, self.registry, self.residuals, self.jobs = engine, registry, residuals, jobs
         self.limits, self.metrics = limits, metrics
+        self.tensors = tensors if tensors is not None else TensorStore(1 << 30, limits=limits, metrics=metrics)
+        self.max_message_bytes = max_message_bytes
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
         metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
@@ -103,12 +109,31 @@ class Servicer:
 
     # ---- decoding helpers
     def _tensors(self, fields: Mapping[str, graph_pb2.Tensor], what: str) -> dict[str, np.ndarray]:
-        return {name: tensor_from_proto(t, self.limits, f"{what} {name!r}") for name, t in fields.items()}
+        """A map of request tensors as arrays: data decoded, references resolved in the tensor store."""
+        return {name: self.tensors.resolve(t, f"{what} {name!r}") if t.ref else
+                tensor_from_proto(t, self.limits, f"{what} {name!r}") for name, t in fields.items()}
 
-    @staticmethod
-    def _encode(values: Mapping[str, Any], field: Any) -> None:
+    def _encode(self, values: Mapping[str, Any], field: Any, keep: bool = False) -> None:
+        """Results into a response map: their bytes, or with `keep` a reference to each, stored here."""
         for name, v in values.items():
-            tensor_to_proto(np.asarray(v), field[name])
+            if keep:
+                tid, a = self.tensors.keep(v)
+                t = field[name]
+                t.ref, t.dtype, t.shape[:] = tid, PB_DTYPE[dtype_name(a.dtype)], a.shape
+            else:
+                tensor_to_proto(np.asarray(v), field[name])
+
+    def _embed_refs(self, fields: Mapping[str, graph_pb2.Tensor], what: str) -> list[str]:
+        """Replace each reference of a map by the stored tensor's bytes (a job keeps its values
+        with it, so it resumes after a restart whatever the store then holds); returns the refs."""
+        refs = []
+        for name, t in fields.items():
+            if t.ref:
+                a = self.tensors.resolve(t, f"{what} {name!r}")
+                refs.append(t.ref)
+                t.ClearField("ref")
+                tensor_to_proto(a, t)
+        return refs
 
     # ---- RPCs
     def RegisterGraph(self, req: pb.RegisterGraphRequest, context) -> pb.RegisterGraphResponse:
@@ -120,7 +145,7 @@ class Servicer:
         graph = self.registry.get(req.graph_id)
         outs = self.engine.evaluate(graph, self._tensors(req.inputs, "input"), list(req.outputs) or None)
         resp = pb.EvaluateResponse()
-        self._encode(outs, resp.outputs)
+        self._encode(outs, resp.outputs, req.keep)
         return resp
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
@@ -128,12 +153,12 @@ class Servicer:
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
                                       batch_axes=dict(req.batch_axes) or None)
-        return self._gradient_response(outs, grads)
+        return self._gradient_response(outs, grads, req.keep)
 
-    def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any]) -> pb.GradientResponse:
+    def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any], keep: bool = False) -> pb.GradientResponse:
         resp = pb.GradientResponse()
         self._encode(outs, resp.outputs)
-        self._encode(grads, resp.grads)
+        self._encode(grads, resp.grads, keep)
         return resp
 
     def Jvp(self, req: pb.JvpRequest, context) -> pb.JvpResponse:
@@ -149,7 +174,7 @@ class Servicer:
         items = [(self._tensors(item.inputs, "input"), self._tensors(item.seeds, "seed") or None) for item in req.items]
         results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None)
         resp = pb.BatchGradientResponse()
-        resp.results.extend(self._gradient_response(outs, grads) for outs, grads in results)
+        resp.results.extend(self._gradient_response(outs, grads, req.keep) for outs, grads in results)
         return resp
 
     def Jacobian(self, req: pb.JacobianRequest, context) -> pb.JacobianResponse:
@@ -187,6 +212,7 @@ class Servicer:
         graph = self.registry.get(req.graph_id)
         outs, kept = self.engine.open_vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt), list(req.outputs) or None)
         handle, ttl = self.residuals.open(kept, req.ttl_seconds)
+        self.tensors.pin([t.ref for t in req.inputs.values() if t.ref], lambda: self.residuals.alive(handle))
         resp = pb.OpenVjpResponse(handle=handle, ttl_seconds=ttl, residual_bytes=kept.nbytes)
         self._encode(outs, resp.outputs)
         return resp
@@ -195,7 +221,7 @@ class Servicer:
         kept = self.residuals.get(req.handle)
         grads = self.engine.call_vjp(kept, self._tensors(req.cotangents, "cotangent"), batched=req.batched)
         resp = pb.CallVjpResponse()
-        self._encode(grads, resp.grads)
+        self._encode(grads, resp.grads, req.keep)
         return resp
 
     def CloseVjp(self, req: pb.CloseVjpRequest, context) -> pb.CloseVjpResponse:
@@ -208,7 +234,12 @@ class Servicer:
         return self.jobs
 
     def SubmitJob(self, req: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
-        return pb.SubmitJobResponse(job=self._jobs().submit(req.spec))
+        jobs = self._jobs()
+        refs = self._embed_refs(req.spec.params0, "params0") + self._embed_refs(req.spec.args, "args")
+        job = jobs.submit(req.spec)
+        if refs:  # the job holds their values; the stored tensors stay for the caller's next calls while it runs
+            self.tensors.pin(refs, lambda: _job_running(jobs, job.job_id))
+        return pb.SubmitJobResponse(job=job)
 
     def GetJob(self, req: pb.GetJobRequest, context) -> pb.GetJobResponse:
         job, fun = self._jobs().get(req.job_id)
@@ -230,45 +261,100 @@ class Servicer:
     def ListJobs(self, req: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         return pb.ListJobsResponse(jobs=self._jobs().list())
 
+    # ---- the tensor store
+    def PutTensor(self, chunks: Iterator[bytes], context) -> pb.PutTensorResponse:
+        tid, array, created = self.tensors.receive(chunks)
+        return pb.PutTensorResponse(tensor=self.tensors.info(tid, array), created=created)
+
+    def GetTensor(self, req: pb.GetTensorRequest, context) -> Iterator[bytes]:
+        return self.tensors.stream(req.ref, chunk_size(req.chunk_bytes, self.max_message_bytes))
+
+    def ReleaseTensor(self, req: pb.ReleaseTensorRequest, context) -> pb.ReleaseTensorResponse:
+        return pb.ReleaseTensorResponse(released=self.tensors.release(req.refs))
+
+    def ListTensors(self, req: pb.ListTensorsRequest, context) -> pb.ListTensorsResponse:
+        return self.tensors.list()
+
     # ---- wiring
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers: raw bytes in (parsed in `_wrap`), messages out."""
         methods = {}
         for name, method in pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name.items():
             request_cls = getattr(pb, method.input_type.name)
+            if method.client_streaming:  # PutTensor: raw chunks, parsed in place by the tensor store
+                methods[name] = grpc.stream_unary_rpc_method_handler(
+                    self._wrap_upload(name, getattr(self, name)), request_deserializer=None,
+                    response_serializer=self._serialize)
+                continue
             make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
             wrap = self._wrap_stream if method.server_streaming else self._wrap
             methods[name] = make(wrap(name, request_cls, getattr(self, name)), request_deserializer=None,
-                                 response_serializer=lambda m: m.SerializeToString())
+                                 response_serializer=self._serialize)
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
+    def _serialize(self, m: Message | bytes) -> bytes:
+        """A response (or a chunk already encoded) as bytes, counted."""
+        data = m if isinstance(m, bytes) else m.SerializeToString()
+        self.metrics.inc("gradserve_bytes_total", len(data), path="client_server", direction="out")
+        return data
+
+    def _count_in(self, n: int) -> None:
+        self.metrics.inc("gradserve_bytes_total", n, path="client_server", direction="in")
+
+    def _missing_refs(self, e: BaseException, request: Any, context: grpc.ServicerContext) -> None:
+        """On an unknown tensor reference, name every missing one of the request in the trailers,
+        so the client uploads them all before it retries."""
+        if not isinstance(e, TensorNotFound):
+            return
+        missing = self.tensors.missing(refs_in(request)) if request is not None else []
+        missing = missing or list(e.refs)
+        context.set_trailing_metadata(((MISSING_KEY, ",".join(missing[:MAX_MISSING_LISTED])),))
+
     def _wrap_stream(self, name: str, request_cls: type, fn: Callable) -> Callable:
-        """A server stream: parsed and mapped to status codes like the unary calls; it does not
-        hold an admission slot (a watcher waits, it does not compute)."""
+        """A server stream: parsed and mapped to status codes like the unary calls. A watcher
+        (WatchJob) holds no admission slot: it waits, it does not compute; a download
+        (GetTensor) moves bulk bytes and holds one."""
+        admit = name == "GetTensor"
+
         def handle(raw: bytes, context: grpc.ServicerContext):
+            start = time.perf_counter()
             code = grpc.StatusCode.OK
+            self._count_in(len(raw))
+            if admit:
+                refused = self._admit()
+                if refused is not None:
+                    self.metrics.observe_request(name, refused[0].name, 0.0)
+                    context.abort(*refused)
             try:
                 yield from fn(_parse(request_cls, raw), context)
             except Exception as e:
                 code, message = _status(e, context)
                 context.abort(code, message)
             finally:
-                self.metrics.observe_request(name, code.name, 0.0)
+                if admit:
+                    self._leave()
+                self.metrics.observe_request(name, code.name, time.perf_counter() - start if admit else 0.0)
 
         return handle
 
-    def _wrap(self, name: str, request_cls: type, fn: Callable) -> Callable:
-        def handle(raw: bytes, context: grpc.ServicerContext):
+    def _wrap_upload(self, name: str, fn: Callable) -> Callable:
+        """A client stream (PutTensor): admitted and mapped to status codes like a unary call;
+        each chunk's bytes are counted as they arrive."""
+        def handle(raw_chunks: Iterator[bytes], context: grpc.ServicerContext):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             refused = self._admit()
             if refused is not None:
                 self.metrics.observe_request(name, refused[0].name, time.perf_counter() - start)
                 context.abort(*refused)
+
+            def counted() -> Iterator[bytes]:
+                for raw in raw_chunks:
+                    self._count_in(len(raw))
+                    yield raw
+
             try:
-                request = _parse(request_cls, raw)
-                with stop_when(lambda: not context.is_active()):
-                    return fn(request, context)
+                return fn(counted(), context)
             except Exception as e:
                 code, message = _status(e, context)
                 context.abort(code, message)
@@ -277,3 +363,34 @@ class Servicer:
                 self.metrics.observe_request(name, code.name, time.perf_counter() - start)
 
         return handle
+
+    def _wrap(self, name: str, request_cls: type, fn: Callable) -> Callable:
+        def handle(raw: bytes, context: grpc.ServicerContext):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self._count_in(len(raw))
+            refused = self._admit()
+            if refused is not None:
+                self.metrics.observe_request(name, refused[0].name, time.perf_counter() - start)
+                context.abort(*refused)
+            request = None
+            try:
+                request = _parse(request_cls, raw)
+                with stop_when(lambda: not context.is_active()):
+                    return fn(request, context)
+            except Exception as e:
+                code, message = _status(e, context)
+                self._missing_refs(e, request, context)
+                context.abort(code, message)
+            finally:
+                self._leave()
+                self.metrics.observe_request(name, code.name, time.perf_counter() - start)
+
+        return handle
+
+
+def _job_running(jobs: JobManager, job_id: str) -> bool:
+    try:
+        return jobs.get(job_id)[0].status not in FINISHED
+    except NotFound:
+        return False

@@ -47,6 +47,16 @@ class NotFound(GradserveError):
     code = "NOT_FOUND"
 
 
+class TensorNotFound(NotFound):
+    """A tensor reference the store does not hold (never put, released, expired or evicted);
+    `refs` are the missing ids, which the service also sends in the trailing metadata
+    `gradserve-missing-tensors`, so a client can upload them again and retry."""
+
+    def __init__(self, message: str, refs: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.refs = tuple(refs)
+
+
 class Cancelled(GradserveError, RuntimeError):
     """A computation stopped between kernels because its caller went away or ran out of time
     (the service answers DEADLINE_EXCEEDED instead when the call's deadline has passed)."""
@@ -68,5 +78,5 @@ class StoreError(GradserveError, RuntimeError):
 
 
 FAMILY: tuple[type[GradserveError], ...] = (GradserveError, InvalidRequest, GraphError, ShapeError, LimitError, ShardError,
-                                            NotFound, Cancelled, WorkersUnavailable, StoreError)
+                                            NotFound, TensorNotFound, Cancelled, WorkersUnavailable, StoreError)
 BY_NAME: dict[str, type[GradserveError]] = {cls.__name__: cls for cls in FAMILY}

@@ -269,6 +269,9 @@ def tensor_to_proto(a: np.ndarray, msg=None):
 
 
 def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor") -> np.ndarray:
+    if msg.ref:  # only the service resolves references, and only in request tensors: never a graph constant
+        raise GraphError(f"{where}: a reference to a stored tensor ({msg.ref[:64]!r}) is not accepted here; "
+                         "references stand for request tensors only, never for values inside a graph")
     dtype = _dtype_from_pb(msg.dtype, where)
     shape = check_shape(msg.shape, limits, where)
     want = math.prod(shape) * np.dtype(dtype).itemsize

@@ -22,7 +22,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph_id", "inputs", "outputs")
+    __slots__ = ("graph_id", "inputs", "outputs", "keep")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,10 +33,12 @@ class EvaluateRequest(_message.Message):
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     inputs: _containers.MessageMap[str, _graph_pb2.Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep: bool
+    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -52,7 +54,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph_id", "inputs", "wrt", "seeds", "outputs", "batch_axes")
+    __slots__ = ("graph_id", "inputs", "wrt", "seeds", "outputs", "batch_axes", "keep")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,13 +82,15 @@ class GradientRequest(_message.Message):
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_AXES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     inputs: _containers.MessageMap[str, _graph_pb2.Tensor]
     wrt: _containers.RepeatedScalarFieldContainer[str]
     seeds: _containers.MessageMap[str, _graph_pb2.Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     batch_axes: _containers.ScalarMap[str, int]
-    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., seeds: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., batch_axes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    keep: bool
+    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., seeds: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., batch_axes: _Optional[_Mapping[str, int]] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class GradientResponse(_message.Message):
     __slots__ = ("outputs", "grads")
@@ -179,16 +183,18 @@ class InputSet(_message.Message):
     def __init__(self, inputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., seeds: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ...) -> None: ...
 
 class BatchGradientRequest(_message.Message):
-    __slots__ = ("graph_id", "items", "wrt", "outputs")
+    __slots__ = ("graph_id", "items", "wrt", "outputs", "keep")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     items: _containers.RepeatedCompositeFieldContainer[InputSet]
     wrt: _containers.RepeatedScalarFieldContainer[str]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[InputSet, _Mapping]]] = ..., wrt: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep: bool
+    def __init__(self, graph_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[InputSet, _Mapping]]] = ..., wrt: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class BatchGradientResponse(_message.Message):
     __slots__ = ("results",)
@@ -342,7 +348,7 @@ class OpenVjpResponse(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., outputs: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., ttl_seconds: _Optional[float] = ..., residual_bytes: _Optional[int] = ...) -> None: ...
 
 class CallVjpRequest(_message.Message):
-    __slots__ = ("handle", "cotangents", "batched")
+    __slots__ = ("handle", "cotangents", "batched", "keep")
     class CotangentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -353,10 +359,12 @@ class CallVjpRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     handle: str
     cotangents: _containers.MessageMap[str, _graph_pb2.Tensor]
     batched: bool
-    def __init__(self, handle: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., batched: _Optional[bool] = ...) -> None: ...
+    keep: bool
+    def __init__(self, handle: _Optional[str] = ..., cotangents: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., batched: _Optional[bool] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class CallVjpResponse(_message.Message):
     __slots__ = ("grads",)
@@ -556,3 +564,75 @@ class ListJobsResponse(_message.Message):
     JOBS_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "ref")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    dtype: _graph_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    ref: str
+    def __init__(self, dtype: _Optional[_Union[_graph_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., ref: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("ref", "dtype", "shape", "bytes", "pinned", "idle_seconds")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    dtype: _graph_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    bytes: int
+    pinned: bool
+    idle_seconds: float
+    def __init__(self, ref: _Optional[str] = ..., dtype: _Optional[_Union[_graph_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+
+class PutTensorResponse(_message.Message):
+    __slots__ = ("tensor", "created")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorInfo
+    created: bool
+    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetTensorRequest(_message.Message):
+    __slots__ = ("ref", "chunk_bytes")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    chunk_bytes: int
+    def __init__(self, ref: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class ReleaseTensorRequest(_message.Message):
+    __slots__ = ("refs",)
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, refs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseTensorResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class ListTensorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTensorsResponse(_message.Message):
+    __slots__ = ("tensors", "bytes", "max_bytes", "ttl_seconds")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    bytes: int
+    max_bytes: int
+    ttl_seconds: float
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...

@@ -119,6 +119,26 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.PutTensor = channel.stream_unary(
+                '/gradserve.v1.GradientService/PutTensor',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.TensorChunk.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.PutTensorResponse.FromString,
+                _registered_method=True)
+        self.GetTensor = channel.unary_stream(
+                '/gradserve.v1.GradientService/GetTensor',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.GetTensorRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.ReleaseTensor = channel.unary_unary(
+                '/gradserve.v1.GradientService/ReleaseTensor',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.ReleaseTensorRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.ReleaseTensorResponse.FromString,
+                _registered_method=True)
+        self.ListTensors = channel.unary_unary(
+                '/gradserve.v1.GradientService/ListTensors',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.ListTensorsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.ListTensorsResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -233,6 +253,33 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutTensor(self, request_iterator, context):
+        """The tensor store: upload once, then pass a Tensor with `ref` set instead of its bytes.
+        Chunks stream the raw bytes, so a tensor may be larger than the message size limit.
+        Idempotent: the id is the content hash, so uploading the same tensor twice keeps one copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTensor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseTensor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTensors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +367,26 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'PutTensor': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTensor,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.TensorChunk.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.PutTensorResponse.SerializeToString,
+            ),
+            'GetTensor': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTensor,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.GetTensorRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.TensorChunk.SerializeToString,
+            ),
+            'ReleaseTensor': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTensor,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.ReleaseTensorRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.ReleaseTensorResponse.SerializeToString,
+            ),
+            'ListTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTensors,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.ListTensorsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.ListTensorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -781,6 +848,114 @@ class GradientService:
             '/gradserve.v1.GradientService/ListJobs',
             gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTensor(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.GradientService/PutTensor',
+            gradserve_dot_v1_dot_service__pb2.TensorChunk.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.PutTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetTensor',
+            gradserve_dot_v1_dot_service__pb2.GetTensorRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseTensor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/ReleaseTensor',
+            gradserve_dot_v1_dot_service__pb2.ReleaseTensorRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.ReleaseTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/ListTensors',
+            gradserve_dot_v1_dot_service__pb2.ListTensorsRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.ListTensorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
