@@ -8,7 +8,7 @@ fixes the input signature — and kept in an LRU; `cache_info()` says why each m
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,7 +182,8 @@ class Engine(Backend):
             graph.inputs, graph.constants, graph.nodes, graph.outputs + [(name, vid) for vid, name in kept.items()]))
         feed = check_inputs(graph, inputs)
         res = forward.run(feed)
-        values = {name: res[name] if name in kept.values() else feed[name] for name in needed}
+        from_forward = set(kept.values())
+        values = {name: res[name] if name in from_forward else feed[name] for name in needed}
         return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
 
     def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
@@ -335,17 +336,24 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
 
 
 def _no_duplicates(names: Sequence[str], what: str) -> None:
-    dup = sorted({n for n in names if list(names).count(n) > 1}) if len(set(names)) != len(names) else []
-    if dup:
-        raise GraphError(f"{what} names {dup} more than once")
+    if len(set(names)) != len(names):
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise GraphError(f"{what} names {_few(dup)} more than once")
+
+
+def _few(names: Sequence[str], limit: int = 20) -> str:
+    """A list of names for a message, cut after `limit`."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
 def _check_outputs(graph: Graph, outs: Sequence[str]) -> None:
     _no_duplicates(outs, "outputs")
     names = graph.output_names()
+    known = set(names)
     for o in outs:
-        if o not in names:
-            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
+        if o not in known:
+            raise GraphError(f"graph has no output named {o!r}; outputs are {_few(names)}")
 
 
 def _select_outputs(graph: Graph, outs: tuple[str, ...]) -> Graph:

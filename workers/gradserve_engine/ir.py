@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphError, LimitError, ShapeError
+from .guard import poller
 from .names import INTERNAL
 from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 from .v1 import graph_pb2 as pb
@@ -84,6 +85,7 @@ class Graph:
     nodes: list[Node]
     outputs: list[tuple[str, int]]
     _id: str | None = field(default=None, repr=False)
+    _by_name: dict[str, Input] | None = field(default=None, repr=False)
 
     # ---- types
     @property
@@ -112,9 +114,11 @@ class Graph:
         return [name for name, _ in self.outputs]
 
     def input(self, name: str) -> Input:
-        for i in self.inputs:
-            if i.name == name:
-                return i
+        if self._by_name is None:
+            self._by_name = {i.name: i for i in reversed(self.inputs)}  # the first of a name, as a scan finds
+        i = self._by_name.get(name)
+        if i is not None:
+            return i
         raise GraphError(f"graph has no input named {name!r}; inputs are {self.input_names()}")
 
     # ---- identity
@@ -468,7 +472,9 @@ class Builder:
         """The graph computing `outputs`: nodes that no output needs are dropped (and inputs
         too with `prune_inputs`); ids are renumbered inputs, constants, nodes."""
         live = {v.id for _, v in outputs}
+        poll = poller("while building a graph")
         for vid, _op, ins, *_ in reversed(self._nodes):
+            poll()
             if vid in live:
                 live.update(ins)
         renum: dict[int, int] = {}
@@ -514,6 +520,8 @@ def replay(graph: Graph, b: Builder, env: dict[int, Var]) -> dict[int, Var]:
     """Emit `graph`'s constants and nodes into `b`; `env` maps its input ids to Vars and is filled in."""
     for k, c in enumerate(graph.constants):
         env[len(graph.inputs) + k] = b.const(c)
+    poll = poller("while building a graph")
     for n in graph.nodes:
+        poll()
         env[n.id] = b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
     return env

@@ -14,16 +14,16 @@ A step is a `KernelStep` (one node, one result) or a `FusedStep` (one group, a r
 output); each has `run(env)`, and one loop runs them all. A backend that moves data (the GPU)
 differs only at the plan's edges: inputs go through its `upload` once per call, results through
 its `result`.
+
+The stop condition (`guard.stop_when`) is checked between steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,21 +32,12 @@ from gradserve_engine.errors import Cancelled, GraphError
 from gradserve_engine.ir import Graph, Node, Var, replay
 
 from .fusion import Group, KernelSet, find_groups, schedule
+from .guard import STOP, poller
+from .guard import stop_when as stop_when  # where the service imports it from
 from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
 
 NEVER = 1 << 62
-_STOP: ContextVar[Callable[[], bool] | None] = ContextVar("gradserve_stop", default=None)
-
-
-@contextlib.contextmanager
-def stop_when(check: Callable[[], bool]) -> Iterator[None]:
-    """Plans run inside stop between kernels, raising Cancelled, once `check()` is true
-    (the service passes "the client went away or the deadline passed")."""
-    token = _STOP.set(check)
-    try:
-        yield
-    finally:
-        _STOP.reset(token)
+_stop = STOP.get  # read once per run (the hot path)
 
 
 class Step:
@@ -195,8 +186,10 @@ class Plan:
         in_place_groups = kset is not None and kset.in_place
 
         # liveness: the step index of each value's last use; outputs live to the end
+        poll = poller("while planning")
         last = [-1] * self.n_slots
         for k, n in enumerate(units):
+            poll()
             for i in n.inputs:
                 last[i] = k
         for _, vid in graph.outputs:
@@ -244,6 +237,7 @@ class Plan:
         died_at: dict[int, int] = {}
         out_src: list[list[int]] = []  # per step, the buffer each result is written into, or -1
         for k, n in enumerate(units):
+            poll()
             srcs: list[int] = []
             for key in results[k]:
                 src = -1
@@ -307,7 +301,7 @@ class Plan:
         for slot, c in self.constants:
             env[slot] = c
         step = None
-        stop = _STOP.get()
+        stop = _stop()
         try:
             with np.errstate(all="ignore"):
                 for step in self.steps:
