@@ -1,7 +1,7 @@
 """One request cannot kill, wedge or bloat the server: the engine's side.
 
-  4. time: transforms and plan building are linear in the outputs and inputs and stop inside
-     their loops;
+  4. time: transforms and plan building are linear in the outputs and inputs, stop inside their
+     loops, and a large matmul runs in blocks with a stop check between them;
 
 Every limit is tested with a small configured value: nothing here allocates more than a few MiB.
 """
@@ -14,11 +14,14 @@ import grpc
 import numpy as np
 import pytest
 
+from gradserve_engine import plan as plan_module
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import Cancelled
 from gradserve_engine.guard import stop_when
 from gradserve_engine.ir import Builder, Graph
+from gradserve_engine.ops import KERNELS
 from gradserve_engine.ops import emit as e
+from gradserve_engine.plan import BlockedMatmul, Plan
 
 MiB = 1 << 20
 RESOURCE_EXHAUSTED, INVALID_ARGUMENT = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
@@ -101,3 +104,57 @@ def _chain(x, n: int):
     for k in range(n):
         x = e.bind("sin" if k % 2 else "cos", x)
     return x
+
+
+def test_large_matmuls_run_in_blocks_with_the_numpy_result(monkeypatch):
+    monkeypatch.setattr(plan_module, "MATMUL_SPLIT_FLOPS", 1 << 12)
+    monkeypatch.setattr(plan_module, "MATMUL_BLOCK_FLOPS", 1 << 12)
+    monkeypatch.setattr(plan_module, "MIN_TILE", 4)
+    rng = np.random.default_rng(0)
+    cases = [((70, 30), (30, 50)), ((5, 40, 30), (30, 50)), ((3, 1, 40, 30), (1, 4, 30, 50)), ((40, 30), (6, 30, 20)),
+             ((1, 300), (300, 200)), ((2, 3, 16, 16), (2, 3, 16, 16))]
+    for dtype in ("float64", "float32", "int64", "int32"):
+        for sa, sb in cases:
+            a = (rng.standard_normal(sa) * 10).astype(dtype)
+            b = (rng.standard_normal(sb) * 10).astype(dtype)
+            g = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", dtype, sa), ("b", dtype, sb))
+            plan = Plan(g)
+            assert isinstance(plan.steps[0].fn, BlockedMatmul), (sa, sb)
+            got, want = plan.run({"a": a, "b": b})["out"], np.matmul(a, b)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            if dtype.startswith("int") or len(sa) > 2:  # integers, and whole batch entries: the same bits
+                np.testing.assert_array_equal(got, want, err_msg=str((dtype, sa, sb)))
+            else:  # BLAS may round a block's edge rows differently: within an ulp or so
+                np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-12,
+                                           atol=1e-4 if dtype == "float32" else 1e-10, err_msg=str((dtype, sa, sb)))
+    # the default threshold leaves small matmuls alone
+    monkeypatch.undo()
+    small = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (64, 64)), ("b", "float64", (64, 64)))
+    assert Plan(small).steps[0].fn is KERNELS["matmul"]
+    big = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (1024, 1024)), ("b", "float64", (1024, 1024)))
+    assert isinstance(Plan(big).steps[0].fn, BlockedMatmul)
+
+
+def test_a_stop_ends_a_large_matmul_between_blocks(monkeypatch):
+    monkeypatch.setattr(plan_module, "MATMUL_SPLIT_FLOPS", 1 << 12)
+    monkeypatch.setattr(plan_module, "MATMUL_BLOCK_FLOPS", 1 << 12)
+    monkeypatch.setattr(plan_module, "MIN_TILE", 4)
+    blocks = [0]
+
+    def counted(a, b, out=None):
+        blocks[0] += 1
+        return np.matmul(a, b, out=out)
+
+    g = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (64, 64)), ("b", "float64", (64, 64)))
+    plan = Plan(g, kernels={**KERNELS, "matmul": counted})
+    checks = [0]
+
+    def stop() -> bool:
+        checks[0] += 1
+        return checks[0] > 2  # before the step, before the first block: then stop
+
+    with stop_when(stop), pytest.raises(Cancelled, match="inside a matmul"):
+        plan.run({"a": np.ones((64, 64)), "b": np.ones((64, 64))})
+    assert blocks[0] == 1
+    assert np.array_equal(plan.run({"a": np.ones((64, 64)), "b": np.ones((64, 64))})["out"], np.full((64, 64), 64.0))
+    assert blocks[0] > 2

@@ -3,7 +3,7 @@
 The service sets the stop condition around each call, as a context variable, so it reaches
 whatever runs for the call without being passed down: `stop_when(check)` (the caller went away,
 or its deadline passed). Transforms, passes and plan building poll it inside their loops
-(`poller`), and plans check it between kernels. Outside the service (the embedded SDK) it is
+(`poller`), plans check it between kernels, and large kernels between blocks. Outside the service (the embedded SDK) it is
 not set and nothing is checked.
 """
 

@@ -15,15 +15,18 @@ output); each has `run(env)`, and one loop runs them all. A backend that moves d
 differs only at the plan's edges: inputs go through its `upload` once per call, results through
 its `result`.
 
-The stop condition (`guard.stop_when`) is checked between steps.
+The stop condition (`guard.stop_when`) is checked between steps, and a large matmul runs in
+blocks with a check between them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import operator
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,11 @@ from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
 
 NEVER = 1 << 62
 _stop = STOP.get  # read once per run (the hot path)
+# A matmul over this many flops runs in blocks of about MATMUL_BLOCK_FLOPS, with a stop check
+# between blocks: a deadline then stops it within a fraction of a second.
+MATMUL_SPLIT_FLOPS = 1 << 28
+MATMUL_BLOCK_FLOPS = 1 << 27
+MIN_TILE = 64  # rows or columns of a block at least (when the result has them): BLAS stays efficient
 
 
 class Step:
@@ -267,14 +275,16 @@ class Plan:
             for r in left:
                 frees[died_at[r]].append(r)
         self.n_reused = sum(s >= 0 for srcs in out_src for s in srcs)
-        self.steps: list[Step] = [
-            FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
-            if isinstance(n, Group) else KernelStep.of(table[n.op], n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
-            for k, n in enumerate(units)
-        ]
         # a backend that moves data (the GPU) takes the inputs up once per call and the results back once
         self._upload = kset.upload if kset is not None and type(kset).upload is not KernelSet.upload else None
         self._result = kset.result if kset is not None and type(kset).result is not KernelSet.result else None
+        blocked = self._upload is None  # kernels on this machine's arrays: large matmuls run in blocks
+        self.steps: list[Step] = [
+            FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
+            if isinstance(n, Group) else
+            KernelStep.of(_kernel(table, n, graph, blocked), n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
+            for k, n in enumerate(units)
+        ]
         # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
         # would alias an input or a constant are copied
         self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
@@ -327,3 +337,75 @@ class Plan:
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
+
+
+# ---------------------------------------------------------------- large kernels in blocks
+
+
+def _kernel(table: Mapping[str, Kernel], node: Node, graph: Graph, blocked: bool) -> Kernel:
+    """The kernel of `node`'s step: the table's, or for a large matmul (when `blocked`) the
+    table's run over blocks of the result with a stop check between them."""
+    kernel = table[node.op]
+    if blocked and node.op == "matmul":
+        k = graph.aval(node.inputs[0])[1][-1]
+        if 2 * math.prod(node.shape) * k > MATMUL_SPLIT_FLOPS:
+            return BlockedMatmul(kernel, node.dtype)
+    return kernel
+
+
+class BlockedMatmul:
+    """`kernel(a, b, out=...)` (a matmul) over blocks of the result: whole leading batch entries,
+    then rows, then columns, each block about MATMUL_BLOCK_FLOPS; the stop condition is checked
+    before each block. Each element is still one dot product over the whole contracted axis:
+    whole batch entries and integers come out bit for bit, BLAS may round the edge rows of a
+    block by an ulp."""
+
+    def __init__(self, kernel: Kernel, dtype: str):
+        self.kernel, self.dtype = kernel, dtype
+
+    def __call__(self, a: Any, b: Any, out: Any = None) -> Any:
+        shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        stop = _stop()
+        for ia, ib, io in matmul_blocks(a.shape, b.shape, shape):
+            if stop is not None and stop():
+                raise Cancelled(f"stopped inside a matmul of {list(a.shape)} and {list(b.shape)}")
+            self.kernel(a[ia], b[ib], out=out[io])
+        return out
+
+
+def matmul_blocks(a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                  shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """(index of a, index of b, index of the result) of each block of `a @ b` (result `shape`):
+    the first axis whose later axes fit in a block is cut into chunks, the axes before it into
+    single entries; an operand's batch axes of size 1 broadcast (taken whole)."""
+    nd = len(shape)
+    per = max(MATMUL_BLOCK_FLOPS // max(2 * a_shape[-1], 1), 1)  # result elements per block
+    axis = next(j for j in range(nd) if math.prod(shape[j + 1:]) <= per or j == nd - 1)
+    step = max(per // math.prod(shape[axis + 1:]), 1)
+    if axis >= nd - 2:  # rows or columns: whole multiples of MIN_TILE, so that BLAS tiles them as the whole
+        step = max(step // MIN_TILE, 1) * MIN_TILE
+    starts = list(range(0, shape[axis], step))
+    if len(starts) > 1 and shape[axis] - starts[-1] < MIN_TILE:
+        starts.pop()  # a short remainder joins the block before it
+    bounds = [*starts[1:], shape[axis]]
+    full = slice(None)
+
+    def operand(op_shape: tuple[int, ...], out_index: list[slice], rows: bool) -> tuple[slice, ...]:
+        k = len(op_shape)
+        index = [full] * k
+        for j in range(nd - 2):  # batch axes, aligned at the right
+            t = j - (nd - k)
+            if t >= 0 and op_shape[t] != 1:
+                index[t] = out_index[j]
+        if rows:  # a: the result's rows are a's rows
+            index[k - 2] = out_index[nd - 2]
+        else:  # b: the result's columns are b's columns
+            index[k - 1] = out_index[nd - 1]
+        return tuple(index)
+
+    for lead in itertools.product(*(range(d) for d in shape[:axis])):
+        for s, e in zip(starts, bounds, strict=True):
+            out_index = [slice(i, i + 1) for i in lead] + [slice(s, e)] + [full] * (nd - axis - 1)
+            yield operand(a_shape, out_index, True), operand(b_shape, out_index, False), tuple(out_index)
