@@ -1,5 +1,6 @@
 """One request cannot kill, wedge or bloat the server: the engine's side.
 
+  3. an attribute's size is checked before it is converted;
   4. time: transforms and plan building are linear in the outputs and inputs, stop inside their
      loops, and a large matmul runs in blocks with a stop check between them;
 
@@ -9,19 +10,23 @@ Every limit is tested with a small configured value: nothing here allocates more
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import grpc
 import numpy as np
 import pytest
+from service_fixtures import rpc_error
 
 from gradserve_engine import plan as plan_module
 from gradserve_engine.engine import Engine
-from gradserve_engine.errors import Cancelled
+from gradserve_engine.errors import Cancelled, LimitError
 from gradserve_engine.guard import stop_when
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import KERNELS
 from gradserve_engine.ops import emit as e
 from gradserve_engine.plan import BlockedMatmul, Plan
+from gradserve_engine.v1 import graph_pb2
+from gradserve_engine.v1 import service_pb2 as pb
 
 MiB = 1 << 20
 RESOURCE_EXHAUSTED, INVALID_ARGUMENT = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
@@ -32,6 +37,42 @@ def _build(fn, *inputs: tuple[str, str, tuple[int, ...]]) -> Graph:
     b = Builder()
     xs = [b.input(name, dtype, shape) for name, dtype, shape in inputs]
     return b.build(list(fn(*xs).items()))
+
+
+# ---------------------------------------------------------------- 3. attributes
+
+
+def _reshape_with_attribute(entries: int) -> graph_pb2.Graph:
+    msg = graph_pb2.Graph()
+    msg.inputs.add(id=0, name="x", dtype=graph_pb2.FLOAT64, shape=[4])
+    node = msg.nodes.add(id=1, op="reshape", inputs=[0], dtype=graph_pb2.FLOAT64, shape=[4])
+    node.attrs["shape"].ints.values.extend(itertools.repeat(1000, entries))
+    msg.outputs.add(name="out", id=1)
+    return msg
+
+
+def test_a_huge_attribute_is_refused_before_it_is_converted():
+    msg = _reshape_with_attribute(1_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitError) as info:
+            Graph.from_proto(msg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "1000000 entries" in str(info.value) and len(str(info.value)) < 300, str(info.value)[:500]
+    assert peak < 1 * MiB, f"decoding a refused attribute allocated {peak} bytes"
+    msg = _reshape_with_attribute(1)
+    for k in range(100):
+        msg.nodes[0].attrs[f"extra{k}"].i = k
+    with pytest.raises(LimitError, match=r"101 attributes"):
+        Graph.from_proto(msg)
+
+
+def test_a_huge_attribute_is_refused_by_the_service(bare):
+    err = rpc_error(bare.RegisterGraph, pb.RegisterGraphRequest(graph=_reshape_with_attribute(1_000_000)), timeout=30)
+    assert err.code() == RESOURCE_EXHAUSTED and "1000000 entries" in err.details(), (err.code(), err.details()[:300])
+    assert len(err.details()) < 300
 
 
 # ---------------------------------------------------------------- 4. time

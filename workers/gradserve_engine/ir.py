@@ -28,6 +28,7 @@ from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, in
 from .v1 import graph_pb2 as pb
 
 MAX_RANK = 32
+MAX_ATTRS = 16  # attributes of one node (no primitive has more than a few)
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
 
 
@@ -198,7 +199,9 @@ class Graph:
             if n.id != vid:
                 raise GraphError(f"{where}: id {n.id} out of order, expected {vid} "
                                  "(nodes are numbered after inputs and constants)")
-            attrs = {key: _get_attr(a, f"{where} attribute {key!r}") for key, a in n.attrs.items()}
+            if len(n.attrs) > MAX_ATTRS:
+                raise LimitError(f"{where}: {len(n.attrs)} attributes, over the limit of {MAX_ATTRS}")
+            attrs = {key: _get_attr(a, f"{where} attribute {_short(key)}") for key, a in n.attrs.items()}
             nodes.append(Node(vid, n.op, tuple(n.inputs), attrs, _dtype_from_pb(n.dtype, where),
                               check_shape(n.shape, limits, where)))
         outputs = []
@@ -303,10 +306,11 @@ def _get_attr(msg, where: str) -> Any:
     kind = msg.WhichOneof("value")
     if kind is None:
         raise GraphError(f"{where} has no value")
-    if kind == "ints":
-        return tuple(msg.ints.values)
-    if kind == "floats":
-        return tuple(msg.floats.values)
+    if kind in ("ints", "floats"):
+        values = getattr(msg, kind).values
+        if len(values) > MAX_RANK:  # counted before anything is converted: shapes, axes, perms have one per dim
+            raise LimitError(f"{where} has {len(values)} entries, over the rank limit of {MAX_RANK}")
+        return tuple(values)
     return getattr(msg, kind)
 
 
