@@ -1,5 +1,8 @@
 """One request cannot kill, wedge or bloat the server: the engine's side.
 
+  2. memory per call is known from the plan (its peak, from liveness) and bounded: per call
+     (--max-call-mib), for the calls in flight together (--max-inflight-mib), the element limit on
+     tensors a call derives (Jacobian seeds, batched results), and MemoryError is RESOURCE_EXHAUSTED;
   3. an attribute's size is checked before it is converted;
   4. time: transforms and plan building are linear in the outputs and inputs, stop inside their
      loops, and a large matmul runs in blocks with a stop check between them;
@@ -10,17 +13,20 @@ Every limit is tested with a small configured value: nothing here allocates more
 from __future__ import annotations
 
 import itertools
+import threading
 import tracemalloc
 
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import rpc_error
+from service_fixtures import HOST, ServerProcess, channel, fill, rpc_error, stub
 
+import gradserve as gs
+from gradserve import remote as rm
 from gradserve_engine import plan as plan_module
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import Cancelled, LimitError
-from gradserve_engine.guard import stop_when
+from gradserve_engine.guard import Budget, stop_when, within
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import KERNELS
 from gradserve_engine.ops import emit as e
@@ -32,11 +38,163 @@ MiB = 1 << 20
 RESOURCE_EXHAUSTED, INVALID_ARGUMENT = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.fixture
+def plan_runs(monkeypatch):
+    """How many times a plan ran (in this process: the in-process servers' plans too)."""
+    runs = [0]
+    original = Plan.run_values
+
+    def counted(self, values):
+        runs[0] += 1
+        return original(self, values)
+
+    monkeypatch.setattr(Plan, "run_values", counted)
+    return runs
+
+
 def _build(fn, *inputs: tuple[str, str, tuple[int, ...]]) -> Graph:
     """A graph of `fn(*input vars)` -> {name: var} (engine emitters)."""
     b = Builder()
     xs = [b.input(name, dtype, shape) for name, dtype, shape in inputs]
     return b.build(list(fn(*xs).items()))
+
+
+# ---------------------------------------------------------------- 2. memory per call
+
+
+def _four_live(n: int) -> Graph:
+    """Four live f64[n] intermediates from a scalar: peak 4n*8 bytes (+ the sum's)."""
+    def fn(x):
+        a = e.broadcast_to(x, (n,))
+        parts = [e.bind(op, a) for op in ("sin", "cos", "exp", "tanh")]
+        total = e.add(e.add(parts[0], parts[1]), e.add(parts[2], parts[3]))
+        return {"out": e.bind("reduce_sum", total, axes=(0,), keepdims=False)}
+
+    return _build(fn, ("x", "float64", ()))
+
+
+def test_peak_bytes_count_live_buffers_views_reuse_and_inputs():
+    n = 1000
+    # four live intermediates; the adds write over the dead ones (no new buffers)
+    assert Plan(_four_live(n)).peak_bytes == 8 + 4 * 8 * n
+    chain = _build(lambda x: {"out": e.bind("exp", e.bind("cos", e.bind("sin", x)))}, ("x", "float64", (n,)))
+    assert Plan(chain).peak_bytes == 2 * 8 * n  # the input, and one buffer written over twice
+    # a view holds its operand; an output that is a view of an input is copied at the end
+    view = _build(lambda x: {"out": e.broadcast_to(x, (n,))}, ("x", "float64", ()))
+    assert Plan(view).peak_bytes == 8 + 8 * n
+    # a reshape of a transposed value is a copy (numpy copies it); a reshape of the input is not
+    copied = _build(lambda x: {"out": e.bind("sin", e.reshape(e.bind("transpose", x, perm=(1, 0)), (200,)))},
+                    ("x", "float32", (10, 20)))
+    assert Plan(copied).peak_bytes == 3 * 4 * 200
+    viewed = _build(lambda x: {"out": e.bind("sin", e.reshape(x, (200,)))}, ("x", "float32", (10, 20)))
+    assert Plan(viewed).peak_bytes == 2 * 4 * 200
+    # values later steps still read keep their buffers: x, a, b and a+b live at once
+    def kept(x):
+        a, b = e.bind("sin", x), e.bind("cos", x)
+        return {"out": e.mul(e.mul(e.add(a, b), a), b)}
+
+    assert Plan(_build(kept, ("x", "float64", (n,)))).peak_bytes == 4 * 8 * n
+
+
+def test_a_call_over_max_call_mib_is_refused_before_it_runs():
+    """--max-call-mib 1 and a 60-byte request whose computation needs 4 MiB."""
+    g = _four_live(1 << 17)  # four live f64[131072]: 4 MiB
+    with ServerProcess("--max-call-mib", "1") as s, channel(s.address) as ch:
+        st = stub(ch)
+        st.RegisterGraph(pb.RegisterGraphRequest(graph=g.to_proto()), timeout=10)
+        req = pb.EvaluateRequest(graph_id=g.id)
+        fill(req.inputs, {"x": 0.5})
+        assert len(req.SerializeToString()) < 100
+        err = rpc_error(st.Evaluate, req, timeout=20)
+        assert err.code() == RESOURCE_EXHAUSTED, (err.code(), err.details())
+        assert "4.0 MiB" in err.details() and "1.0 MiB per call (--max-call-mib)" in err.details(), err.details()
+        req = pb.GradientRequest(graph_id=g.id, wrt=["x"])
+        fill(req.inputs, {"x": 0.5})
+        assert rpc_error(st.Gradient, req, timeout=20).code() == RESOURCE_EXHAUSTED
+        small = _four_live(1000)  # the server still serves what fits
+        st.RegisterGraph(pb.RegisterGraphRequest(graph=small.to_proto()), timeout=10)
+        req = pb.EvaluateRequest(graph_id=small.id)
+        fill(req.inputs, {"x": 0.5})
+        assert st.Evaluate(req, timeout=10).outputs["out"].data
+
+
+def test_plans_in_flight_share_the_server_budget():
+    """A plan that would take the calls in flight over --max-inflight-mib is refused (retry
+    later) while another holds its share; it runs once that one has finished."""
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_sin(x, out=None):
+        entered.set()
+        assert release.wait(20)
+        return np.sin(x, out=out)
+
+    g = _four_live(1 << 16)  # 2 MiB at its peak
+    slow = Plan(g, kernels={**KERNELS, "sin": blocking_sin})
+    fast = Plan(g)
+    budget = Budget(max_call_bytes=4 * MiB, max_inflight_bytes=3 * MiB)
+    results: list = []
+
+    def first():
+        with within(budget):
+            results.append(slow.run({"x": 0.5}))
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert entered.wait(20)
+        assert budget.inflight == slow.peak_bytes
+        with within(budget), pytest.raises(LimitError, match=r"the calls in flight hold 2\.0 MiB.*retry later"):
+            fast.run({"x": 0.5})
+    finally:
+        release.set()
+        t.join(20)
+    assert budget.inflight == 0 and len(results) == 1
+    with within(budget):
+        assert fast.run({"x": 0.5})["out"] == results[0]["out"]
+    assert budget.inflight == 0
+
+
+def test_derived_tensors_obey_the_element_limit(serve_in_process, plan_runs):
+    """Jacobian and Hessian seeds (the identity) and batched CallVjp results are tensors no
+    request declared: the element limit applies to them too."""
+    server = serve_in_process(max_elements=1000)
+    x = np.linspace(0.1, 1.0, 40)
+    with gs.connect(f"{HOST}:{server.port}", timeout=20) as r:
+        before = plan_runs[0]
+        with pytest.raises(rm.RemoteResourceExhausted, match=r"seeds.*f64\[40,40\].*more than the limit of 1000"):
+            r.jacobian(lambda x: gs.sin(x))(x)  # seeds f64[40,40]
+        with pytest.raises(rm.RemoteResourceExhausted, match=r"seeds.*more than the limit of 1000"):
+            r.hessian(lambda x: gs.sum(gs.sin(x)))(x)
+        assert plan_runs[0] == before
+        assert np.allclose(r.jacobian(lambda x: gs.sin(x))(x[:30]), np.diag(np.cos(x[:30])))  # 900 elements
+        w = np.linspace(0.0, 1.0, 100)
+        _, vjp_fn = r.vjp(lambda v: gs.sum(v * w), w)
+        with pytest.raises(rm.RemoteResourceExhausted, match=r"f64\[20,100\].*more than the limit of 1000"):
+            vjp_fn(np.ones(20), batched=True)  # results f64[20,100]
+        assert np.allclose(vjp_fn(np.ones(5), batched=True)[0], np.tile(w, (5, 1)))
+        vjp_fn.close()
+
+
+def test_memory_error_anywhere_in_a_call_is_resource_exhausted(serve_in_process):
+    def no_memory(x, out=None):
+        raise MemoryError("cannot allocate")
+
+    g = _build(lambda x: {"out": e.bind("sin", x)}, ("x", "float64", (3,)))
+    with pytest.raises(LimitError, match=r"out of memory while running .*sin"):
+        Plan(g, kernels={**KERNELS, "sin": no_memory}).run({"x": np.ones(3)})
+
+    class Starved(Engine):
+        def evaluate(self, graph, inputs, outputs=None):
+            raise MemoryError("cannot allocate")  # outside any plan: decoding, seeds, encoding
+
+    server = serve_in_process(Starved())
+    with channel(f"{HOST}:{server.port}") as ch:
+        st = stub(ch)
+        st.RegisterGraph(pb.RegisterGraphRequest(graph=g.to_proto()), timeout=10)
+        req = pb.EvaluateRequest(graph_id=g.id)
+        fill(req.inputs, {"x": np.ones(3)})
+        err = rpc_error(st.Evaluate, req, timeout=10)
+        assert err.code() == RESOURCE_EXHAUSTED and "out of memory" in err.details(), (err.code(), err.details())
 
 
 # ---------------------------------------------------------------- 3. attributes

@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError, Message
 
 from gradserve_engine.backend import Backend
 from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
+from gradserve_engine.guard import Budget, stop_when, within
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
-from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 
@@ -52,6 +52,9 @@ def _classify(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.Sta
         return grpc.StatusCode[e.code], f"cancelled: {e}"
     if isinstance(e, GradserveError):
         return grpc.StatusCode[e.code], str(e)
+    if isinstance(e, MemoryError):  # what a call needed was not there: the caller's call is too big for now
+        log.warning("out of memory in a call: %r", e)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {type(e).__name__}: {e}"
     log.exception("internal error")  # not the caller's mistake: a bug, with its traceback in the log
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
@@ -70,6 +73,7 @@ class Servicer:
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
         self.engine, self.registry, self.residuals, self.jobs = engine, registry, residuals, jobs
         self.limits, self.metrics = limits, metrics
+        self.budget = Budget(limits.max_call_bytes, limits.max_inflight_bytes, limits.max_elements)
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
         metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
@@ -267,7 +271,7 @@ class Servicer:
                 context.abort(*refused)
             try:
                 request = _parse(request_cls, raw)
-                with stop_when(lambda: not context.is_active()):
+                with stop_when(lambda: not context.is_active()), within(self.budget):
                     return fn(request, context)
             except Exception as e:
                 code, message = _status(e, context)

@@ -20,6 +20,7 @@ from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
 from .backend import Backend
+from .guard import check_derived
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
@@ -243,6 +244,8 @@ class Engine(Backend):
         seeds_name = autodiff.seeds_name(graph)
         if seeds_name in plan.graph.input_names():
             seeds = plan.graph.input(seeds_name)
+            check_derived(seeds.shape, seeds.dtype, f"the Jacobian's seeds (the identity, one row per output element, "
+                                                    f"{type_str(seeds.dtype, seeds.shape)})")
             feed[seeds_name] = np.eye(seeds.shape[0], dtype=seeds.dtype)
         res = plan.run(_only(plan, feed))
         names = autodiff.jacobian_outputs(outs, wrt)

@@ -38,11 +38,14 @@ def type_str(dtype: str, shape: Shape) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits a graph from outside must respect (checked before anything is allocated)."""
+    """Size limits a graph from outside must respect (checked before anything is allocated),
+    and what a call on it may hold (checked before it runs; None: not limited)."""
 
     max_nodes: int = 100_000
-    max_elements: int = 1 << 28  # per tensor
+    max_elements: int = 1 << 28  # per tensor, also those a call derives (Jacobian seeds, batched results)
     max_constant_bytes: int = 1 << 30  # all constants together
+    max_call_bytes: int | None = None  # one plan's peak memory
+    max_inflight_bytes: int | None = None  # the peaks of the plans running at once, together
 
 
 DEFAULT_LIMITS = Limits()
