@@ -1,5 +1,6 @@
 """One request cannot kill, wedge or bloat the server: the engine's side.
 
+  1. a response the graph says is over the message limit is refused before anything is computed;
   2. memory per call is known from the plan (its peak, from liveness) and bounded: per call
      (--max-call-mib), for the calls in flight together (--max-inflight-mib), the element limit on
      tensors a call derives (Jacobian seeds, batched results), and MemoryError is RESOURCE_EXHAUSTED;
@@ -57,6 +58,69 @@ def _build(fn, *inputs: tuple[str, str, tuple[int, ...]]) -> Graph:
     b = Builder()
     xs = [b.input(name, dtype, shape) for name, dtype, shape in inputs]
     return b.build(list(fn(*xs).items()))
+
+
+# ---------------------------------------------------------------- 1. responses over the message limit
+
+
+def test_a_response_over_the_message_limit_is_refused_before_anything_is_computed(serve_in_process, plan_runs):
+    server = serve_in_process(max_message_bytes=1 * MiB)
+    broadcast = _build(lambda x: {"out": e.broadcast_to(x, (1 << 18,))}, ("x", "float64", ()))  # 2 MiB from 8 bytes
+    square = _build(lambda x: {"s": e.bind("reduce_sum", e.mul(x, x), axes=(0,), keepdims=False), "v": e.bind("sin", x)},
+                    ("x", "float64", (400,)))
+    wide = _build(lambda x: {"s": e.bind("reduce_sum", e.broadcast_to(x, (1 << 16,)), axes=(0,), keepdims=False),
+                             "v": e.broadcast_to(x, (1 << 16,))}, ("x", "float64", ()))  # 512 KiB per item
+    with channel(f"{HOST}:{server.port}") as ch:
+        st = stub(ch)
+        for g in (broadcast, square, wide):
+            st.RegisterGraph(pb.RegisterGraphRequest(graph=g.to_proto()), timeout=10)
+        x400 = {"x": np.linspace(0.0, 1.0, 400)}
+        requests = []
+        req = pb.EvaluateRequest(graph_id=broadcast.id)
+        fill(req.inputs, {"x": 1.0})
+        requests.append(("Evaluate", st.Evaluate, req, ["output 'out' is f64[262144], 2.0 MiB", "1.0 MiB"]))
+        req = pb.GradientRequest(graph_id=broadcast.id, wrt=["x"])
+        fill(req.inputs, {"x": 1.0})
+        requests.append(("Gradient", st.Gradient, req, ["output 'out'", "f64[262144]"]))
+        req = pb.JvpRequest(graph_id=broadcast.id)
+        fill(req.inputs, {"x": 1.0})
+        fill(req.tangents, {"x": 1.0})
+        requests.append(("Jvp", st.Jvp, req, ["f64[262144]", "4.0 MiB"]))
+        req = pb.JacobianRequest(graph_id=square.id, wrt=["x"], outputs=["v"])
+        fill(req.inputs, x400)
+        requests.append(("Jacobian", st.Jacobian, req, ["the Jacobian of output 'v' by input 'x' is f64[400,400]"]))
+        req = pb.HessianRequest(graph_id=square.id, wrt=["x"], output="s")
+        fill(req.inputs, x400)
+        requests.append(("Hessian", st.Hessian, req, ["the Hessian block of inputs 'x' and 'x' is f64[400,400]"]))
+        req = pb.BatchGradientRequest(graph_id=wide.id, wrt=["x"], outputs=["s"])
+        for _ in range(3):
+            fill(req.items.add().inputs, {"x": 1.0})
+        requests.append(("BatchGradient", st.BatchGradient, req, ["output 'v' is f64[65536]", "for each of 3 input sets"]))
+        for method, call, request, words in requests:
+            before = plan_runs[0]
+            err = rpc_error(call, request, timeout=20)
+            assert err.code() == RESOURCE_EXHAUSTED, (method, err.code(), err.details())
+            for word in [*words, "--max-message-mib", "nothing was computed"]:
+                assert word in err.details(), (method, word, err.details())
+            assert plan_runs[0] == before, f"{method} computed before it was refused"
+        # what fits is still served
+        req = pb.EvaluateRequest(graph_id=square.id, outputs=["s"])
+        fill(req.inputs, x400)
+        assert st.Evaluate(req, timeout=10).outputs["s"].data
+
+
+def test_a_batched_call_vjp_over_the_message_limit_is_refused_before_it_runs(serve_in_process, plan_runs):
+    server = serve_in_process(max_message_bytes=1 * MiB)
+    with gs.connect(f"{HOST}:{server.port}", timeout=20) as r:
+        w = np.linspace(0.0, 1.0, 1000)
+        _, vjp_fn = r.vjp(lambda x: gs.sum(x * w), w)
+        assert np.allclose(vjp_fn(1.0)[0], w)
+        before = plan_runs[0]
+        with pytest.raises(rm.RemoteResourceExhausted) as info:
+            vjp_fn(np.ones(300), batched=True)  # gradients f64[300,1000]: 2.3 MiB
+        assert "gradient for 'x' is f64[300,1000]" in str(info.value), str(info.value)
+        assert plan_runs[0] == before
+        vjp_fn.close()
 
 
 # ---------------------------------------------------------------- 2. memory per call

@@ -127,8 +127,8 @@ class Server:
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
         self.engine: Backend = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
-                        max_constant_bytes=config.max_message_bytes, max_call_bytes=config.max_call_bytes,
-                        max_inflight_bytes=config.max_inflight_bytes)
+                        max_constant_bytes=config.max_message_bytes, max_message_bytes=config.max_message_bytes,
+                        max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store), limits, config.job_runners,

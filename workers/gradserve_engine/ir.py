@@ -44,6 +44,7 @@ class Limits:
     max_nodes: int = 100_000
     max_elements: int = 1 << 28  # per tensor, also those a call derives (Jacobian seeds, batched results)
     max_constant_bytes: int = 1 << 30  # all constants together
+    max_message_bytes: int | None = None  # a response: refused before computing when its outputs are larger
     max_call_bytes: int | None = None  # one plan's peak memory
     max_inflight_bytes: int | None = None  # the peaks of the plans running at once, together
 
