@@ -7,6 +7,7 @@
   3. an attribute's size is checked before it is converted;
   4. time: transforms and plan building are linear in the outputs and inputs, stop inside their
      loops, and a large matmul runs in blocks with a stop check between them;
+  5. one cast rule for values given for typed slots, in the engine and in the SDK.
 
 Every limit is tested with a small configured value: nothing here allocates more than a few MiB.
 """
@@ -24,9 +25,10 @@ from service_fixtures import HOST, ServerProcess, channel, fill, rpc_error, stub
 
 import gradserve as gs
 from gradserve import remote as rm
+from gradserve_engine import engine as engine_module
 from gradserve_engine import plan as plan_module
-from gradserve_engine.engine import Engine
-from gradserve_engine.errors import Cancelled, LimitError
+from gradserve_engine.engine import Engine, conform
+from gradserve_engine.errors import Cancelled, LimitError, ShapeError
 from gradserve_engine.guard import Budget, stop_when, within
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import KERNELS
@@ -421,3 +423,98 @@ def test_a_stop_ends_a_large_matmul_between_blocks(monkeypatch):
     assert blocks[0] == 1
     assert np.array_equal(plan.run({"a": np.ones((64, 64)), "b": np.ones((64, 64))})["out"], np.full((64, 64), 64.0))
     assert blocks[0] > 2
+
+
+# ---------------------------------------------------------------- 5. casts
+
+
+NEG = _build(lambda x: {"out": e.bind("neg", x)}, ("x", "float32", (2,)))
+NEG_I32 = _build(lambda x: {"out": e.bind("neg", x)}, ("x", "int32", (2,)))
+NEG_F64 = _build(lambda x: {"out": e.bind("neg", x)}, ("x", "float64", (2,)))
+
+
+@pytest.mark.parametrize(("graph", "value", "words"), [
+    (NEG, np.array([3e300, 1.0]), ["input 'x'", "float64", "float32", "3e+300 becomes inf"]),
+    (NEG, np.array([0.1, 0.5]), ["input 'x'", "float64", "float32", "0.1 becomes"]),
+    (NEG_I32, np.array([2**40, 1]), ["input 'x'", "int64", "int32", "1099511627776 becomes 0"]),
+    (NEG_I32, np.array([1.5, 1.0]), ["input 'x'", "float64", "int32"]),
+    (NEG_F64, np.array([2**53 + 1, 0]), ["input 'x'", "int64", "float64"]),
+    (NEG_I32, np.array([2**31, 0], np.uint32), ["input 'x'", "uint32", "int32"]),
+])
+def test_a_lossy_cast_is_refused(graph, value, words):
+    with pytest.raises(ShapeError) as info:
+        Engine().evaluate(graph, {"x": value})
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_an_exact_cast_or_a_fitting_python_scalar_converts():
+    eng = Engine()
+    for graph, value, want in [
+        (NEG, np.array([0.5, np.nan]), np.array([-0.5, np.nan], np.float32)),  # exact, NaN-aware
+        (NEG, np.array([3, -4]), np.array([-3, 4], np.float32)),  # small integers are exact floats
+        (NEG_F64, np.array([4, 2**53]), np.array([-4.0, -(2.0**53)])),  # int64 for float64, when exact
+        (NEG_I32, np.array([2.0, -7.0]), np.array([-2, 7], np.int32)),
+        (NEG, 0.1, -np.full(2, 0.1, np.float32)),  # a Python float is weak: it rounds
+        (NEG_I32, 7, np.full(2, -7, np.int32)),
+        (NEG_I32, 3.0, np.full(2, -3, np.int32)),
+    ]:
+        if np.ndim(value) == 0:
+            graph = _build(lambda x: {"out": e.bind("neg", x)}, ("x", graph.inputs[0].dtype, ()))
+            want = want[0]
+        got = eng.evaluate(graph, {"x": value})["out"]
+        assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True), (value, got, want)
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(3e300, "float32"), (2**40, "int32"), (2.5, "int64"),
+                                              (10**400, "float64"), (float("nan"), "int32")])
+def test_a_python_scalar_that_does_not_fit_is_refused(value, dtype):
+    with pytest.raises(ShapeError, match=f"does not fit in {dtype}"):
+        conform(value, dtype, "input 'x'")
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(True, "float32"), (1, "bool"), (np.array([True]), "float64"),
+                                              (np.array([0, 1]), "bool")])
+def test_booleans_and_numbers_do_not_mix(value, dtype):
+    with pytest.raises(ShapeError, match=f"expected (a value of dtype )?{dtype}"):
+        conform(value, dtype, "input 'x'")
+
+
+def test_the_sdk_applies_the_engines_cast_rule_before_sending(remote, bare):
+    assert rm.conform is engine_module.conform  # one function, not a copy
+    g = gs.trace(lambda x: -x, np.zeros(2, np.float32))
+    gid = remote.register(g)
+    # a Python scalar is weak: it travels as the input's float32 (on the wire: 0.1 as float64 would be refused)
+    scalar = gs.trace(lambda x: -x, np.float32(0.0))
+    out = remote.evaluate(scalar, {"x": 0.1})
+    assert out["out"].dtype == np.float32 and out["out"] == -np.float32(0.1)
+    with pytest.raises(rm.RemoteInvalidArgument, match=r"input 'x' has dtype float64, expected float32.*3e\+300 becomes inf"):
+        remote.evaluate(g, {"x": np.array([3e300, 1.0])})
+    assert np.array_equal(remote.evaluate(gid, {"x": np.array([0.5, 2.0])})["out"], np.array([-0.5, -2.0], np.float32))
+    # the server applies the same rule to what the wire brings
+    req = pb.EvaluateRequest(graph_id=gid)
+    fill(req.inputs, {"x": np.array([3e300, 1.0])})
+    err = rpc_error(bare.Evaluate, req, timeout=10)
+    assert err.code() == INVALID_ARGUMENT and "'x'" in err.details() and "float64" in err.details() \
+        and "float32" in err.details(), err.details()
+    gi = remote.register(gs.trace(lambda n: n + 1, np.zeros(2, np.int32)))
+    req = pb.EvaluateRequest(graph_id=gi)
+    fill(req.inputs, {"n": np.array([2**40, 1])})
+    err = rpc_error(bare.Evaluate, req, timeout=10)
+    assert err.code() == INVALID_ARGUMENT and "1099511627776 becomes 0" in err.details(), err.details()
+    gf = remote.register(gs.trace(lambda x: x * 2.0, np.zeros(2)))
+    req = pb.EvaluateRequest(graph_id=gf)
+    fill(req.inputs, {"x": np.array([4, 5])})  # int64 for float64: exact, accepted
+    assert np.frombuffer(bare.Evaluate(req, timeout=10).outputs["out"].data, "<f8").tolist() == [8.0, 10.0]
+    # cotangents of a float32 output: a Python float converts, a lossy numpy float64 does not
+    _, vjp_fn = remote.vjp(lambda x: gs.sum(x * 2.0), np.ones(2, np.float32))
+    (grad,) = vjp_fn(0.1)
+    assert grad.dtype == np.float32 and np.allclose(grad, 0.2)
+    with pytest.raises(rm.RemoteInvalidArgument, match="cotangent for output 'out' has dtype float64, expected float32"):
+        vjp_fn(np.float64(0.1))
+    vjp_fn.close()
+    # and the local session: the same rule, in the engine
+    _, local_vjp = gs.vjp(lambda x: gs.sum(x * 2.0), np.ones(2, np.float32))
+    assert np.allclose(local_vjp(0.1)[0], 0.2)
+    with pytest.raises(ShapeError, match="expected float32"):
+        local_vjp(np.float64(0.1))
