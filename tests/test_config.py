@@ -13,11 +13,13 @@ from gradserve_server.cli import build_parser, config_from_args
 ROOT = Path(__file__).resolve().parent.parent
 # a flag of the table -> its Config field, and the unit the flag counts in
 FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_bytes", "--cache-mib": "cache_bytes",
+          "--max-call-mib": "max_call_bytes", "--max-inflight-mib": "max_inflight_bytes",
           "--store": "store", "--residual-mib": "residual_bytes", "--residual-ttl": "residual_ttl",
           "--tensor-store-mib": "tensor_store_bytes", "--tensor-ttl": "tensor_ttl", "--token-file": "token",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--metrics-port": "metrics_port",
           "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace"}
-UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB}
+UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB,
+         "--max-call-mib": MiB, "--max-inflight-mib": MiB}
 
 
 def serve_defaults():

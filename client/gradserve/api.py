@@ -51,6 +51,14 @@ def _as_array(x: Any) -> Any:
     return a
 
 
+def _slot_value(x: Any) -> Any:
+    """A leaf given for a slot whose dtype the graph fixes (a seed, cotangent, tangent or vector):
+    a Python scalar stays one, weakly typed, for the engine's cast rule to give it the slot's
+    dtype (`gradserve_engine.engine.conform`); anything else as an array."""
+    t = type(x)
+    return x if t is float or t is int or t is bool else _as_array(x)
+
+
 def _leaf_key(x: Any) -> Any:
     """A hashable key of one argument leaf: dtype and shape of an array, the value of static data
     (cheap: the hot path)."""
@@ -475,6 +483,12 @@ class Functional:
     def traced(self, f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None) -> TracedFunction:
         return self.prepare(f, args, kwargs)[0]
 
+    def _slot(self, x: Any) -> Any:
+        """A leaf for a slot whose dtype the graph fixes (a seed, cotangent, tangent or vector): a
+        Python scalar stays weakly typed (`_slot_value`), anything else as `_arr` gives it."""
+        t = type(x)
+        return x if t is float or t is int or t is bool else self._arr(x)
+
     def _arr(self, x: Any) -> Any:
         """`_as_array` for this backend: a TensorRef only where a server resolves it."""
         a = _as_array(x)
@@ -711,7 +725,7 @@ class Functional:
             cts = tree_flatten(cotangent)[0] if not t.out_treedef.is_leaf() else [cotangent]
             if len(cts) != len(t.out_names):
                 raise ValueError(f"cotangent has {len(cts)} leaves for {len(t.out_names)} outputs {t.out_names}")
-            seeds = {n: self._arr(c) for n, c in zip(t.out_names, cts, strict=True) if n in float_outs}
+            seeds = {n: self._slot(c) for n, c in zip(t.out_names, cts, strict=True) if n in float_outs}
             _, grads = self.backend.vjp(t.graph, feed, wrt, seeds=seeds, outputs=list(seeds))
             return tuple(like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True))
 
@@ -728,7 +742,7 @@ class Functional:
             tleaves = tree_flatten(tan)[0]
             if len(tleaves) != len(grp):
                 raise ValueError(f"tangent {tan!r} does not match the float leaves {grp} of its primal")
-            tans.update({n: self._arr(x) for n, x in zip(grp, tleaves, strict=True)})
+            tans.update({n: self._slot(x) for n, x in zip(grp, tleaves, strict=True)})
         outs, touts = self.backend.jvp(t.graph, dict(zip(t.in_names, values, strict=True)), tans)
         tout = {n: touts.get(n, np.zeros_like(outs[n]) if not isinstance(outs[n], Var) else outs[n] * 0)
                 for n in t.out_names}
@@ -796,7 +810,7 @@ class Functional:
         wrt = [n for grp in groups for n in grp]
         vecs = {}
         for grp, v in zip(groups, vectors, strict=True):
-            vecs.update({n: self._arr(x) for n, x in zip(grp, tree_flatten(v)[0], strict=True)})
+            vecs.update({n: self._slot(x) for n, x in zip(grp, tree_flatten(v)[0], strict=True)})
         res = self.backend.hvp(t.graph, dict(zip(t.in_names, values, strict=True)), wrt, t.out_names[0], vecs)
         return tuple(shaped_like(p, name)(res) if grp else None
                      for name, p, grp in zip(_param_names(f, len(primals)), primals, groups, strict=True))

@@ -23,15 +23,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gradserve_engine.errors import GraphError
-from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
+from gradserve_engine.engine import conform
+from gradserve_engine.errors import GraphError, ShapeError
+from gradserve_engine.ir import Graph, Limits, Var, tensor_from_proto, tensor_to_proto
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, MISSING_KEY, Assembler, chunks, contiguous
 
 from . import optim
-from .api import Functional, _as_array, _is_array_leaf, _leaves, _param_names, flatten, shaped_like, unflatten
+from .api import Functional, _as_array, _is_array_leaf, _param_names, _slot_value, flatten, shaped_like, unflatten
 from .minimize import OptimizeResult
 from .pytree import tree_flatten
 from .refs import TensorRef
@@ -115,9 +116,32 @@ def _fill_one(msg: graph_pb2.Tensor, v: Any) -> None:
         tensor_to_proto(_as_array(v), msg)
 
 
-def _fill(field: Any, values: Mapping[str, Any]) -> None:
+def _fill(field: Any, values: Mapping[str, Any], types: Mapping[str, str] | None = None, what: str = "input") -> None:
+    """Encode named values into a request's map; with `types` (name -> the dtype the graph
+    declares), each is converted by the engine's own rule first (`gradserve_engine.engine.conform`:
+    exact casts and fitting Python scalars convert), so a Python scalar keeps its weak type over
+    the wire. A value the rule refuses travels as it is: the server refuses it by the same rule
+    (INVALID_ARGUMENT, naming the value and both dtypes)."""
     for name, v in values.items():
-        _fill_one(field[name], v)
+        if type(v) is TensorRef:  # the server's stored tensor: its dtype is the server's to check
+            _fill_one(field[name], v)
+            continue
+        dtype = None if types is None else types.get(name)
+        a = v = _slot_value(v)
+        if dtype is not None and not isinstance(v, Var):
+            try:
+                a = conform(v, dtype, f"{what} {name!r}")
+            except ShapeError:
+                a = _as_array(v)
+        tensor_to_proto(_as_array(a), field[name])
+
+
+def _input_types(graph: Graph | None) -> dict[str, str] | None:
+    return None if graph is None else {i.name: i.dtype for i in graph.inputs}
+
+
+def _output_types(graph: Graph | None) -> dict[str, str] | None:
+    return None if graph is None else {o: graph.aval(vid)[0] for o, vid in graph.outputs}
 
 
 def _missing_tensors(e: grpc.RpcError) -> list[str]:
@@ -313,6 +337,15 @@ class Session:
             a.flags.writeable = True  # a fresh buffer of the caller's
             return a
 
+    def _graph(self, graph: Graph | str) -> Graph | None:
+        """The graph itself when this session knows it (its input and output dtypes): values are
+        converted to them before they are sent. A graph id registered elsewhere is not known:
+        values travel as they are, and the server applies the same rule to their dtypes."""
+        if isinstance(graph, Graph):
+            return graph
+        with self._lock:
+            return self._known.get(graph)
+
     # ---- graph-level API
     def register(self, graph: Graph) -> str:
         """Register `graph` (idempotent); returns its id, the content hash."""
@@ -324,7 +357,7 @@ class Session:
         and come back as TensorRefs."""
         gid = self._graph_id(graph)
         req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()), keep=keep)
-        _fill(req.inputs, inputs)
+        _fill(req.inputs, inputs, _input_types(self._graph(graph)))
         return _tensors(self._call("Evaluate", req, gid).outputs)
 
     def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
@@ -336,8 +369,9 @@ class Session:
         gid = self._graph_id(graph)
         req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}),
                                  keep=keep)
-        _fill(req.inputs, inputs)
-        _fill(req.seeds, seeds or {})
+        g = self._graph(graph)
+        _fill(req.inputs, inputs, _input_types(g))
+        _fill(req.seeds, seeds or {}, _output_types(g), "seed for output")
         resp = self._call("Gradient", req, gid)
         return GradientResult(_tensors(resp.outputs), _tensors(resp.grads))
 
@@ -346,10 +380,12 @@ class Session:
                        outputs: Sequence[str] | None = None, keep: bool = False) -> list[GradientResult]:
         gid = self._graph_id(graph)
         req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), keep=keep)
+        g = self._graph(graph)
+        in_types, out_types = _input_types(g), _output_types(g)
         for k, item in enumerate(inputs):
             entry = req.items.add()
-            _fill(entry.inputs, item)
-            _fill(entry.seeds, seeds[k] if seeds is not None else {})
+            _fill(entry.inputs, item, in_types)
+            _fill(entry.seeds, seeds[k] if seeds is not None else {}, out_types, "seed for output")
         resp = self._call("BatchGradient", req, gid)
         return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
 
@@ -440,7 +476,7 @@ class Session:
         groups = self._fn._argnum_leaves_floats(t, f, primals)
         wrt = [n for grp in groups for n in grp]
         req = pb.OpenVjpRequest(graph_id=gid, wrt=wrt, ttl_seconds=ttl)
-        _fill(req.inputs, dict(zip(t.in_names, values, strict=True)))
+        _fill(req.inputs, dict(zip(t.in_names, values, strict=True)), _input_types(t.graph))
         resp = self._call("OpenVjp", req, gid)
         outs = _tensors(resp.outputs)
         shapes = [shaped_like(p, name) for name, p in zip(_param_names(f, len(primals)), primals, strict=True)]
@@ -554,12 +590,12 @@ class RemoteVjp:
         """Cotangents shaped like the output (one leading axis more when `batched`), returned
         as one cotangent per primal (with the same leading axis when batched); with `keep` as
         TensorRefs, the values left on the server."""
-        cts: list[Any] = []
-        _leaves(cotangent, cts)
+        cts = [_slot_value(c) if type(c) is not TensorRef else c for c in tree_flatten(cotangent)[0] if _is_array_leaf(c)]
         if len(cts) != len(self._t.out_names):
             raise ValueError(f"cotangent has {len(cts)} leaves for {len(self._t.out_names)} outputs {self._t.out_names}")
         req = pb.CallVjpRequest(handle=self.handle, batched=batched, keep=keep)
-        _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs})
+        _fill(req.cotangents, {n: c for n, c in zip(self._t.out_names, cts, strict=True) if n in self._float_outs},
+              _output_types(self._t.graph), "cotangent for output")
         grads = _tensors(self.session._call("CallVjp", req).grads)
         return tuple(like(grads) if grp else None for like, grp in zip(self._shapes, self._groups, strict=True))
 
@@ -594,8 +630,9 @@ class _RemoteBackend:
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:
         gid = self.s._ensure(graph)
         req = pb.JvpRequest(graph_id=gid)
-        _fill(req.inputs, inputs)
-        _fill(req.tangents, tangents)
+        types = _input_types(graph)
+        _fill(req.inputs, inputs, types)
+        _fill(req.tangents, tangents, types, "tangent for input")
         resp = self.s._call("Jvp", req, gid)
         return _tensors(resp.outputs), _tensors(resp.tangents)
 
@@ -603,14 +640,14 @@ class _RemoteBackend:
                  outputs: Sequence[str] | None = None) -> dict:
         gid = self.s._ensure(graph)
         req = pb.JacobianRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()))
-        _fill(req.inputs, inputs)
+        _fill(req.inputs, inputs, _input_types(graph))
         resp = self.s._call("Jacobian", req, gid)
         return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
 
     def hessian(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], output: str) -> dict:
         gid = self.s._ensure(graph)
         req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
-        _fill(req.inputs, inputs)
+        _fill(req.inputs, inputs, _input_types(graph))
         resp = self.s._call("Hessian", req, gid)
         return {(e.output, e.input): tensor_from_proto(e.value) for e in resp.entries}
 
@@ -618,8 +655,9 @@ class _RemoteBackend:
             vectors: Mapping[str, Any]) -> dict:
         gid = self.s._ensure(graph)
         req = pb.HessianRequest(graph_id=gid, wrt=list(wrt), output=output)
-        _fill(req.inputs, inputs)
-        _fill(req.vectors, vectors)
+        types = _input_types(graph)
+        _fill(req.inputs, inputs, types)
+        _fill(req.vectors, vectors, types, "vector for input")
         resp = self.s._call("Hessian", req, gid)
         return {e.input: tensor_from_proto(e.value) for e in resp.entries}
 

@@ -42,6 +42,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 50051
     max_message_bytes: int = 256 * MiB
+    max_call_bytes: int = 4096 * MiB  # one computation's peak memory (a plan's, from its liveness)
+    max_inflight_bytes: int = 8192 * MiB  # the peaks of the computations running at once, together
     cache_bytes: int = 512 * MiB
     residual_bytes: int = 1024 * MiB
     residual_ttl: float = 300.0
@@ -128,7 +130,8 @@ class Server:
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
         self.engine: Backend = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
-                        max_constant_bytes=config.max_message_bytes)
+                        max_constant_bytes=config.max_message_bytes, max_message_bytes=config.max_message_bytes,
+                        max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store), limits, config.job_runners,

@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
     return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
+                  max_call_bytes=args.max_call_mib * MiB, max_inflight_bytes=args.max_inflight_mib * MiB,
                   cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
                   residual_ttl=args.residual_ttl, tensor_store_bytes=args.tensor_store_mib * MiB,
                   tensor_ttl=args.tensor_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
@@ -97,6 +98,12 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=d.port, help="port (default %(default)s; 0 picks a free one and prints it)")
     s.add_argument("--max-message-mib", type=int, default=d.max_message_bytes // MiB,
                    help="largest request or response (default %(default)s)")
+    s.add_argument("--max-call-mib", type=int, default=d.max_call_bytes // MiB,
+                   help="memory one computation may hold at its peak; larger ones get RESOURCE_EXHAUSTED before they "
+                        "run (default %(default)s)")
+    s.add_argument("--max-inflight-mib", type=int, default=d.max_inflight_bytes // MiB,
+                   help="memory the computations running at once may hold together; one that would go over gets "
+                        "RESOURCE_EXHAUSTED, to retry later (default %(default)s)")
     s.add_argument("--cache-mib", type=int, default=d.cache_bytes // MiB,
                    help="graphs kept in memory, LRU by bytes (default %(default)s)")
     s.add_argument("--residual-mib", type=int, default=d.residual_bytes // MiB,

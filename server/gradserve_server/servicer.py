@@ -10,9 +10,10 @@ business logic in this layer.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -20,10 +21,11 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from gradserve_engine.backend import Backend
-from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound, TensorNotFound
-from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
-from gradserve_engine.ops.core import dtype_name
-from gradserve_engine.plan import stop_when
+from gradserve_engine.engine import Residuals
+from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, LimitError, NotFound, TensorNotFound
+from gradserve_engine.guard import Budget, mib, stop_when, within
+from gradserve_engine.ir import Graph, Input, Limits, tensor_from_proto, tensor_to_proto, type_str
+from gradserve_engine.ops.core import FLOATS, NP_DTYPES, dtype_name
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.wire import MISSING_KEY, PB_DTYPE
@@ -55,6 +57,9 @@ def _classify(e: BaseException, context: grpc.ServicerContext) -> tuple[grpc.Sta
         return grpc.StatusCode[e.code], f"cancelled: {e}"
     if isinstance(e, GradserveError):
         return grpc.StatusCode[e.code], str(e)
+    if isinstance(e, MemoryError):  # what a call needed was not there: the caller's call is too big for now
+        log.warning("out of memory in a call: %r", e)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {type(e).__name__}: {e}"
     log.exception("internal error")  # not the caller's mistake: a bug, with its traceback in the log
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
@@ -76,6 +81,7 @@ class Servicer:
         self.limits, self.metrics = limits, metrics
         self.tensors = tensors if tensors is not None else TensorStore(1 << 30, limits=limits, metrics=metrics)
         self.max_message_bytes = max_message_bytes
+        self.budget = Budget(limits.max_call_bytes, limits.max_inflight_bytes, limits.max_elements)
         self.max_concurrent = max_concurrent
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
         metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
@@ -135,6 +141,42 @@ class Servicer:
                 tensor_to_proto(a, t)
         return refs
 
+    # ---- what a response will hold, known from the graph before anything is computed
+    def _will_send(self, parts: Iterable[tuple[str, str, tuple[int, ...]]], times: int = 1) -> None:
+        """LimitError, before computing, when the tensors a response will carry ((what, dtype,
+        shape) each, `times` over) are larger together than the message limit."""
+        limit = self.limits.max_message_bytes
+        if limit is None:
+            return
+        total, largest, biggest = 0, 0, ""
+        for what, dtype, shape in parts:
+            n = math.prod(shape) * NP_DTYPES[dtype].itemsize
+            total += n
+            if n >= largest:
+                largest, biggest = n, f"{what} is {type_str(dtype, shape)}, {mib(n)}"
+        if total * times > limit:
+            each = f" for each of {times} input sets" if times > 1 else ""
+            raise LimitError(f"the response would carry {mib(total * times)} of tensors ({biggest}{each}), over the "
+                             f"message limit of {mib(limit)} (--max-message-mib); nothing was computed")
+
+    @staticmethod
+    def _outputs(graph: Graph, names: Iterable[str] | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        ids = dict(graph.outputs)
+        names = graph.output_names() if names is None else names
+        return [(f"output {o!r}", *graph.aval(ids[o])) for o in names if o in ids]
+
+    @staticmethod
+    def _known_inputs(graph: Graph, names: Iterable[str]) -> list[Input]:
+        """The inputs of `graph` among `names` (the engine refuses the others)."""
+        known = set(graph.input_names())
+        return [graph.input(x) for x in names if x in known]
+
+    def _inputs(self, graph: Graph, names: Iterable[str], what: str, lead: tuple[int, ...] = ()) -> list[tuple[str, str, tuple]]:
+        return [(f"{what} {x.name!r}", x.dtype, lead + x.shape) for x in self._known_inputs(graph, names)]
+
+    def _gradient_parts(self, graph: Graph, wrt: Iterable[str]) -> list[tuple[str, str, tuple[int, ...]]]:
+        return self._outputs(graph) + self._inputs(graph, wrt, "gradient for")
+
     # ---- RPCs
     def RegisterGraph(self, req: pb.RegisterGraphRequest, context) -> pb.RegisterGraphResponse:
         graph = Graph.from_proto(req.graph, self.limits)
@@ -143,6 +185,7 @@ class Servicer:
 
     def Evaluate(self, req: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
         graph = self.registry.get(req.graph_id)
+        self._will_send(self._outputs(graph, list(req.outputs) or None))
         outs = self.engine.evaluate(graph, self._tensors(req.inputs, "input"), list(req.outputs) or None)
         resp = pb.EvaluateResponse()
         self._encode(outs, resp.outputs, req.keep)
@@ -150,6 +193,7 @@ class Servicer:
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
         graph = self.registry.get(req.graph_id)
+        self._will_send(self._gradient_parts(graph, req.wrt))
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
                                       batch_axes=dict(req.batch_axes) or None)
@@ -163,6 +207,8 @@ class Servicer:
 
     def Jvp(self, req: pb.JvpRequest, context) -> pb.JvpResponse:
         graph = self.registry.get(req.graph_id)
+        outputs = self._outputs(graph)
+        self._will_send(outputs + [("tangent of " + what, dtype, shape) for what, dtype, shape in outputs if dtype in FLOATS])
         outs, tangents = self.engine.jvp(graph, self._tensors(req.inputs, "input"), self._tensors(req.tangents, "tangent"))
         resp = pb.JvpResponse()
         self._encode(outs, resp.outputs)
@@ -171,6 +217,7 @@ class Servicer:
 
     def BatchGradient(self, req: pb.BatchGradientRequest, context) -> pb.BatchGradientResponse:
         graph = self.registry.get(req.graph_id)
+        self._will_send(self._gradient_parts(graph, req.wrt), times=len(req.items))
         items = [(self._tensors(item.inputs, "input"), self._tensors(item.seeds, "seed") or None) for item in req.items]
         results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None)
         resp = pb.BatchGradientResponse()
@@ -179,6 +226,9 @@ class Servicer:
 
     def Jacobian(self, req: pb.JacobianRequest, context) -> pb.JacobianResponse:
         graph = self.registry.get(req.graph_id)
+        wrt = self._known_inputs(graph, req.wrt)
+        self._will_send((f"the Jacobian of {what} by input {x.name!r}", x.dtype, shape + x.shape)
+                        for what, _, shape in self._outputs(graph, list(req.outputs) or None) for x in wrt)
         jac = self.engine.jacobian(graph, self._tensors(req.inputs, "input"), list(req.wrt), list(req.outputs) or None)
         resp = pb.JacobianResponse()
         for (o, x), value in jac.items():
@@ -187,6 +237,12 @@ class Servicer:
 
     def Hessian(self, req: pb.HessianRequest, context) -> pb.HessianResponse:
         graph = self.registry.get(req.graph_id)
+        wrt = self._known_inputs(graph, req.wrt)
+        if req.vectors:
+            self._will_send((f"the Hessian-vector product for input {x.name!r}", x.dtype, x.shape) for x in wrt)
+        else:
+            self._will_send((f"the Hessian block of inputs {xi.name!r} and {xj.name!r}", xj.dtype, xi.shape + xj.shape)
+                            for xi in wrt for xj in wrt)
         inputs = self._tensors(req.inputs, "input")
         resp = pb.HessianResponse()
         if req.vectors:
@@ -210,6 +266,7 @@ class Servicer:
 
     def OpenVjp(self, req: pb.OpenVjpRequest, context) -> pb.OpenVjpResponse:
         graph = self.registry.get(req.graph_id)
+        self._will_send(self._outputs(graph))
         outs, kept = self.engine.open_vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt), list(req.outputs) or None)
         handle, ttl = self.residuals.open(kept, req.ttl_seconds)
         self.tensors.pin([t.ref for t in req.inputs.values() if t.ref], lambda: self.residuals.alive(handle))
@@ -219,10 +276,17 @@ class Servicer:
 
     def CallVjp(self, req: pb.CallVjpRequest, context) -> pb.CallVjpResponse:
         kept = self.residuals.get(req.handle)
-        grads = self.engine.call_vjp(kept, self._tensors(req.cotangents, "cotangent"), batched=req.batched)
+        cotangents = self._tensors(req.cotangents, "cotangent")
+        self._will_send(self._call_vjp_parts(kept, cotangents, req.batched))
+        grads = self.engine.call_vjp(kept, cotangents, batched=req.batched)
         resp = pb.CallVjpResponse()
         self._encode(grads, resp.grads, req.keep)
         return resp
+
+    def _call_vjp_parts(self, kept: Residuals, cotangents: Mapping[str, np.ndarray],
+                        batched: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+        lead = next((c.shape[:1] for c in cotangents.values() if c.ndim), ()) if batched else ()
+        return self._inputs(kept.graph, kept.wrt, "gradient for", lead)
 
     def CloseVjp(self, req: pb.CloseVjpRequest, context) -> pb.CloseVjpResponse:
         return pb.CloseVjpResponse(closed=self.residuals.close(req.handle))
@@ -376,7 +440,7 @@ class Servicer:
             request = None
             try:
                 request = _parse(request_cls, raw)
-                with stop_when(lambda: not context.is_active()):
+                with stop_when(lambda: not context.is_active()), within(self.budget):
                     return fn(request, context)
             except Exception as e:
                 code, message = _status(e, context)

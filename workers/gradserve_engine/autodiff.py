@@ -7,11 +7,13 @@ planner caches, the passes optimise, and the transforms can differentiate again.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import GraphError
+from .guard import poller
 from .ir import Builder, Graph, Var, copy_into, replay
 from .names import GRAD, SEED, SEEDS, TANGENT, fresh, jacobian_block, residual
 from .ops import PRIMITIVES
@@ -33,7 +35,9 @@ def _check_wrt(graph: Graph, wrt: Sequence[str]) -> list[int]:
 def active_values(graph: Graph, sources: Sequence[int]) -> set[int]:
     """Float values that depend differentiably on `sources` (forward reachability)."""
     active = set(sources)
+    poll = poller("while differentiating")
     for n in graph.nodes:
+        poll()
         if PRIMITIVES[n.op].differentiable and n.dtype in FLOATS and any(i in active for i in n.inputs):
             active.add(n.id)
     return active
@@ -79,15 +83,17 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
     wrt_ids = _check_wrt(graph, wrt)
     names = graph.output_names()
     outs = list(names if outputs is None else outputs)
-    for o in outs:
-        if o not in names:
-            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
     out_ids = dict(graph.outputs)
+    for o in outs:
+        if o not in out_ids:
+            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
     named = vjp_names(graph, wrt, outs, keep_outputs)
     kept = residual_names(graph) if residuals else {}
     b = Builder()
     env = copy_into(graph, b)
+    poll = poller("while differentiating")
     for n in graph.nodes:  # the forward pass again, or (residuals) its values fed as inputs
+        poll()
         env[n.id] = (b.input(kept[n.id], n.dtype, n.shape) if residuals
                      else b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs))
 
@@ -104,6 +110,7 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
         if dtype in FLOATS and vid in active:
             accumulate(vid, b.input(named.seed[o], dtype, tuple(batch) + shape))
     for n in reversed(graph.nodes):
+        poll()
         ct = cts.pop(n.id, None)  # consumed once: the adjoint is dropped after use
         prim = PRIMITIVES[n.op]
         if ct is None or prim.vjp is None:
@@ -135,7 +142,9 @@ def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
     b = Builder()
     env = copy_into(graph, b)
     tangents: dict[int, Var] = {vid: b.input(tan_in[x], *graph.aval(vid)) for x, vid in zip(wrt, wrt_ids, strict=True)}
+    poll = poller("while differentiating")
     for n in graph.nodes:
+        poll()
         args = [env[i] for i in n.inputs]
         out = env[n.id] = b.bind(n.op, *args, **n.attrs)
         ts = [tangents.get(i) for i in n.inputs]
@@ -168,14 +177,17 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
     dtype = graph.aval(out_ids[outputs[0]])[0]
     inner = vjp_graph(graph, wrt, outputs, batch=(total,), keep_outputs=False)
     named = vjp_names(graph, wrt, outputs, keep_outputs=False)
-    seed_of = {name: o for o, name in named.seed.items()}
+    offsets = list(itertools.accumulate(sizes, initial=0))  # where each output's seeds begin
+    seed_of = {name: k for k, name in enumerate(named.seed[o] for o in outputs)}
     b = Builder()
     env: dict[int, Var] = {}
     seeds = b.input(seeds_name(graph), dtype, (total, total))
+    poll = poller("while differentiating")
     for i in inner.inputs:
+        poll()
         if i.name in seed_of:
-            k = outputs.index(seed_of[i.name])
-            start = sum(sizes[:k])
+            k = seed_of[i.name]
+            start = offsets[k]
             block = b.bind("slice", seeds, starts=(0, start), stops=(total, start + sizes[k]), steps=(1, 1))
             env[i.id] = b.bind("reshape", b.bind("cast", block, dtype=i.dtype) if i.dtype != dtype else block,
                                shape=i.shape)
@@ -189,6 +201,7 @@ def jacobian_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str]) -> 
         g = env[grads[named.grad[x]]]
         start = 0
         for o, m in zip(outputs, sizes, strict=True):
+            poll()
             block = b.bind("slice", g, starts=(start,) + (0,) * (g.ndim - 1), stops=(start + m, *g.shape[1:]),
                            steps=(1,) * g.ndim)
             oshape = graph.aval(out_ids[o])[1]

@@ -7,8 +7,9 @@ fixes the input signature — and kept in an LRU; `cache_info()` says why each m
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from gradserve_engine.ir import Graph, Var, type_str
 
 from . import autodiff
 from .backend import Backend, CacheInfo, Residuals
+from .guard import check_derived
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
@@ -154,7 +156,8 @@ class Engine(Backend):
             graph.inputs, graph.constants, graph.nodes, graph.outputs + [(name, vid) for vid, name in kept.items()]))
         feed = check_inputs(graph, inputs)
         res = forward.run(feed)
-        values = {name: res[name] if name in kept.values() else feed[name] for name in needed}
+        from_forward = set(kept.values())
+        values = {name: res[name] if name in from_forward else feed[name] for name in needed}
         return {o: res[o] for o in graph.output_names()}, Residuals(graph, wrt, outs, values)
 
     def call_vjp(self, residuals: Residuals, cotangents: Mapping[str, Any], batched: bool = False) -> dict[str, Any]:
@@ -214,6 +217,8 @@ class Engine(Backend):
         seeds_name = autodiff.seeds_name(graph)
         if seeds_name in plan.graph.input_names():
             seeds = plan.graph.input(seeds_name)
+            check_derived(seeds.shape, seeds.dtype, f"the Jacobian's seeds (the identity, one row per output element, "
+                                                    f"{type_str(seeds.dtype, seeds.shape)})")
             feed[seeds_name] = np.eye(seeds.shape[0], dtype=seeds.dtype)
         res = plan.run(_only(plan, feed))
         names = autodiff.jacobian_outputs(outs, wrt)
@@ -307,17 +312,24 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
 
 
 def _no_duplicates(names: Sequence[str], what: str) -> None:
-    dup = sorted({n for n in names if list(names).count(n) > 1}) if len(set(names)) != len(names) else []
-    if dup:
-        raise GraphError(f"{what} names {dup} more than once")
+    if len(set(names)) != len(names):
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise GraphError(f"{what} names {_few(dup)} more than once")
+
+
+def _few(names: Sequence[str], limit: int = 20) -> str:
+    """A list of names for a message, cut after `limit`."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
 def _check_outputs(graph: Graph, outs: Sequence[str]) -> None:
     _no_duplicates(outs, "outputs")
     names = graph.output_names()
+    known = set(names)
     for o in outs:
-        if o not in names:
-            raise GraphError(f"graph has no output named {o!r}; outputs are {names}")
+        if o not in known:
+            raise GraphError(f"graph has no output named {o!r}; outputs are {_few(names)}")
 
 
 def _select_outputs(graph: Graph, outs: tuple[str, ...]) -> Graph:
@@ -329,6 +341,105 @@ def _only(plan: Plan, feed: dict[str, Any]) -> dict[str, Any]:
     return {name: feed[name] for name, _ in plan.inputs}
 
 
+def conform(value: Any, dtype: str, what: str) -> np.ndarray:
+    """`value` as an array of `dtype`, by the one rule for values given for a typed slot (an
+    input, seed, tangent or cotangent), here and in the SDK before it sends them:
+      - booleans and numbers never convert into each other;
+      - an array (or numpy scalar) of another numeric dtype converts only when the cast is
+        exact: every value comes back the same when cast back (NaN stays NaN), integers stay in
+        range; otherwise a ShapeError names `what` and both dtypes (float64 3e300 is not float32
+        -inf, int64 2**40 is not int32 0; int64 4 for a float64 input is 4.0);
+      - a Python int or float (weakly typed) takes `dtype` unless its value does not fit: a
+        float that overflows to inf, an integer out of range, a fraction for an integer dtype.
+        A float may round (0.1 as float32).
+    """
+    want = NP_DTYPES[dtype]
+    t = type(value)
+    if t is float or t is int or t is bool:
+        if (t is bool) != (want.kind == "b"):
+            raise ShapeError(f"{what} is {value!r}, expected a value of dtype {dtype}")
+        return _python_scalar(value, want, what)
+    a = np.asarray(value)
+    if a.dtype == want:
+        return a
+    if a.dtype.kind not in "iuf" or want.kind == "b":
+        raise ShapeError(f"{what} has dtype {a.dtype}, expected {dtype}")
+    with np.errstate(all="ignore"):
+        b = a.astype(want)
+    if not _exact(a, b):
+        raise ShapeError(f"{what} has dtype {a.dtype}, expected {dtype}: casting changes its values (e.g. "
+                         f"{_first_change(a, b)}); cast it yourself if that is what you want")
+    return b
+
+
+def _python_scalar(value: bool | int | float, want: np.dtype, what: str) -> np.ndarray:
+    kind = want.kind
+    fits = True
+    if kind in "iu":
+        if isinstance(value, float):
+            fits = value.is_integer()
+        if fits:
+            info = np.iinfo(want)
+            fits = info.min <= value <= info.max
+    elif kind == "f":
+        try:
+            with np.errstate(all="ignore"):
+                fits = bool(np.isfinite(np.asarray(value, want))) or not math.isfinite(value)
+        except OverflowError:  # an int beyond float64
+            fits = False
+    if not fits:
+        text = repr(value)
+        raise ShapeError(f"{what} is {text if len(text) <= 40 else text[:20] + '...'}, which does not fit in {want.name}")
+    with np.errstate(all="ignore"):
+        return np.asarray(value, want)
+
+
+def _exact(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `b` (a cast of `a`) holds the same values as `a`."""
+    src, dst = a.dtype, b.dtype
+    if a.size == 0 or _always_exact(src, dst):
+        return True
+    if src.kind in "iu" and dst.kind in "iu":  # integers: in range (a round trip would hide a wrap)
+        info = np.iinfo(dst)
+        return bool(info.min <= a.min() and a.max() <= info.max)
+    if src.kind == "f" and dst.kind in "iu":  # floats to integers: the cast is defined only in range
+        info = np.iinfo(dst)
+        if not (np.isfinite(a).all() and info.min <= a.min() and a.max() <= info.max):
+            return False
+    if src.kind in "iu" and dst.kind == "f" and not (np.abs(b) < 2.0 ** 63).all():  # back to int64 is defined
+        return False
+    with np.errstate(all="ignore"):
+        back = b.astype(src)
+    same = back == a
+    if src.kind == "f":
+        same |= np.isnan(a) & np.isnan(back)
+    return bool(same.all())
+
+
+def _always_exact(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether every value of `src` is one of `dst` (numpy calls int64 -> float64 safe; it is not exact)."""
+    if src.kind == dst.kind and np.can_cast(src, dst, "safe"):
+        return True
+    if src.kind in "iu" and dst.kind in "iu":
+        return np.can_cast(src, dst, "safe")
+    if src.kind in "iu" and dst.kind == "f":
+        return np.iinfo(src).bits - (src.kind == "i") <= np.finfo(dst).nmant + 1
+    return False
+
+
+def _first_change(a: np.ndarray, b: np.ndarray) -> str:
+    """`x becomes y` for the first value of `a` that its cast `b` does not hold."""
+    flat_a, flat_b = a.ravel(), b.ravel()
+    with np.errstate(all="ignore"):
+        back = flat_b.astype(a.dtype)
+        differs = ~((back == flat_a) | ((flat_a != flat_a) & (back != back)))
+        if b.dtype.kind in "iu":  # out of range (a wrap may come back the same)
+            info = np.iinfo(b.dtype)
+            differs |= ~((flat_a >= info.min) & (flat_a <= info.max))
+    k = int(np.argmax(differs))
+    return f"{flat_a[k].item()!r} becomes {flat_b[k].item()!r}"
+
+
 def _check_value(value: Any, dtype: str, shape: tuple[int, ...], what: str) -> Any:
     if isinstance(value, Var):  # a traced value: the plan is inlined into its trace
         if value.shape != shape or value.dtype != dtype:
@@ -336,12 +447,7 @@ def _check_value(value: Any, dtype: str, shape: tuple[int, ...], what: str) -> A
         return value
     a = np.asarray(value)
     if a.dtype != NP_DTYPES[dtype]:
-        if a.dtype.kind in "biuf" and np.can_cast(a.dtype, dtype, "same_kind") and a.dtype.kind == np.dtype(dtype).kind:
-            a = a.astype(dtype)
-        elif isinstance(value, (int, float, bool)) and not isinstance(value, np.generic):
-            a = np.asarray(value, dtype=dtype)
-        else:
-            raise ShapeError(f"{what} has dtype {a.dtype}, expected {dtype}")
+        a = conform(value, dtype, what)
     if a.shape != shape:
         raise ShapeError(f"{what} has shape {a.shape}, expected {type_str(dtype, shape)}")
     return a

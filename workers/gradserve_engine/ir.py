@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphError, LimitError, ShapeError
+from .guard import poller
 from .names import INTERNAL
 from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
 from .v1 import graph_pb2 as pb
 
 MAX_RANK = 32
+MAX_ATTRS = 16  # attributes of one node (no primitive has more than a few)
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
 
 
@@ -36,11 +38,15 @@ def type_str(dtype: str, shape: Shape) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits a graph from outside must respect (checked before anything is allocated)."""
+    """Size limits a graph from outside must respect (checked before anything is allocated),
+    and what a call on it may hold (checked before it runs; None: not limited)."""
 
     max_nodes: int = 100_000
-    max_elements: int = 1 << 28  # per tensor
+    max_elements: int = 1 << 28  # per tensor, also those a call derives (Jacobian seeds, batched results)
     max_constant_bytes: int = 1 << 30  # all constants together
+    max_message_bytes: int | None = None  # a response: refused before computing when its outputs are larger
+    max_call_bytes: int | None = None  # one plan's peak memory
+    max_inflight_bytes: int | None = None  # the peaks of the plans running at once, together
 
 
 DEFAULT_LIMITS = Limits()
@@ -84,6 +90,7 @@ class Graph:
     nodes: list[Node]
     outputs: list[tuple[str, int]]
     _id: str | None = field(default=None, repr=False)
+    _by_name: dict[str, Input] | None = field(default=None, repr=False)
 
     # ---- types
     @property
@@ -112,9 +119,11 @@ class Graph:
         return [name for name, _ in self.outputs]
 
     def input(self, name: str) -> Input:
-        for i in self.inputs:
-            if i.name == name:
-                return i
+        if self._by_name is None:
+            self._by_name = {i.name: i for i in reversed(self.inputs)}  # the first of a name, as a scan finds
+        i = self._by_name.get(name)
+        if i is not None:
+            return i
         raise GraphError(f"graph has no input named {name!r}; inputs are {self.input_names()}")
 
     # ---- identity
@@ -194,7 +203,9 @@ class Graph:
             if n.id != vid:
                 raise GraphError(f"{where}: id {n.id} out of order, expected {vid} "
                                  "(nodes are numbered after inputs and constants)")
-            attrs = {key: _get_attr(a, f"{where} attribute {key!r}") for key, a in n.attrs.items()}
+            if len(n.attrs) > MAX_ATTRS:
+                raise LimitError(f"{where}: {len(n.attrs)} attributes, over the limit of {MAX_ATTRS}")
+            attrs = {key: _get_attr(a, f"{where} attribute {_short(key)}") for key, a in n.attrs.items()}
             nodes.append(Node(vid, n.op, tuple(n.inputs), attrs, _dtype_from_pb(n.dtype, where),
                               check_shape(n.shape, limits, where)))
         outputs = []
@@ -302,10 +313,11 @@ def _get_attr(msg, where: str) -> Any:
     kind = msg.WhichOneof("value")
     if kind is None:
         raise GraphError(f"{where} has no value")
-    if kind == "ints":
-        return tuple(msg.ints.values)
-    if kind == "floats":
-        return tuple(msg.floats.values)
+    if kind in ("ints", "floats"):
+        values = getattr(msg, kind).values
+        if len(values) > MAX_RANK:  # counted before anything is converted: shapes, axes, perms have one per dim
+            raise LimitError(f"{where} has {len(values)} entries, over the rank limit of {MAX_RANK}")
+        return tuple(values)
     return getattr(msg, kind)
 
 
@@ -471,7 +483,9 @@ class Builder:
         """The graph computing `outputs`: nodes that no output needs are dropped (and inputs
         too with `prune_inputs`); ids are renumbered inputs, constants, nodes."""
         live = {v.id for _, v in outputs}
+        poll = poller("while building a graph")
         for vid, _op, ins, *_ in reversed(self._nodes):
+            poll()
             if vid in live:
                 live.update(ins)
         renum: dict[int, int] = {}
@@ -517,6 +531,8 @@ def replay(graph: Graph, b: Builder, env: dict[int, Var]) -> dict[int, Var]:
     """Emit `graph`'s constants and nodes into `b`; `env` maps its input ids to Vars and is filled in."""
     for k, c in enumerate(graph.constants):
         env[len(graph.inputs) + k] = b.const(c)
+    poll = poller("while building a graph")
     for n in graph.nodes:
+        poll()
         env[n.id] = b.bind(n.op, *(env[i] for i in n.inputs), **n.attrs)
     return env

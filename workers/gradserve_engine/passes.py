@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .guard import poller
 from .ir import Builder, Graph, Var, copy_into
 from .ops import KERNELS, PRIMITIVES
 
@@ -37,8 +38,10 @@ def optimize(graph: Graph) -> Graph:
     b = Builder()
     env = copy_into(graph, b)
     memo: dict[tuple, Var] = {}
+    poll = poller("while optimizing")
     with np.errstate(all="ignore"):
         for n in graph.nodes:
+            poll()
             args = [env[i] for i in n.inputs]
             consts = [b.constant_value(a) for a in args]
             if all(c is not None for c in consts) and int(np.prod(n.shape)) <= FOLD_MAX_ELEMENTS:

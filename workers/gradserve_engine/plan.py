@@ -14,39 +14,40 @@ A step is a `KernelStep` (one node, one result) or a `FusedStep` (one group, a r
 output); each has `run(env)`, and one loop runs them all. A backend that moves data (the GPU)
 differs only at the plan's edges: inputs go through its `upload` once per call, results through
 its `result`.
+
+A plan knows what a run holds at its peak (`peak_bytes`, from the same liveness) and its
+largest tensor; inside the service (`guard.within`) it is admitted against the server's memory
+budget before it runs. The stop condition (`guard.stop_when`) is checked between steps, and a
+large matmul runs in blocks with a check between them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import itertools
+import math
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 
-from gradserve_engine.errors import Cancelled, GraphError
-from gradserve_engine.ir import Graph, Node, Var, replay
+from gradserve_engine.errors import Cancelled, GraphError, LimitError
+from gradserve_engine.ir import Graph, Node, Var, replay, type_str
 
 from .fusion import Group, KernelSet, find_groups, schedule
-from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, VIEWS, Kernel
+from .guard import BUDGET, STOP, poller
+from .guard import stop_when as stop_when  # where the service imports it from
+from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, PRIMITIVES, VIEWS, Kernel
 
 NEVER = 1 << 62
-_STOP: ContextVar[Callable[[], bool] | None] = ContextVar("gradserve_stop", default=None)
-
-
-@contextlib.contextmanager
-def stop_when(check: Callable[[], bool]) -> Iterator[None]:
-    """Plans run inside stop between kernels, raising Cancelled, once `check()` is true
-    (the service passes "the client went away or the deadline passed")."""
-    token = _STOP.set(check)
-    try:
-        yield
-    finally:
-        _STOP.reset(token)
+_stop, _budget = STOP.get, BUDGET.get  # read once per run (the hot path)
+# A matmul over this many flops runs in blocks of about MATMUL_BLOCK_FLOPS, with a stop check
+# between blocks: a deadline then stops it within a fraction of a second.
+MATMUL_SPLIT_FLOPS = 1 << 28
+MATMUL_BLOCK_FLOPS = 1 << 27
+MIN_TILE = 64  # rows or columns of a block at least (when the result has them): BLAS stays efficient
 
 
 class Step:
@@ -195,8 +196,10 @@ class Plan:
         in_place_groups = kset is not None and kset.in_place
 
         # liveness: the step index of each value's last use; outputs live to the end
+        poll = poller("while planning")
         last = [-1] * self.n_slots
         for k, n in enumerate(units):
+            poll()
             for i in n.inputs:
                 last[i] = k
         for _, vid in graph.outputs:
@@ -244,6 +247,7 @@ class Plan:
         died_at: dict[int, int] = {}
         out_src: list[list[int]] = []  # per step, the buffer each result is written into, or -1
         for k, n in enumerate(units):
+            poll()
             srcs: list[int] = []
             for key in results[k]:
                 src = -1
@@ -273,18 +277,24 @@ class Plan:
             for r in left:
                 frees[died_at[r]].append(r)
         self.n_reused = sum(s >= 0 for srcs in out_src for s in srcs)
-        self.steps: list[Step] = [
-            FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
-            if isinstance(n, Group) else KernelStep.of(table[n.op], n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
-            for k, n in enumerate(units)
-        ]
         # a backend that moves data (the GPU) takes the inputs up once per call and the results back once
         self._upload = kset.upload if kset is not None and type(kset).upload is not KernelSet.upload else None
         self._result = kset.result if kset is not None and type(kset).result is not KernelSet.result else None
+        blocked = self._upload is None  # kernels on this machine's arrays: large matmuls run in blocks
+        self.steps: list[Step] = [
+            FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
+            if isinstance(n, Group) else
+            KernelStep.of(_kernel(table, n, graph, blocked), n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
+            for k, n in enumerate(units)
+        ]
         # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
         # would alias an input or a constant are copied
         self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
                          for name, vid in graph.outputs]
+        # what a run holds at its peak (bytes, inputs and constants included), and the largest
+        # tensor it makes: checked against the service's budget before the plan runs
+        self.peak_bytes = _peak_bytes(graph, self.steps, self._results, first)
+        self.largest = max(range(self.n_slots), key=lambda v: math.prod(graph.aval(v)[1]), default=-1)
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Execute on arrays keyed by input name (see `run_values`)."""
@@ -307,7 +317,12 @@ class Plan:
         for slot, c in self.constants:
             env[slot] = c
         step = None
-        stop = _STOP.get()
+        stop = _stop()
+        budget = _budget()
+        if budget is not None:  # the service's limits: admitted before anything is computed
+            if self.largest >= 0:
+                budget.check_elements(self.graph.aval(self.largest)[1], self._describe_largest)
+            budget.acquire(self.peak_bytes, self._describe)
         try:
             with np.errstate(all="ignore"):
                 for step in self.steps:
@@ -316,14 +331,33 @@ class Plan:
                     step.run(env)
                     for f in step.frees:
                         env[f] = None
-        except (IndexError, ValueError, TypeError, MemoryError) as e:
-            where = step.text() if step is not None else "plan start"
+            step = None
+            result = self._result
+            if result is not None:
+                return {name: result(env[vid], mode) for name, vid, mode in self._results}
+            return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
+                    for name, vid, mode in self._results}
+        except MemoryError as e:
+            where = step.text() if step is not None else "the plan's start or results"
+            raise LimitError(f"out of memory while running {where} (the plan needs {self.peak_bytes} bytes at its "
+                             f"peak): {e}") from e
+        except (IndexError, ValueError, TypeError) as e:
+            where = step.text() if step is not None else "the plan's start or results"
             raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
-        result = self._result
-        if result is not None:
-            return {name: result(env[vid], mode) for name, vid, mode in self._results}
-        return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
-                for name, vid, mode in self._results}
+        finally:
+            if budget is not None:
+                budget.release(self.peak_bytes)
+
+    def _describe(self) -> str:
+        outs = ", ".join(repr(name) for name, _ in self.outputs[:4]) + (", ..." if len(self.outputs) > 4 else "")
+        return f"the computation of {outs} ({len(self.steps)} steps)"
+
+    def _describe_largest(self) -> str:
+        v = self.largest
+        dtype, shape = self.graph.aval(v)
+        named = {vid: name for name, vid in self.inputs + self.outputs}
+        what = f"{named[v]!r}" if v in named else f"%{v}"
+        return f"{self._describe()}: the tensor {what} ({type_str(dtype, shape)})"
 
     def kernel_info(self) -> dict[str, Any]:
         """What runs this plan: the backend, fused groups and their members, compile time."""
@@ -333,3 +367,153 @@ class Plan:
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
+
+
+# ---------------------------------------------------------------- large kernels in blocks
+
+
+def _kernel(table: Mapping[str, Kernel], node: Node, graph: Graph, blocked: bool) -> Kernel:
+    """The kernel of `node`'s step: the table's, or for a large matmul (when `blocked`) the
+    table's run over blocks of the result with a stop check between them."""
+    kernel = table[node.op]
+    if blocked and node.op == "matmul":
+        k = graph.aval(node.inputs[0])[1][-1]
+        if 2 * math.prod(node.shape) * k > MATMUL_SPLIT_FLOPS:
+            return BlockedMatmul(kernel, node.dtype)
+    return kernel
+
+
+class BlockedMatmul:
+    """`kernel(a, b, out=...)` (a matmul) over blocks of the result: whole leading batch entries,
+    then rows, then columns, each block about MATMUL_BLOCK_FLOPS; the stop condition is checked
+    before each block. Each element is still one dot product over the whole contracted axis:
+    whole batch entries and integers come out bit for bit, BLAS may round the edge rows of a
+    block by an ulp."""
+
+    def __init__(self, kernel: Kernel, dtype: str):
+        self.kernel, self.dtype = kernel, dtype
+
+    def __call__(self, a: Any, b: Any, out: Any = None) -> Any:
+        shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        stop = _stop()
+        for ia, ib, io in matmul_blocks(a.shape, b.shape, shape):
+            if stop is not None and stop():
+                raise Cancelled(f"stopped inside a matmul of {list(a.shape)} and {list(b.shape)}")
+            self.kernel(a[ia], b[ib], out=out[io])
+        return out
+
+
+def matmul_blocks(a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                  shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """(index of a, index of b, index of the result) of each block of `a @ b` (result `shape`):
+    the first axis whose later axes fit in a block is cut into chunks, the axes before it into
+    single entries; an operand's batch axes of size 1 broadcast (taken whole)."""
+    nd = len(shape)
+    per = max(MATMUL_BLOCK_FLOPS // max(2 * a_shape[-1], 1), 1)  # result elements per block
+    axis = next(j for j in range(nd) if math.prod(shape[j + 1:]) <= per or j == nd - 1)
+    step = max(per // math.prod(shape[axis + 1:]), 1)
+    if axis >= nd - 2:  # rows or columns: whole multiples of MIN_TILE, so that BLAS tiles them as the whole
+        step = max(step // MIN_TILE, 1) * MIN_TILE
+    starts = list(range(0, shape[axis], step))
+    if len(starts) > 1 and shape[axis] - starts[-1] < MIN_TILE:
+        starts.pop()  # a short remainder joins the block before it
+    bounds = [*starts[1:], shape[axis]]
+    full = slice(None)
+
+    def operand(op_shape: tuple[int, ...], out_index: list[slice], rows: bool) -> tuple[slice, ...]:
+        k = len(op_shape)
+        index = [full] * k
+        for j in range(nd - 2):  # batch axes, aligned at the right
+            t = j - (nd - k)
+            if t >= 0 and op_shape[t] != 1:
+                index[t] = out_index[j]
+        if rows:  # a: the result's rows are a's rows
+            index[k - 2] = out_index[nd - 2]
+        else:  # b: the result's columns are b's columns
+            index[k - 1] = out_index[nd - 1]
+        return tuple(index)
+
+    for lead in itertools.product(*(range(d) for d in shape[:axis])):
+        for s, e in zip(starts, bounds, strict=True):
+            out_index = [slice(i, i + 1) for i in lead] + [slice(s, e)] + [full] * (nd - axis - 1)
+            yield operand(a_shape, out_index, True), operand(b_shape, out_index, False), tuple(out_index)
+
+
+# ---------------------------------------------------------------- peak memory
+
+_C, _BROADCAST, _OTHER = 0, 1, 2  # layouts: C-contiguous, a broadcast (stride-0 axes), anything else
+
+
+def _peak_bytes(graph: Graph, steps: Sequence[Step], results: Sequence[tuple[str, int, int]], first: int) -> int:
+    """The bytes a run of `steps` holds at its peak, by the plan's own bookkeeping: inputs and
+    constants for the whole run; each new buffer from its step until the slots of all its
+    aliases are freed (a view holds its operand's buffer; a result written over a dead buffer
+    takes that buffer over); results that alias an input or constant copied at the end. A
+    reshape of a value that may not be contiguous counts as a copy (numpy copies it then).
+    Temporaries inside a kernel are not counted."""
+    n = graph.n_values
+    size = [0] * n  # bytes of the buffer first held by slot v
+    buf = list(range(n))  # the buffer (by its first slot) each slot holds
+    refs = [0] * n  # slots holding each buffer, +1 for inputs and constants: held by the caller and the plan
+    layout = [_C] * n
+
+    def nbytes(v: int) -> int:
+        dtype, shape = graph.aval(v)
+        return math.prod(shape) * _ITEMSIZE[dtype]
+
+    live = 0
+    for v in range(first):
+        size[v] = nbytes(v)
+        refs[v] = 2
+        live += size[v]
+    peak = live
+    poll = poller("while planning")
+    for step in steps:
+        poll()
+        node = step.unit if isinstance(step.unit, Node) else None
+        for o, src in zip(step.outs, step.srcs, strict=True):
+            if node is not None and node.op in VIEWS:
+                x = node.inputs[0]
+                if node.op == "reshape" and layout[x] != _C:  # numpy copies: a new buffer
+                    size[o] = nbytes(o)
+                    refs[o] = 1
+                    live += size[o]
+                    continue
+                buf[o] = buf[x]
+                refs[buf[o]] += 1
+                layout[o] = _view_layout(node, graph, layout[x])
+            elif src >= 0:
+                buf[o] = buf[src]
+                refs[buf[o]] += 1
+                layout[o] = layout[src]
+            else:
+                size[o] = nbytes(o)
+                refs[o] = 1
+                live += size[o]
+                ins = step.unit.inputs
+                if node is None or PRIMITIVES[node.op].elementwise:  # numpy keeps its operands' layout
+                    layout[o] = _OTHER if any(layout[i] == _OTHER for i in ins) else _C
+        peak = max(peak, live)
+        for f in step.frees:
+            b = buf[f]
+            refs[b] -= 1
+            if refs[b] == 0:
+                live -= size[b]
+    copies = sum(nbytes(vid) for _, vid, mode in results if mode == 1)
+    return max(peak, live + copies)
+
+
+def _view_layout(node: Node, graph: Graph, operand: int) -> int:
+    op = node.op
+    if op == "broadcast_to":
+        return operand if node.shape == graph.aval(node.inputs[0])[1] else _BROADCAST
+    if op == "transpose":
+        return operand if list(node.attrs["perm"]) == sorted(node.attrs["perm"]) else _OTHER
+    if op == "slice":
+        return operand if node.shape == graph.aval(node.inputs[0])[1] else _OTHER
+    return operand  # reshape (of a contiguous value), expand_dims, squeeze, stop_gradient
+
+
+_ITEMSIZE = {"bool": 1, "int32": 4, "int64": 8, "float32": 4, "float64": 8}
