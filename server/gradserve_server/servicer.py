@@ -142,11 +142,12 @@ class Servicer:
         return refs
 
     # ---- what a response will hold, known from the graph before anything is computed
-    def _will_send(self, parts: Iterable[tuple[str, str, tuple[int, ...]]], times: int = 1) -> None:
+    def _will_send(self, parts: Iterable[tuple[str, str, tuple[int, ...]]], times: int = 1, keep: bool = False) -> None:
         """LimitError, before computing, when the tensors a response will carry ((what, dtype,
-        shape) each, `times` over) are larger together than the message limit."""
+        shape) each, `times` over) are larger together than the message limit. Results kept in
+        the tensor store (`keep`) travel as references, so they are not counted."""
         limit = self.limits.max_message_bytes
-        if limit is None:
+        if limit is None or keep:
             return
         total, largest, biggest = 0, 0, ""
         for what, dtype, shape in parts:
@@ -185,7 +186,7 @@ class Servicer:
 
     def Evaluate(self, req: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
         graph = self.registry.get(req.graph_id)
-        self._will_send(self._outputs(graph, list(req.outputs) or None))
+        self._will_send(self._outputs(graph, list(req.outputs) or None), keep=req.keep)
         outs = self.engine.evaluate(graph, self._tensors(req.inputs, "input"), list(req.outputs) or None)
         resp = pb.EvaluateResponse()
         self._encode(outs, resp.outputs, req.keep)
@@ -193,7 +194,7 @@ class Servicer:
 
     def Gradient(self, req: pb.GradientRequest, context) -> pb.GradientResponse:
         graph = self.registry.get(req.graph_id)
-        self._will_send(self._gradient_parts(graph, req.wrt))
+        self._will_send(self._gradient_parts(graph, req.wrt), keep=req.keep)
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
                                       batch_axes=dict(req.batch_axes) or None)
@@ -217,7 +218,7 @@ class Servicer:
 
     def BatchGradient(self, req: pb.BatchGradientRequest, context) -> pb.BatchGradientResponse:
         graph = self.registry.get(req.graph_id)
-        self._will_send(self._gradient_parts(graph, req.wrt), times=len(req.items))
+        self._will_send(self._gradient_parts(graph, req.wrt), times=len(req.items), keep=req.keep)
         items = [(self._tensors(item.inputs, "input"), self._tensors(item.seeds, "seed") or None) for item in req.items]
         results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None)
         resp = pb.BatchGradientResponse()
@@ -277,7 +278,7 @@ class Servicer:
     def CallVjp(self, req: pb.CallVjpRequest, context) -> pb.CallVjpResponse:
         kept = self.residuals.get(req.handle)
         cotangents = self._tensors(req.cotangents, "cotangent")
-        self._will_send(self._call_vjp_parts(kept, cotangents, req.batched))
+        self._will_send(self._call_vjp_parts(kept, cotangents, req.batched), keep=req.keep)
         grads = self.engine.call_vjp(kept, cotangents, batched=req.batched)
         resp = pb.CallVjpResponse()
         self._encode(grads, resp.grads, req.keep)
