@@ -6,9 +6,13 @@ deterministic: a LocalPool simulates the store, a fake clock times the calls."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from gradserve_engine.errors import WorkersUnavailable
 from gradserve_engine.pool import LocalPool, Shipment, immutable, same_bytes
 from gradserve_engine.scheduler import DistributedEngine, Policy
 
+ROOT = Path(__file__).resolve().parents[1]
 rng = np.random.default_rng(7)
 OUT, IN, FETCH = ("driver_workers", "out"), ("driver_workers", "in"), ("worker_fetch", "in")
 
@@ -412,3 +417,19 @@ def test_ray_worker_killed_while_holding_cached_arrays(ray_pool):
             assert d[OUT] > 0 and d[OUT] % (X.nbytes + Y.nbytes) == 0
         else:  # the failed tasks went again with the references they had
             assert d[OUT] == X.nbytes + Y.nbytes
+
+# ---------------------------------------------------------------- the benchmark's network namespace
+
+
+def test_scaling_bench_can_skip_the_network_namespace():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), "--help"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "--no-netns" in out and "GRADSERVE_NO_NETNS" in out
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "bench" / "scaling.py")
+    assert spec is not None and spec.loader is not None
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    assert scaling.netns_plan(no_netns=True, env={}, loopback=False) == "run"
+    assert scaling.netns_plan(no_netns=False, env={"GRADSERVE_NO_NETNS": "1"}, loopback=False) == "run"
+    assert scaling.netns_plan(no_netns=False, env={}, loopback=True) == "run"
+    assert scaling.netns_plan(no_netns=False, env={"GRADSERVE_NO_NETNS": "0"}, loopback=False) in ("reexec", "refuse")
