@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 if all(t["decided"] for t in chooser.timings()):
                     break
             decided = chooser.timings()
-            kept = decided[0]["chosen"] if decided else "in_process (too small to try)"
+            kept = decided[0]["chosen"] if decided else "in_process, nothing else tried"
             repeat = max(args.repeat // (2 if "wide" in name else 1), 1)
             auto[name][n] = (median_seconds(lambda c=chooser, f=fn: f(c, None), repeat), kept)
             if decided:
