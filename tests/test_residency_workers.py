@@ -20,7 +20,7 @@ import pytest
 import gradserve as gs
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import WorkersUnavailable
-from gradserve_engine.pool import LocalPool, Shipment, immutable, same_bytes
+from gradserve_engine.pool import LocalPool, Out, Shipment, Task, immutable, same_bytes
 from gradserve_engine.scheduler import DistributedEngine, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +203,24 @@ def test_graph_parallel_values_stay_on_the_workers(local):
     assert d[IN] == inputs_bytes + 8  # only the gradients and the loss come back
     assert d[FETCH] > 0  # the branch losses went to the join's worker
 
+
+
+def chained_failure(pool) -> None:
+    """A task that fails, and one that reads its output: the first one's error comes back."""
+    bad = pool.submit(Task(MLP, "evaluate", {"X": X}, {}, 0, ("out",)))
+    both = pool.submit(Task(None, "add", {"0:out": Out(bad, "out"), "1:out": Out(bad, "out")}, {"names": ["out"]}, 1,
+                            ("out",)))
+    with pytest.raises(gs.GraphError, match="inputs do not match the graph"):
+        pool.fetch([bad, both], [Out(both, "out")])
+    good = pool.submit(Task(MLP, "evaluate", inputs(), {}, 0, ("out",)))
+    both = pool.submit(Task(None, "add", {"0:out": Out(good, "out"), "1:out": Out(good, "out")}, {"names": ["out"]}, 1,
+                            ("out",)))
+    [total] = pool.fetch([good, both], [Out(both, "out")])
+    assert total == 2 * Engine().evaluate(MLP, inputs())["out"]
+
+
+def test_a_failed_task_s_error_comes_back_not_its_reader_s(local):
+    chained_failure(local.pool)
 
 # ---------------------------------------------------------------- the scheduler measures
 
@@ -387,6 +405,12 @@ def test_ray_fan_out_and_data_parallel_move_each_array_once(ray_pool):
     assert_same(got, want)
     assert_same(out, want_out)
     assert moved()[IN] == sum(m.nbytes for m in WIDE_INPUTS.values()) + 8  # stage values never came to the driver
+
+
+@pytest.mark.ray
+def test_ray_a_failed_task_s_error_comes_back_not_its_reader_s(ray_pool):
+    chained_failure(ray_pool)
+    assert len(ray_pool.pids()) == 2
 
 
 @pytest.mark.ray
