@@ -91,7 +91,9 @@ def test_scaling_smoke():
     pytest.importorskip("ray")
     out = smoke("scaling.py", timeout=180)
     assert_rows(out, "| workload | in-process s | 1 workers | 2 workers |", "| fan-out (8 MLP gradients) |",
-                "| data-parallel MLP step |", "| wide graph (4 x 32^2) |", "seed scalar gradient: engine")
+                "| data-parallel MLP step |", "| wide graph (4 x 32^2) |", "seed scalar gradient: engine",
+                "| auto (the scheduler's choice) | in-process s | 1 workers | 2 workers |",
+                "| bytes moved per call, MB: driver->workers / workers->driver", "| task round trip (scalar gradient) |")
 
 
 def test_jobs_smoke(tmp_path):
