@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_bytes", "--cache-mib": "cache_bytes",
           "--store": "store", "--residual-mib": "residual_bytes", "--residual-ttl": "residual_ttl", "--token-file": "token",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--metrics-port": "metrics_port",
-          "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace"}
+          "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace",
+          "--max-watchers": "max_watchers"}
 UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB}
 
 

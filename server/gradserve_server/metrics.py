@@ -25,6 +25,10 @@ HELP = {
     "gradserve_calls_by_mode_total": ("counter", "Gradient calls by execution mode the scheduler chose"),
     "gradserve_workers_replaced_total": ("counter", "Workers that died and were replaced"),
     "gradserve_kernels_info": ("gauge", "The kernels plans run on: mode (what runs) and requested"),
+    "gradserve_jobs_active": ("gauge", "Optimisation jobs held in memory (queued or running on this server)"),
+    "gradserve_job_waiters": ("gauge", "Calls waiting on jobs now (WatchJob streams, cancels; at most --max-watchers)"),
+    "gradserve_job_lease": ("gauge", "1 while this server holds its store's job lease (runs the jobs)"),
+    "gradserve_serving": ("gauge", "1 while health reports SERVING"),
 }
 
 
