@@ -3,7 +3,7 @@
 Each test is a hostile tester's finding: an outside lock on jobs.sqlite; idle WatchJob streams
 and waiting CancelJobs taking every server thread; a checkpoint save failing at the memory limit;
 a cancel during a long step; job memory and store growth; two servers on one store; SIGTERM
-during a long step.
+during a long step; an answer over the message limit counted OK.
 
 Most servers here run in process (`serve_in_process`), so a test can inject a failure or read
 the job manager's counts; the shutdown test runs a real `python -m gradserve_server`."""
@@ -41,6 +41,7 @@ from gradserve.minimize import minimize
 from gradserve_engine.engine import Engine
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server import jobs as jobs_module
+from gradserve_server.app import MiB
 from gradserve_server.jobs import CANCEL_WAIT, JobManager, JobStore
 
 # ---------------------------------------------------------------- problems
@@ -470,3 +471,24 @@ def test_sigterm_exits_within_grace_during_a_long_step_and_a_long_call(tmp_path)
         s.close()
     with closing(sqlite3.connect(str(tmp_path / "jobs.sqlite"))) as db:  # the job resumes on the next start
         assert db.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone() == ("running",)
+
+
+# ---------------------------------------------------------------- 8: metrics and the endpoints without the token
+
+
+def test_answer_over_the_message_limit_is_counted_resource_exhausted(serve_in_process):
+    server = serve_in_process(max_message_bytes=MiB, metrics_port=0)
+    graph = gs.trace(lambda x: gs.broadcast_to(x, (200_000,)), 1.0)  # a 1.6 MB answer
+    with channel(address(server)) as ch:
+        st = stub(ch)
+        st.RegisterGraph(pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=10)
+        req = pb.EvaluateRequest(graph_id=graph.id)
+        fill(req.inputs, {graph.input_names()[0]: 1.0})
+        before = parse_metrics(scrape(server.metrics_port))
+        err = rpc_error(st.Evaluate, req, timeout=10)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in err.details(), err.details()
+        after = parse_metrics(scrape(server.metrics_port))
+    for code, want in (("RESOURCE_EXHAUSTED", 1), ("OK", 0)):
+        delta = (metric(after, "gradserve_requests_total", code=code, method="Evaluate")
+                 - metric(before, "gradserve_requests_total", code=code, method="Evaluate"))
+        assert delta == want, (code, delta)

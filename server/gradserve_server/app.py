@@ -138,6 +138,7 @@ class Server:
                                lease_seconds=config.lease_seconds)
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs)
+        self.servicer.max_response_bytes = config.max_message_bytes  # an answer over it: RESOURCE_EXHAUSTED, counted so
         interceptors = [_TokenAuth(config.token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),

@@ -20,7 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from gradserve_engine.backend import Backend
-from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, NotFound
+from gradserve_engine.errors import Cancelled, GradserveError, InvalidRequest, LimitError, NotFound
 from gradserve_engine.ir import Graph, Limits, tensor_from_proto, tensor_to_proto
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import graph_pb2
@@ -65,6 +65,8 @@ def _parse(request_cls: type[Message], raw: bytes) -> Any:
 
 class Servicer:
     """The RPC handlers over a Backend, a GraphRegistry and a ResidualStore."""
+
+    max_response_bytes: int | None = None  # the server's send limit: a larger answer is RESOURCE_EXHAUSTED here
 
     def __init__(self, engine: Backend, registry: GraphRegistry, residuals: ResidualStore,
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None):
@@ -268,7 +270,11 @@ class Servicer:
             try:
                 request = _parse(request_cls, raw)
                 with stop_when(lambda: not context.is_active()):
-                    return fn(request, context)
+                    response = fn(request, context)
+                if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
+                    raise LimitError(f"the answer is {response.ByteSize()} bytes, over the server's message limit of "
+                                     f"{self.max_response_bytes} bytes")
+                return response
             except Exception as e:
                 code, message = _status(e, context)
                 context.abort(code, message)
