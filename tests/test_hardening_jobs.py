@@ -3,7 +3,8 @@
 Each test is a hostile tester's finding: an outside lock on jobs.sqlite; idle WatchJob streams
 and waiting CancelJobs taking every server thread; a checkpoint save failing at the memory limit;
 a cancel during a long step; job memory and store growth; two servers on one store; SIGTERM
-during a long step; an answer over the message limit counted OK.
+during a long step; an answer over the message limit counted OK; the endpoints the token does
+not cover (reflection, /metrics).
 
 Most servers here run in process (`serve_in_process`), so a test can inject a failure or read
 the job manager's counts; the shutdown test runs a real `python -m gradserve_server`."""
@@ -19,6 +20,7 @@ from contextlib import closing
 import grpc
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fixtures import (
     HOST,
     NOT_SERVING,
@@ -41,7 +43,8 @@ from gradserve.minimize import minimize
 from gradserve_engine.engine import Engine
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server import jobs as jobs_module
-from gradserve_server.app import MiB
+from gradserve_server.app import Config, MiB, Server
+from gradserve_server.cli import build_parser, config_from_args
 from gradserve_server.jobs import CANCEL_WAIT, JobManager, JobStore
 
 # ---------------------------------------------------------------- problems
@@ -492,3 +495,37 @@ def test_answer_over_the_message_limit_is_counted_resource_exhausted(serve_in_pr
         delta = (metric(after, "gradserve_requests_total", code=code, method="Evaluate")
                  - metric(before, "gradserve_requests_total", code=code, method="Evaluate"))
         assert delta == want, (code, delta)
+
+
+def _list_services(ch, metadata=()) -> list[str]:
+    responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=metadata)
+    return [s.name for r in responses for s in r.list_services_response.service]
+
+
+def test_reflection_can_require_the_token(serve_in_process):
+    token = "s3cret-token"
+    open_server = serve_in_process(token=token)
+    closed = serve_in_process(token=token, reflection_needs_token=True)
+    with channel(address(open_server)) as ch:  # the default: reflection stays open, like health
+        assert "gradserve.v1.GradientService" in _list_services(ch)
+    with channel(address(closed)) as ch:
+        err = rpc_error(_list_services, ch)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "gradserve.v1.GradientService" in _list_services(ch, metadata=(("authorization", f"Bearer {token}"),))
+        assert health_status(ch) == SERVING  # probes send no token
+    args = build_parser().parse_args(["serve", "--reflection-needs-token"])
+    with pytest.raises(SystemExit, match="--token-file"):
+        config_from_args(args)
+
+
+def test_metrics_bind_loopback_unless_told(serve_in_process):
+    wide = Server(Config(host="0.0.0.0", port=0, metrics_port=0)).start()  # gRPC on every address, metrics not
+    try:
+        assert wide._http is not None and wide._http.server_address[0] == "127.0.0.1"
+        assert "gradserve_serving 1" in scrape(wide.metrics_port).splitlines()
+    finally:
+        wide.stop(grace=0)
+    told = serve_in_process(metrics_port=0, metrics_host="0.0.0.0")
+    assert told._http.server_address[0] == "0.0.0.0"
+    assert config_from_args(build_parser().parse_args(["serve"])).metrics_host == "127.0.0.1"

@@ -49,6 +49,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics is open to whoever reaches it: this machine only, unless asked
+    reflection_needs_token: bool = False  # server reflection answers only calls with the token
     max_concurrent: int = 64
     threads: int = 16
     max_watchers: int = 16  # calls that wait on jobs (WatchJob streams, cancels), on threads of their own
@@ -98,24 +100,30 @@ def keep_freed_buffers() -> None:
     libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
 
 
-class _TokenAuth(grpc.ServerInterceptor):
-    """Bearer-token auth for the gradient service; health and reflection stay open (probes)."""
+REFLECTION = f"/{reflection.SERVICE_NAME}/"
 
-    def __init__(self, token: str):
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Bearer-token auth for the gradient service (and reflection with `reflection`); health stays
+    open (probes send no token)."""
+
+    def __init__(self, token: str, reflection: bool = False):
         self._expected = f"Bearer {token}".encode()
+        self._prefixes = (f"/{SERVICE}/", REFLECTION) if reflection else (f"/{SERVICE}/",)
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)  # reflection is a bidirectional stream
 
     def intercept_service(self, continuation, details):
-        if not details.method.startswith(f"/{SERVICE}/"):
+        if not details.method.startswith(self._prefixes):
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected):
             return continuation(details)
-        return self._deny
+        return self._deny_stream if details.method.startswith(REFLECTION) else self._deny
 
 
 class Server:
@@ -124,6 +132,8 @@ class Server:
 
     def __init__(self, config: Config, engine: Backend | None = None):
         self.config = config
+        if config.reflection_needs_token and not config.token:
+            raise ValueError("reflection_needs_token needs a token (--token-file)")
         keep_freed_buffers()
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
@@ -139,7 +149,7 @@ class Server:
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs)
         self.servicer.max_response_bytes = config.max_message_bytes  # an answer over it: RESOURCE_EXHAUSTED, counted so
-        interceptors = [_TokenAuth(config.token)] if config.token else []
+        interceptors = [_TokenAuth(config.token, config.reflection_needs_token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
@@ -188,7 +198,7 @@ class Server:
         self.jobs.start()
         self.grpc.start()
         if self.config.metrics_port is not None:
-            self._http = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self._http = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         self._check_health(force=True)
         self._monitor.start()
         return self

@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise SystemExit(f"gradserve: {e}") from None
     server.stop_on_signals()
-    extra = f", metrics on {config.host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    extra = f", metrics on {config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"gradserve listening on {config.host}:{server.port}{extra}", flush=True)
     server.wait_for_signal()
     # a call or job step that ignores its cancellation must not hold the process past --grace
@@ -57,10 +57,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise SystemExit(f"token file {args.token_file} is empty")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
+    if args.reflection_needs_token and token is None:
+        raise SystemExit("--reflection-needs-token needs --token-file")
     return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
                   cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
                   residual_ttl=args.residual_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
-                  tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
+                  tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                  reflection_needs_token=args.reflection_needs_token, max_concurrent=args.max_concurrent,
                   threads=args.threads, max_watchers=args.max_watchers, grace=args.grace, ray=args.ray,
                   ray_address=args.ray_address, workers=args.workers, worker_cpus=args.worker_cpus,
                   job_runners=args.job_runners, checkpoint_every=args.checkpoint_every,
@@ -115,6 +118,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", type=Path, default=d.tls_cert, help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", type=Path, default=d.tls_key, help="PEM private key")
     s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="serve Prometheus metrics on this port (0: any)")
+    s.add_argument("--metrics-host", default=d.metrics_host,
+                   help="address the metrics port binds (default %(default)s: this machine only; /metrics has no auth)")
+    s.add_argument("--reflection-needs-token", action="store_true", default=d.reflection_needs_token,
+                   help="server reflection answers only calls with the token (health stays open for probes)")
     s.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="calls served at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
     s.add_argument("--threads", type=int, default=d.threads, help="server threads (default %(default)s)")
