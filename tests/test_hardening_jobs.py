@@ -317,7 +317,7 @@ class _BrokenDisk:
 
 
 def test_failing_store_turns_health_not_serving_until_it_works(serve_in_process, tmp_path):
-    server = serve_in_process(store=tmp_path, lease_seconds=1.0)
+    server = serve_in_process(store=tmp_path, lease_seconds=1.0, store_busy_seconds=0.5)
     store = server.jobs.store
     with channel(address(server)) as ch:
         assert health_status(ch) == SERVING

@@ -424,13 +424,19 @@ class JobManager:
             self.store.close()
 
     def problem(self) -> str | None:
-        """Why this server cannot run its jobs now (None: it can): a dead runner, a failing store."""
+        """Why this server cannot run its jobs now (None: it can): a dead runner, a store whose writes
+        have failed for `busy_seconds` and more (a lock held a moment longer is not a reason)."""
         if self._started and not self._stopping:
             dead = [t.name for t in [*self._threads, *([self._keeper] if self.shared else [])] if not t.is_alive()]
             if dead:
                 return f"job threads {', '.join(dead)} stopped"
-        if self.store.failing_since is not None:
-            return f"the job store fails: {self.store.last_error}"
+        store = self.store
+        if store.failing_since is not None:  # a write failed since the last good one: does one go through now?
+            with contextlib.suppress(StoreUnavailable), store.tx():
+                pass
+        since = store.failing_since
+        if since is not None and time.monotonic() - since >= store.busy_seconds:  # not a lock held a moment
+            return f"the job store fails: {store.last_error}"
         return None
 
     @property
