@@ -447,9 +447,10 @@ def test_sigterm_exits_within_grace_during_a_long_step_and_a_long_call(tmp_path)
         chain = make_chain(1500)
         with gs.connect(s.address, timeout=60) as remote, channel(s.address) as ch:
             job = remote.minimize(chain, CHAIN_W, args=(CHAIN_X,), optimizer=optim.Adam(), steps=10)
-            graph = gs.trace(chain, CHAIN_W, CHAIN_X)
+            wide_x = np.tile(CHAIN_X, (8, 1))  # 8 times a step's work: tens of seconds, well past the grace
+            graph = gs.trace(chain, CHAIN_W, wide_x)
             req = pb.GradientRequest(graph_id=remote.register(graph), wrt=[graph.input_names()[0]])
-            fill(req.inputs, dict(zip(graph.input_names(), (CHAIN_W, CHAIN_X), strict=True)))
+            fill(req.inputs, dict(zip(graph.input_names(), (CHAIN_W, wide_x), strict=True)))
             outcome: dict = {}
 
             def long_call():
