@@ -74,7 +74,8 @@ def server_node(head_address: str, node_ip: str | None = None) -> list[str]:
 def serve(head_address: str, host: str, port: int, store: str, token_file: str, metrics_port: int | None = METRICS_PORT,
           worker_cpus: float = ACTOR_CPUS) -> list[str]:
     """`gradserve serve` joining the cluster by address."""
-    metrics = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+    # /metrics binds loopback unless told: here Prometheus scrapes it from other pods, on the server's address
+    metrics = ["--metrics-port", str(metrics_port), "--metrics-host", host] if metrics_port is not None else []
     return ["gradserve", "serve", "--host", host, "--port", str(port), "--store", store, "--token-file", token_file,
             *metrics, "--ray-address", head_address, "--worker-cpus", f"{worker_cpus:g}"]
 

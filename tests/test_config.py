@@ -17,7 +17,8 @@ FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_
           "--store": "store", "--residual-mib": "residual_bytes", "--residual-ttl": "residual_ttl",
           "--tensor-store-mib": "tensor_store_bytes", "--tensor-ttl": "tensor_ttl", "--token-file": "token",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--metrics-port": "metrics_port",
-          "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace"}
+          "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace",
+          "--metrics-host": "metrics_host", "--max-watchers": "max_watchers"}
 UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB,
          "--max-call-mib": MiB, "--max-inflight-mib": MiB}
 

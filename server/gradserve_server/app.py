@@ -54,8 +54,11 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics is open to whoever reaches it: this machine only, unless asked
+    reflection_needs_token: bool = False  # server reflection answers only calls with the token
     max_concurrent: int = 64
     threads: int = 16
+    max_watchers: int = 16  # calls that wait on jobs (WatchJob streams, cancels), on threads of their own
     grace: float = 10.0
     max_nodes: int = 100_000
     max_elements: int = 1 << 28
@@ -67,6 +70,9 @@ class Config:
     kernels: str = "numpy"  # numpy, native (numba), auto, gpu (CuPy)
     checkpoint_every: int = 500  # steps
     checkpoint_seconds: float = 30.0
+    job_history: int = 10_000  # progress points kept per job (then every 2nd, 4th, ... step)
+    lease_seconds: float = 15.0  # the term of the job lease of a shared --store
+    store_busy_seconds: float = 5.0  # the longest a job store write waits for a lock held elsewhere
 
 
 def start_pool(config: Config) -> tuple[RayPool | None, Policy]:
@@ -99,24 +105,30 @@ def keep_freed_buffers() -> None:
     libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
 
 
-class _TokenAuth(grpc.ServerInterceptor):
-    """Bearer-token auth for the gradient service; health and reflection stay open (probes)."""
+REFLECTION = f"/{reflection.SERVICE_NAME}/"
 
-    def __init__(self, token: str):
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Bearer-token auth for the gradient service (and reflection with `reflection`); health stays
+    open (probes send no token)."""
+
+    def __init__(self, token: str, reflection: bool = False):
         self._expected = f"Bearer {token}".encode()
+        self._prefixes = (f"/{SERVICE}/", REFLECTION) if reflection else (f"/{SERVICE}/",)
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)  # reflection is a bidirectional stream
 
     def intercept_service(self, continuation, details):
-        if not details.method.startswith(f"/{SERVICE}/"):
+        if not details.method.startswith(self._prefixes):
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected):
             return continuation(details)
-        return self._deny
+        return self._deny_stream if details.method.startswith(REFLECTION) else self._deny
 
 
 class Server:
@@ -125,6 +137,8 @@ class Server:
 
     def __init__(self, config: Config, engine: Backend | None = None):
         self.config = config
+        if config.reflection_needs_token and not config.token:
+            raise ValueError("reflection_needs_token needs a token (--token-file)")
         keep_freed_buffers()
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
@@ -134,16 +148,21 @@ class Server:
                         max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
-        self.jobs = JobManager(self.engine, self.registry, JobStore(config.store), limits, config.job_runners,
-                               config.checkpoint_every, config.checkpoint_seconds)
+        self.jobs = JobManager(self.engine, self.registry, JobStore(config.store, config.store_busy_seconds), limits,
+                               config.job_runners, config.checkpoint_every, config.checkpoint_seconds,
+                               history_points=config.job_history, max_waiters=config.max_watchers,
+                               lease_seconds=config.lease_seconds)
         self.tensors = TensorStore(config.tensor_store_bytes, config.tensor_ttl, limits, self.metrics)
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs, tensors=self.tensors, max_message_bytes=config.max_message_bytes)
-        interceptors = [_TokenAuth(config.token)] if config.token else []
+        self.servicer.max_response_bytes = config.max_message_bytes  # an answer over it: RESOURCE_EXHAUSTED, counted so
+        interceptors = [_TokenAuth(config.token, config.reflection_needs_token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="gradserve"),
+        # calls that wait on jobs (at most max_watchers) get threads of their own: the `threads` stay for the others
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads + config.max_watchers,
+                                                           thread_name_prefix="gradserve"),
                                 interceptors=interceptors, options=options,
                                 maximum_concurrent_rpcs=config.max_concurrent * 2)
         self.grpc.add_generic_rpc_handlers((self.servicer.handler(),))
@@ -166,21 +185,52 @@ class Server:
         self.metrics.gauge_fn("gradserve_kernels_info", lambda: 1, mode=kernels.name, requested=config.kernels)
         if pool is not None:
             self.metrics.gauge_fn("gradserve_workers_replaced_total", lambda: pool.replaced)
+        jobs = self.jobs
+        self.metrics.gauge_fn("gradserve_jobs_active", lambda: jobs.active)
+        self.metrics.gauge_fn("gradserve_job_waiters", lambda: jobs.waiting)
+        self.metrics.gauge_fn("gradserve_job_lease", lambda: int(jobs.leader))
+        self.metrics.gauge_fn("gradserve_serving", lambda: int(self.serving))
         if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes
             modes = self.engine.modes
             for mode in MODES:
                 self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(modes.__getitem__, mode), mode=mode)
         self._http: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
+        self._signalled: float | None = None  # monotonic time of the first SIGTERM/SIGINT
+        self._shutdown: threading.Thread | None = None
+        self.serving = False
+        self._monitor = threading.Thread(target=self._watch_health, name="gradserve-health", daemon=True)
 
     def start(self) -> Server:
         self.jobs.start()
         self.grpc.start()
         if self.config.metrics_port is not None:
-            self._http = self.metrics.serve(self.config.host, self.config.metrics_port)
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._http = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        self._check_health(force=True)
+        self._monitor.start()
         return self
+
+    def _check_health(self, force: bool = False) -> None:
+        """SERVING while the server can do its work; NOT_SERVING (and why, in the log) while it cannot:
+        a job runner died, the job store fails."""
+        problem = self.jobs.problem()
+        if self._stopped.is_set() or (not force and (problem is None) == self.serving):
+            return
+        self.serving = problem is None
+        if problem is not None:
+            log.error("health: NOT_SERVING: %s", problem)
+        elif self._monitor.is_alive():
+            log.warning("health: SERVING again")
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            self.health.set(name, status)
+
+    def _watch_health(self) -> None:
+        while not self._stopped.wait(0.5):
+            try:
+                self._check_health()
+            except Exception:  # the monitor outlives any one failure
+                log.exception("health monitor")
 
     @property
     def metrics_port(self) -> int | None:
@@ -195,9 +245,12 @@ class Server:
         grace = self.config.grace if grace is None else grace
         start = time.monotonic()
         self.health.enter_graceful_shutdown()
+        self.serving = False
         self.servicer.drain(grace)  # new calls: UNAVAILABLE; calls in flight: up to `grace` to finish
-        self.jobs.stop()  # running jobs stay running in the store: the next start resumes them
+        # a job step in flight stops between kernels; running jobs stay running in the store: the next start resumes them
+        self.jobs.stop(max(grace - (time.monotonic() - start), 0.5))
         self.grpc.stop(max(grace - (time.monotonic() - start), 0.0)).wait()
+        self.jobs.close()
         if self._http is not None:
             self._http.shutdown()
         if self.pool is not None:
@@ -211,8 +264,22 @@ class Server:
 
     def stop_on_signals(self) -> None:
         def on_signal(signum, frame):
+            if self._signalled is not None:
+                return
+            self._signalled = time.monotonic()
             log.info("signal %s: draining (grace %.1fs)", signum, self.config.grace)
-            threading.Thread(target=self.stop, name="gradserve-shutdown").start()
+            self._shutdown = threading.Thread(target=self.stop, name="gradserve-shutdown", daemon=True)
+            self._shutdown.start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+    def wait_for_signal(self, margin: float = 2.0) -> None:
+        """Block until a signal's drain is done, or `grace + margin` seconds after the signal,
+        whichever is first (a call or step that ignores its cancellation is not waited for)."""
+        while self._signalled is None:
+            time.sleep(0.2)
+        assert self._shutdown is not None
+        self._shutdown.join(max(self._signalled + self.config.grace + margin - time.monotonic(), 0.0))
+        if self._shutdown.is_alive():
+            log.warning("exiting with the drain unfinished after %.1f s", time.monotonic() - self._signalled)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,10 +38,14 @@ def serve(args: argparse.Namespace) -> int:
     except StoreError as e:
         raise SystemExit(f"gradserve: {e}") from None
     server.stop_on_signals()
-    extra = f", metrics on {config.host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
+    extra = f", metrics on {config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     print(f"gradserve listening on {config.host}:{server.port}{extra}", flush=True)
-    server.wait()
-    return 0
+    server.wait_for_signal()
+    # a call or job step that ignores its cancellation must not hold the process past --grace
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -52,15 +57,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise SystemExit(f"token file {args.token_file} is empty")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
+    if args.reflection_needs_token and token is None:
+        raise SystemExit("--reflection-needs-token needs --token-file")
     return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
                   max_call_bytes=args.max_call_mib * MiB, max_inflight_bytes=args.max_inflight_mib * MiB,
                   cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
                   residual_ttl=args.residual_ttl, tensor_store_bytes=args.tensor_store_mib * MiB,
                   tensor_ttl=args.tensor_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
-                  tls_key=args.tls_key, metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-                  threads=args.threads, grace=args.grace, ray=args.ray, ray_address=args.ray_address,
-                  workers=args.workers, worker_cpus=args.worker_cpus, job_runners=args.job_runners,
-                  checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, kernels=args.kernels)
+                  tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                  reflection_needs_token=args.reflection_needs_token, max_concurrent=args.max_concurrent,
+                  threads=args.threads, max_watchers=args.max_watchers, grace=args.grace, ray=args.ray,
+                  ray_address=args.ray_address, workers=args.workers, worker_cpus=args.worker_cpus,
+                  job_runners=args.job_runners, checkpoint_every=args.checkpoint_every,
+                  checkpoint_seconds=args.checkpoint_seconds, job_history=args.job_history,
+                  lease_seconds=args.lease_seconds, store_busy_seconds=args.store_busy_seconds, kernels=args.kernels)
 
 
 def jobs(args: argparse.Namespace) -> int:
@@ -121,9 +131,16 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", type=Path, default=d.tls_cert, help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", type=Path, default=d.tls_key, help="PEM private key")
     s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="serve Prometheus metrics on this port (0: any)")
+    s.add_argument("--metrics-host", default=d.metrics_host,
+                   help="address the metrics port binds (default %(default)s: this machine only; /metrics has no auth)")
+    s.add_argument("--reflection-needs-token", action="store_true", default=d.reflection_needs_token,
+                   help="server reflection answers only calls with the token (health stays open for probes)")
     s.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="calls served at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
     s.add_argument("--threads", type=int, default=d.threads, help="server threads (default %(default)s)")
+    s.add_argument("--max-watchers", type=int, default=d.max_watchers,
+                   help="calls waiting on jobs at once (WatchJob streams, cancels), on threads of their own; more "
+                        "watchers get RESOURCE_EXHAUSTED (default %(default)s)")
     s.add_argument("--grace", type=float, default=d.grace, help="seconds calls in flight get at shutdown (default %(default)s)")
     s.add_argument("--ray", action="store_true", default=d.ray,
                    help="start a local Ray and spread large work over its workers")
@@ -137,6 +154,14 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="job steps between checkpoints (default %(default)s)")
     s.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds,
                    help="and at most this long between them (default %(default)s)")
+    s.add_argument("--job-history", type=int, default=d.job_history,
+                   help="progress points kept per job: every step up to this many, then every 2nd, 4th, ... step "
+                        "(default %(default)s)")
+    s.add_argument("--lease-seconds", type=float, default=d.lease_seconds,
+                   help="term of the job lease of a --store shared by several servers: one runs the jobs, the others "
+                        "take over when it lapses (default %(default)s)")
+    s.add_argument("--store-busy-seconds", type=float, default=d.store_busy_seconds,
+                   help="longest a job store write waits for a lock another process holds (default %(default)s)")
     s.add_argument("--kernels", default=d.kernels, choices=["numpy", "native", "auto", "gpu"],
                    help="numpy kernels, fused numba kernels (the native extra), auto (native where it wins), or CuPy "
                         "(default %(default)s)")

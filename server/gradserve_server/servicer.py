@@ -74,6 +74,8 @@ def _parse(request_cls: type[Message], raw: bytes) -> Any:
 class Servicer:
     """The RPC handlers over a Backend, a GraphRegistry and a ResidualStore."""
 
+    max_response_bytes: int | None = None  # the server's send limit: a larger answer is RESOURCE_EXHAUSTED here
+
     def __init__(self, engine: Backend, registry: GraphRegistry, residuals: ResidualStore,
                  limits: Limits, metrics: Metrics, max_concurrent: int = 64, jobs: JobManager | None = None,
                  tensors: TensorStore | None = None, max_message_bytes: int = 256 << 20):
@@ -442,7 +444,11 @@ class Servicer:
             try:
                 request = _parse(request_cls, raw)
                 with stop_when(lambda: not context.is_active()), within(self.budget):
-                    return fn(request, context)
+                    response = fn(request, context)
+                if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
+                    raise LimitError(f"the answer is {response.ByteSize()} bytes, over the server's message limit of "
+                                     f"{self.max_response_bytes} bytes")
+                return response
             except Exception as e:
                 code, message = _status(e, context)
                 self._missing_refs(e, request, context)

@@ -77,6 +77,20 @@ class StoreError(GradserveError, RuntimeError):
     code = "FAILED_PRECONDITION"
 
 
+class StoreUnavailable(StoreError):
+    """The job store cannot be written now (locked by another process, e.g. a backup or VACUUM,
+    past the busy timeout; disk full; I/O error): retry later."""
+
+    code = "UNAVAILABLE"
+
+
+class Overloaded(GradserveError, RuntimeError):
+    """The server is at a configured limit of calls that wait (e.g. WatchJob streams): retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 FAMILY: tuple[type[GradserveError], ...] = (GradserveError, InvalidRequest, GraphError, ShapeError, LimitError, ShardError,
-                                            NotFound, TensorNotFound, Cancelled, WorkersUnavailable, StoreError)
+                                            NotFound, TensorNotFound, Cancelled, WorkersUnavailable, StoreError,
+                                            StoreUnavailable, Overloaded)
 BY_NAME: dict[str, type[GradserveError]] = {cls.__name__: cls for cls in FAMILY}
