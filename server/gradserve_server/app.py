@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve_engine.backend import Backend
 from gradserve_engine.engine import Engine
 from gradserve_engine.ir import Limits
-from gradserve_engine.pool import RayPool
+from gradserve_engine.pool import ROUTES, RayPool
 from gradserve_engine.scheduler import MODES, DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2
 
@@ -194,6 +194,12 @@ class Server:
             modes = self.engine.modes
             for mode in MODES:
                 self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(modes.__getitem__, mode), mode=mode)
+                self.metrics.gauge_fn("gradserve_mode_seconds_total", functools.partial(self.engine.seconds_by_mode.__getitem__,
+                                                                                       mode), mode=mode)
+            for path, direction in ROUTES:  # what crosses between this process and its workers
+                self.metrics.gauge_fn("gradserve_bytes_total", functools.partial(self.engine.bytes_moved.__getitem__,
+                                                                                 (path, direction)),
+                                      path=path, direction=direction)
         self._http: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
         self._signalled: float | None = None  # monotonic time of the first SIGTERM/SIGINT

@@ -23,6 +23,7 @@ HELP = {
     "gradserve_inflight_requests": ("gauge", "RPCs being answered now"),
     "gradserve_workers": ("gauge", "Worker processes in the pool (0: everything runs in process)"),
     "gradserve_calls_by_mode_total": ("counter", "Gradient calls by execution mode the scheduler chose"),
+    "gradserve_mode_seconds_total": ("counter", "Wall seconds of gradient calls, by the execution mode that ran them"),
     "gradserve_workers_replaced_total": ("counter", "Workers that died and were replaced"),
     "gradserve_kernels_info": ("gauge", "The kernels plans run on: mode (what runs) and requested"),
     "gradserve_bytes_total": ("counter", "Serialised request (in) and response (out) bytes, by path and direction"),
