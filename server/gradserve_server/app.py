@@ -190,14 +190,15 @@ class Server:
         self.metrics.gauge_fn("gradserve_job_waiters", lambda: jobs.waiting)
         self.metrics.gauge_fn("gradserve_job_lease", lambda: int(jobs.leader))
         self.metrics.gauge_fn("gradserve_serving", lambda: int(self.serving))
-        if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes
-            modes = self.engine.modes
+        if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes and has workers
+            scheduler = self.engine
             for mode in MODES:
-                self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(modes.__getitem__, mode), mode=mode)
-                self.metrics.gauge_fn("gradserve_mode_seconds_total", functools.partial(self.engine.seconds_by_mode.__getitem__,
-                                                                                       mode), mode=mode)
+                self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(scheduler.modes.__getitem__, mode),
+                                      mode=mode)
+                self.metrics.gauge_fn("gradserve_mode_seconds_total",
+                                      functools.partial(scheduler.seconds_by_mode.__getitem__, mode), mode=mode)
             for path, direction in ROUTES:  # what crosses between this process and its workers
-                self.metrics.gauge_fn("gradserve_bytes_total", functools.partial(self.engine.bytes_moved.__getitem__,
+                self.metrics.gauge_fn("gradserve_bytes_total", functools.partial(scheduler.bytes_moved.__getitem__,
                                                                                  (path, direction)),
                                       path=path, direction=direction)
         self._http: ThreadingHTTPServer | None = None
