@@ -457,3 +457,33 @@ def test_scaling_bench_can_skip_the_network_namespace():
     assert scaling.netns_plan(no_netns=False, env={"GRADSERVE_NO_NETNS": "1"}, loopback=False) == "run"
     assert scaling.netns_plan(no_netns=False, env={}, loopback=True) == "run"
     assert scaling.netns_plan(no_netns=False, env={"GRADSERVE_NO_NETNS": "0"}, loopback=False) in ("reexec", "refuse")
+
+
+class _DataParallel(DistributedEngine):
+    """The scheduler with data-parallel chosen for every gradient (what the measurement picks
+    where workers win), so that a server test sees what crosses to the workers."""
+
+    def vjp(self, *args, **kwargs):
+        kwargs.setdefault("mode", "data_parallel")
+        return super().vjp(*args, **kwargs)
+
+
+def test_the_server_sends_resident_parameters_to_the_workers_once(serve_in_process):
+    """Parameters put into the server's tensor store reach the workers by their content id: after
+    the first step, a data-parallel gradient moves only the data set driver -> workers."""
+    pool = LocalPool(2)
+    engine = _DataParallel(Engine(), pool)
+    server = serve_in_process(engine=engine)
+    try:
+        with gs.connect(f"127.0.0.1:{server.port}") as remote:
+            refs = remote.put(PARAMS)
+            gid = remote.register(MLP)
+            moved = Moved(engine)
+            for step in range(3):
+                Xs = X + step
+                res = remote.gradient(gid, {**{f"p.{k}": r for k, r in refs.items()}, "X": Xs, "y": Y}, WRT,
+                                      batch_axes={"X": 0, "y": 0})
+                assert_same(res.grads, Engine().vjp(MLP, inputs(X=Xs), WRT)[1])
+                assert moved()[OUT] == (P_BYTES if step == 0 else 0) + X.nbytes + Y.nbytes
+    finally:
+        pool.shutdown()

@@ -199,7 +199,7 @@ class Servicer:
         self._will_send(self._gradient_parts(graph, req.wrt), keep=req.keep)
         outs, grads = self.engine.vjp(graph, self._tensors(req.inputs, "input"), list(req.wrt),
                                       seeds=self._tensors(req.seeds, "seed") or None, outputs=list(req.outputs) or None,
-                                      batch_axes=dict(req.batch_axes) or None)
+                                      batch_axes=dict(req.batch_axes) or None, content_ids=_refs(req.inputs))
         return self._gradient_response(outs, grads, req.keep)
 
     def _gradient_response(self, outs: Mapping[str, Any], grads: Mapping[str, Any], keep: bool = False) -> pb.GradientResponse:
@@ -222,7 +222,8 @@ class Servicer:
         graph = self.registry.get(req.graph_id)
         self._will_send(self._gradient_parts(graph, req.wrt), times=len(req.items), keep=req.keep)
         items = [(self._tensors(item.inputs, "input"), self._tensors(item.seeds, "seed") or None) for item in req.items]
-        results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None)
+        results = self.engine.batch_vjp(graph, items, list(req.wrt), list(req.outputs) or None,
+                                        content_ids=[_refs(item.inputs) for item in req.items])
         resp = pb.BatchGradientResponse()
         resp.results.extend(self._gradient_response(outs, grads, req.keep) for outs, grads in results)
         return resp
@@ -458,6 +459,11 @@ class Servicer:
                 self.metrics.observe_request(name, code.name, time.perf_counter() - start)
 
         return handle
+
+
+def _refs(fields: Mapping[str, graph_pb2.Tensor]) -> dict[str, str]:
+    """The inputs given as references to the tensor store, by their content id."""
+    return {name: t.ref for name, t in fields.items() if t.ref}
 
 
 def _job_running(jobs: JobManager, job_id: str) -> bool:

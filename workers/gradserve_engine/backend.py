@@ -60,15 +60,19 @@ class Backend(Protocol):
         ...
 
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
-            outputs: Sequence[str] | None = None,
-            batch_axes: Mapping[str, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None, *,
+            content_ids: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Outputs and the gradients of sum(seed * output) w.r.t. `wrt`; a scalar output's seed is 1.
-        `batch_axes` names inputs batched along an axis, their examples independent."""
+        `batch_axes` names inputs batched along an axis, their examples independent. `content_ids`
+        names inputs by the content id they are stored under (resident tensors), so that a backend
+        that moves data can send each once per content version."""
         ...
 
     def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
-                  wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """`vjp` for each (inputs, seeds) of a batch of input sets."""
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None, *,
+                  content_ids: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None,
+                  ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """`vjp` for each (inputs, seeds) of a batch of input sets (`content_ids` per item, as `vjp`'s)."""
         ...
 
     def open_vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],

@@ -101,7 +101,8 @@ class Engine(Backend):
 
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str],
             seeds: Mapping[str, Any] | None = None, outputs: Sequence[str] | None = None,
-            batch_axes: Mapping[str, int] | None = None, residuals: Mapping[int, Any] | None = None) -> tuple[dict, dict]:
+            batch_axes: Mapping[str, int] | None = None, *, content_ids: Mapping[str, str] | None = None,
+            residuals: Mapping[int, Any] | None = None) -> tuple[dict, dict]:
         """Outputs and the gradients of sum(seed * output) w.r.t. `wrt`; scalar outputs seed 1.
 
         `batch_axes` names inputs batched along an axis, examples independent: checked (a
@@ -185,8 +186,10 @@ class Engine(Backend):
                          lambda: autodiff.grad_only(graph, check_wrt(graph, wrt), output, keep_outputs=True))
 
     def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
-                  wrt: Sequence[str], outputs: Sequence[str] | None = None) -> list[tuple[dict, dict]]:
-        """`vjp` for each (inputs, seeds) of a batch of input sets."""
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None, *,
+                  content_ids: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None,
+                  ) -> list[tuple[dict, dict]]:
+        """`vjp` for each (inputs, seeds) of a batch of input sets (`content_ids`: the data is here already)."""
         return [self.vjp(graph, inputs, wrt, seeds or None, outputs) for inputs, seeds in items]
 
     def jvp(self, graph: Graph, inputs: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[dict, dict]:

@@ -349,9 +349,9 @@ class DistributedEngine(Backend):
 
     # ---- gradients
     def vjp(self, graph: Graph, inputs: Mapping[str, Any], wrt: Sequence[str], seeds: Mapping[str, Any] | None = None,
-            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None,
-            residuals: Mapping[int, Any] | None = None, mode: str | None = None,
-            content_ids: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+            outputs: Sequence[str] | None = None, batch_axes: Mapping[str, int] | None = None, *,
+            content_ids: Mapping[str, str] | None = None, residuals: Mapping[int, Any] | None = None,
+            mode: str | None = None) -> tuple[dict, dict]:
         """The Engine's vjp, perhaps spread. `content_ids` (input name -> id) names inputs whose
         bytes the caller vouches for by id, so that the workers get them once per id."""
         if residuals is not None:
@@ -558,9 +558,9 @@ class DistributedEngine(Backend):
 
     # ---- many input sets
     def batch_vjp(self, graph: Graph, items: Sequence[tuple[Mapping[str, Any], Mapping[str, Any] | None]],
-                  wrt: Sequence[str], outputs: Sequence[str] | None = None, mode: str | None = None,
-                  content_ids: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None
-                  ) -> list[tuple[dict, dict]]:
+                  wrt: Sequence[str], outputs: Sequence[str] | None = None, *,
+                  content_ids: Sequence[Mapping[str, str] | None] | Mapping[str, str] | None = None,
+                  mode: str | None = None) -> list[tuple[dict, dict]]:
         """`vjp` of each input set, perhaps fanned out. `content_ids`: per item (or one mapping
         for every item) input name -> content id, as for `vjp`."""
         ids: list[Mapping[str, str]] = ([content_ids] * len(items) if isinstance(content_ids, Mapping)
