@@ -396,8 +396,10 @@ def test_large_matmuls_run_in_blocks_with_the_numpy_result(monkeypatch):
     monkeypatch.undo()
     small = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (64, 64)), ("b", "float64", (64, 64)))
     assert Plan(small).steps[0].fn is KERNELS["matmul"]
-    big = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (1024, 1024)), ("b", "float64", (1024, 1024)))
-    assert isinstance(Plan(big).steps[0].fn, BlockedMatmul)
+    mlp = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (1024, 1024)), ("b", "float64", (1024, 1024)))
+    assert Plan(mlp).steps[0].fn is KERNELS["matmul"]  # an MLP's matmuls stay one BLAS call
+    big = _build(lambda p, q: {"out": e.bind("matmul", p, q)}, ("a", "float64", (4096, 2048)), ("b", "float64", (2048, 2048)))
+    assert isinstance(Plan(big).steps[0].fn, BlockedMatmul)  # about a second of work: planned, never run here
 
 
 def test_a_stop_ends_a_large_matmul_between_blocks(monkeypatch):
