@@ -10,18 +10,18 @@ equal refs on any client. A ref is no array: `remote.get(ref)` downloads it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from gradserve_engine.ir import type_str
 from gradserve_engine.ops.core import dtype_name
+from gradserve_engine.ops.dtypes import Shaped
 from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.wire import PB_DTYPE
 
 
-class TensorRef:
+class TensorRef(Shaped):
     """A reference to a tensor held by a gradserve server: `id` (the content hash), `dtype`, `shape`."""
 
     __slots__ = ("dtype", "id", "shape")
@@ -30,14 +30,6 @@ class TensorRef:
         self.id = id
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(d) for d in shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -25,6 +25,7 @@ from .errors import GraphError, LimitError, ShapeError
 from .guard import poller
 from .names import INTERNAL
 from .ops.core import DTYPES, NP_DTYPES, PRIMITIVES, AVal, Shape, dtype_name, infer
+from .ops.dtypes import Shaped
 from .v1 import graph_pb2 as pb
 
 MAX_RANK = 32
@@ -402,7 +403,7 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool
 # ---------------------------------------------------------------- builder
 
 
-class Var:
+class Var(Shaped):
     """A value being built: its id in the builder, dtype and shape. The engine emits with the
     strict functions of `ops.emit`; the SDK's traced values subclass this with numpy's operators."""
 
@@ -410,14 +411,6 @@ class Var:
 
     def __init__(self, builder: Builder, vid: int, dtype: str, shape: Shape):
         self.builder, self.id, self.dtype, self.shape = builder, vid, dtype, shape
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     def __repr__(self) -> str:
         return f"Traced<{type_str(self.dtype, self.shape)}>"

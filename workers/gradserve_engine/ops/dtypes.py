@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 Shape = tuple[int, ...]
@@ -13,6 +15,21 @@ _NAMES = {dt: name for name, dt in NP_DTYPES.items()}
 FLOATS = ("float32", "float64")
 INTS = ("int32", "int64")
 NUMERIC = INTS + FLOATS
+
+class Shaped:
+    """`ndim` and `size` of anything with a `shape` (traced values, tensor references)."""
+
+    __slots__ = ()
+    shape: Shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
 
 def dtype_name(dtype: np.dtype) -> str:
     """The IR name of a numpy dtype ("float64", ...), or numpy's own name when unsupported
