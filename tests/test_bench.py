@@ -23,9 +23,9 @@ BENCH = ROOT / "bench"
 
 
 def smoke(script: str, *args: str, timeout: float = 120) -> str:
-    """`python bench/<script> --smoke *args` from the repository root; its output (stdout and
-    stderr) once it exited 0. On a timeout the whole process group goes (servers, Ray)."""
-    proc = subprocess.Popen([sys.executable, str(BENCH / script), "--smoke", *args], cwd=ROOT, env=os.environ.copy(),
+    """`python <script> --smoke *args` (`script`: "bench/<name>.py") from the repository root; its
+    output (stdout and stderr) once it exited 0. On a timeout the whole process group goes (servers, Ray)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--smoke", *args], cwd=ROOT, env=os.environ.copy(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -33,11 +33,11 @@ def smoke(script: str, *args: str, timeout: float = 120) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"bench/{script} --smoke ran over {timeout:.0f} s:\n{out[-4000:]}")
+        pytest.fail(f"{script} --smoke ran over {timeout:.0f} s:\n{out[-4000:]}")
     finally:
         with contextlib.suppress(ProcessLookupError):  # anything of its own it left behind
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"bench/{script} --smoke exited {proc.returncode}:\n{out[-4000:]}"
+    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{out[-4000:]}"
     return out
 
 
@@ -54,7 +54,7 @@ def test_every_script_has_a_smoke_test():
 
 
 def test_mlp_smoke():
-    out = smoke("mlp.py")
+    out = smoke("bench/mlp.py")
     assert_rows(out, "# smoke run:", "float32: gradserve vs PyTorch gradients", "OK (tolerance 1e-10)",
                 "| MLP fwd+bwd, float32, median ms |", "| MLP fwd+bwd, float64, median ms |",
                 "| peak RSS growth, one step (warm), float64, MiB |", "| peak RSS growth, first call (cold), float32, MiB |",
@@ -62,7 +62,7 @@ def test_mlp_smoke():
 
 
 def test_service_smoke():
-    out = smoke("service.py")
+    out = smoke("bench/service.py")
     assert_rows(out, "| echo p50 ms |", "| remote scalar grad p50 ms |", "| local scalar grad p50 ms |",
                 "| remote MLP grad p50 ms |", "| local PyTorch MLP grad p50 ms |", "| residual-session VJP call p50 ms |",
                 "| remote scalar grad 2 clients calls/s |", "| remote scalar grad / echo (p50) |",
@@ -89,7 +89,7 @@ def test_service_smoke():
 @pytest.mark.ray
 def test_scaling_smoke():
     pytest.importorskip("ray")
-    out = smoke("scaling.py", timeout=180)
+    out = smoke("bench/scaling.py", timeout=180)
     assert_rows(out, "| workload | in-process s | 1 workers | 2 workers |", "| fan-out (8 MLP gradients) |",
                 "| data-parallel MLP step |", "| wide graph (4 x 32^2) |", "seed scalar gradient: engine",
                 "| auto (the scheduler's choice) | in-process s | 1 workers | 2 workers |",
@@ -97,7 +97,7 @@ def test_scaling_smoke():
 
 
 def test_jobs_smoke(tmp_path):
-    out = smoke("jobs.py", "--json", str(tmp_path / "jobs.json"))
+    out = smoke("bench/jobs.py", "--json", str(tmp_path / "jobs.json"))
     assert_rows(out, "| dtype | steps | remote s |", "| float64 | 3 |", "| float32 | 3 |", "target: remote at most 1.1x local")
     result = json.loads((tmp_path / "jobs.json").read_text())
     assert sorted(result["runs"]) == ["float32", "float64"] and result["skipped"] == []
@@ -108,7 +108,7 @@ def test_native_smoke():
     """Every part (each choice of --only): the MLP and chain workloads, the threshold sweep and the
     compile times. The first run on a machine fills numba's kernel cache (a minute or so)."""
     pytest.importorskip("numba")
-    out = smoke("native.py", timeout=300)
+    out = smoke("bench/native.py", timeout=300)
     assert_rows(out, "# MLP float32: gradients vs PyTorch", "# chain: native plan:", "# native compile seconds",
                 "#   float64 tanh-vjp:", "| MLP fwd+bwd float32, median ms |", "| MLP fwd+bwd float64, median ms |",
                 "| 10-op elementwise chain fwd+bwd float32, median ms |")
@@ -116,7 +116,7 @@ def test_native_smoke():
 
 
 def test_gpu_mlp_smoke():
-    out = smoke("gpu_mlp.py")
+    out = smoke("bench/gpu_mlp.py")
     assert "# smoke run:" in out
     if "# skipped, no GPU here" in out:  # the parts that need no CuPy ran
         assert_rows(out, "CPU plan (the reference) ran, gradients finite", "fused groups")
@@ -125,7 +125,7 @@ def test_gpu_mlp_smoke():
 
 
 def test_load_smoke(tmp_path):
-    out = smoke("load.py", "--json", str(tmp_path / "load.json"))
+    out = smoke("bench/load.py", "--json", str(tmp_path / "load.json"))
     assert_rows(out, "| round | call | count | p50 ms |", "| 2 | batch_gradient | 20 |", "| errors in all rounds | 0 |")
     result = json.loads((tmp_path / "load.json").read_text())
     assert result["errors"] == 0 and result["completed"] and result["server_tracebacks"] == 0, result
@@ -136,7 +136,7 @@ def test_load_smoke(tmp_path):
 def test_reliability_smoke():
     report = ROOT / "RELIABILITY.md"
     before = report.read_bytes() if report.exists() else None
-    out = smoke("reliability.py", timeout=180)
+    out = smoke("bench/reliability.py", timeout=180)
     assert_rows(out, "| test | what it tried | load held |", "| `bench/load.py` | 4 concurrent clients, 2 rounds of 100",
                 "`test_security.py::test_the_scanner_finds_what_it_looks_for`", "2 of 2 tests passed.")
     assert (report.read_bytes() if report.exists() else None) == before, "the smoke run wrote RELIABILITY.md"
