@@ -40,7 +40,7 @@ INPUTS = {"x": X, "w": W}
 
 
 def test_the_interface_is_what_the_server_calls():
-    assert METHODS == ["batch_vjp", "cache_info", "call_vjp", "evaluate", "hessian", "hvp", "jacobian", "jvp",
+    assert METHODS == ["batch_vjp", "cache_info", "call_vjp", "evaluate", "forget", "hessian", "hvp", "jacobian", "jvp",
                        "open_vjp", "vjp"]
     assert set(typing.get_type_hints(Backend, include_extras=False, localns=_localns())) == {"kernels"}
     called = set()
@@ -140,3 +140,23 @@ def test_a_server_over_either_backend_reports_its_plan_cache(serve_in_process, c
     assert metric(samples, "gradserve_plan_cache_hits_total") == info.hits
     modes = metric(samples, "gradserve_calls_by_mode_total", mode="in_process")
     assert modes == (2 if cls is DistributedEngine else 0)
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS)
+def test_deleting_a_graph_drops_its_plans(cls, serve_in_process):
+    """A deleted graph's plans do not stay behind in the engine (they held its constants)."""
+    pool = LocalPool(2) if cls is DistributedEngine else None
+    engine = DistributedEngine(Engine(), pool) if pool is not None else Engine()
+    server = serve_in_process(engine=engine)
+    try:
+        g = gs.trace(lambda x, w: gs.sum(gs.tanh(w @ x)), X, W)
+        with gs.connect(f"127.0.0.1:{server.port}") as remote:
+            gid = remote.register(g)
+            remote.gradient(gid, {"x": X, "w": W}, wrt=["w"])
+            remote.evaluate(gid, {"x": X, "w": W})
+            assert engine.cache_info().size == 2
+            assert remote.delete(gid)
+            assert engine.cache_info().size == 0
+    finally:
+        if pool is not None:
+            pool.shutdown()

@@ -266,7 +266,9 @@ class Servicer:
         return resp
 
     def DeleteGraph(self, req: pb.DeleteGraphRequest, context) -> pb.DeleteGraphResponse:
-        return pb.DeleteGraphResponse(deleted=self.registry.delete(req.graph_id))
+        deleted = self.registry.delete(req.graph_id)
+        self.engine.forget(req.graph_id)  # its plans go with it
+        return pb.DeleteGraphResponse(deleted=deleted)
 
     def OpenVjp(self, req: pb.OpenVjpRequest, context) -> pb.OpenVjpResponse:
         graph = self.registry.get(req.graph_id)

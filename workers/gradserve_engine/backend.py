@@ -51,6 +51,12 @@ class Backend(Protocol):
 
     kernels: KernelSet  # the kernels that run the plans (`.name` is what actually runs)
 
+    def forget(self, graph_id: str) -> int:
+        """Drop what is kept for graph `graph_id` (its plans, derived graphs, measurements), once
+        it is deleted; returns how many plans went. Plans of graphs derived from it (a Hessian's
+        gradient graph) age out of the plan cache as usual."""
+        ...
+
     def cache_info(self) -> CacheInfo:
         """Plan cache hits and misses, and why each miss happened."""
         ...

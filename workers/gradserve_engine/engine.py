@@ -84,6 +84,16 @@ class Engine(Backend):
             return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
                              self.kernels.describe())
 
+    def forget(self, graph_id: str) -> int:
+        with self._lock:
+            plans = [k for k in self._plans if k[0] == graph_id]
+            for table in (self._plans, self._graphs, self._sharding_checked):
+                for k in [k for k in table if k[0] == graph_id]:
+                    del table[k]
+            self._seen_graphs.discard(graph_id)
+            self.info.size = len(self._plans)
+        return len(plans)
+
     def clear_cache(self) -> None:
         with self._lock:
             self._plans.clear()

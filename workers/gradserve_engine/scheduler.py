@@ -197,6 +197,15 @@ class DistributedEngine(Backend):
         """The in-process Engine's plan cache (each worker has its own)."""
         return self.engine.cache_info()
 
+    def forget(self, graph_id: str) -> int:
+        """The Engine's plans of the graph, and this scheduler's memos and measurements of it
+        (workers keep their own caches, bounded, until they age out)."""
+        with self._lock:
+            for table in (self._cache, self._choices):
+                for k in [k for k in table if graph_id in k]:
+                    del table[k]
+        return self.engine.forget(graph_id)
+
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
         return self.engine.evaluate(graph, inputs, outputs)
 
