@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from service_fixtures import _NO_PROXY, _PROXY_VARS, ServerProcess
 
 import gradserve as gs
 import gradserve.api as gs_api
@@ -415,16 +414,6 @@ def test_an_error_of_the_function_keeps_captured_arrays_inputs(traces):
 
 # ---------------------------------------------------------------- against a real server
 
-
-@pytest.fixture(scope="module")
-def remote():
-    with pytest.MonkeyPatch.context() as mp:
-        for k in _PROXY_VARS:
-            mp.delenv(k, raising=False)
-        for k, v in _NO_PROXY.items():
-            mp.setenv(k, v)
-        with ServerProcess() as server, gs.connect(server.address, timeout=30) as r:
-            yield r
 
 
 def test_remote_calls_send_the_captured_arrays(remote, traces):

@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from service_fixtures import _NO_PROXY, _PROXY_VARS, ServerProcess
 
 import gradserve as gs
 
@@ -48,16 +47,6 @@ def session(request):
         return gs
     return request.getfixturevalue("remote")
 
-
-@pytest.fixture(scope="module")
-def remote():
-    with pytest.MonkeyPatch.context() as mp:
-        for k in _PROXY_VARS:
-            mp.delenv(k, raising=False)
-        for k, v in _NO_PROXY.items():
-            mp.setenv(k, v)
-        with ServerProcess() as server, gs.connect(server.address, timeout=30) as r:
-            yield r
 
 
 # ---------------------------------------------------------------- flatten / unflatten
