@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from gradserve_engine.errors import GraphError, ShapeError
-from gradserve_engine.ir import Graph, Var, type_str
+from gradserve_engine.ir import Graph, Var, duplicates, type_str
 
 from . import autodiff
 from .backend import Backend, CacheInfo, Residuals
@@ -325,8 +325,8 @@ def seed_feed(graph: Graph, outs: Sequence[str], seeds: Mapping[str, Any] | None
 
 
 def _no_duplicates(names: Sequence[str], what: str) -> None:
-    if len(set(names)) != len(names):
-        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+    dup = duplicates(names)
+    if dup:
         raise GraphError(f"{what} names {_few(dup)} more than once")
 
 

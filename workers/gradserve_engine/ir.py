@@ -353,6 +353,11 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+def duplicates(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once, sorted (none: an empty list, cheaply)."""
+    return sorted(n for n, k in Counter(names).items() if k > 1) if len(set(names)) != len(names) else []
+
+
 def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool = False) -> None:
     """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
     if len(graph.nodes) > limits.max_nodes:
@@ -361,7 +366,7 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool
         raise LimitError(f"graph has {len(graph.inputs)} inputs and {len(graph.constants)} constants, over the limit of "
                          f"{limits.max_nodes} values")
     for kind, names in (("input", graph.input_names()), ("output", graph.output_names())):
-        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        dup = duplicates(names)
         if dup:
             raise GraphError(f"duplicate {kind} names {_short(dup)}")
         reserved = [] if internal_names else sorted(n for n in names if n.startswith(INTERNAL))
