@@ -100,8 +100,10 @@ def test_put_get_round_trip(remote, a):
     assert isinstance(ref, gs.TensorRef)
     assert ref.dtype == a.dtype and ref.shape == a.shape and ref.nbytes == a.nbytes
     assert ref.id == wire.tensor_id(a)  # content-addressed: the client computes the same id
-    h = hashlib.sha256(f"gradserve.tensor.v1\n{a.dtype.name} [{','.join(map(str, a.shape))}]\n".encode())
-    h.update(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
+    data = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()  # the id as README defines it
+    h = hashlib.sha256(f"gradserve.tensor.v2\n{a.dtype.name} [{','.join(map(str, a.shape))}]\n".encode())
+    for i in range(0, len(data), 1 << 20):
+        h.update(hashlib.sha256(data[i:i + (1 << 20)]).digest())
     assert ref.id == h.hexdigest()
     back = remote.get(ref)
     assert back.dtype == a.dtype and back.shape == a.shape
@@ -597,15 +599,27 @@ def test_assembler_limits_allocate_nothing_before_validating():
     assert not asm.started
 
 
-def test_large_uploads_hash_on_a_thread_with_the_same_result():
-    a = np.random.default_rng(2).standard_normal(wire.ASYNC_HASH_BYTES // 8 + 3)
+@pytest.mark.parametrize("leaves", [0.5, 1, wire.PARALLEL_LEAVES - 0.5, wire.PARALLEL_LEAVES, wire.PARALLEL_LEAVES + 2.25])
+def test_uploads_hash_leaf_by_leaf_to_the_clients_id(leaves):
+    """Large uploads hash each complete leaf on the pool while the stream arrives; every size
+    (part of a leaf, whole leaves, a ragged last leaf) gives the id the client computes."""
+    a = np.random.default_rng(2).integers(0, 1 << 30, int(leaves * wire.LEAF_BYTES) // 4, dtype=np.int32)
     with wire.Assembler(hashing=True) as asm:
-        for c in wire.chunks(a):
+        for c in wire.chunks(a, chunk_bytes=300_001):  # chunk edges fall anywhere within leaves
             asm.add(c)
         b, tid = asm.finish()
     assert tid == wire.tensor_id(a)
     np.testing.assert_array_equal(a, b)
-    assert not any(t.name == "gradserve-hash" for t in threading.enumerate())  # finish() joined it
+
+
+def test_the_id_covers_type_and_every_leaf():
+    a = np.zeros(wire.PARALLEL_LEAVES * wire.LEAF_BYTES // 8)
+    ids = {wire.tensor_id(a), wire.tensor_id(a.reshape(2, -1)), wire.tensor_id(a.view(np.int64))}
+    for i in (0, a.size // 2, a.size - 1):  # a change in any leaf changes the id
+        b = a.copy()
+        b[i] = 1.0
+        ids.add(wire.tensor_id(b))
+    assert len(ids) == 6
 
 
 def test_uploads_in_progress_reserve_the_store_bound():

@@ -4,7 +4,7 @@
 accepted wherever a remote call takes an array (arguments of `remote.grad(f)`, inputs of
 `remote.gradient`, `remote.evaluate`, `remote.batch_gradient`, `remote.vjp`, `remote.minimize`'s
 `params0` and `args`), and calls made with `keep=True` return refs to results that stay on the
-server. The id is the content hash (SHA-256 of dtype, shape and bytes), so equal arrays have
+server. The id is the content hash (SHA-256 over dtype, shape and the bytes), so equal arrays have
 equal refs on any client. A ref is no array: `remote.get(ref)` downloads it.
 """
 

@@ -35,7 +35,7 @@ from gradserve_engine.wire import (
     chunk_header,
     contiguous,
     encode_chunk,
-    id_hasher,
+    tensor_id,
     wire_array,
 )
 
@@ -106,10 +106,7 @@ class TensorStore:
         a = np.asarray(value)
         if dtype_name(a.dtype) not in DTYPES:
             raise InvalidRequest(f"a result of dtype {a.dtype} cannot be kept; kept tensors are one of {list(DTYPES)}")
-        w = wire_array(a)
-        h = id_hasher(dtype_name(w.dtype), w.shape)
-        h.update(byte_view(w))
-        tid = h.hexdigest()
+        tid = tensor_id(a)
         stored = contiguous(a).view()
         stored.flags.writeable = False
         if stored.nbytes > self.max_bytes:

@@ -29,13 +29,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -52,22 +50,11 @@ from .partition import Partition, partition
 from .passes import optimize
 from .pool import Out, Shipment, Task, WorkerLost, byte_counter
 from .shard import SUM, Sharding, analyze, shard_graph, shard_sizes, split
+from .threads import available_cores
 
 log = logging.getLogger("gradserve.scheduler")
 MODES = ("in_process", "data_parallel", "graph_parallel", "fan_out")
 T = TypeVar("T")
-
-
-def available_cores() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(int(int(quota) / int(period)), 1))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 @dataclass
