@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 import gradserve as gs
 from gradserve_engine.ir import tensor_to_proto
@@ -77,8 +78,10 @@ class ByteCounter:
         with self.opener.open(self.url, timeout=10) as r:
             text = r.read().decode()
         values = dict.fromkeys(("in", "out"), 0.0)
-        for m in re.finditer(r'^gradserve_bytes_total\{direction="(in|out)",path="client_server"\} (\S+)$', text, re.M):
-            values[m[1]] = float(m[2])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "gradserve_bytes_total" and sample.labels.get("path") == "client_server":
+                    values[sample.labels["direction"]] = sample.value
         return values["in"], values["out"]
 
     def per_call(self, call, n: int) -> tuple[list[float], float, float]:

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve_engine.ir import tensor_to_proto
 from gradserve_engine.v1 import service_pb2_grpc
@@ -166,20 +167,11 @@ def scrape(metrics_port: int) -> str:
         return r.read().decode()
 
 
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
-
-
 def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
-    """{(name, frozenset of (label, value))): value} of the text exposition format."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        assert m is not None, f"malformed metrics line {line!r}"
-        labels = frozenset(tuple(kv.split("=", 1)) for kv in m["labels"].split(",")) if m["labels"] else frozenset()
-        out[(m["name"], frozenset((k, v.strip('"')) for k, v in labels))] = float(m["value"])
-    return out
+    """{(sample name, frozenset of (label, value)): value} of the text exposition format, read by
+    prometheus_client's parser (a malformed exposition raises)."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:

@@ -133,7 +133,7 @@ def test_a_server_over_either_backend_reports_its_plan_cache(serve_in_process, c
             resp = st.Gradient(req, timeout=10)
     _, want = Engine().vjp(G, INPUTS, ["x"])
     np.testing.assert_allclose(tensor_from_proto(resp.grads["x"]), want["x"], rtol=1e-12)
-    samples = parse_metrics(server.metrics.render())
+    samples = parse_metrics(server.metrics.render()[0].decode())
     info = engine.cache_info()
     assert (info.misses, info.hits) == (1, 1)
     assert metric(samples, "gradserve_plan_cache_misses_total") == info.misses

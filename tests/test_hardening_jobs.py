@@ -524,7 +524,7 @@ def test_metrics_bind_loopback_unless_told(serve_in_process):
     wide = Server(Config(host="0.0.0.0", port=0, metrics_port=0)).start()  # gRPC on every address, metrics not
     try:
         assert wide._http is not None and wide._http.server_address[0] == "127.0.0.1"
-        assert "gradserve_serving 1" in scrape(wide.metrics_port).splitlines()
+        assert metric(parse_metrics(scrape(wide.metrics_port)), "gradserve_serving") == 1
     finally:
         wide.stop(grace=0)
     told = serve_in_process(metrics_port=0, metrics_host="0.0.0.0")

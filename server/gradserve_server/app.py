@@ -110,10 +110,11 @@ REFLECTION = f"/{reflection.SERVICE_NAME}/"
 
 class _TokenAuth(grpc.ServerInterceptor):
     """Bearer-token auth for the gradient service (and reflection with `reflection`); health stays
-    open (probes send no token)."""
+    open (probes send no token). Refused calls are counted as UNAUTHENTICATED answers of their method."""
 
-    def __init__(self, token: str, reflection: bool = False):
+    def __init__(self, token: str, metrics: Metrics, reflection: bool = False):
         self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
         self._prefixes = (f"/{SERVICE}/", REFLECTION) if reflection else (f"/{SERVICE}/",)
 
         def deny(request, context):
@@ -128,6 +129,10 @@ class _TokenAuth(grpc.ServerInterceptor):
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected):
             return continuation(details)
+        # the path is the caller's: only known methods become label values (no unbounded series)
+        method = details.method.rsplit("/", 1)[-1] if details.method.startswith(f"/{SERVICE}/") else ""
+        method = method if method in service_pb2.DESCRIPTOR.services_by_name["GradientService"].methods_by_name else "other"
+        self._metrics.observe_request(method, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
         return self._deny_stream if details.method.startswith(REFLECTION) else self._deny
 
 
@@ -156,7 +161,7 @@ class Server:
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs, tensors=self.tensors, max_message_bytes=config.max_message_bytes)
         self.servicer.max_response_bytes = config.max_message_bytes  # an answer over it: RESOURCE_EXHAUSTED, counted so
-        interceptors = [_TokenAuth(config.token, config.reflection_needs_token)] if config.token else []
+        interceptors = [_TokenAuth(config.token, self.metrics, config.reflection_needs_token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
@@ -195,8 +200,7 @@ class Server:
             for mode in MODES:
                 self.metrics.gauge_fn("gradserve_calls_by_mode_total", functools.partial(scheduler.modes.__getitem__, mode),
                                       mode=mode)
-                self.metrics.gauge_fn("gradserve_mode_seconds_total",
-                                      functools.partial(scheduler.seconds_by_mode.__getitem__, mode), mode=mode)
+            scheduler.on_call = lambda mode, seconds: self.metrics.observe("gradserve_mode_seconds", seconds, mode=mode)
             for path, direction in ROUTES:  # what crosses between this process and its workers
                 self.metrics.gauge_fn("gradserve_bytes_total", functools.partial(scheduler.bytes_moved.__getitem__,
                                                                                  (path, direction)),

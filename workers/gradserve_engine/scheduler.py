@@ -160,7 +160,8 @@ class DistributedEngine(Backend):
     over the pool; everything else runs on the in-process Engine.
 
     For the server's metrics and logs: `modes` (calls per mode), `seconds_by_mode` (their wall
-    seconds), `bytes_moved` (the pool's counter: ("driver_workers", "out"|"in") and
+    seconds; `on_call(mode, seconds)`, when set, hears each call's), `bytes_moved` (the pool's
+    counter: ("driver_workers", "out"|"in") and
     ("worker_fetch", "in")), `timings()` (each graph's measured candidates and choice) and
     `schedule_info()` (the same as text). `clock` times the calls (a fake one in tests)."""
 
@@ -174,6 +175,7 @@ class DistributedEngine(Backend):
         self.clock = clock
         self.modes: Counter[str] = Counter()
         self.seconds_by_mode: dict[str, float] = dict.fromkeys(MODES, 0.0)
+        self.on_call: Callable[[str, float], None] | None = None
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._flops_by_id: dict[str, float] = {}
         self._choices: OrderedDict[tuple, str | _Trial] = OrderedDict()  # a fixed mode, or the candidates measured
@@ -317,7 +319,8 @@ class DistributedEngine(Backend):
             seconds = math.inf  # ...unless the mode's workers failed it: not a mode to keep
             raise
         finally:
-            self.seconds_by_mode[ran] += seconds if seconds is not None and math.isfinite(seconds) else 0.0
+            if seconds is not None and math.isfinite(seconds):
+                self._ran(ran, seconds)
             with self._lock:
                 changed = choice.record(ran, seconds if timed else None, exploring, self.policy)
                 chosen, best = choice.chosen, choice.estimates()
@@ -328,8 +331,13 @@ class DistributedEngine(Backend):
     def _timed(self, mode: str, run: Callable[[str], tuple[str, T]]) -> tuple[str, T]:
         start = self.clock()
         ran, result = run(mode)
-        self.seconds_by_mode[ran] += self.clock() - start
+        self._ran(ran, self.clock() - start)
         return ran, result
+
+    def _ran(self, mode: str, seconds: float) -> None:
+        self.seconds_by_mode[mode] += seconds
+        if self.on_call is not None:
+            self.on_call(mode, seconds)
 
     def _retrying(self, run: Callable[[float], T]) -> T:
         """`run(deadline)` again while workers die under it (WorkerLost), within the deadline."""
@@ -372,7 +380,7 @@ class DistributedEngine(Backend):
             start = self.clock()
             self.modes["in_process"] += 1
             result = self.engine.vjp(graph, inputs, wrt, seeds, outputs)
-            self.seconds_by_mode["in_process"] += self.clock() - start
+            self._ran("in_process", self.clock() - start)
             return result
         return self._measured(choice, key, run)
 
