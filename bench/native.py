@@ -3,7 +3,7 @@
 
     python bench/native.py                    # both workloads and the threshold sweep (about 1-2 minutes on 2 cores)
     python bench/native.py --dtype float32 --repeat 6 --json out.json
-    python bench/native.py --only threshold   # only the sweep behind native.AUTO_MIN_ELEMENTS
+    python bench/native.py --only threshold   # only the sweep behind native.AUTO_MIN_ELEMENTS and plan.PARALLEL_MIN_WORK
     python bench/native.py --smoke            # every part at tiny sizes, seconds once numba's cache is warm (the tests)
 
 Workloads, each forward + backward, gradients checked against each other before timing:
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -265,7 +266,7 @@ def compile_times(args: argparse.Namespace) -> dict[str, float]:
 def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gradserve_engine.ir import Builder
     from gradserve_engine.native import NativeKernels
-    from gradserve_engine.plan import Plan
+    from gradserve_engine.plan import ChunkedStep, Plan
 
     def graph(kind: str, dt: str, rows: int, cols: int):
         b = Builder()
@@ -277,10 +278,18 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         one = b.const(np.ones((), dt))
         return b.build([("y", b.bind("mul", g, b.bind("sub", one, b.bind("mul", x, x))))])
 
+    def sliced(g):  # numpy's kernels with every elementwise step in slices on the thread pool
+        plan = Plan(g, parallel_min_work=0)
+        for step in plan.steps:
+            if isinstance(step, ChunkedStep):
+                step.sliced = True
+        return plan
+
     kernel_sets = {"native 1 thread": NativeKernels(threads=1), "native pool": NativeKernels()}
     rows_out = []
     repeat = args.sizes["sweep_repeat"]
-    print(f"# threshold sweep: best-of-{repeat} µs per call (numpy / native 1 thread / native pool)")
+    print(f"# threshold sweep: best-of-{repeat} µs per call (numpy / numpy in slices on threads / native 1 thread / "
+          "native pool)")
     for dt in ("float32", "float64"):
         for kind in ("bias+tanh", "tanh-vjp"):
             line = []
@@ -290,12 +299,15 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rng = np.random.default_rng(0)
                 feed = {i.name: rng.standard_normal(i.shape).astype(dt) for i in g.inputs}
                 res = {}
-                for name, plan in (("numpy", Plan(g)), *((k, Plan(g, kernels=ks)) for k, ks in kernel_sets.items())):
+                plans = (("numpy", Plan(g, parallel_min_work=math.inf)), ("numpy slices", sliced(g)),
+                         *((k, Plan(g, kernels=ks)) for k, ks in kernel_sets.items()))
+                for name, plan in plans:
                     plan.run(feed)
                     number = max(1, args.sizes["sweep_elements"] // n)
                     res[name] = min(timeit.repeat(lambda p=plan, f=feed: p.run(f), number=number, repeat=repeat)) / number * 1e6
                 rows_out.append({"dtype": dt, "group": kind, "elements": n, "us": res})
-                line.append(f"{n}: {res['numpy']:.1f}/{res['native 1 thread']:.1f}/{res['native pool']:.1f}")
+                line.append(f"{n}: {res['numpy']:.1f}/{res['numpy slices']:.1f}/{res['native 1 thread']:.1f}/"
+                            f"{res['native pool']:.1f}")
             print(f"#   {dt} {kind}: " + "  ".join(line), flush=True)
     return rows_out
 

@@ -604,10 +604,10 @@ def test_uploads_hash_leaf_by_leaf_to_the_clients_id(leaves):
     """Large uploads hash each complete leaf on the pool while the stream arrives; every size
     (part of a leaf, whole leaves, a ragged last leaf) gives the id the client computes."""
     a = np.random.default_rng(2).integers(0, 1 << 30, int(leaves * wire.LEAF_BYTES) // 4, dtype=np.int32)
-    with wire.Assembler(hashing=True) as asm:
-        for c in wire.chunks(a, chunk_bytes=300_001):  # chunk edges fall anywhere within leaves
-            asm.add(c)
-        b, tid = asm.finish()
+    asm = wire.Assembler(hashing=True)
+    for c in wire.chunks(a, chunk_bytes=300_001):  # chunk edges fall anywhere within leaves
+        asm.add(c)
+    b, tid = asm.finish()
     assert tid == wire.tensor_id(a)
     np.testing.assert_array_equal(a, b)
 

@@ -88,11 +88,11 @@ class TensorStore:
                 reserved[0] = nbytes
 
         try:
-            with Assembler(self.limits, self.max_bytes, hashing=True, where="PutTensor", reserve=reserve,
-                           limit_name="the tensor store's bound (--tensor-store-mib)") as asm:
-                for raw in raw_chunks:
-                    asm.add(raw)
-                array, tid = asm.finish()
+            asm = Assembler(self.limits, self.max_bytes, hashing=True, where="PutTensor", reserve=reserve,
+                            limit_name="the tensor store's bound (--tensor-store-mib)")
+            for raw in raw_chunks:
+                asm.add(raw)
+            array, tid = asm.finish()
         finally:
             with self._lock:
                 self._receiving -= reserved[0]

@@ -42,9 +42,8 @@ results. That module imports numba; this one does so only when a kernel set need
 native form is a libm call (sin, cos, tan, atan2, pow) say so in their primitive's `libm` trait.
 
 Threads. Kernels are compiled with ``nogil=True``. A group whose estimated work reaches
-`PARALLEL_MIN_WORK` runs on this module's small thread pool: the caller and ``threads - 1``
-workers claim chunks of tiles until none are left, and the caller never waits for a worker
-that has not started (on a loaded machine it does the work alone); smaller groups run in the
+`PARALLEL_MIN_WORK` runs its tiles in chunks on the process's thread pool (`threads.py`: the
+caller and the pool's workers claim chunks until none are left); smaller groups run in the
 calling thread. numba's own ``parallel=True`` was measured and rejected: with its OpenMP layer
 (the only thread-safe one installed here) the worker threads spin after each kernel and made
 the next OpenBLAS matmul 2.7x slower (2.6 -> 7.2 ms on this 2-core machine), and its workqueue
@@ -67,11 +66,12 @@ from typing import Any
 
 import numpy as np
 
+from . import threads as threads_
 from .fusion import Group, KernelSet, numpy_group_runner
 from .gpu import GpuKernels
 from .ir import Node
 from .ops import KERNELS, PRIMITIVES
-from .ops.core import Cost
+from .ops.core import WORK, Cost
 from .ops.dtypes import NUMBA_TYPES
 
 MODES = ("numpy", "native", "auto", "gpu")
@@ -153,7 +153,7 @@ class NativeKernels(KernelSet):
         super().__init__(KERNELS, fuse=True)
         self.min_elements = min_elements
         self.libm_ops = libm_ops
-        self.threads = threads if threads is not None else max(1, min(os.cpu_count() or 1, 8))
+        self.threads = threads if threads is not None else threads_.available_cores()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
         self.requested = requested
         self.compiled = 0  # groups compiled or loaded by this kernel set
@@ -223,7 +223,6 @@ def _expr(n: Node, args: list[str], in_dtypes: list[str]) -> str:
 # latency estimates (cycles) for splitting a group into stages; see `stages`
 # cycles of latency per element and op cost class (see `stages`), and relative work (`work_per_element`)
 _LATENCY = {Cost.CHEAP: 4, Cost.DIV: 15, Cost.TRANSCENDENTAL: 60}
-_WORK = {Cost.CHEAP: 0.5, Cost.DIV: 2.0, Cost.TRANSCENDENTAL: 8.0}
 STAGE_LATENCY = 80
 
 
@@ -451,7 +450,7 @@ def load_kernel(source: str, signature: tuple, cache_dir: Path) -> Any:
 
 def work_per_element(group: Group) -> float:
     """A rough compute cost per element (see PARALLEL_MIN_WORK)."""
-    return sum((_WORK[_cost(n.op)] for n in group.members), 0.0)
+    return sum((WORK[_cost(n.op)] for n in group.members), 0.0)
 
 
 def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable[..., tuple[Any, ...]]:
@@ -496,104 +495,9 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
         if size:
             args = (*fixed, *ins, *(b.reshape(-1) for b in res))
             if parallel:
-                _pool(threads).run(kernel, cuts, args)
+                threads_.pool().run(kernel, cuts, args)
             else:
                 kernel(0, T, *args)
         return tuple(res)
 
     return run
-
-
-# ---------------------------------------------------------------- the thread pool
-
-
-class _Job:
-    """One kernel call split into chunks of tiles, claimed one at a time by whoever is free."""
-
-    def __init__(self, fn: Any, bounds: list[int], args: tuple):
-        self.fn, self.bounds, self.args = fn, bounds, args
-        self.lock = threading.Lock()
-        self.next = 0
-        self.running = 0
-        self.finished = threading.Event()
-        self.error: BaseException | None = None
-
-    def help(self) -> None:
-        last = len(self.bounds) - 1
-        while True:
-            with self.lock:
-                i = self.next
-                if i >= last:
-                    return
-                self.next = i + 1
-                self.running += 1
-            try:
-                self.fn(self.bounds[i], self.bounds[i + 1], *self.args)
-            except BaseException as e:  # reported to the caller
-                self.error = e
-            finally:
-                with self.lock:
-                    self.running -= 1
-                    if self.running == 0 and self.next >= last:
-                        self.finished.set()
-
-    def wait(self) -> None:
-        with self.lock:
-            idle = self.running == 0
-        if not idle:
-            self.finished.wait()
-        if self.error is not None:
-            raise self.error
-
-
-class _Pool:
-    """The caller and `n - 1` daemon workers run a kernel's chunks of tiles, each claiming the
-    next chunk when free (nogil kernels: they run in parallel). The caller waits only for chunks
-    a worker has claimed, never for a worker that has not woken up yet (on a busy machine a
-    worker can be off the CPU for a whole time slice; the caller then does the work alone).
-    One call at a time: a caller that finds the pool busy (another thread's plan) runs its
-    tiles itself."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.pid = os.getpid()
-        self.busy = threading.Lock()
-        self.wake = threading.Semaphore(0)
-        self.job: _Job | None = None
-        for i in range(1, n):
-            threading.Thread(target=self._work, name=f"gradserve-native-{i}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            self.wake.acquire()
-            job = self.job
-            if job is not None:
-                job.help()
-
-    def run(self, fn: Any, bounds: list[int], args: tuple) -> None:
-        if not self.busy.acquire(blocking=False):
-            fn(bounds[0], bounds[-1], *args)
-            return
-        try:
-            job = self.job = _Job(fn, bounds, args)
-            for _ in range(self.n - 1):
-                self.wake.release()
-            job.help()
-            job.wait()
-        finally:
-            self.job = None
-            self.busy.release()
-
-
-_pools: dict[int, _Pool] = {}
-_pool_lock = threading.Lock()
-
-
-def _pool(n: int) -> _Pool:
-    p = _pools.get(n)
-    if p is None or p.pid != os.getpid():  # threads do not survive fork
-        with _pool_lock:
-            p = _pools.get(n)
-            if p is None or p.pid != os.getpid():
-                p = _pools[n] = _Pool(n)
-    return p

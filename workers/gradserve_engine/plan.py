@@ -36,10 +36,12 @@ import numpy as np
 from gradserve_engine.errors import Cancelled, GraphError, LimitError
 from gradserve_engine.ir import Graph, Node, Var, replay, type_str
 
+from . import threads
 from .fusion import Group, KernelSet, find_groups, schedule
 from .guard import BUDGET, STOP, poller
 from .guard import stop_when as stop_when  # where the service imports it from
 from .ops import IN_PLACE, KERNELS, OUT_CAPABLE, PRIMITIVES, VIEWS, Kernel
+from .ops.core import WORK
 
 NEVER = 1 << 62
 _stop, _budget = STOP.get, BUDGET.get  # read once per run (the hot path)
@@ -49,6 +51,11 @@ _stop, _budget = STOP.get, BUDGET.get  # read once per run (the hot path)
 # made the MLP gradient 25% slower (measured: 11.3 -> 14.3 ms in float32 on 2 cores).
 MATMUL_SPLIT_FLOPS = 1 << 34
 MATMUL_BLOCK_FLOPS = 1 << 32
+# an elementwise numpy step may run in slices on the thread pool (whether it does is measured per
+# step: ChunkedStep) when its elements x the work of its op's cost class (ops/core.py: WORK) reach
+# this: below it the hand-off (~25 us on an idle machine) cannot pay (float32 tanh gains from 1 Mi
+# elements on 2 cores: `python bench/native.py --only threshold`)
+PARALLEL_MIN_WORK = 1 << 18
 MIN_TILE = 64  # rows or columns of a block at least (when the result has them): BLAS stays efficient
 
 
@@ -123,6 +130,64 @@ class UnaryStep(KernelStep):
             env[self.out] = self.fn(env[self.operand], out=env[self.src])
 
 
+class ChunkedStep(KernelStep):
+    """An elementwise kernel over a large result that may run in slices along the result's first
+    axis on the process's thread pool (numpy's loops release the GIL). Operands that span that
+    axis are sliced with the result; the others broadcast whole into every slice.
+
+    Whether slices pay depends on the machine (cores, memory bandwidth, what else runs), so the
+    step measures: its first `2 * TRIALS` calls alternate whole and sliced, and it keeps the way
+    whose best call was faster (slices must win by `MARGIN`)."""
+
+    __slots__ = ("bounds", "dtype", "shape", "sliced", "split", "times")
+    TRIALS = 3
+    MARGIN = 0.9
+
+    def __init__(self, kernel: Kernel, node: Node, src: int, frees: tuple[int, ...], operand_shapes: Sequence[tuple],
+                 chunks: int):
+        super().__init__(kernel, node, src, frees)
+        self.shape, self.dtype = node.shape, np.dtype(node.dtype)
+        self.split = tuple(len(s) == len(node.shape) and s[0] == node.shape[0] for s in operand_shapes)
+        self.bounds = threads.cuts(node.shape[0], chunks)
+        self.sliced: bool | None = None  # undecided while measuring
+        self.times: tuple[list[float], list[float]] = ([], [])  # seconds of whole calls, of sliced calls
+
+    def run(self, env: list[Any]) -> None:
+        if self.sliced is None:
+            self._measure(env)
+        elif self.sliced:
+            self._run_sliced(env)
+        else:
+            KernelStep.run(self, env)
+
+    def _run_sliced(self, env: list[Any]) -> None:
+        args = self.operands(env)
+        out = env[self.src] if self.src >= 0 else np.empty(self.shape, self.dtype)
+        fn, split = self.fn, self.split
+
+        def part(lo: int, hi: int) -> None:
+            fn(*[a[lo:hi] if s else a for a, s in zip(args, split, strict=True)], out=out[lo:hi])
+
+        threads.pool().run(part, self.bounds)
+        env[self.out] = out
+
+    def _measure(self, env: list[Any]) -> None:
+        whole, sliced = self.times
+        way = len(sliced) < len(whole)  # alternate (concurrent callers may add a sample more: harmless)
+        start = time.perf_counter()
+        if way:
+            self._run_sliced(env)
+        else:
+            KernelStep.run(self, env)
+        (sliced if way else whole).append(time.perf_counter() - start)
+        if len(whole) >= self.TRIALS and len(sliced) >= self.TRIALS:
+            self.sliced = min(sliced) < self.MARGIN * min(whole)
+
+    def listing(self, kernel_mode: str) -> list[str]:
+        way = {None: "measuring", True: "sliced", False: "whole"}[self.sliced]
+        return [f"{super().listing(kernel_mode)[0]}  # {way}: {len(self.bounds) - 1} slices on threads"]
+
+
 def _getter(ins: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
     """`env -> the values in slots ins`, as a tuple."""
     if len(ins) > 1:
@@ -159,10 +224,13 @@ def _free_text(frees: tuple[int, ...]) -> str:
 class Plan:
     """Ordered kernel calls over slots. `run(inputs)` returns the named outputs."""
 
-    def __init__(self, graph: Graph, kernels: Mapping[str, Kernel] | KernelSet = KERNELS, fusion: bool | None = None):
+    def __init__(self, graph: Graph, kernels: Mapping[str, Kernel] | KernelSet = KERNELS, fusion: bool | None = None,
+                 parallel_min_work: float = PARALLEL_MIN_WORK):
         """`kernels`: a plain op table (numpy's by default; no fusion unless `fusion=True`, then
         groups are interpreted with that table), or a `KernelSet` (numpy, native, gpu) that
-        fuses when its `fuse` is set (`fusion` overrides it)."""
+        fuses when its `fuse` is set (`fusion` overrides it). An elementwise step whose result
+        holds at least `parallel_min_work` (elements x the work of its op's cost class) runs in
+        slices on the process's thread pool."""
         self.graph = graph
         n_in, first = len(graph.inputs), graph.first_node_id
         self.n_slots = graph.n_values
@@ -286,9 +354,11 @@ class Plan:
         self.steps: list[Step] = [
             FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
             if isinstance(n, Group) else
-            KernelStep.of(_kernel(table, n, graph, blocked), n, out_src[k][0], tuple(dict.fromkeys(frees[k])))
+            _kernel_step(_kernel(table, n, graph, blocked), n, graph, out_src[k][0], tuple(dict.fromkeys(frees[k])),
+                         parallel_min_work if blocked else math.inf)
             for k, n in enumerate(units)
         ]
+        self.parallel_min_work = parallel_min_work
         # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
         # would alias an input or a constant are copied
         self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
@@ -362,16 +432,32 @@ class Plan:
         return f"{self._describe()}: the tensor {what} ({type_str(dtype, shape)})"
 
     def kernel_info(self) -> dict[str, Any]:
-        """What runs this plan: the backend, fused groups and their members, compile time."""
+        """What runs this plan: the backend, fused groups and their members, compile time, and
+        the elementwise steps that may run in slices on threads (decided by measuring)."""
+        chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
                 "fused_nodes": sum(len(g.members) for g in self.groups), "steps": len(self.steps),
-                "compile_seconds": self.compile_seconds}
+                "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
+                "threads": threads.available_cores(), "sliceable_steps": len(chunked),
+                "sliced_steps": sum(step.sliced is True for step in chunked)}
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
 
 
 # ---------------------------------------------------------------- large kernels in blocks
+
+
+def _kernel_step(kernel: Kernel, node: Node, graph: Graph, src: int, frees: tuple[int, ...],
+                 min_work: float) -> KernelStep:
+    """The step of `node`: in slices on the thread pool when it is elementwise, writes `out=`,
+    and its result holds at least `min_work`."""
+    prim = PRIMITIVES[node.op]
+    cores = threads.available_cores()
+    if (cores > 1 and prim.elementwise and node.op in OUT_CAPABLE and node.shape and node.shape[0] > 1
+            and prim.cost is not None and math.prod(node.shape) * WORK[prim.cost] >= min_work):
+        return ChunkedStep(kernel, node, src, frees, [graph.aval(i)[1] for i in node.inputs], 4 * cores)
+    return KernelStep.of(kernel, node, src, frees)
 
 
 def _kernel(table: Mapping[str, Kernel], node: Node, graph: Graph, blocked: bool) -> Kernel:

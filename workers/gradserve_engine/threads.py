@@ -1,13 +1,23 @@
-"""The CPUs this process may use, and one thread pool sized to them for work that releases the
-GIL (hashing, large numpy kernels): shared by the whole process so that parallel pieces never
-oversubscribe the machine by starting pools of their own."""
+"""The CPUs this process may use, and the one pool of threads that spreads GIL-free work over
+them: fused native kernels, large numpy steps, the hashing of large tensors.
+
+One pool for the process, sized to `available_cores()` (affinity and cgroup quota), so that no
+part starts threads of its own and oversubscribes the machine. A call splits its work into
+chunks; the caller and the pool's workers claim chunks until none are left, and the caller never
+waits for a worker that has not started (on a loaded machine a worker can be off the CPU for a
+whole time slice: the caller then does the work alone). One call at a time: a caller that finds
+the pool busy (another thread's plan) runs its chunks itself, so concurrent plans on a server's
+threads never queue behind each other. Plans run their steps one after another, so the pool and
+BLAS's own threads take turns rather than compete.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def available_cores() -> int:
@@ -22,15 +32,101 @@ def available_cores() -> int:
     return cores
 
 
-_pool: ThreadPoolExecutor | None = None
+class _Job:
+    """One call split into chunks, claimed one at a time by whoever is free."""
+
+    def __init__(self, fn: Callable[..., Any], bounds: Sequence[int], args: tuple):
+        self.fn, self.bounds, self.args = fn, bounds, args
+        self.lock = threading.Lock()
+        self.next = 0
+        self.running = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+
+    def help(self) -> None:
+        last = len(self.bounds) - 1
+        while True:
+            with self.lock:
+                i = self.next
+                if i >= last:
+                    return
+                self.next = i + 1
+                self.running += 1
+            try:
+                self.fn(self.bounds[i], self.bounds[i + 1], *self.args)
+            except BaseException as e:  # reported to the caller
+                self.error = e
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    if self.running == 0 and self.next >= last:
+                        self.finished.set()
+
+    def wait(self) -> None:
+        with self.lock:
+            idle = self.running == 0
+        if not idle:
+            self.finished.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Pool:
+    """The caller and `size - 1` daemon workers: `run(fn, bounds, args)` calls
+    `fn(bounds[i], bounds[i + 1], *args)` for every i, spread over whoever is free (or, alone,
+    `fn(bounds[0], bounds[-1], *args)` once: `fn` takes any range)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pid = os.getpid()
+        self.calls = 0  # calls spread over the pool (the rest ran in their caller alone)
+        self._busy = threading.Lock()
+        self._wake = threading.Semaphore(0)
+        self._job: _Job | None = None
+        for i in range(1, size):
+            threading.Thread(target=self._work, name=f"gradserve-cpu-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._wake.acquire()
+            job = self._job
+            if job is not None:
+                job.help()
+
+    def run(self, fn: Callable[..., Any], bounds: Sequence[int], args: tuple = ()) -> None:
+        if self.size == 1 or len(bounds) <= 2 or not self._busy.acquire(blocking=False):
+            fn(bounds[0], bounds[-1], *args)
+            return
+        try:
+            self.calls += 1
+            job = self._job = _Job(fn, bounds, args)
+            for _ in range(self.size - 1):
+                self._wake.release()
+            job.help()
+            job.wait()
+        finally:
+            self._job = None
+            self._busy.release()
+
+
+_pool: Pool | None = None
 _pool_lock = threading.Lock()
 
 
-def pool() -> ThreadPoolExecutor:
-    """The process's pool of `available_cores()` threads (started on first use)."""
+def pool() -> Pool:
+    """The process's pool (started on first use, and again in a forked child: threads do not
+    survive fork)."""
     global _pool
-    if _pool is None:
+    p = _pool
+    if p is None or p.pid != os.getpid():
         with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="gradserve-cpu")
-    return _pool
+            p = _pool
+            if p is None or p.pid != os.getpid():
+                p = _pool = Pool(available_cores())
+    return p
+
+
+def cuts(n: int, chunks: int) -> list[int]:
+    """Bounds splitting range(n) into `chunks` near-equal parts."""
+    chunks = max(1, min(chunks, n))
+    return [n * i // chunks for i in range(chunks + 1)]

@@ -24,7 +24,6 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -59,10 +58,18 @@ def _leaf_digest(data: memoryview) -> bytes:
 
 def leaf_digests(data: memoryview) -> list[bytes]:
     """The SHA-256 of each `LEAF_BYTES` slice of `data` in order (on the thread pool when many)."""
-    leaves = [data[i:i + LEAF_BYTES] for i in range(0, len(data), LEAF_BYTES)]
-    if len(leaves) < PARALLEL_LEAVES:
-        return [_leaf_digest(leaf) for leaf in leaves]
-    return list(threads.pool().map(_leaf_digest, leaves))
+    n = -(-len(data) // LEAF_BYTES)
+    digests = [b""] * n
+
+    def hash_leaves(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            digests[i] = _leaf_digest(data[i * LEAF_BYTES:(i + 1) * LEAF_BYTES])
+
+    if n < PARALLEL_LEAVES:
+        hash_leaves(0, n)
+    else:
+        threads.pool().run(hash_leaves, threads.cuts(n, n))
+    return digests
 
 
 def combine_id(dtype: str, shape: Iterable[int], digests: Iterable[bytes]) -> str:
@@ -235,18 +242,7 @@ class Assembler:
         self.ref = ""
         self.nbytes = self.filled = 0
         self._buf: np.ndarray | None = None
-        self._digests: list[Future[bytes]] | None = None  # leaves hashed so far, when hashing on the pool
-
-    def __enter__(self) -> Assembler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Drop the leaves not hashed yet (finish() waits for them; this is for a stream that failed)."""
-        for f in self._digests or ():
-            f.cancel()
+        self._digests: list[bytes] | None = None  # leaves hashed so far, when hashing as the stream arrives
 
     @property
     def started(self) -> bool:
@@ -266,11 +262,11 @@ class Assembler:
             assert self._buf is not None
             self._buf[self.filled:self.filled + n] = np.frombuffer(data, np.uint8)
             self.filled += n
-            if self._digests is not None:  # hash each leaf on the pool once it is complete
-                done, view = len(self._digests) * LEAF_BYTES, self._buf.data
-                while done + LEAF_BYTES <= self.filled:
-                    self._digests.append(threads.pool().submit(_leaf_digest, view[done:done + LEAF_BYTES]))
-                    done += LEAF_BYTES
+            if self._digests is not None:  # hash complete leaves in batches, one leaf per core, while gRPC receives
+                done = len(self._digests)
+                ready = self.filled // LEAF_BYTES - done
+                if ready >= self._batch or (self.filled == self.nbytes and ready):
+                    self._digests += leaf_digests(self._buf.data[done * LEAF_BYTES:(done + ready) * LEAF_BYTES])
 
     def _start(self, code: int, shape: list[int], ref: str) -> None:
         if code not in DTYPE_FROM_PB:
@@ -287,6 +283,7 @@ class Assembler:
         self._buf = np.empty(self.nbytes, np.uint8)
         if self.hashing and self.nbytes >= PARALLEL_LEAVES * LEAF_BYTES:
             self._digests = []
+            self._batch = max(threads.available_cores(), PARALLEL_LEAVES)
 
     def finish(self) -> tuple[np.ndarray, str]:
         """The array (read-only, native byte order) and its content id ("" without hashing)."""
@@ -306,5 +303,5 @@ class Assembler:
             digests = leaf_digests(view)
         else:
             done = len(self._digests) * LEAF_BYTES
-            digests = [f.result() for f in self._digests] + [_leaf_digest(view[done:])] * (done < self.nbytes)
+            digests = self._digests + leaf_digests(view[done:])
         return a, combine_id(self.dtype, self.shape, digests)

@@ -54,6 +54,10 @@ class Cost(enum.IntEnum):
     TRANSCENDENTAL = 2  # exp, log, tanh, sin, pow, ...: a polynomial or a libm call
 
 
+# relative compute per element of each cost class: what decides whether a step is worth spreading over threads
+WORK = {Cost.CHEAP: 0.5, Cost.DIV: 2.0, Cost.TRANSCENDENTAL: 8.0}
+
+
 # ---------------------------------------------------------------- flops
 
 def size_of(aval: AVal) -> int:
