@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gradserve_engine import threads
+from gradserve_engine import buffers, threads
 from gradserve_engine.ir import Builder
 from gradserve_engine.ops import OUT_CAPABLE, PRIMITIVES
 from gradserve_engine.plan import ChunkedStep, Plan
@@ -81,3 +81,45 @@ def test_the_pool_runs_every_chunk_once_and_reports_errors():
 
     with pytest.raises(ValueError, match="chunk"):
         threads.pool().run(boom, threads.cuts(10, 5))
+
+
+# ---------------------------------------------------------------- recycled buffers
+
+
+def _mlp_graph(dtype: str):
+    """A float64 MLP gradient's shapes: results of 2 MiB and more."""
+    import gradserve as gs
+
+    def loss(w1, w2, x):
+        return gs.sum(gs.tanh(gs.tanh(x @ w1) @ w2))
+
+    rng = np.random.default_rng(0)
+    args = (rng.standard_normal((256, 1024)).astype(dtype) * 0.03, rng.standard_normal((1024, 256)).astype(dtype) * 0.03,
+            rng.standard_normal((256, 256)).astype(dtype))
+    return gs.grad(loss, argnums=(0, 1)), args
+
+
+def test_steady_state_calls_allocate_no_new_large_buffers():
+    grad, args = _mlp_graph("float64")
+    for _ in range(3):
+        grad(*args)
+    before = (buffers.RECYCLER.allocated, buffers.RECYCLER.reused)
+    for _ in range(5):
+        grad(*args)
+    assert buffers.RECYCLER.allocated == before[0]  # every large buffer came back and was reused
+    assert buffers.RECYCLER.reused > before[1]
+
+
+def test_a_buffer_is_reused_only_after_every_view_of_it_is_gone():
+    b = Builder()
+    x = b.input("x", "float64", (256, 256))
+    graph = b.build([("y", b.bind("exp", x))])
+    plan = Plan(graph, parallel_min_work=math.inf)
+    first = plan.run({"x": np.zeros((256, 256))})["y"]
+    corner, column = first[:2, :2], first.T[0]  # views the caller keeps
+    del first
+    for k in range(3):  # the same size again and again: the buffer under the views must not be handed out
+        again = plan.run({"x": np.full((256, 256), float(k + 1))})["y"]
+        assert again[0, 0] == np.exp(k + 1)
+    np.testing.assert_array_equal(corner, np.ones((2, 2)))
+    np.testing.assert_array_equal(column, np.ones(256))

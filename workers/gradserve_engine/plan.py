@@ -37,6 +37,7 @@ from gradserve_engine.errors import Cancelled, GraphError, LimitError
 from gradserve_engine.ir import Graph, Node, Var, replay, type_str
 
 from . import threads
+from .buffers import MIN_BYTES, RECYCLER
 from .fusion import Group, KernelSet, find_groups, schedule
 from .guard import BUDGET, STOP, poller
 from .guard import stop_when as stop_when  # where the service imports it from
@@ -90,13 +91,14 @@ class Step:
 class KernelStep(Step):
     """One node through its kernel (attributes bound), writing `out=` a dead buffer when it has one."""
 
-    __slots__ = ("operands", "out", "src")
+    __slots__ = ("fresh", "operands", "out", "src")
 
     def __init__(self, kernel: Kernel, node: Node, src: int, frees: tuple[int, ...]):
         super().__init__(functools.partial(kernel, **node.attrs) if node.attrs else kernel, node, (node.id,), (src,), frees)
         self.operands = _getter(self.ins)
         self.out = node.id
         self.src = src
+        self.fresh: tuple[tuple[int, ...], np.dtype] | None = None  # with no dead buffer: a recycled one of this type
 
     @staticmethod
     def of(kernel: Kernel, node: Node, src: int, frees: tuple[int, ...]) -> KernelStep:
@@ -104,10 +106,12 @@ class KernelStep(Step):
         return (UnaryStep if len(node.inputs) == 1 else KernelStep)(kernel, node, src, frees)
 
     def run(self, env: list[Any]) -> None:
-        if self.src < 0:
-            env[self.out] = self.fn(*self.operands(env))
-        else:
+        if self.src >= 0:
             env[self.out] = self.fn(*self.operands(env), out=env[self.src])
+        elif self.fresh is not None:
+            env[self.out] = self.fn(*self.operands(env), out=RECYCLER.empty(*self.fresh))
+        else:
+            env[self.out] = self.fn(*self.operands(env))
 
     def listing(self, kernel_mode: str) -> list[str]:
         extra = f"  # out=%{self.src}" if self.src >= 0 else ""
@@ -124,10 +128,12 @@ class UnaryStep(KernelStep):
         self.operand = node.inputs[0]
 
     def run(self, env: list[Any]) -> None:
-        if self.src < 0:
-            env[self.out] = self.fn(env[self.operand])
-        else:
+        if self.src >= 0:
             env[self.out] = self.fn(env[self.operand], out=env[self.src])
+        elif self.fresh is not None:
+            env[self.out] = self.fn(env[self.operand], out=RECYCLER.empty(*self.fresh))
+        else:
+            env[self.out] = self.fn(env[self.operand])
 
 
 class ChunkedStep(KernelStep):
@@ -162,7 +168,7 @@ class ChunkedStep(KernelStep):
 
     def _run_sliced(self, env: list[Any]) -> None:
         args = self.operands(env)
-        out = env[self.src] if self.src >= 0 else np.empty(self.shape, self.dtype)
+        out = env[self.src] if self.src >= 0 else RECYCLER.empty(self.shape, self.dtype)
         fn, split = self.fn, self.split
 
         def part(lo: int, hi: int) -> None:
@@ -355,7 +361,7 @@ class Plan:
             FusedStep(runners[id(n)], n, n.output_ids, tuple(out_src[k]), tuple(dict.fromkeys(frees[k])))
             if isinstance(n, Group) else
             _kernel_step(_kernel(table, n, graph, blocked), n, graph, out_src[k][0], tuple(dict.fromkeys(frees[k])),
-                         parallel_min_work if blocked else math.inf)
+                         parallel_min_work, host=blocked)
             for k, n in enumerate(units)
         ]
         self.parallel_min_work = parallel_min_work
@@ -449,15 +455,22 @@ class Plan:
 
 
 def _kernel_step(kernel: Kernel, node: Node, graph: Graph, src: int, frees: tuple[int, ...],
-                 min_work: float) -> KernelStep:
+                 min_work: float, host: bool) -> KernelStep:
     """The step of `node`: in slices on the thread pool when it is elementwise, writes `out=`,
-    and its result holds at least `min_work`."""
+    and its result holds at least `min_work`; writing a large result into a recycled buffer when
+    it has no dead one to write over. Neither for kernels over device arrays (not `host`)."""
     prim = PRIMITIVES[node.op]
     cores = threads.available_cores()
+    if not host:
+        return KernelStep.of(kernel, node, src, frees)
     if (cores > 1 and prim.elementwise and node.op in OUT_CAPABLE and node.shape and node.shape[0] > 1
             and prim.cost is not None and math.prod(node.shape) * WORK[prim.cost] >= min_work):
         return ChunkedStep(kernel, node, src, frees, [graph.aval(i)[1] for i in node.inputs], 4 * cores)
-    return KernelStep.of(kernel, node, src, frees)
+    step = KernelStep.of(kernel, node, src, frees)
+    dtype = np.dtype(node.dtype)
+    if src < 0 and node.op in OUT_CAPABLE and math.prod(node.shape) * dtype.itemsize >= MIN_BYTES:
+        step.fresh = (node.shape, dtype)
+    return step
 
 
 def _kernel(table: Mapping[str, Kernel], node: Node, graph: Graph, blocked: bool) -> Kernel:
