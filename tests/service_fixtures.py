@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -52,13 +53,20 @@ class ServerProcess:
     The constructor returns once the process printed its `gradserve listening on ...` line,
     so the port (and the metrics port) are known and the server accepts calls."""
 
-    def __init__(self, *args: str, port: int = 0, host: str | None = HOST, startup_timeout: float = 20.0):
+    def __init__(self, *args: str, port: int = 0, host: str | None = HOST, startup_timeout: float = 20.0,
+                 address_space: int | None = None):
+        """`address_space`: the process's limit of virtual memory in bytes (RLIMIT_AS), so that a
+        test can drive it out of memory without taking the machine along."""
         bind = ["--host", host] if host is not None else []
         self.args = [sys.executable, "-m", "gradserve_server", *bind, "--port", str(port),
                      "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close(), it outlives this call)
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     env=child_env(), text=True)
+                                     env=child_env(), text=True, preexec_fn=limit if address_space else None)
         line = self._first_line(startup_timeout)
         m = LISTENING.search(line)
         if m is None:
