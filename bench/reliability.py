@@ -34,6 +34,7 @@ SUITES = {  # file -> the column its tests fill
     "tests/test_hardening_engine.py": "bad inputs tried",
     "tests/test_hardening_limits.py": "bad inputs tried",
     "tests/test_hardening_jobs.py": "faults survived",
+    "tests/test_hardening_store.py": "faults survived",
 }
 SMOKE_TESTS = (  # --smoke: one fast test per column, each over a second at most
     "tests/test_security.py::test_the_scanner_finds_what_it_looks_for",

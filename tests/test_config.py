@@ -18,7 +18,9 @@ FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_
           "--tensor-store-mib": "tensor_store_bytes", "--tensor-ttl": "tensor_ttl", "--token-file": "token",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--metrics-port": "metrics_port",
           "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace",
-          "--metrics-host": "metrics_host", "--max-watchers": "max_watchers"}
+          "--metrics-host": "metrics_host", "--max-watchers": "max_watchers",
+          "--max-health-watchers": "max_health_watchers"}
+CONFIG_ONLY = {"max_nodes", "max_elements", "max_job_name", "max_optimizer_json"}  # limits of requests' contents
 UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB,
          "--max-call-mib": MiB, "--max-inflight-mib": MiB}
 
@@ -38,12 +40,12 @@ def test_every_flag_default_is_configs():
         flag = {v: k for k, v in FIELDS.items()}.get(field.name, "--" + field.name.replace("_", "-"))
         dest = flag[2:].replace("-", "_")
         if not hasattr(args, dest):
-            continue  # not a flag (max_nodes, max_elements: Config only)
+            continue  # not a flag (CONFIG_ONLY)
         want = getattr(Config(), field.name)
         got = getattr(args, dest)
         assert (got * UNITS[flag] if flag in UNITS else got) == want, (flag, got, want)
         checked += 1
-    assert checked == len(dataclasses.fields(Config)) - 2  # all but max_nodes and max_elements
+    assert checked == len(dataclasses.fields(Config)) - len(CONFIG_ONLY)
 
 
 def readme_flag_table() -> dict[str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,10 @@ from .api import Functional, _as_array, _is_array_leaf, _param_names, _slot_valu
 from .minimize import OptimizeResult
 from .pytree import tree_flatten
 from .refs import TensorRef
+
+LIST_PAGE_SIZE = 1000  # entries asked per page of a list RPC (the server's largest page)
+FINISHED = ("succeeded", "failed", "cancelled")
+POLL_SECONDS = 0.05, 1.0  # Job.wait's first and longest wait between GetJob polls
 
 # ---------------------------------------------------------------- errors
 
@@ -310,8 +314,22 @@ class Session:
 
     def tensors(self) -> pb.ListTensorsResponse:
         """What the server's tensor store holds: `.tensors` (ref, dtype, shape, bytes, pinned,
-        idle_seconds each), `.bytes`, `.max_bytes`, `.ttl_seconds`."""
-        return self._call("ListTensors", pb.ListTensorsRequest())
+        idle_seconds each; every page of the listing), `.bytes`, `.max_bytes`, `.ttl_seconds`."""
+        listing = pb.ListTensorsResponse()
+        for page in self._pages("ListTensors", pb.ListTensorsRequest):
+            listing.tensors.extend(page.tensors)
+            listing.bytes, listing.max_bytes, listing.ttl_seconds = page.bytes, page.max_bytes, page.ttl_seconds
+        return listing
+
+    def _pages(self, method: str, request: Callable[..., Any]) -> Iterator[Any]:
+        """The pages of a list RPC in order, each one call, following `next_page_token`."""
+        token = ""
+        while True:
+            page = self._call(method, request(page_size=LIST_PAGE_SIZE, page_token=token))
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
 
     def _download(self, ref: TensorRef) -> np.ndarray:
         deadline = time.monotonic() + self.timeout
@@ -390,7 +408,8 @@ class Session:
         return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
 
     def graphs(self) -> list[pb.GraphInfo]:
-        return list(self._call("ListGraphs", pb.ListGraphsRequest()).graphs)
+        """A summary of every registered graph (graph_id, nodes, bytes, input_count, output_count), by id."""
+        return [info for page in self._pages("ListGraphs", pb.ListGraphsRequest) for info in page.graphs]
 
     def delete(self, graph_id: str) -> bool:
         with self._lock:
@@ -466,7 +485,14 @@ class Session:
         return Job(self, job_id)
 
     def jobs(self) -> list[Job]:
-        return [Job(self, j.job_id) for j in self._call("ListJobs", pb.ListJobsRequest()).jobs]
+        """Every job on the server, oldest first."""
+        return [Job(self, j.job_id) for j in self.job_summaries()]
+
+    def job_summaries(self) -> Iterator[pb.Job]:
+        """Every job's summary, oldest first, page by page as they come: a `pb.Job` without its
+        optimizer_json, its name and message cut to 256 characters (`Job.info()` has them all)."""
+        for page in self._pages("ListJobs", pb.ListJobsRequest):
+            yield from page.jobs
 
     def vjp(self, f: Callable, /, *primals: Any, ttl: float = 0.0, **kwargs: Any) -> tuple[Any, RemoteVjp]:
         """Run the forward pass once on the server; the returned function sends only cotangents.
@@ -502,41 +528,59 @@ class Job:
         return self.info().status
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> Job:
-        """Block until the job finishes (following its progress stream); a tqdm bar with `progress`."""
+        """Block until the job finishes (following its progress stream); a tqdm bar with `progress`.
+        A server with no room for another stream (RESOURCE_EXHAUSTED) is polled with GetJob
+        instead, at growing intervals (0.05 s, doubling, at most 1 s)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
         info = self.info()
-        step = info.step  # follow the events from here on
-        if info.status in ("succeeded", "failed", "cancelled"):
+        if info.status in FINISHED:
             return self
+        progress_bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+            progress_bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+        bar = _Progress(progress_bar, info.step)  # follow the events from here on
         try:
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s")
+                remaining = self._remaining(deadline, timeout)
                 try:
-                    stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=step),
+                    stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=bar.step),
                                                          timeout=remaining, metadata=self.session._metadata)
                     for event in stream:
-                        if bar is not None and event.step > step:
-                            bar.update(event.step - step)
-                            bar.set_postfix(loss=f"{event.loss:.4g}")
-                        step = max(step, event.step)
-                        if event.status in ("succeeded", "failed", "cancelled"):
+                        bar.advance(event.step, event.loss)
+                        if event.status in FINISHED:
                             return self
                 except grpc.RpcError as e:
                     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s", e.code()) from None
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the server's watchers are all taken
+                        return self._poll(deadline, timeout, bar)
                     if e.code() != grpc.StatusCode.UNAVAILABLE:  # a restarting server: watch again
                         raise _remote_error(e) from None
                     time.sleep(0.2)
         finally:
-            if bar is not None:
-                bar.close()
+            if progress_bar is not None:
+                progress_bar.close()
+
+    def _remaining(self, deadline: float | None, timeout: float | None) -> float | None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s")
+        return remaining
+
+    def _poll(self, deadline: float | None, timeout: float | None, bar: _Progress) -> Job:
+        """Wait by GetJob calls, each wait between them twice the last (up to POLL_SECONDS[1])."""
+        delay = POLL_SECONDS[0]
+        while True:
+            remaining = self._remaining(deadline, timeout)
+            call_timeout = self.session.timeout if remaining is None else min(self.session.timeout, remaining)
+            info = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id), timeout=call_timeout).job
+            bar.advance(info.step, info.loss)
+            if info.status in FINISHED:
+                return self
+            time.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(2 * delay, POLL_SECONDS[1])
 
     def result(self) -> Any:
         """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
@@ -577,6 +621,19 @@ class Job:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return Path(path)
+
+
+class _Progress:
+    """The step a wait has seen, and its tqdm bar if it shows one."""
+
+    def __init__(self, bar: Any, step: int):
+        self.bar, self.step = bar, step
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is not None and step > self.step:
+            self.bar.update(step - self.step)
+            self.bar.set_postfix(loss=f"{loss:.4g}")
+        self.step = max(self.step, step)
 
 
 class RemoteVjp:

@@ -27,6 +27,7 @@ from gradserve_engine.pool import ROUTES, RayPool
 from gradserve_engine.scheduler import MODES, DistributedEngine, Policy
 from gradserve_engine.v1 import service_pb2
 
+from .bounds import Slots
 from .jobs import JobManager, JobStore
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
@@ -59,9 +60,12 @@ class Config:
     max_concurrent: int = 64
     threads: int = 16
     max_watchers: int = 16  # calls that wait on jobs (WatchJob streams, cancels), on threads of their own
+    max_health_watchers: int = 1024  # health Watch streams open at once (they hold no thread)
     grace: float = 10.0
     max_nodes: int = 100_000
     max_elements: int = 1 << 28
+    max_job_name: int = 256  # characters of a job spec's name
+    max_optimizer_json: int = 65_536  # characters of a job spec's optimizer_json
     ray: bool = False  # start a local Ray and spread work over its workers
     ray_address: str | None = None  # or join an existing cluster
     workers: int | None = None  # worker actors (default: the cluster's CPUs)
@@ -136,6 +140,26 @@ class _TokenAuth(grpc.ServerInterceptor):
         return self._deny_stream if details.method.startswith(REFLECTION) else self._deny
 
 
+class CappedHealth(health.HealthServicer):
+    """grpc.health.v1 with at most `max_watchers` Watch streams open at once; more are refused
+    RESOURCE_EXHAUSTED. A Watch stream holds no server thread (grpcio serves it by callbacks), but
+    each one costs memory, and every status change is sent to all of them while Check waits."""
+
+    def __init__(self, max_watchers: int):
+        super().__init__()
+        self.watchers = Slots(max_watchers)
+
+    def Watch(self, request, context, send_response_callback=None):
+        if not self.watchers.take():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server is at its limit of {self.watchers.limit} health Watch streams "
+                          "(--max-health-watchers); retry later, or call Check")
+        if not context.add_callback(self.watchers.give):  # given back when the stream ends, however it ends
+            self.watchers.give()  # it has ended already
+            return None
+        return super().Watch(request, context, send_response_callback)
+
+
 class Server:
     """A running gradserve: `start()`, then `wait()`; `stop()` drains gracefully. It computes
     through `engine` when given (then no worker pool starts), else through a DistributedEngine."""
@@ -156,7 +180,8 @@ class Server:
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store, config.store_busy_seconds), limits,
                                config.job_runners, config.checkpoint_every, config.checkpoint_seconds,
                                history_points=config.job_history, max_waiters=config.max_watchers,
-                               lease_seconds=config.lease_seconds)
+                               lease_seconds=config.lease_seconds, max_name=config.max_job_name,
+                               max_optimizer_json=config.max_optimizer_json)
         self.tensors = TensorStore(config.tensor_store_bytes, config.tensor_ttl, limits, self.metrics)
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs, tensors=self.tensors, max_message_bytes=config.max_message_bytes)
@@ -171,7 +196,7 @@ class Server:
                                 interceptors=interceptors, options=options,
                                 maximum_concurrent_rpcs=config.max_concurrent * 2)
         self.grpc.add_generic_rpc_handlers((self.servicer.handler(),))
-        self.health = health.HealthServicer()
+        self.health = CappedHealth(config.max_health_watchers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name, reflection.SERVICE_NAME,
@@ -193,6 +218,7 @@ class Server:
         jobs = self.jobs
         self.metrics.gauge_fn("gradserve_jobs_active", lambda: jobs.active)
         self.metrics.gauge_fn("gradserve_job_waiters", lambda: jobs.waiting)
+        self.metrics.gauge_fn("gradserve_health_watchers", lambda: self.health.watchers.held)
         self.metrics.gauge_fn("gradserve_job_lease", lambda: int(jobs.leader))
         self.metrics.gauge_fn("gradserve_serving", lambda: int(self.serving))
         if isinstance(self.engine, DistributedEngine):  # only the scheduler chooses modes and has workers

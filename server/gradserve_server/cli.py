@@ -66,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   tensor_ttl=args.tensor_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
                   tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                   reflection_needs_token=args.reflection_needs_token, max_concurrent=args.max_concurrent,
-                  threads=args.threads, max_watchers=args.max_watchers, grace=args.grace, ray=args.ray,
+                  threads=args.threads, max_watchers=args.max_watchers,
+                  max_health_watchers=args.max_health_watchers, grace=args.grace, ray=args.ray,
                   ray_address=args.ray_address, workers=args.workers, worker_cpus=args.worker_cpus,
                   job_runners=args.job_runners, checkpoint_every=args.checkpoint_every,
                   checkpoint_seconds=args.checkpoint_seconds, job_history=args.job_history,
@@ -82,8 +83,7 @@ def jobs(args: argparse.Namespace) -> int:
         try:
             if args.action == "list":
                 print(f"{'id':16}  {'status':10} {'step':>12}  {'loss':>12}  name")
-                for job in remote.jobs():
-                    j = job.info()
+                for j in remote.job_summaries():  # page by page, as the server sends them
                     print(f"{j.job_id:16}  {j.status:10} {j.step:>5}/{j.steps:<6}  {j.loss:>12.6g}  {j.name}")
                 return 0
             if args.job_id is None:
@@ -141,6 +141,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-watchers", type=int, default=d.max_watchers,
                    help="calls waiting on jobs at once (WatchJob streams, cancels), on threads of their own; more "
                         "watchers get RESOURCE_EXHAUSTED (default %(default)s)")
+    s.add_argument("--max-health-watchers", type=int, default=d.max_health_watchers,
+                   help="health Watch streams open at once (they hold no thread); more get RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
     s.add_argument("--grace", type=float, default=d.grace, help="seconds calls in flight get at shutdown (default %(default)s)")
     s.add_argument("--ray", action="store_true", default=d.ray,
                    help="start a local Ray and spread large work over its workers")

@@ -50,18 +50,21 @@ from gradserve_engine.errors import (
     StoreError,
     StoreUnavailable,
 )
-from gradserve_engine.ir import Graph, Limits, tensor_from_proto
+from gradserve_engine.ir import Graph, Limits, duplicates, tensor_from_proto
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import service_pb2 as pb
 
-from .registry import GraphRegistry
+from .bounds import Slots
+from .registry import GraphRegistry, is_graph_id
 
 log = logging.getLogger("gradserve.jobs")
 SCHEMA_VERSION = "1"
 FINISHED = ("succeeded", "failed", "cancelled")
 CANCELLING = "cancelling"  # asked to cancel; it stops after the step in flight (CancelJob's pending answer)
 CANCEL_WAIT = 2.0  # seconds CancelJob waits for the step in flight before answering "cancelling"
+SUMMARY_CHARS = 256  # of a name or message in ListJobs' summaries
+MESSAGE_CHARS = 4000  # of a job's message as stored (a failure's text is cut to it)
 LEASE = "runner"  # the lease row: the server that holds it runs the store's jobs
 
 
@@ -317,6 +320,11 @@ def _split_checkpoint(arrays: dict[str, np.ndarray], limit: int) -> tuple[dict[s
 # ---------------------------------------------------------------- jobs
 
 
+def _cut(message: str) -> str:
+    """A job's message as stored: at most MESSAGE_CHARS characters."""
+    return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + f"... (cut from {len(message)} characters)"
+
+
 def _progress(status: str) -> str:
     """The status a progress event carries: a finished status only on the stream's last event (a
     watcher stops at the first finished status it sees)."""
@@ -362,14 +370,17 @@ class JobManager:
     `history_points` bounds each job's progress points (see History); `max_waiters` bounds the
     calls that wait on jobs (WatchJob streams, CancelJob waiting for the step in flight), so they
     never take the threads other calls need: a watcher past it is refused (RESOURCE_EXHAUSTED), a
-    cancel past it answers at once. With a store directory, `lease_seconds` is the lease's term."""
+    cancel past it answers at once. With a store directory, `lease_seconds` is the lease's term.
+    `max_name` and `max_optimizer_json` bound those fields of a spec (characters)."""
 
     def __init__(self, engine: Backend, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
                  checkpoint_every: int = 500, checkpoint_seconds: float = 30.0, quantum_seconds: float = 0.05,
-                 history_points: int = 10_000, max_waiters: int = 16, lease_seconds: float = 15.0):
+                 history_points: int = 10_000, max_waiters: int = 16, lease_seconds: float = 15.0,
+                 max_name: int = 256, max_optimizer_json: int = 65_536):
         self.engine, self.registry, self.store, self.limits = engine, registry, store, limits
         self.checkpoint_every, self.checkpoint_seconds, self.quantum = checkpoint_every, checkpoint_seconds, quantum_seconds
-        self.history_points, self.max_waiters, self.lease_seconds = history_points, max_waiters, lease_seconds
+        self.history_points, self.lease_seconds = history_points, lease_seconds
+        self.max_name, self.max_optimizer_json = max_name, max_optimizer_json
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.shared = store.path is not None  # a store on disk may be shared: only the lease holder runs jobs
         self.leader = False
@@ -379,8 +390,7 @@ class JobManager:
         self._stopping = False
         self._stopped = threading.Event()  # set with _stopping: what waits for a time, or the stop, waits on it
         self._started = False
-        self._waiting = 0  # calls holding a waiter slot
-        self._waiters = threading.Lock()
+        self.waiters = Slots(max_waiters)  # calls waiting on jobs
         self._threads = [threading.Thread(target=self._runner, name=f"gradserve-job-{k}", daemon=True) for k in range(runners)]
         self._keeper = threading.Thread(target=self._keep_loop, name="gradserve-job-lease", daemon=True)
         self._tick = min(1.0, lease_seconds / 5)
@@ -442,23 +452,12 @@ class JobManager:
     @property
     def waiting(self) -> int:
         """Calls waiting on jobs now (WatchJob streams, CancelJob waits)."""
-        return self._waiting
+        return self.waiters.held
 
     @property
     def active(self) -> int:
         """Jobs held in memory (queued or running here)."""
         return len(self._runs)
-
-    def _take_waiter(self) -> bool:
-        with self._waiters:
-            if self._waiting >= self.max_waiters:
-                return False
-            self._waiting += 1
-            return True
-
-    def _give_waiter(self) -> None:
-        with self._waiters:
-            self._waiting -= 1
 
     # ---- the lease (a store on disk)
     def _keep_loop(self) -> None:
@@ -543,6 +542,7 @@ class JobManager:
 
     # ---- requests
     def submit(self, spec: pb.JobSpec) -> pb.Job:
+        self._check_fields(spec)
         run = self._build(secrets.token_hex(8), spec, resume=None)
         if not spec.HasField("graph"):  # keep the graph with the job: it must not depend on the registry's LRU
             spec.graph.CopyFrom(run.graph.to_proto())
@@ -569,10 +569,29 @@ class JobManager:
             raise NotFound(f"job {job_id} does not exist")
         return self._job(rows[0]), rows[0][12] if rows[0][12] is not None else math.nan
 
-    def list(self) -> list[pb.Job]:
-        rows = self.store.query("""SELECT id, name, status, step, steps, loss, grad_norm, message, created, updated,
-                                   graph_id, optimizer, fun FROM jobs ORDER BY created""")
-        return [self._job(r) for r in rows]
+    def list(self, after: tuple[float, str] | None, limit: int) -> tuple[builtins.list[pb.Job], bool]:
+        """A page of job summaries, oldest first (by created time, then id): the first `limit` after
+        the job whose (created, id) is `after` (None: from the first), and whether more follow. A
+        summary leaves out the optimizer spec and cuts the name and message to SUMMARY_CHARS: a
+        page's size is bounded."""
+        where, args = ("WHERE created > ? OR (created = ? AND id > ?)", (after[0], after[0], after[1])) if after else ("", ())
+        rows = self.store.query(f"""SELECT id, substr(name, 1, {SUMMARY_CHARS}), status, step, steps, loss, grad_norm,
+                                    substr(message, 1, {SUMMARY_CHARS}), created, updated, graph_id, '' FROM jobs {where}
+                                    ORDER BY created, id LIMIT ?""", (*args, limit + 1))
+        jobs = [self._job(r) for r in rows[:limit]]
+        for job in jobs:  # a running job's message is its run's, which may be longer
+            job.message = job.message[:SUMMARY_CHARS]
+        return jobs, len(rows) > limit
+
+    def _check_fields(self, spec: pb.JobSpec) -> None:
+        """The bounds on a spec's free-form fields (the rest is checked against the graph)."""
+        for what, text, limit in (("name", spec.name, self.max_name),
+                                  ("optimizer_json", spec.optimizer_json, self.max_optimizer_json)):
+            if len(text) > limit:
+                raise InvalidRequest(f"job spec {what} has {len(text)} characters, over the limit of {limit}")
+        if spec.graph_id and not is_graph_id(spec.graph_id):
+            raise InvalidRequest(f"job spec graph_id {spec.graph_id[:80]!r} is not a graph id (64 lowercase hex digits, "
+                                 "what RegisterGraph answers)")
 
     def _job(self, r: tuple) -> pb.Job:
         run = self._runs.get(r[0])
@@ -635,12 +654,12 @@ class JobManager:
                 log.warning("job %s: the cancel is recorded; writing it waits for the store: %s", job_id, e)
             finally:
                 self._release(run, requeue=run.status not in FINISHED)
-        elif self._take_waiter():  # a step is in flight: it stops between kernels
+        elif self.waiters.take():  # a step is in flight: it stops between kernels
             try:
                 with run.changed:
                     run.changed.wait_for(lambda: run.status in FINISHED or run.dropped, timeout=CANCEL_WAIT)
             finally:
-                self._give_waiter()
+                self.waiters.give()
         if run.status not in FINISHED:  # pending: a restart must not forget it
             try:
                 self._store_cancel(job_id)
@@ -668,8 +687,8 @@ class JobManager:
         if run is None and job.status in FINISHED:  # replay the stored history
             yield from self._replay(job_id, from_step)
             return
-        if not self._take_waiter():
-            raise Overloaded(f"the server is at its limit of {self.max_waiters} calls waiting on jobs (WatchJob streams, "
+        if not self.waiters.take():
+            raise Overloaded(f"the server is at its limit of {self.waiters.limit} calls waiting on jobs (WatchJob streams, "
                              f"cancels); retry later, or poll GetJob")
         try:
             if run is not None:
@@ -677,7 +696,7 @@ class JobManager:
             else:
                 yield from self._watch_store(job_id, from_step, active)
         finally:
-            self._give_waiter()
+            self.waiters.give()
 
     def _replay(self, job_id: str, after: int) -> Iterator[pb.JobEvent]:
         job, _ = self.get(job_id)
@@ -744,6 +763,8 @@ class JobManager:
             optimizer = optim.from_spec(json.loads(spec.optimizer_json or "{}"))
         except json.JSONDecodeError as e:
             raise InvalidRequest(f"optimizer spec is not JSON: {e}") from None
+        except RecursionError:
+            raise InvalidRequest("optimizer spec nests too deeply (an optimizer spec is one flat object)") from None
         except ValueError as e:  # from_spec's ValueError names the bad field
             raise InvalidRequest(str(e)) from None
         if spec.steps < 1:
@@ -765,6 +786,9 @@ class JobManager:
                                  f"{inp.dtype}{list(inp.shape)} (parameters must be float)")
             params0[n] = a
         arg_names = list(spec.arg_order) or sorted(spec.args)
+        repeated = duplicates(arg_names)
+        if repeated:
+            raise GraphError(f"arg_order names {repeated[:10]} more than once")
         if set(arg_names) != names - set(param_names) or set(spec.args) != set(arg_names):
             raise GraphError(f"args {sorted(spec.args)} must be exactly the graph's other inputs "
                              f"{sorted(names - set(param_names))}")
@@ -1026,6 +1050,7 @@ class JobManager:
         A checkpoint that cannot be made (e.g. MemoryError) does not keep the ending from being written."""
         if run.status in FINISHED:  # the first ending is final
             return
+        message = _cut(message)  # a failure's text can be long: GetJob answers it
         run.final = (status, message)
         checkpoint = run.state.step > run.checkpoint_step
         try:
@@ -1036,8 +1061,8 @@ class JobManager:
             if not checkpoint:
                 raise
             log.exception("job %s: its last checkpoint cannot be saved", run.job_id)
-            message = (f"{message}; its last checkpoint could not be saved ({type(e).__name__}: {e}): the parameters "
-                       f"kept are those of step {run.checkpoint_step}")
+            message = _cut(f"{message}; its last checkpoint could not be saved ({type(e).__name__}: {e}): the "
+                           f"parameters kept are those of step {run.checkpoint_step}")
             run.final = (status, message)
             self._write(run, checkpoint=False, end=(status, message))
         with run.changed:
@@ -1050,4 +1075,4 @@ class JobManager:
     def _finish_row(self, job_id: str, status: str, message: str) -> None:
         with self.store.tx() as db:
             db.execute("UPDATE jobs SET status = ?, message = ?, updated = ? WHERE id = ?",
-                       (status, message, time.time(), job_id))
+                       (status, _cut(message), time.time(), job_id))

@@ -49,6 +49,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                         ("reason",)),
     "gradserve_jobs_active": ("gauge", "Optimisation jobs held in memory (queued or running on this server)", ()),
     "gradserve_job_waiters": ("gauge", "Calls waiting on jobs now (WatchJob streams, cancels; at most --max-watchers)", ()),
+    "gradserve_health_watchers": ("gauge", "Health Watch streams open now (at most --max-health-watchers)", ()),
     "gradserve_job_lease": ("gauge", "1 while this server holds its store's job lease (runs the jobs)", ()),
     "gradserve_serving": ("gauge", "1 while health reports SERVING", ()),
 }

@@ -3,9 +3,12 @@ of residual sessions (forward values kept under a handle, with a TTL and a memor
 
 from __future__ import annotations
 
+import builtins
+import errno
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -14,13 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradserve_engine.engine import Residuals
-from gradserve_engine.errors import LimitError, NotFound
+from gradserve_engine.errors import LimitError, NotFound, StoreError
 from gradserve_engine.ir import DEFAULT_LIMITS, Graph, Limits
 from gradserve_engine.v1 import graph_pb2
 
 from .metrics import Metrics
 
 log = logging.getLogger("gradserve.registry")
+
+TMP_PREFIX = ".tmp-"  # a graph file being written; renamed into place once whole and synced
+STALE_TMP_SECONDS = 60.0  # a temporary unchanged this long was left by a write that was killed
+ID_LOCKS = 64  # stripes of the per-id locks
+SUMMARIES = 1 << 16  # summaries of graphs not in memory kept for listings (LRU)
 
 
 @dataclass
@@ -29,9 +37,30 @@ class Entry:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Summary:
+    """What a listing says of a graph (a graph's content never changes under its id)."""
+
+    nodes: int
+    inputs: int
+    outputs: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, graph: Graph, nbytes: int) -> Summary:
+        return cls(len(graph.nodes), len(graph.inputs), len(graph.outputs), nbytes)
+
+
 class GraphRegistry:
     """Graphs by content hash. Registering is idempotent; the least recently used graphs are
-    evicted past `max_bytes` (from memory only: with a store they reload on the next use)."""
+    evicted past `max_bytes` (from memory only: with a store they reload on the next use).
+
+    With a store, register, delete and a get that loads from it hold a lock of the id (one of
+    ID_LOCKS stripes), so they are linearisable: a register is acknowledged once its file is
+    whole on disk, and a graph is in memory only while its file is there. The store is read
+    through regular files only: a link, a directory, a FIFO or a device under a graph's name is
+    skipped and logged, never followed, read or waited on; temporaries of killed writes are
+    removed at start."""
 
     def __init__(self, max_bytes: int, store: Path | None = None, limits: Limits = DEFAULT_LIMITS,
                  metrics: Metrics | None = None):
@@ -39,45 +68,78 @@ class GraphRegistry:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self._graphs: OrderedDict[str, Entry] = OrderedDict()
+        self._summaries: OrderedDict[str, Summary] = OrderedDict()  # graphs listed or evicted, not in memory
         self._bytes = 0
         self._lock = threading.Lock()
+        self._id_locks = [threading.Lock() for _ in range(ID_LOCKS)]
+        self._warned: set[str] = set()  # entries of the store already reported as skipped
         self.store = store / "graphs" if store is not None else None
         if self.store is not None:
             self.store.mkdir(parents=True, exist_ok=True)
+            self._scan_store()
+
+    def _id_lock(self, gid: str) -> threading.Lock:
+        return self._id_locks[hash(gid) % ID_LOCKS]
 
     def register(self, graph: Graph, wire: bytes) -> tuple[str, bool]:
         """Add a validated graph (with its wire bytes, for the store); returns (id, created)."""
         gid = graph.id
-        with self._lock:
-            if gid in self._graphs:
-                self._graphs.move_to_end(gid)
+        if self._cached(gid) is not None:
+            return gid, False
+        with self._id_lock(gid):
+            if self._cached(gid) is not None:
                 return gid, False
-        created = True
-        if self.store is not None:
-            path = self.store / f"{gid}.pb"
-            created = not path.exists()
-            if created or path.read_bytes() != wire:  # new, or a damaged copy to repair
-                _atomic_write(path, wire)
-        self._insert(gid, Entry(graph, len(wire)))
+            created = True
+            if self.store is not None:
+                path = self.store / f"{gid}.pb"
+                stored, foreign = None, ""
+                try:
+                    stored = _read_regular(path)
+                    created = False
+                except FileNotFoundError:
+                    pass
+                except _NotRegular as e:
+                    foreign = str(e)
+                if stored != wire:  # new, or a damaged copy to repair
+                    _atomic_write(path, wire)
+                    if foreign:
+                        log.warning("graph store: %s was %s; the graph's file replaced it", path, foreign)
+            self._insert(gid, Entry(graph, len(wire)))
         return gid, created
 
     def get(self, gid: str) -> Graph:
-        with self._lock:
-            entry = self._graphs.get(gid)
-            if entry is not None:
-                self._graphs.move_to_end(gid)
-                self.metrics.inc("gradserve_graph_cache_hits_total")
-                return entry.graph
+        graph = self._cached(gid)
+        if graph is not None:
+            self.metrics.inc("gradserve_graph_cache_hits_total")
+            return graph
         self.metrics.inc("gradserve_graph_cache_misses_total")
-        graph, nbytes = self._load(gid)
-        self._insert(gid, Entry(graph, nbytes))
+        with self._id_lock(gid):  # a delete cannot run between the load and the insert
+            graph = self._cached(gid)
+            if graph is None:
+                graph, nbytes = self._load(gid)
+                self._insert(gid, Entry(graph, nbytes))
         return graph
 
+    def _cached(self, gid: str) -> Graph | None:
+        with self._lock:
+            entry = self._graphs.get(gid)
+            if entry is None:
+                return None
+            self._graphs.move_to_end(gid)
+            return entry.graph
+
     def _load(self, gid: str) -> tuple[Graph, int]:
-        path = self.store / f"{gid}.pb" if self.store is not None and _is_hex_id(gid) else None
-        if path is None or not path.exists():
-            raise NotFound(f"graph {gid} is not registered (register it again; the server may have restarted or evicted it)")
-        data = path.read_bytes()
+        gone = NotFound(f"graph {gid} is not registered (register it again; the server may have restarted or evicted it)")
+        path = self.store / f"{gid}.pb" if self.store is not None and is_graph_id(gid) else None
+        if path is None:
+            raise gone
+        try:
+            data = _read_regular(path)
+        except FileNotFoundError:
+            raise gone from None
+        except _NotRegular as e:
+            self._warn(path, f"{e}, not a graph file: it is skipped")
+            raise gone from None
         try:
             msg = graph_pb2.Graph.FromString(data)
             graph = Graph.from_proto(msg, self.limits)
@@ -94,59 +156,182 @@ class GraphRegistry:
             if gid in self._graphs:
                 return
             self._graphs[gid] = entry
+            self._summaries.pop(gid, None)
             self._bytes += entry.nbytes
             while self._bytes > self.max_bytes and len(self._graphs) > 1:
-                _, old = self._graphs.popitem(last=False)
+                old_id, old = self._graphs.popitem(last=False)
                 self._bytes -= old.nbytes
+                self._summarise(old_id, Summary.of(old.graph, old.nbytes))
                 self.metrics.inc("gradserve_graph_cache_evictions_total")
             self.metrics.set("gradserve_graph_cache_bytes", self._bytes)
             self.metrics.set("gradserve_graphs", len(self._graphs))
 
+    def _summarise(self, gid: str, summary: Summary) -> None:
+        """Keep a listing's summary of a graph not in memory (under the lock)."""
+        self._summaries[gid] = summary
+        self._summaries.move_to_end(gid)
+        while len(self._summaries) > SUMMARIES:
+            self._summaries.popitem(last=False)
+
     def delete(self, gid: str) -> bool:
-        with self._lock:
-            entry = self._graphs.pop(gid, None)
-            if entry is not None:
-                self._bytes -= entry.nbytes
-                self.metrics.set("gradserve_graph_cache_bytes", self._bytes)
-                self.metrics.set("gradserve_graphs", len(self._graphs))
-        stored = False
-        if self.store is not None and _is_hex_id(gid) and (self.store / f"{gid}.pb").exists():
-            (self.store / f"{gid}.pb").unlink()
-            stored = True
+        with self._id_lock(gid):
+            with self._lock:
+                entry = self._graphs.pop(gid, None)
+                self._summaries.pop(gid, None)
+                if entry is not None:
+                    self._bytes -= entry.nbytes
+                    self.metrics.set("gradserve_graph_cache_bytes", self._bytes)
+                    self.metrics.set("gradserve_graphs", len(self._graphs))
+            stored = False
+            if self.store is not None and is_graph_id(gid):
+                path = self.store / f"{gid}.pb"
+                try:
+                    mode = path.lstat().st_mode
+                    if stat.S_ISDIR(mode):
+                        self._warn(path, "a directory, not a graph file: it is left alone")
+                    else:
+                        path.unlink()
+                        stored = stat.S_ISREG(mode)
+                except FileNotFoundError:
+                    pass
         return entry is not None or stored
 
-    def list(self) -> list[tuple[str, Graph, int]]:
-        """Every registered graph: those in memory and those only in the store."""
+    def list(self, after: str | None, limit: int) -> tuple[list[tuple[str, Summary]], bool]:
+        """A page of the registered graphs (those in memory and those only in the store), by id:
+        the first `limit` with ids after `after` (None: from the first), and whether more follow.
+        Graphs the store holds damaged are left out."""
         with self._lock:
-            listed = [(gid, e.graph, e.nbytes) for gid, e in self._graphs.items()]
+            held = {gid: Summary.of(e.graph, e.nbytes) for gid, e in self._graphs.items()}
+        ids = set(held)
         if self.store is not None:
-            known = {gid for gid, _, _ in listed}
-            for path in sorted(self.store.glob("*.pb")):
-                gid = path.stem
-                if gid not in known:
-                    try:
-                        graph, nbytes = self._load(gid)
-                    except NotFound:
-                        continue
-                    listed.append((gid, graph, nbytes))
-        return listed
+            ids.update(self._stored_ids())
+        page: list[tuple[str, Summary]] = []
+        for gid in sorted(gid for gid in ids if after is None or gid > after):
+            if len(page) == limit:
+                return page, True
+            summary = held.get(gid) or self._summary(gid)
+            if summary is not None:
+                page.append((gid, summary))
+        return page, False
+
+    def _summary(self, gid: str) -> Summary | None:
+        """The summary of a graph not in memory (None: not in the store, or damaged there)."""
+        with self._lock:
+            summary = self._summaries.get(gid)
+            if summary is not None:
+                self._summaries.move_to_end(gid)
+                return summary
+        try:
+            graph, nbytes = self._load(gid)
+        except NotFound:
+            return None
+        summary = Summary.of(graph, nbytes)
+        with self._lock:
+            self._summarise(gid, summary)
+        return summary
+
+    def _stored_ids(self) -> builtins.list[str]:
+        """The ids of the store's graph files (regular files named <id>.pb; the rest is skipped)."""
+        assert self.store is not None
+        ids = []
+        with os.scandir(self.store) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(TMP_PREFIX):
+                    continue
+                if name.endswith(".pb") and is_graph_id(name[:-3]) and entry.is_file(follow_symlinks=False):
+                    ids.append(name[:-3])
+                else:
+                    self._warn(Path(entry.path), f"{_kind(entry)}, not a graph file: it is skipped")
+        return ids
+
+    def _scan_store(self) -> None:
+        """At start: remove the temporaries of killed writes, report what is not a graph file."""
+        assert self.store is not None
+        now = time.time()
+        with os.scandir(self.store) as entries:
+            for entry in entries:
+                if not entry.name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(entry.path)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        self._warn(path, "a directory, not a graph file: it is skipped")
+                    elif now - st.st_mtime >= STALE_TMP_SECONDS:  # younger: another server's write in progress
+                        path.unlink()
+                        log.info("graph store: removed %s, left by a write that did not finish", path)
+                except FileNotFoundError:
+                    pass
+        self._stored_ids()
+
+    def _warn(self, path: Path, what: str) -> None:
+        """Log a skipped entry of the store once."""
+        if path.name not in self._warned:
+            self._warned.add(path.name)
+            log.warning("graph store: %s is %s", path, what)
 
 
-def _is_hex_id(gid: str) -> bool:
+class _NotRegular(Exception):
+    """A path of the store that is not a regular file; the message says what it is."""
+
+
+def _kind(entry: os.DirEntry) -> str:
+    if entry.is_symlink():
+        return "a symbolic link"
+    if entry.is_dir(follow_symlinks=False):
+        return "a directory"
+    if not entry.is_file(follow_symlinks=False):
+        return "a FIFO, socket or device"
+    return "a file not named <graph id>.pb"
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; _NotRegular for anything else, which is neither followed
+    (links), nor opened (devices), nor waited on (FIFOs); FileNotFoundError when nothing is there."""
+    mode = path.lstat().st_mode
+    if not stat.S_ISREG(mode):
+        raise _NotRegular("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                          else "a FIFO, socket or device")
+    try:  # the entry may change after the lstat: open without following or blocking, and look again
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _NotRegular("a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular("not a regular file")
+        return f.read()
+
+
+def is_graph_id(gid: str) -> bool:
+    """Whether `gid` has the form of a graph's id (64 lowercase hex digits, the content hash)."""
     return len(gid) == 64 and all(c in "0123456789abcdef" for c in gid)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    """Write `path` whole or not at all: a synced temporary renamed over it, the rename synced."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError:
+            log.error("graph store: %s is a directory; graph %s cannot be stored until it is moved aside", path, path.stem)
+            raise StoreError(f"the server's graph store holds a directory where graph {path.stem} goes; it cannot "
+                             "be stored until the server's operator moves that aside") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from gradserve_engine.v1 import graph_pb2
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_engine.wire import MISSING_KEY, PB_DTYPE
 
+from . import bounds
 from .jobs import FINISHED, JobManager
 from .metrics import Metrics
 from .registry import GraphRegistry, ResidualStore
@@ -259,10 +260,13 @@ class Servicer:
         return resp
 
     def ListGraphs(self, req: pb.ListGraphsRequest, context) -> pb.ListGraphsResponse:
+        key = bounds.after("graphs", req.page_token, (str,))
+        page, more = self.registry.list(key[0] if key else None, bounds.page_size(req.page_size))
         resp = pb.ListGraphsResponse()
-        for gid, graph, nbytes in self.registry.list():
-            info = resp.graphs.add(graph_id=gid, outputs=graph.output_names(), nodes=len(graph.nodes), bytes=nbytes)
-            info.inputs.extend(graph.to_proto().inputs)
+        for gid, s in page:
+            resp.graphs.add(graph_id=gid, nodes=s.nodes, bytes=s.nbytes, input_count=s.inputs, output_count=s.outputs)
+        if more:
+            resp.next_page_token = bounds.next_token("graphs", (page[-1][0],))
         return resp
 
     def DeleteGraph(self, req: pb.DeleteGraphRequest, context) -> pb.DeleteGraphResponse:
@@ -329,7 +333,12 @@ class Servicer:
         return pb.CancelJobResponse(job=self._jobs().cancel(req.job_id))
 
     def ListJobs(self, req: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=self._jobs().list())
+        key = bounds.after("jobs", req.page_token, (float, str))
+        jobs, more = self._jobs().list(key, bounds.page_size(req.page_size))
+        resp = pb.ListJobsResponse(jobs=jobs)
+        if more:
+            resp.next_page_token = bounds.next_token("jobs", (jobs[-1].created, jobs[-1].job_id))
+        return resp
 
     # ---- the tensor store
     def PutTensor(self, chunks: Iterator[bytes], context) -> pb.PutTensorResponse:
@@ -343,7 +352,11 @@ class Servicer:
         return pb.ReleaseTensorResponse(released=self.tensors.release(req.refs))
 
     def ListTensors(self, req: pb.ListTensorsRequest, context) -> pb.ListTensorsResponse:
-        return self.tensors.list()
+        key = bounds.after("tensors", req.page_token, (str,))
+        resp, more = self.tensors.list(key[0] if key else None, bounds.page_size(req.page_size))
+        if more:
+            resp.next_page_token = bounds.next_token("tensors", (resp.tensors[-1].ref,))
+        return resp
 
     # ---- wiring
     def handler(self) -> grpc.GenericRpcHandler:

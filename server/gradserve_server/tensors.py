@@ -11,6 +11,7 @@ the request in the trailing metadata, so the SDK can upload them again and retry
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import OrderedDict
@@ -199,15 +200,21 @@ class TensorStore:
                     self._drop(r, "released")
         return n
 
-    def list(self) -> pb.ListTensorsResponse:
+    def list(self, after: str | None, limit: int) -> tuple[pb.ListTensorsResponse, bool]:
+        """A page of the stored tensors, by ref: the first `limit` with refs after `after` (None:
+        from the first), and whether more follow; with the store's totals."""
         with self._lock:
             now = self._clock()
             self._expire(now)
+            refs = (tid for tid in self._tensors if after is None or tid > after)
+            page = heapq.nsmallest(limit + 1, refs)
+            more = len(page) > limit
             resp = pb.ListTensorsResponse(bytes=self._bytes, max_bytes=self.max_bytes, ttl_seconds=self.ttl)
-            for tid, s in self._tensors.items():
+            for tid in page[:limit]:
+                s = self._tensors[tid]
                 resp.tensors.add(ref=tid, dtype=PB_DTYPE[dtype_name(s.array.dtype)], shape=s.array.shape, bytes=s.nbytes,
                                  pinned=s.pinned(), idle_seconds=now - s.used)
-        return resp
+        return resp, more
 
     def info(self, tid: str, array: np.ndarray) -> pb.TensorInfo:
         return pb.TensorInfo(ref=tid, dtype=PB_DTYPE[dtype_name(array.dtype)], shape=array.shape, bytes=array.nbytes)

@@ -272,28 +272,34 @@ class HessianResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[JacobianEntry, _Mapping]]] = ...) -> None: ...
 
 class GraphInfo(_message.Message):
-    __slots__ = ("graph_id", "inputs", "outputs", "nodes", "bytes")
+    __slots__ = ("graph_id", "nodes", "bytes", "input_count", "output_count")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
-    INPUTS_FIELD_NUMBER: _ClassVar[int]
-    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COUNT_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
-    inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.ValueInfo]
-    outputs: _containers.RepeatedScalarFieldContainer[str]
     nodes: int
     bytes: int
-    def __init__(self, graph_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., nodes: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    input_count: int
+    output_count: int
+    def __init__(self, graph_id: _Optional[str] = ..., nodes: _Optional[int] = ..., bytes: _Optional[int] = ..., input_count: _Optional[int] = ..., output_count: _Optional[int] = ...) -> None: ...
 
 class ListGraphsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListGraphsResponse(_message.Message):
-    __slots__ = ("graphs",)
+    __slots__ = ("graphs", "next_page_token")
     GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     graphs: _containers.RepeatedCompositeFieldContainer[GraphInfo]
-    def __init__(self, graphs: _Optional[_Iterable[_Union[GraphInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, graphs: _Optional[_Iterable[_Union[GraphInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteGraphRequest(_message.Message):
     __slots__ = ("graph_id",)
@@ -556,14 +562,20 @@ class CancelJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("dtype", "shape", "data", "ref")
@@ -622,17 +634,23 @@ class ReleaseTensorResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class ListTensorsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListTensorsResponse(_message.Message):
-    __slots__ = ("tensors", "bytes", "max_bytes", "ttl_seconds")
+    __slots__ = ("tensors", "bytes", "max_bytes", "ttl_seconds", "next_page_token")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     bytes: int
     max_bytes: int
     ttl_seconds: float
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -191,7 +191,12 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListGraphs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The list RPCs (ListGraphs, ListJobs, ListTensors) answer one page of summaries at a time, in a
+        stable order: page_size entries at most (0: 100; more than 1000: 1000), and a next_page_token
+        to pass for the next page (empty on the last). A token is opaque and stays valid while entries
+        come and go: an entry present throughout is listed exactly once, one added before the token's
+        place in the order is not.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
