@@ -18,7 +18,7 @@ HELP = {
     "gradserve_plan_cache_hits_total": ("counter", "Compiled plans reused"),
     "gradserve_plan_cache_misses_total": ("counter", "Plans compiled"),
     "gradserve_residual_sessions": ("gauge", "Open residual (VJP) sessions"),
-    "gradserve_residual_bytes": ("gauge", "Bytes kept by residual sessions"),
+    "gradserve_residual_bytes": ("gauge", "Bytes kept alive by residual sessions (each buffer under their values once)"),
     "gradserve_residual_sessions_released_total": ("counter", "Residual sessions closed, expired or evicted"),
     "gradserve_inflight_requests": ("gauge", "RPCs being answered now"),
     "gradserve_workers": ("gauge", "Worker processes in the pool (0: everything runs in process)"),
