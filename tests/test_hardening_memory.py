@@ -3,7 +3,9 @@
   1. a residual session is charged for the buffers its values keep alive (a small view of a
      large intermediate is copied out; a broadcast view counts the buffer under it);
   2. residual sessions are bounded in number (least recently used released), and expiring
-     them costs O(log n) per call, not a scan of every session.
+     them costs O(log n) per call, not a scan of every session;
+  3. the engine's plans, derived graphs and the scheduler's analyses are bounded by their
+     estimated bytes, and the estimate is within a factor of 2 of what tracemalloc sees.
 
 Byte counts, operation counts and a fake clock: nothing here depends on timing.
 """
@@ -22,11 +24,19 @@ from service_fixtures import HOST, channel, fill, stub
 
 import gradserve as gs
 from gradserve import remote as rm
+from gradserve_engine import footprint
+from gradserve_engine.autodiff import vjp_graph
 from gradserve_engine.backend import Residuals
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import LimitError, NotFound
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import emit as e
+from gradserve_engine.partition import partition
+from gradserve_engine.passes import optimize
+from gradserve_engine.plan import Plan
+from gradserve_engine.pool import LocalPool
+from gradserve_engine.scheduler import DistributedEngine, Policy
+from gradserve_engine.shard import analyze
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server import registry as registry_module
 from gradserve_server.registry import ResidualStore
@@ -221,6 +231,172 @@ def test_sessions_gone_early_leave_no_heap_behind():
         handle, _ = store.open(_nothing(), 3600.0)
         assert store.close(handle)
     assert not store._sessions and len(store._due) <= 64 + 1
+
+
+# ---------------------------------------------------------------- 3. caches bounded in bytes
+
+
+def _chain(n: int, shape: tuple[int, ...] = (3,)) -> Graph:
+    b = Builder()
+    x = b.input("x", "float64", shape)
+    y = x
+    for k in range(n):
+        y = e.bind(("sin", "cos", "exp")[k % 3], y)
+        if k % 5 == 0:
+            y = e.mul(y, x)
+    return b.build([("out", e.bind("reduce_sum", y, axes=tuple(range(len(shape))), keepdims=False))])
+
+
+def _transposes(n: int) -> Graph:
+    b = Builder()
+    y = x = b.input("x", "float64", (2, 3, 4, 5, 6, 7))
+    for _ in range(n):
+        y = e.bind("sin", e.bind("transpose", y, perm=(1, 2, 3, 4, 5, 0)))
+    return b.build([("out", e.bind("reduce_sum", e.mul(y, y), axes=tuple(range(6)), keepdims=False)), ("x", x)])
+
+
+def _many_inputs(n: int) -> Graph:
+    b = Builder()
+    xs = [b.input(f"input number {k}", "float64", (4,)) for k in range(n)]
+    y = xs[0]
+    for x in xs[1:]:
+        y = e.add(y, x)
+    return b.build([("out", e.bind("reduce_sum", y, axes=(0,), keepdims=False))])
+
+
+def _many_outputs(n: int) -> Graph:
+    b = Builder()
+    x = b.input("x", "float64", (40, 4))
+    return b.build([(f"output number {k}", e.bind("sin", e.mul(x, x)) if k % 2 else e.bind("cos", x)) for k in range(n)])
+
+
+def _constants(n: int) -> Graph:
+    b = Builder()
+    y = b.input("x", "float64", (1000,))
+    for k in range(n):
+        y = e.mul(y, b.const(np.full(1000, k + 0.5)))
+    return b.build([("out", e.bind("reduce_sum", y, axes=(0,), keepdims=False))])
+
+
+GRAPHS = {"chain": lambda: _chain(250), "rank 6": lambda: _chain(250, (2, 3, 4, 5, 6, 7)),
+          "transposes": lambda: _transposes(120), "many inputs": lambda: _many_inputs(250),
+          "many outputs": lambda: _many_outputs(250), "constants": lambda: _constants(100)}
+
+
+def _within_2x(estimate: int, real: int, what: str) -> None:
+    assert real / 2 <= estimate <= 2 * real, f"{what}: estimated {estimate} bytes, tracemalloc saw {real}"
+
+
+@pytest.mark.parametrize("kind", sorted(GRAPHS))
+def test_estimates_of_graphs_and_plans_are_within_2x_of_tracemalloc(kind):
+    graph, graph_real = _retained(lambda: optimize(GRAPHS[kind]()))
+    _within_2x(footprint.graph_bytes(graph), graph_real, f"{kind} graph")
+    plan, plan_real = _retained(lambda: Plan(graph))
+    _within_2x(footprint.plan_bytes(plan), graph_real + plan_real, f"{kind} plan")  # a plan owns its graph
+    engine = Engine()
+    inputs = {i.name: np.full(i.shape, 0.5) for i in graph.inputs}
+    _, real = _retained(lambda: engine.evaluate(graph, inputs) and None)
+    _within_2x(engine.cache_info().nbytes, real, f"{kind}: what the engine keeps after evaluate")
+    if kind in ("chain", "transposes", "many inputs"):
+        engine = Engine()
+        wrt = [graph.inputs[0].name]
+        _, real = _retained(lambda: engine.vjp(graph, inputs, wrt, outputs=["out"]) and None)
+        _within_2x(engine.cache_info().nbytes, real, f"{kind}: what the engine keeps after vjp")
+
+
+def test_estimates_of_what_the_engine_keeps_for_hessians_and_the_scheduler():
+    graph = _chain(40)
+    engine = Engine()
+    _, real = _retained(lambda: engine.hessian(graph, {"x": np.full(3, 0.5)}, ["x"], "out") and None)
+    _within_2x(engine.cache_info().nbytes, real, "a Hessian's gradient graph and Jacobian plan")
+    batched = _chain(250, (8, 3))
+    sharding, real = _retained(lambda: analyze(batched, {"x": 0}))
+    _within_2x(footprint.sharding_bytes(sharding), real, "a sharding analysis")
+    rng = np.random.default_rng(0)
+    branches = gs.trace(lambda ab: sum(gs.sum(gs.tanh(a @ b)) for a, b in ab),
+                        [(rng.standard_normal((12, 10)), rng.standard_normal((10, 12))) for _ in range(40)])
+    wrt = [i.name for i in branches.inputs]
+    parts, real = _retained(lambda: partition(optimize(vjp_graph(branches, wrt)), 3))
+    assert parts is not None
+    _within_2x(footprint.partition_bytes(parts), real, "a partition")
+
+
+def test_the_engine_keeps_at_most_its_byte_budget_least_recently_used_first():
+    graphs = [_chain(200 + k) for k in range(4)]  # four graphs, four ids
+    one = footprint.plan_bytes(Plan(optimize(graphs[0])))
+    engine = Engine(max_cache_bytes=int(2.5 * one))  # room for two plans
+
+    def use(k: int) -> None:
+        engine.evaluate(graphs[k], {"x": np.full(3, 0.5)})
+
+    use(0)
+    use(1)
+    use(0)  # 0 is the most recently used
+    use(2)  # 1 goes
+    info = engine.cache_info()
+    assert info.size == 2 and info.nbytes <= info.max_bytes == int(2.5 * one), info
+    hits = info.hits
+    use(0)
+    use(2)
+    assert engine.cache_info().hits == hits + 2
+    use(1)  # compiled again
+    assert engine.cache_info().misses == info.misses + 1
+    assert engine.forget(graphs[1].id) == 1 and engine.cache_info().size == 1
+    assert engine.cache_info().nbytes == footprint.plan_bytes(next(iter(engine._plans.values())))
+
+
+def test_hessians_of_many_graphs_keep_no_more_than_the_budget():
+    """Each graph's Hessian leaves a gradient graph and a Jacobian plan of several times its
+    nodes; without a byte bound every one stayed (512 of each) whatever the memory."""
+    graphs = [_chain(10 + k) for k in range(5)]
+    one = Engine()
+    one.hessian(graphs[0], {"x": np.full(3, 0.5)}, ["x"], "out")
+    budget = 2 * one.cache_info().nbytes  # about two graphs' worth
+    engine = Engine(max_cache_bytes=budget)
+
+    def run_all() -> None:
+        for g in graphs:
+            engine.hessian(g, {"x": np.full(3, 0.5)}, ["x"], "out")
+
+    _, real = _retained(run_all)
+    info = engine.cache_info()
+    assert info.nbytes <= budget, info
+    assert real <= 2 * budget, f"the engine keeps {real} bytes under a budget of {budget}"
+    assert len(engine._graphs) + len(engine._plans) <= 2 * 2  # the older ones went
+
+
+def test_what_the_scheduler_derives_is_kept_within_the_engines_budget():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 3))
+    pool = LocalPool(2)
+    policy = Policy(local_cores=1, cluster_cores=2, flops_per_core=1e3)
+    graphs = [_chain(60 + k, (12, 3)) for k in range(5)]
+    try:
+        one = DistributedEngine(Engine(), pool, policy)
+        one.vjp(graphs[0], {"x": x}, ["x"], batch_axes={"x": 0}, mode="data_parallel")
+        assert {key[1][0] for key in one.engine._memos} == {"shard", "shard-graph"}
+        budget = int(2.5 * one.cache_info().nbytes)  # about two graphs' worth
+        dist = DistributedEngine(Engine(max_cache_bytes=budget), pool, policy)
+        for g in graphs:
+            _, grads = dist.vjp(g, {"x": x}, ["x"], batch_axes={"x": 0}, mode="data_parallel")
+            _, want = Engine().vjp(g, {"x": x}, ["x"])
+            np.testing.assert_allclose(grads["x"], want["x"], rtol=1e-12, atol=1e-12)
+        memos = dist.engine._memos
+        assert memos and all(key[0] in {g.id for g in graphs} for key in memos)  # analyses and shard graphs
+        info = dist.cache_info()
+        assert 0 < info.nbytes <= info.max_bytes == budget
+        assert len(memos) <= 2 * 2  # each graph's analysis and shard graph: the older ones went
+        last = graphs[-1].id
+        assert any(key[0] == last for key in memos)
+        dist.forget(last)
+        assert not any(key[0] == last for key in memos)
+    finally:
+        pool.shutdown()
+
+
+def test_the_server_gives_its_engine_the_plan_cache_budget(serve_in_process):
+    server = serve_in_process(plan_cache_bytes=3 * MiB)
+    assert server.engine.cache_info().max_bytes == 3 * MiB
 
 
 def test_a_session_over_the_count_limit_of_zero_is_refused():

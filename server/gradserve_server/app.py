@@ -45,6 +45,7 @@ class Config:
     max_call_bytes: int = 4096 * MiB  # one computation's peak memory (a plan's, from its liveness)
     max_inflight_bytes: int = 8192 * MiB  # the peaks of the computations running at once, together
     cache_bytes: int = 512 * MiB
+    plan_cache_bytes: int = 1024 * MiB  # the engine's plans, derived graphs and analyses (estimated bytes, LRU)
     residual_bytes: int = 1024 * MiB
     residual_ttl: float = 300.0
     residual_sessions: int = 10_000  # open vjp sessions (the least recently used released past it)
@@ -143,7 +144,8 @@ class Server:
         keep_freed_buffers()
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
-        self.engine: Backend = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
+        self.engine: Backend = engine or DistributedEngine(
+            Engine(kernels=config.kernels, max_cache_bytes=config.plan_cache_bytes), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
                         max_constant_bytes=config.max_message_bytes, max_message_bytes=config.max_message_bytes,
                         max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)

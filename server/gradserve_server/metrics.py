@@ -17,6 +17,7 @@ HELP = {
     "gradserve_graphs": ("gauge", "Graphs held in memory"),
     "gradserve_plan_cache_hits_total": ("counter", "Compiled plans reused"),
     "gradserve_plan_cache_misses_total": ("counter", "Plans compiled"),
+    "gradserve_plan_cache_bytes": ("gauge", "Estimated bytes of the plans, derived graphs and analyses the engine keeps"),
     "gradserve_residual_sessions": ("gauge", "Open residual (VJP) sessions"),
     "gradserve_residual_bytes": ("gauge", "Bytes kept alive by residual sessions (each buffer under their values once)"),
     "gradserve_residual_sessions_released_total": ("counter", "Residual sessions closed, expired or evicted"),

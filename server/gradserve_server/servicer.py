@@ -88,6 +88,7 @@ class Servicer:
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
         metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
         metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.cache_info().misses)
+        metrics.gauge_fn("gradserve_plan_cache_bytes", lambda: engine.cache_info().nbytes)
         self._inflight = 0
         self._draining = False
         self._idle = threading.Condition()

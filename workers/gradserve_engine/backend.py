@@ -22,13 +22,16 @@ from .ir import Graph
 class CacheInfo:
     hits: int = 0
     misses: int = 0
-    size: int = 0
+    size: int = 0  # plans kept
     maxsize: int = 0
     reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
     kernels: str = "numpy"  # which kernels run the plans, and why
+    nbytes: int = 0  # the estimated memory of everything kept: plans, derived graphs, a scheduler's analyses
+    max_bytes: int = 0
 
     def __str__(self) -> str:
-        return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
+        return (f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize}, "
+                f"bytes={self.nbytes}/{self.max_bytes})")
 
 
 @dataclass
