@@ -5,7 +5,9 @@
   2. residual sessions are bounded in number (least recently used released), and expiring
      them costs O(log n) per call, not a scan of every session;
   3. the engine's plans, derived graphs and the scheduler's analyses are bounded by their
-     estimated bytes, and the estimate is within a factor of 2 of what tracemalloc sees.
+     estimated bytes, and the estimate is within a factor of 2 of what tracemalloc sees;
+  4. running out of memory anywhere in a call — a kernel, building a plan, encoding or
+     serialising the answer — is RESOURCE_EXHAUSTED over the wire.
 
 Byte counts, operation counts and a fake clock: nothing here depends on timing.
 """
@@ -20,16 +22,18 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import HOST, channel, fill, stub
+from service_fixtures import HOST, channel, fill, rpc_error, stub
 
 import gradserve as gs
 from gradserve import remote as rm
+from gradserve_engine import engine as engine_module
 from gradserve_engine import footprint
 from gradserve_engine.autodiff import vjp_graph
 from gradserve_engine.backend import Residuals
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import LimitError, NotFound
 from gradserve_engine.ir import Builder, Graph
+from gradserve_engine.ops import KERNELS
 from gradserve_engine.ops import emit as e
 from gradserve_engine.partition import partition
 from gradserve_engine.passes import optimize
@@ -39,6 +43,7 @@ from gradserve_engine.scheduler import DistributedEngine, Policy
 from gradserve_engine.shard import analyze
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server import registry as registry_module
+from gradserve_server import servicer as servicer_module
 from gradserve_server.registry import ResidualStore
 
 MiB = 1 << 20
@@ -233,6 +238,12 @@ def test_sessions_gone_early_leave_no_heap_behind():
     assert not store._sessions and len(store._due) <= 64 + 1
 
 
+def test_a_session_over_the_count_limit_of_zero_is_refused():
+    store = ResidualStore(1 * MiB, max_sessions=0)
+    with pytest.raises(LimitError, match="keeps no residual sessions"):
+        store.open(_nothing(), 10.0)
+
+
 # ---------------------------------------------------------------- 3. caches bounded in bytes
 
 
@@ -399,7 +410,37 @@ def test_the_server_gives_its_engine_the_plan_cache_budget(serve_in_process):
     assert server.engine.cache_info().max_bytes == 3 * MiB
 
 
-def test_a_session_over_the_count_limit_of_zero_is_refused():
-    store = ResidualStore(1 * MiB, max_sessions=0)
-    with pytest.raises(LimitError, match="keeps no residual sessions"):
-        store.open(_nothing(), 10.0)
+# ---------------------------------------------------------------- 4. out of memory is RESOURCE_EXHAUSTED
+
+
+def _out_of_memory(*args: Any, **kwargs: Any) -> Any:
+    raise MemoryError("cannot allocate")
+
+
+@pytest.mark.parametrize("where", ["kernel", "plan build", "encode", "serialise"])
+def test_out_of_memory_anywhere_is_resource_exhausted_over_the_wire(serve_in_process, monkeypatch, where):
+    server = serve_in_process()
+    b = Builder()
+    x = b.input("x", "float64", (3,))
+    graph = b.build([("out", e.bind("reduce_sum", e.bind("tanh", x), axes=(0,), keepdims=False))])
+    with channel(f"{HOST}:{server.port}") as ch:
+        st = stub(ch)
+        st.RegisterGraph(pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=10)
+        req = pb.GradientRequest(graph_id=graph.id, wrt=["x"])
+        fill(req.inputs, {"x": np.ones(3)})
+        if where == "kernel":
+            monkeypatch.setitem(KERNELS, "tanh", _out_of_memory)  # read when the plan is built
+        elif where == "plan build":
+            monkeypatch.setattr(engine_module, "optimize", _out_of_memory)
+        elif where == "encode":
+            monkeypatch.setattr(servicer_module, "tensor_to_proto", _out_of_memory)
+        else:
+            original = servicer_module.Servicer._serialize
+            monkeypatch.setattr(servicer_module.Servicer, "_serialize",
+                                lambda self, m: _out_of_memory() if isinstance(m, pb.GradientResponse) else original(self, m))
+        err = rpc_error(st.Gradient, req, timeout=10)
+        assert err.code() == RESOURCE_EXHAUSTED and "out of memory" in err.details(), (where, err.code(), err.details())
+        monkeypatch.undo()
+        server.engine.forget(graph.id)  # a plan built with the starved kernel goes
+        got = st.Gradient(req, timeout=10).grads["x"]
+        assert np.allclose(np.frombuffer(got.data, "<f8"), 1.0 - np.tanh(1.0) ** 2)  # the server goes on
