@@ -62,6 +62,21 @@ def _retained(fn: Callable[[], Any]) -> tuple[Any, int]:
         tracemalloc.stop()
 
 
+def _within_2x(estimate: int, real: int, what: str) -> None:
+    assert real / 2 <= estimate <= 2 * real, f"{what}: estimated {estimate} bytes, tracemalloc saw {real}"
+
+
+def _chain(n: int, shape: tuple[int, ...] = (3,)) -> Graph:
+    b = Builder()
+    x = b.input("x", "float64", shape)
+    y = x
+    for k in range(n):
+        y = e.bind(("sin", "cos", "exp")[k % 3], y)
+        if k % 5 == 0:
+            y = e.mul(y, x)
+    return b.build([("out", e.bind("reduce_sum", y, axes=tuple(range(len(shape))), keepdims=False))])
+
+
 # ---------------------------------------------------------------- 1. residuals: what they keep alive
 
 N = 1 << 16  # f64[N]: 512 KiB
@@ -86,12 +101,17 @@ def _open(graph: Graph, engine: Engine | None = None) -> Residuals:
     return (engine or Engine()).open_vjp(graph, inputs, ["w"])[1]
 
 
+def _overhead(graph: Graph, values: int) -> int:
+    """What a session is charged besides the buffers under its values: their array objects, its graph."""
+    return footprint.ARRAY_BYTES * values + footprint.graph_bytes(graph)
+
+
 def test_a_small_view_of_a_large_intermediate_is_copied_out_and_charged_its_bytes():
     graph = _view_of_intermediate(stop=1)
     engine = Engine()
     _open(graph, engine)  # plans built and cached: what follows keeps only the session's values
     kept, held = _retained(lambda: _open(graph, engine))
-    assert kept.nbytes == 8, kept.nbytes
+    assert kept.nbytes - _overhead(graph, 1) == 8, kept.nbytes  # the value's 8 bytes
     assert held < 64 * 1024, f"a session charged {kept.nbytes} bytes keeps {held} bytes alive"  # not the 512 KiB
     (value,) = kept.values.values()
     assert value.base is None and value.tolist() == [1.0]  # exp(0), its own copy
@@ -100,25 +120,28 @@ def test_a_small_view_of_a_large_intermediate_is_copied_out_and_charged_its_byte
 
 
 def test_a_view_of_most_of_its_buffer_stays_a_view_charged_the_whole_buffer():
-    kept = _open(_view_of_intermediate(stop=3 * N // 4))
+    graph = _view_of_intermediate(stop=3 * N // 4)
+    kept = _open(graph)
     (value,) = kept.values.values()
     assert value.shape == (3 * N // 4,) and value.base is not None  # copying would save little
-    assert kept.nbytes == 8 * N  # what it keeps alive: exp(x), whole
-    quarter = _open(_view_of_intermediate(stop=N // 4))
+    assert kept.nbytes - _overhead(graph, 1) == 8 * N  # what it keeps alive: exp(x), whole
+    graph = _view_of_intermediate(stop=N // 4)
+    quarter = _open(graph)
     (value,) = quarter.values.values()
-    assert value.base is None and quarter.nbytes == 8 * N // 4  # a quarter: copied out
+    assert value.base is None and quarter.nbytes - _overhead(graph, 1) == 8 * N // 4  # copied out
 
 
 def test_a_broadcast_view_is_charged_the_buffer_under_it_not_its_broadcast_shape():
-    kept = _open(_view_of_intermediate(broadcast=True))
+    graph = _view_of_intermediate(broadcast=True)
+    kept = _open(graph)
     (value,) = kept.values.values()
     assert value.shape == (1000, 3) and 0 in value.strides  # still the view: nothing was copied
-    assert kept.nbytes == 3 * 8  # exp(x[:3]), not 1000 * 3 * 8
+    assert kept.nbytes - _overhead(graph, 1) == 3 * 8  # exp(x[:3]), not 1000 * 3 * 8
 
 
 def test_sessions_under_the_residual_budget_keep_no_more_than_it(serve_in_process):
     """Six sessions each reporting 8 bytes once kept six whole intermediates alive; now what they
-    keep alive is within the budget (and what they report)."""
+    keep alive is what they report, within the budget."""
     server = serve_in_process(residual_bytes=1 * MiB)
     graph = _view_of_intermediate(stop=1)
     with channel(f"{HOST}:{server.port}") as ch:
@@ -127,7 +150,7 @@ def test_sessions_under_the_residual_budget_keep_no_more_than_it(serve_in_proces
         for _ in range(6):
             req = pb.OpenVjpRequest(graph_id=graph.id, wrt=["w"])
             fill(req.inputs, {"x": np.linspace(0.0, 1.0, N), "w": np.ones(1)})
-            assert st.OpenVjp(req, timeout=20).residual_bytes == 8
+            assert st.OpenVjp(req, timeout=20).residual_bytes == 8 + _overhead(graph, 1)
     sessions = list(server.residuals._sessions.values())
     assert len(sessions) == 6
     for s in sessions:
@@ -135,7 +158,18 @@ def test_sessions_under_the_residual_budget_keep_no_more_than_it(serve_in_proces
             owner = value
             while isinstance(owner.base, np.ndarray):
                 owner = owner.base
-            assert owner.base is None and owner.nbytes <= s.nbytes == 8, (owner.nbytes, s.nbytes)
+            assert owner.base is None and owner.nbytes == 8, owner.nbytes
+
+
+def test_a_session_is_charged_for_its_graph_and_its_many_small_values():
+    """A session keeps its graph even once the registry dropped it, and each value's array object:
+    a session on a large graph with tiny values once held most of its memory uncharged."""
+    engine = Engine()
+    engine.open_vjp(_chain(600), {"x": np.full(3, 0.5)}, ["x"])  # its plans: kept by the engine, not the session
+    kept, real = _retained(lambda: engine.open_vjp(_chain(600), {"x": np.full(3, 0.5)}, ["x"])[1])
+    values = sum(v.nbytes for v in kept.values.values())
+    assert len(kept.values) > 500 and values < real / 4  # mostly not the values' data
+    _within_2x(kept.nbytes, real, "what a session keeps")
 
 
 # ---------------------------------------------------------------- 2. residual sessions: count and expiry
@@ -247,17 +281,6 @@ def test_a_session_over_the_count_limit_of_zero_is_refused():
 # ---------------------------------------------------------------- 3. caches bounded in bytes
 
 
-def _chain(n: int, shape: tuple[int, ...] = (3,)) -> Graph:
-    b = Builder()
-    x = b.input("x", "float64", shape)
-    y = x
-    for k in range(n):
-        y = e.bind(("sin", "cos", "exp")[k % 3], y)
-        if k % 5 == 0:
-            y = e.mul(y, x)
-    return b.build([("out", e.bind("reduce_sum", y, axes=tuple(range(len(shape))), keepdims=False))])
-
-
 def _transposes(n: int) -> Graph:
     b = Builder()
     y = x = b.input("x", "float64", (2, 3, 4, 5, 6, 7))
@@ -292,10 +315,6 @@ def _constants(n: int) -> Graph:
 GRAPHS = {"chain": lambda: _chain(250), "rank 6": lambda: _chain(250, (2, 3, 4, 5, 6, 7)),
           "transposes": lambda: _transposes(120), "many inputs": lambda: _many_inputs(250),
           "many outputs": lambda: _many_outputs(250), "constants": lambda: _constants(100)}
-
-
-def _within_2x(estimate: int, real: int, what: str) -> None:
-    assert real / 2 <= estimate <= 2 * real, f"{what}: estimated {estimate} bytes, tracemalloc saw {real}"
 
 
 @pytest.mark.parametrize("kind", sorted(GRAPHS))

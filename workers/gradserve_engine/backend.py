@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .footprint import ARRAY_BYTES, graph_bytes
 from .fusion import KernelSet
 from .ir import Graph
 
@@ -37,7 +38,9 @@ class CacheInfo:
 @dataclass
 class Residuals:
     """What a residual session keeps: the forward values its backward pass reads, and `nbytes`,
-    the memory they keep alive (what the server's residual budget is charged).
+    the memory it keeps alive (what the server's residual budget is charged): the buffers under
+    the values, their array objects, and the graph (estimated, see footprint.py: a session keeps
+    it even once the registry dropped it).
 
     A value may be a view of a larger buffer (a slice of an intermediate, a reshape of it): it
     keeps the whole buffer alive. Views that would take less than half of their buffer as copies
@@ -51,7 +54,8 @@ class Residuals:
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.values, self.nbytes = compact(self.values)
+        self.values, held = compact(self.values)
+        self.nbytes = held + ARRAY_BYTES * len(self.values) + graph_bytes(self.graph)
 
 
 def compact(values: Mapping[str, Any]) -> tuple[dict[str, Any], int]:

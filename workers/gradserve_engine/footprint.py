@@ -26,6 +26,7 @@ STEP_BYTES = 480  # a plan step: the object, its kernel call, operands and frees
 STEP_ATTR_BYTES = 240  # each attribute a step's kernel is called with
 SLOT_BYTES = 80  # each input and output of a plan: its (name, slot) entries
 SHARD_STATE_BYTES = 64  # a value's state in a sharding analysis
+ARRAY_BYTES = 120  # an array object besides its data, and its entry in a map of values
 
 
 def graph_bytes(graph: Graph) -> int:
