@@ -1,5 +1,6 @@
-"""What the engine's cached things hold in memory, estimated: the engine's caches of plans,
-derived graphs and the scheduler's analyses are bounded by these bytes.
+"""What graphs, plans and analyses hold in memory, estimated: the engine's caches of plans,
+derived graphs and the scheduler's analyses are bounded by these bytes, and a residual session
+is charged them for its graph and its values' array objects.
 
 A graph or plan is mostly small Python objects (a node, its operand and shape tuples, its
 attribute dict; a plan step, its kernel and free lists), so the estimate is a count of them
