@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_bytes", "--cache-mib": "cache_bytes",
           "--max-call-mib": "max_call_bytes", "--max-inflight-mib": "max_inflight_bytes",
           "--store": "store", "--residual-mib": "residual_bytes", "--residual-ttl": "residual_ttl",
+          "--residual-sessions": "residual_sessions", "--plan-cache-mib": "plan_cache_bytes",
           "--tensor-store-mib": "tensor_store_bytes", "--tensor-ttl": "tensor_ttl", "--token-file": "token",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--metrics-port": "metrics_port",
           "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace",
@@ -22,7 +23,7 @@ FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_
           "--max-health-watchers": "max_health_watchers"}
 CONFIG_ONLY = {"max_nodes", "max_elements", "max_job_name", "max_optimizer_json"}  # limits of requests' contents
 UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB,
-         "--max-call-mib": MiB, "--max-inflight-mib": MiB}
+         "--max-call-mib": MiB, "--max-inflight-mib": MiB, "--plan-cache-mib": MiB}
 
 
 def serve_defaults():

@@ -46,8 +46,10 @@ class Config:
     max_call_bytes: int = 4096 * MiB  # one computation's peak memory (a plan's, from its liveness)
     max_inflight_bytes: int = 8192 * MiB  # the peaks of the computations running at once, together
     cache_bytes: int = 512 * MiB
+    plan_cache_bytes: int = 1024 * MiB  # the engine's plans, derived graphs and analyses (estimated bytes, LRU)
     residual_bytes: int = 1024 * MiB
     residual_ttl: float = 300.0
+    residual_sessions: int = 10_000  # open vjp sessions (the least recently used released past it)
     tensor_store_bytes: int = 1024 * MiB  # tensors uploaded with PutTensor or kept with keep=True (LRU)
     tensor_ttl: float = 3600.0  # seconds an unpinned stored tensor is kept unused
     store: Path | None = None
@@ -171,12 +173,14 @@ class Server:
         keep_freed_buffers()
         self.metrics = Metrics()
         self.pool, policy = (None, Policy()) if engine is not None else start_pool(config)
-        self.engine: Backend = engine or DistributedEngine(Engine(kernels=config.kernels), self.pool, policy)
+        self.engine: Backend = engine or DistributedEngine(
+            Engine(kernels=config.kernels, max_cache_bytes=config.plan_cache_bytes), self.pool, policy)
         limits = Limits(max_nodes=config.max_nodes, max_elements=config.max_elements,
                         max_constant_bytes=config.max_message_bytes, max_message_bytes=config.max_message_bytes,
                         max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
-        self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics)
+        self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics,
+                                       max_sessions=config.residual_sessions)
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store, config.store_busy_seconds), limits,
                                config.job_runners, config.checkpoint_every, config.checkpoint_seconds,
                                history_points=config.job_history, max_waiters=config.max_watchers,

@@ -61,8 +61,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit("--reflection-needs-token needs --token-file")
     return Config(host=args.host, port=args.port, max_message_bytes=args.max_message_mib * MiB,
                   max_call_bytes=args.max_call_mib * MiB, max_inflight_bytes=args.max_inflight_mib * MiB,
-                  cache_bytes=args.cache_mib * MiB, residual_bytes=args.residual_mib * MiB,
-                  residual_ttl=args.residual_ttl, tensor_store_bytes=args.tensor_store_mib * MiB,
+                  cache_bytes=args.cache_mib * MiB, plan_cache_bytes=args.plan_cache_mib * MiB,
+                  residual_bytes=args.residual_mib * MiB, residual_ttl=args.residual_ttl,
+                  residual_sessions=args.residual_sessions, tensor_store_bytes=args.tensor_store_mib * MiB,
                   tensor_ttl=args.tensor_ttl, store=args.store, token=token, tls_cert=args.tls_cert,
                   tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                   reflection_needs_token=args.reflection_needs_token, max_concurrent=args.max_concurrent,
@@ -116,10 +117,16 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                         "RESOURCE_EXHAUSTED, to retry later (default %(default)s)")
     s.add_argument("--cache-mib", type=int, default=d.cache_bytes // MiB,
                    help="graphs kept in memory, LRU by bytes (default %(default)s)")
+    s.add_argument("--plan-cache-mib", type=int, default=d.plan_cache_bytes // MiB,
+                   help="plans, derived graphs and analyses the engine keeps between calls, LRU by their estimated "
+                        "bytes (default %(default)s)")
     s.add_argument("--residual-mib", type=int, default=d.residual_bytes // MiB,
                    help="forward values kept by vjp sessions (default %(default)s)")
     s.add_argument("--residual-ttl", type=float, default=d.residual_ttl,
                    help="seconds an unused vjp session is kept (default %(default)s)")
+    s.add_argument("--residual-sessions", type=int, default=d.residual_sessions,
+                   help="vjp sessions kept open at once; opening one more releases the least recently used "
+                        "(default %(default)s)")
     s.add_argument("--tensor-store-mib", type=int, default=d.tensor_store_bytes // MiB,
                    help="tensors uploaded with PutTensor or kept by keep=True calls, LRU by bytes (default %(default)s)")
     s.add_argument("--tensor-ttl", type=float, default=d.tensor_ttl,

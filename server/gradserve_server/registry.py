@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import heapq
 import logging
 import os
 import secrets
@@ -343,15 +344,24 @@ class Session:
 
 
 class ResidualStore:
-    """Residual sessions by handle: released on close, on TTL, or (oldest first) when the bytes
-    kept would pass `max_bytes`; a released handle answers NOT_FOUND with the reason."""
+    """Residual sessions by handle: released on close, on TTL, or (least recently used first)
+    when the bytes kept would pass `max_bytes` or the sessions `max_sessions`; a released handle
+    answers NOT_FOUND with the reason.
+
+    Expiry costs O(log n) per call, amortised: a heap holds each session's expiry time as it
+    was when pushed; a use renews only the session. A call pops the entries that are due:
+    a session renewed since is pushed again at its new time (once per renewal at most), one
+    closed or evicted is dropped, the rest expire. Entries of sessions gone early are dropped
+    together once they outnumber the open sessions."""
 
     def __init__(self, max_bytes: int, default_ttl: float = 300.0, max_ttl: float = 3600.0,
-                 metrics: Metrics | None = None, clock=time.monotonic):
+                 metrics: Metrics | None = None, clock=time.monotonic, max_sessions: int = 10_000):
         self.max_bytes, self.default_ttl, self.max_ttl = max_bytes, default_ttl, max_ttl
+        self.max_sessions = max_sessions
         self.metrics = metrics or Metrics()
         self._clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._due: list[tuple[float, str]] = []  # a heap of (expiry when pushed, handle)
         self._gone: OrderedDict[str, str] = OrderedDict()  # recently released handle -> why
         self._bytes = 0
         self._lock = threading.Lock()
@@ -362,13 +372,20 @@ class ResidualStore:
         if nbytes > self.max_bytes:
             raise LimitError(f"the forward values of this session take {nbytes} bytes, over the server's "
                              f"residual budget of {self.max_bytes}")
+        if self.max_sessions < 1:
+            raise LimitError("this server keeps no residual sessions (its session limit is 0)")
         handle = secrets.token_hex(16)
         with self._lock:
             self._expire()
             while self._bytes + nbytes > self.max_bytes and self._sessions:
                 old, s = self._sessions.popitem(last=False)
                 self._release(old, s, "released under memory pressure")
-            self._sessions[handle] = Session(residuals, self._clock() + ttl, ttl, nbytes)
+            while len(self._sessions) >= self.max_sessions:
+                old, s = self._sessions.popitem(last=False)
+                self._release(old, s, f"released: the server keeps at most {self.max_sessions} sessions")
+            expires = self._clock() + ttl
+            self._sessions[handle] = Session(residuals, expires, ttl, nbytes)
+            heapq.heappush(self._due, (expires, handle))
             self._bytes += nbytes
             self._gauge()
         return handle, ttl
@@ -380,7 +397,7 @@ class ResidualStore:
             if s is None:
                 why = self._gone.get(handle, "unknown")
                 raise NotFound(f"residual session {handle} is gone ({why}); call vjp again")
-            s.expires = self._clock() + s.ttl  # each use renews the lease
+            s.expires = self._clock() + s.ttl  # each use renews the lease (its heap entry moves when due)
             self._sessions.move_to_end(handle)
             return s.residuals
 
@@ -400,8 +417,20 @@ class ResidualStore:
 
     def _expire(self) -> None:
         now = self._clock()
-        for handle in [h for h, s in self._sessions.items() if s.expires <= now]:
-            self._release(handle, self._sessions.pop(handle), "its TTL passed")
+        due = self._due
+        while due and due[0][0] <= now:
+            _, handle = heapq.heappop(due)
+            s = self._sessions.get(handle)
+            if s is None:
+                continue  # closed or evicted: its entry was left behind
+            if s.expires > now:
+                heapq.heappush(due, (s.expires, handle))  # renewed since it was pushed
+            else:
+                del self._sessions[handle]
+                self._release(handle, s, "its TTL passed")
+        if len(due) > 2 * len(self._sessions) + 64:  # mostly entries of sessions gone early
+            self._due = [(s.expires, h) for h, s in self._sessions.items()]
+            heapq.heapify(self._due)
 
     def _release(self, handle: str, s: Session, why: str) -> None:
         self._bytes -= s.nbytes

@@ -89,6 +89,7 @@ class Servicer:
         metrics.gauge_fn("gradserve_inflight_requests", lambda: self._inflight)
         metrics.gauge_fn("gradserve_plan_cache_hits_total", lambda: engine.cache_info().hits)
         metrics.gauge_fn("gradserve_plan_cache_misses_total", lambda: engine.cache_info().misses)
+        metrics.gauge_fn("gradserve_plan_cache_bytes", lambda: engine.cache_info().nbytes)
         self._inflight = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -369,10 +370,14 @@ class Servicer:
                     self._wrap_upload(name, getattr(self, name)), request_deserializer=None,
                     response_serializer=self._serialize)
                 continue
-            make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-            wrap = self._wrap_stream if method.server_streaming else self._wrap
-            methods[name] = make(wrap(name, request_cls, getattr(self, name)), request_deserializer=None,
-                                 response_serializer=self._serialize)
+            if method.server_streaming:
+                methods[name] = grpc.unary_stream_rpc_method_handler(
+                    self._wrap_stream(name, request_cls, getattr(self, name)), request_deserializer=None,
+                    response_serializer=self._serialize)
+            else:  # the handler serialises (a failure, MemoryError included, gets its status code there)
+                methods[name] = grpc.unary_unary_rpc_method_handler(
+                    self._wrap(name, request_cls, getattr(self, name)), request_deserializer=None,
+                    response_serializer=None)
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     def _serialize(self, m: Message | bytes) -> bytes:
@@ -464,7 +469,7 @@ class Servicer:
                 if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
                     raise LimitError(f"the answer is {response.ByteSize()} bytes, over the server's message limit of "
                                      f"{self.max_response_bytes} bytes")
-                return response
+                return self._serialize(response)
             except Exception as e:
                 code, message = _status(e, context)
                 self._missing_refs(e, request, context)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .footprint import ARRAY_BYTES, graph_bytes
 from .fusion import KernelSet
 from .ir import Graph
 
@@ -22,27 +23,75 @@ from .ir import Graph
 class CacheInfo:
     hits: int = 0
     misses: int = 0
-    size: int = 0
+    size: int = 0  # plans kept
     maxsize: int = 0
     reasons: list[str] = field(default_factory=list)  # newest last, one line per miss
     kernels: str = "numpy"  # which kernels run the plans, and why
+    nbytes: int = 0  # the estimated memory of everything kept: plans, derived graphs, a scheduler's analyses
+    max_bytes: int = 0
 
     def __str__(self) -> str:
-        return f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize})"
+        return (f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize}, "
+                f"bytes={self.nbytes}/{self.max_bytes})")
 
 
 @dataclass
 class Residuals:
-    """What a residual session keeps: the forward values its backward pass reads."""
+    """What a residual session keeps: the forward values its backward pass reads, and `nbytes`,
+    the memory it keeps alive (what the server's residual budget is charged): the buffers under
+    the values, their array objects, and the graph (estimated, see footprint.py: a session keeps
+    it even once the registry dropped it).
+
+    A value may be a view of a larger buffer (a slice of an intermediate, a reshape of it): it
+    keeps the whole buffer alive. Views that would take less than half of their buffer as copies
+    are copied out (the buffer can go); the rest stay views, and each buffer they hold counts once,
+    whole. A broadcast view counts the buffer under it, not its broadcast shape."""
 
     graph: Graph
     wrt: tuple[str, ...]
     outputs: tuple[str, ...]
     values: dict[str, Any]
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(np.asarray(v).nbytes for v in self.values.values())
+    def __post_init__(self) -> None:
+        self.values, held = compact(self.values)
+        self.nbytes = held + ARRAY_BYTES * len(self.values) + graph_bytes(self.graph)
+
+
+def compact(values: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """`values` with views copied out of buffers they would keep alive for little (see
+    `Residuals`), and the bytes the result keeps alive, each buffer counted once."""
+    arrays = {name: v for name, v in values.items() if isinstance(v, np.ndarray)}
+    by_buffer: dict[int, list[str]] = {}
+    size: dict[int, int] = {}
+    for name, a in arrays.items():
+        key, nbytes = buffer_of(a)
+        size[key] = nbytes
+        by_buffer.setdefault(key, []).append(name)
+    kept = dict(values)
+    total = sum(np.asarray(v).nbytes for name, v in values.items() if name not in arrays)  # numbers
+    for key, names in by_buffer.items():
+        copies = sum(arrays[name].nbytes for name in names)  # a broadcast view's is its broadcast size
+        if 2 * copies <= size[key]:
+            for name in names:
+                kept[name] = arrays[name].copy()
+            total += copies
+        else:
+            total += size[key]
+    return kept, total
+
+
+def buffer_of(a: np.ndarray) -> tuple[int, int]:
+    """(identity, bytes) of the memory `a` keeps alive: the array that owns its data, or the
+    buffer under that (the bytes an array was read from)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    if a.base is None:
+        return id(a), a.nbytes
+    try:
+        return id(a.base), memoryview(a.base).nbytes
+    except TypeError:  # a base that is no buffer: what the array spans is what we know
+        return id(a), a.nbytes
 
 
 class Backend(Protocol):

@@ -2,7 +2,8 @@
 
 The embedded (local) session and the gRPC servicer both call this object, so the default and
 the service run the same code. Plans are compiled once per (graph id, request) — the graph id
-fixes the input signature — and kept in an LRU; `cache_info()` says why each miss happened.
+fixes the input signature — and kept in an LRU bounded in estimated bytes; `cache_info()` says
+why each miss happened and what is kept.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from gradserve_engine.ir import Graph, Var, duplicates, type_str
 
 from . import autodiff
 from .backend import Backend, CacheInfo, Residuals
+from .footprint import graph_bytes, plan_bytes
 from .guard import check_derived
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
@@ -27,30 +29,92 @@ from .passes import optimize
 from .plan import Plan
 from .shard import analyze
 
+CACHE_BYTES = 1 << 30  # what an Engine keeps between calls, by default
+MISSING = object()
+T = TypeVar("T")
+
 
 class Engine(Backend):
-    """Runs graphs in process with the numpy kernels; thread-safe. The server's Backend."""
+    """Runs graphs in process with the numpy kernels; thread-safe. The server's Backend.
 
-    def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy"):
+    What it keeps between calls — plans, derived graphs (a Hessian's gradient), and what a
+    scheduler over it derives (`memo`) — is one LRU bounded by the estimated bytes of all of it
+    together (`max_cache_bytes`, see `footprint.py`; the most recently used entry stays even when
+    it alone is larger) and by `max_plans` entries of each kind."""
+
+    def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy",
+                 max_cache_bytes: int = CACHE_BYTES):
         self.kernel_mode = kernels
         self.kernels = resolve_kernels(kernels)  # "numpy", "native", "auto" or "gpu"
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+        self._memos: OrderedDict[tuple, Any] = OrderedDict()
+        self._tables: dict[str, OrderedDict[tuple, Any]] = {"plan": self._plans, "graph": self._graphs,
+                                                            "memo": self._memos}
+        self._held: OrderedDict[tuple[str, tuple], int] = OrderedDict()  # (table, key) -> bytes, least recent first
+        self._bytes = 0
         self._seen_graphs: set[str] = set()
         self._sharding_checked: OrderedDict[tuple, None] = OrderedDict()  # (graph id, batch axes) analysed
         self._max_plans = max_plans
+        self._max_bytes = max_cache_bytes
         self._max_reasons = max_reasons
         self._lock = threading.Lock()
-        self.info = CacheInfo(maxsize=max_plans, kernels=self.kernels.describe())
+        self.info = self._fresh_info()
+
+    def _fresh_info(self) -> CacheInfo:
+        return CacheInfo(maxsize=self._max_plans, kernels=self.kernels.describe(), max_bytes=self._max_bytes)
+
+    # ---- what is kept between calls (callers hold the lock)
+    def _hit(self, table: str, key: tuple) -> Any:
+        """The value kept under `key`, now the most recently used, or MISSING."""
+        value = self._tables[table].get(key, MISSING)
+        if value is not MISSING:
+            self._tables[table].move_to_end(key)
+            self._held.move_to_end((table, key))
+        return value
+
+    def _keep(self, table: str, key: tuple, value: Any, nbytes: int) -> Any:
+        """Keep `value` (of `nbytes` estimated bytes), dropping the least recently used past the
+        bounds; returns what is kept under `key` (another thread's, when it was first)."""
+        kept = self._hit(table, key)
+        if kept is not MISSING:
+            return kept
+        entries = self._tables[table]
+        entries[key] = value
+        self._held[(table, key)] = nbytes
+        self._bytes += nbytes
+        while len(entries) > self._max_plans:
+            self._drop(table, next(iter(entries)))
+        while self._bytes > self._max_bytes and len(self._held) > 1:
+            self._drop(*next(iter(self._held)))
+        self.info.size = len(self._plans)
+        return value
+
+    def _drop(self, table: str, key: tuple) -> None:
+        del self._tables[table][key]
+        self._bytes -= self._held.pop((table, key))
+
+    def memo(self, graph_id: str, request: tuple, build: Callable[[], T], nbytes: Callable[[T], int]) -> T:
+        """What a caller derives from graph `graph_id` for `request` (a scheduler's analyses and
+        partitions), built on a miss and kept with the plans: within the same bytes, dropped by
+        `forget(graph_id)`. `nbytes(value)` estimates its memory."""
+        key = (graph_id, request)
+        with self._lock:
+            kept = self._hit("memo", key)
+            if kept is not MISSING:
+                return kept
+        value = build()
+        size = nbytes(value)
+        with self._lock:
+            return self._keep("memo", key, value, size)
 
     # ---- plans
     def plan(self, graph: Graph, request: tuple, build: Callable[[], Graph]) -> Plan:
         """The cached plan for `request` on `graph`, compiling `build()` on a miss."""
         key = (graph.id, request)
         with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
+            plan = self._hit("plan", key)
+            if plan is not MISSING:
                 self.info.hits += 1
                 return plan
             self.info.misses += 1
@@ -58,12 +122,9 @@ class Engine(Backend):
             self._seen_graphs.add(graph.id)
             self._note(f"plan miss: {why} {graph.id[:12]} ({request[0]}{_describe(request[1:])})")
         plan = Plan(optimize(build()), kernels=self.kernels)
+        size = plan_bytes(plan)
         with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > self._max_plans:
-                self._plans.popitem(last=False)
-            self.info.size = len(self._plans)
-        return plan
+            return self._keep("plan", key, plan, size)
 
     def _note(self, reason: str) -> None:
         self.info.reasons.append(reason)
@@ -82,25 +143,28 @@ class Engine(Backend):
     def cache_info(self) -> CacheInfo:
         with self._lock:
             return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
-                             self.kernels.describe())
+                             self.kernels.describe(), self._bytes, self._max_bytes)
 
     def forget(self, graph_id: str) -> int:
         with self._lock:
-            plans = [k for k in self._plans if k[0] == graph_id]
-            for table in (self._plans, self._graphs, self._sharding_checked):
-                for k in [k for k in table if k[0] == graph_id]:
-                    del table[k]
+            gone = [(table, key) for table, key in self._held if key[0] == graph_id]
+            for table, key in gone:
+                self._drop(table, key)
+            for key in [k for k in self._sharding_checked if k[0] == graph_id]:
+                del self._sharding_checked[key]
             self._seen_graphs.discard(graph_id)
             self.info.size = len(self._plans)
-        return len(plans)
+        return sum(table == "plan" for table, _ in gone)
 
     def clear_cache(self) -> None:
         with self._lock:
-            self._plans.clear()
-            self._graphs.clear()
+            for entries in self._tables.values():
+                entries.clear()
+            self._held.clear()
+            self._bytes = 0
             self._seen_graphs.clear()
             self._sharding_checked.clear()
-            self.info = CacheInfo(maxsize=self._max_plans, kernels=self.kernels.describe())
+            self.info = self._fresh_info()
 
     # ---- requests
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
@@ -268,15 +332,13 @@ class Engine(Backend):
         """A transformed graph (not a plan), cached like plans: e.g. the gradient to differentiate again."""
         key = (graph.id, request)
         with self._lock:
-            if key in self._graphs:
-                self._graphs.move_to_end(key)
-                return self._graphs[key]
+            kept = self._hit("graph", key)
+            if kept is not MISSING:
+                return kept
         derived = optimize(build())
+        size = graph_bytes(derived)
         with self._lock:
-            self._graphs[key] = derived
-            while len(self._graphs) > self._max_plans:
-                self._graphs.popitem(last=False)
-        return derived
+            return self._keep("graph", key, derived, size)
 
 
 def _describe(parts: tuple) -> str:

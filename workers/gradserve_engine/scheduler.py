@@ -26,6 +26,7 @@ or it is a read-only array (`pool.immutable`: reused by identity while it lives)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -46,6 +47,7 @@ from . import autodiff
 from .backend import Backend
 from .cost import graph_flops
 from .engine import CacheInfo, Engine, Residuals, check_inputs, check_wrt, differentiated_outputs, seed_feed
+from .footprint import graph_bytes, partition_bytes, sharding_bytes
 from .partition import Partition, partition
 from .passes import optimize
 from .pool import Out, Shipment, Task, WorkerLost, byte_counter
@@ -176,7 +178,6 @@ class DistributedEngine(Backend):
         self.modes: Counter[str] = Counter()
         self.seconds_by_mode: dict[str, float] = dict.fromkeys(MODES, 0.0)
         self.on_call: Callable[[str, float], None] | None = None
-        self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._flops_by_id: dict[str, float] = {}
         self._choices: OrderedDict[tuple, str | _Trial] = OrderedDict()  # a fixed mode, or the candidates measured
         self._lock = threading.Lock()
@@ -187,12 +188,12 @@ class DistributedEngine(Backend):
         return self.engine.cache_info()
 
     def forget(self, graph_id: str) -> int:
-        """The Engine's plans of the graph, and this scheduler's memos and measurements of it
-        (workers keep their own caches, bounded, until they age out)."""
+        """The Engine's plans of the graph and what this scheduler derived from it (both kept by
+        the Engine), and its measurements of it (workers keep their own caches, bounded, until
+        they age out)."""
         with self._lock:
-            for table in (self._cache, self._choices):
-                for k in [k for k in table if graph_id in k]:
-                    del table[k]
+            for k in [k for k in self._choices if graph_id in k]:
+                del self._choices[k]
         return self.engine.forget(graph_id)
 
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
@@ -250,18 +251,6 @@ class DistributedEngine(Backend):
 
     def _cores(self) -> float:
         return self.policy.cluster_cores if self.policy.cluster_cores is not None else float(self.workers)
-
-    def _memo(self, key: tuple, build: Any) -> Any:
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        value = build()
-        with self._lock:
-            self._cache[key] = value
-            while len(self._cache) > 256:
-                self._cache.popitem(last=False)
-        return value
 
     def _chose(self, mode: str, graph: Graph, why: str) -> str:
         self.modes[mode] += 1
@@ -366,7 +355,7 @@ class DistributedEngine(Backend):
         axes = tuple(sorted(batch_axes.items())) if batch_axes else ()
         if batch_axes:
             # refuses graphs that mix examples
-            sharding = self._memo(("shard", graph.id, axes), lambda: analyze(graph, batch_axes))
+            sharding = self.engine.memo(graph.id, ("shard", axes), lambda: analyze(graph, batch_axes), sharding_bytes)
         ids = content_ids or {}
 
         def run(m: str) -> tuple[str, tuple[dict, dict]]:
@@ -461,7 +450,8 @@ class DistributedEngine(Backend):
         summed = tuple(n for n in returns if (n.startswith("grad:") and not isinstance(state[n], tuple)) or state[n] == SUM)
         handles, level, where = [], [], []
         for k, (size, shard) in enumerate(zip(sizes, tokens, strict=True)):
-            g = self._memo(("shard-graph", graph.id, sharding, size), lambda size=size: shard_graph(graph, sharding, size))
+            g = self.engine.memo(graph.id, ("shard-graph", sharding, size),
+                                 functools.partial(shard_graph, graph, sharding, size), graph_bytes)
             h = self.pool.submit(Task(g, "vjp", {n: ship.ref(t) for n, t in shard.items()},
                                       {"wrt": list(wrt), "seeds": seeds, "outputs": outs}, k, returns))
             handles.append(h)
@@ -506,9 +496,9 @@ class DistributedEngine(Backend):
 
     def _partition(self, graph: Graph, wrt: tuple[str, ...], outputs: Sequence[str] | None) -> Partition | None:
         outs = tuple(outputs) if outputs is not None else None
-        key = ("partition", graph.id, wrt, outs, self.workers)
-        return self._memo(key, lambda: partition(optimize(autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs)),
-                                                 self.workers))
+        return self.engine.memo(graph.id, ("partition", wrt, outs, self.workers), lambda: partition(
+            optimize(autodiff.vjp_graph(graph, check_wrt(graph, wrt), outs)), self.workers),
+            lambda p: 0 if p is None else partition_bytes(p))
 
     def _graph_parallel(self, graph: Graph, p: Partition, inputs: Mapping[str, Any], wrt: Sequence[str],
                         seeds: Mapping[str, Any] | None, outputs: Sequence[str] | None, ids: Mapping[str, str],
