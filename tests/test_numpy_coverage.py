@@ -174,6 +174,13 @@ CASES = [
     Case("take_along_axis", lambda x: np.take_along_axis(x, np.argsort(x, axis=1)[:, ::-1], axis=1), ((3, 4),),
          "distinct"),
     Case("take_along_axis-const", lambda x: np.take_along_axis(x, np.array([[0, -1, 1]]), axis=1), ((2, 3),), "real"),
+    *(Case(f"einsum[{sub}]", lambda *xs, sub=sub: np.einsum(sub, *xs), shapes, "real",
+           lambda *xs, sub=sub: torch.einsum(sub, *xs))
+      for sub, shapes in (("ij,jk->ik", ((2, 3), (3, 4))), ("bij,bjk->bik", ((2, 2, 3), (2, 3, 2))),
+                          ("ii->i", ((3, 3),)), ("ii", ((3, 3),)), ("ba", ((2, 3),)), ("i,j->ij", ((3,), (2,))),
+                          ("...ij,jk", ((2, 2, 3), (3, 2))), ("ij,ij->ij", ((1, 3), (2, 3))),
+                          ("iij->ji", ((2, 2, 3),)), ("ij,jk,kl->il", ((2, 3), (3, 4), (4, 2))),
+                          ("ab,bc,ca", ((2, 3), (3, 2), (2, 2))))),
     Case("searchsorted", lambda a, v: np.searchsorted(np.sort(a), v, side="right"), ((5,), (2, 3)), "real",
          grad=False),
 ]
@@ -297,6 +304,7 @@ SECOND_ORDER = {
     "logaddexp2": lambda x: np.sum(np.logaddexp2(x, 2 * x) ** 2),
     "sinc-at-0": lambda x: np.sum(np.sinc(x)),  # x[1] == 0: d2/dx2 sinc(0) = -pi^2 / 3
     "hypot-fmod": lambda x: np.sum(np.hypot(x, 1.5) * np.fmod(x, 0.7)),
+    "einsum": lambda x: np.einsum("i,j,ij->", x, np.cos(x), np.outer(x, x)),
 }
 
 
@@ -337,6 +345,11 @@ def test_what_cannot_be_traced_says_why() -> None:
         (lambda x: np.argmax(x[:, :0], axis=1), ValueError, "argmax of an empty sequence"),
         (lambda x: np.diagonal(x[0]), ValueError, "at least two dimensions"),
         (lambda x: np.searchsorted(x, x[0]), Exception, "1-D sorted operand"),
+        (lambda x: np.einsum("ij,jk", x, x), ValueError, "subscript 'j' has sizes 3 and 2"),
+        (lambda x: np.einsum("ij->k", x), ValueError, "output subscript 'k'"),
+        (lambda x: np.einsum("ij,j", x), ValueError, "2 operand subscripts"),
+        (lambda x: np.einsum("...i->i", x), ValueError, "must keep the '...' dimensions"),
+        (lambda x: np.einsum(x, [0, 1]), TypeError, "as a string"),
     ]
     for f, err, says in cases:
         with pytest.raises(err, match=says):

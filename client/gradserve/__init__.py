@@ -106,6 +106,7 @@ from .numpy_extra import (
     diag,
     diagonal,
     diff,
+    einsum,
     fix,
     flip,
     fliplr,
@@ -172,7 +173,7 @@ __all__ = [
     "value_and_grad", "var", "vjp", "where", "zero_grad", "zeros_like",
     # numpy_extra (numpy's trace is np.trace(traced): gs.trace traces a function)
     "all", "any", "argmax", "argmin", "argsort", "array_split", "atleast_1d", "atleast_2d", "atleast_3d", "average",
-    "cumprod", "diag", "diagonal", "diff", "fix", "flip", "fliplr", "flipud", "fmod", "heaviside", "kron",
+    "cumprod", "diag", "diagonal", "diff", "einsum", "fix", "flip", "fliplr", "flipud", "fmod", "heaviside", "kron",
     "logical_and", "logical_not", "logical_or", "logical_xor", "median", "meshgrid", "moveaxis", "nanmean", "nansum",
     "outer", "percentile", "prod", "ptp", "quantile", "ravel", "reciprocal", "remainder", "repeat", "roll", "round",
     "searchsorted", "sinc", "sort", "split", "std", "take_along_axis", "tile", "tril", "triu",

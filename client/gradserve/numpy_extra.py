@@ -52,6 +52,7 @@ from .numpy_api import (
     expand_dims,
     greater,
     less,
+    matmul,
     multiply,
     not_equal,
     reshape,
@@ -801,6 +802,137 @@ def meshgrid(*xi: Any, copy: bool = True, sparse: bool = False, indexing: str = 
     return tuple(out)
 
 
+# ---------------------------------------------------------------- einsum
+
+Label = str | int  # a subscript letter, or an ellipsis dimension (counted from the right)
+
+
+def _einsum_terms(subscripts: str, shapes: list[tuple[int, ...]]) -> tuple[list[list[Label]], list[Label]]:
+    """The labels of each operand's axes and of the output (numpy's rules: an implicit output is
+    the ellipsis dimensions, then the letters used once, in order)."""
+    spec = subscripts.replace(" ", "")
+    ins, arrow, out = spec.partition("->")
+    terms = ins.split(",")
+    if len(terms) != len(shapes):
+        raise ValueError(f"einsum: {len(terms)} operand subscripts in {subscripts!r} for {len(shapes)} operands")
+    for t in (*terms, out):
+        bad = set(t.replace("...", "")) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        if bad or t.count("...") > 1:
+            raise ValueError(f"einsum: invalid subscripts {subscripts!r} (letters, one '...' per term, ',' and '->')")
+    labels: list[list[Label]] = []
+    n_ell = 0
+    for t, shape in zip(terms, shapes, strict=True):
+        head, ell, tail = t.partition("...")
+        k = len(shape) - len(head) - len(tail)
+        if k < 0 or (k and not ell):
+            raise ValueError(f"einsum: subscripts {t!r} do not match an operand of rank {len(shape)}")
+        n_ell = builtins.max(n_ell, k)
+        labels.append([*head, *range(k - 1, -1, -1), *tail])
+    ellipsis: list[Label] = list(range(n_ell - 1, -1, -1))
+    if arrow:
+        head, ell, tail = out.partition("...")
+        if not ell and n_ell:
+            raise ValueError(f"einsum: output subscripts of {subscripts!r} must keep the '...' dimensions")
+        result: list[Label] = [*head, *ellipsis, *tail] if ell else [*head, *tail]
+    else:
+        counts = {c: ins.count(c) for c in set(ins.replace("...", "").replace(",", ""))}
+        result = [*ellipsis, *sorted(c for c, n in counts.items() if n == 1)]
+    used = {lb for t in labels for lb in t}
+    for lb in result:
+        if lb not in used:
+            raise ValueError(f"einsum: output subscript {lb!r} of {subscripts!r} is not in any operand")
+    if len(set(result)) != len(result):
+        raise ValueError(f"einsum: output subscripts of {subscripts!r} repeat a letter")
+    return labels, result
+
+
+def _einsum_sizes(items: list[tuple[Any, list[Label]]]) -> dict[Label, int]:
+    sizes: dict[Label, int] = {}
+    for x, labels in items:
+        for lb, d in zip(labels, shape_of(x), strict=True):
+            if sizes.get(lb, 1) != 1 and d not in (1, sizes[lb]):
+                raise ValueError(f"einsum: subscript {lb!r} has sizes {sizes[lb]} and {d}")
+            sizes[lb] = builtins.max(sizes.get(lb, 1), d)
+    return sizes
+
+
+def _einsum_diagonals(x: Any, labels: list[Label]) -> tuple[Any, list[Label]]:
+    """A letter repeated within one operand ('ii'): its diagonal, as a last axis."""
+    while len(set(labels)) != len(labels):
+        lb = next(lb for lb in labels if labels.count(lb) > 1)
+        p = labels.index(lb)
+        q = labels.index(lb, p + 1)
+        if shape_of(x)[p] != shape_of(x)[q]:
+            raise ValueError(f"einsum: repeated subscript {lb!r} on axes of sizes {shape_of(x)[p]} and {shape_of(x)[q]}")
+        x = diagonal(x, 0, p, q)
+        labels = [b for i, b in enumerate(labels) if i not in (p, q)] + [lb]
+    return x, labels
+
+
+def _einsum_sum(x: Any, labels: list[Label], keep: set[Label]) -> tuple[Any, list[Label]]:
+    gone = tuple(i for i, lb in enumerate(labels) if lb not in keep)
+    if not gone:
+        return x, labels
+    return sum(x, gone), [lb for lb in labels if lb in keep]
+
+
+def _einsum_pair(a: Any, la: list[Label], b: Any, lb: list[Label], keep: set[Label],
+                 sizes: dict[Label, int]) -> tuple[Any, list[Label]]:
+    """Two operands contracted: the shared letters to keep are a batch, the others summed by one
+    (batched) matmul of the operands transposed and reshaped to (batch, M, K) and (batch, K, N)."""
+    a, la = _einsum_sum(a, la, keep | set(lb))
+    b, lb = _einsum_sum(b, lb, keep | set(la))
+    batch = [x for x in la if x in lb and x in keep]
+    contract = [x for x in la if x in lb and x not in keep]
+    a_only, b_only = [x for x in la if x not in lb], [x for x in lb if x not in la]
+    # a size-1 dimension shared with a longer one broadcasts, as numpy
+    a = broadcast_to(a, tuple(sizes[x] if x in lb else d for x, d in zip(la, shape_of(a), strict=True)))
+    b = broadcast_to(b, tuple(sizes[x] if x in la else d for x, d in zip(lb, shape_of(b), strict=True)))
+    da, db = dict(zip(la, shape_of(a), strict=True)), dict(zip(lb, shape_of(b), strict=True))
+    nb = tuple(da[x] for x in batch)
+    a = transpose(a, [la.index(x) for x in (*batch, *a_only, *contract)])
+    b = transpose(b, [lb.index(x) for x in (*batch, *contract, *b_only)])
+    a_dims, b_dims = tuple(da[x] for x in a_only), tuple(db[x] for x in b_only)
+    if not contract:  # an outer product over the batch: a broadcast multiplication
+        r = multiply(reshape(a, nb + a_dims + (1,) * len(b_dims)), reshape(b, nb + (1,) * len(a_dims) + b_dims))
+        return r, [*batch, *a_only, *b_only]
+    k = math.prod(da[x] for x in contract)
+    r = matmul(reshape(a, (*nb, math.prod(a_dims), k)), reshape(b, (*nb, k, math.prod(b_dims))))
+    return reshape(r, nb + a_dims + b_dims), [*batch, *a_only, *b_only]
+
+
+def einsum(subscripts: str, *operands: Any, out: Any = None, dtype: Any = None, order: str = "K",
+           casting: str = "safe", optimize: Any = False) -> Any:
+    """numpy's einsum with any subscripts (repeated letters, '...', implicit output), lowered to
+    diagonals, sums, transposes, reshapes and matmuls; more than two operands are contracted in
+    the order numpy's greedy `einsum_path` picks."""
+    _no_out(out, "einsum")
+    if not isinstance(subscripts, str):
+        raise TypeError("einsum: give the subscripts as a string ('ij,jk->ik'), not as lists of axes")
+    if not operands:
+        raise ValueError("einsum: no operands")
+    ops = _promoted(*operands) if dtype is None else [astype(x, dtype) for x in operands]
+    terms, result = _einsum_terms(subscripts, [shape_of(x) for x in ops])
+    items = [_einsum_diagonals(x, t) for x, t in zip(ops, terms, strict=True)]
+    sizes = _einsum_sizes(items)
+    if len(items) > 2:
+        dummies = [np.broadcast_to(np.zeros((), np.float64), shape_of(x)) for x in ops]
+        path = [tuple(step) for step in np.einsum_path(subscripts, *dummies, optimize="greedy")[0][1:]]
+    else:
+        path = [tuple(range(len(items)))]
+    for step in path:
+        picked = [items[i] for i in step]
+        items = [it for i, it in enumerate(items) if i not in step]
+        rest = {lb for _, t in items for lb in t} | set(result)
+        x, labels = picked[0]
+        for y, ly in picked[1:]:
+            x, labels = _einsum_pair(x, labels, y, ly, rest | {lb for _, t in picked[2:] for lb in t}, sizes)
+        items.append(_einsum_sum(x, labels, rest))
+    (x, labels), = items
+    x = transpose(x, [labels.index(lb) for lb in result])
+    return broadcast_to(x, tuple(sizes[lb] for lb in result))
+
+
 # ---------------------------------------------------------------- numpy's signatures
 # The reductions above take `gs.sum`'s argument order (x, axis, keepdims, ...); numpy's functions
 # put out= (and dtype=) before keepdims. These adapters are what `np.<name>(traced)` calls.
@@ -895,12 +1027,12 @@ FUNCTIONS.update({
     np.atleast_3d: atleast_3d, np.tile: tile, np.repeat: repeat, np.flip: flip, np.fliplr: fliplr,
     np.flipud: flipud, np.roll: roll, np.diff: diff, np.outer: outer, np.kron: kron, np.tril: tril, np.triu: triu,
     np.diagonal: diagonal, np.diag: diag, np.trace: trace, np.split: split, np.array_split: array_split,
-    np.meshgrid: meshgrid,
+    np.meshgrid: meshgrid, np.einsum: einsum,
 })
 
 __all__ = [
     "all", "any", "argmax", "argmin", "argsort", "array_split", "atleast_1d", "atleast_2d", "atleast_3d", "average",
-    "cumprod", "diag", "diagonal", "diff", "fix", "flip", "fliplr", "flipud", "fmod", "heaviside", "kron",
+    "cumprod", "diag", "diagonal", "diff", "einsum", "fix", "flip", "fliplr", "flipud", "fmod", "heaviside", "kron",
     "logical_and", "logical_not", "logical_or", "logical_xor", "median", "meshgrid", "moveaxis", "nanmean", "nansum",
     "outer", "percentile", "prod", "ptp", "quantile", "ravel", "reciprocal", "remainder", "repeat", "roll", "round",
     "searchsorted", "sinc", "sort", "split", "std", "take_along_axis", "tile", "trace", "tril", "triu",
