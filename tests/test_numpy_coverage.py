@@ -181,6 +181,9 @@ CASES = [
                           ("...ij,jk", ((2, 2, 3), (3, 2))), ("ij,ij->ij", ((1, 3), (2, 3))),
                           ("iij->ji", ((2, 2, 3),)), ("ij,jk,kl->il", ((2, 3), (3, 4), (4, 2))),
                           ("ab,bc,ca", ((2, 3), (3, 2), (2, 2))))),
+    Case("array-likes", lambda x: np.outer(x, [1.0, 2.0]) + np.kron([1, 1], x)[:3, None]
+         + np.take_along_axis(x[:, None], np.zeros((3, 1), np.uint8), 0) + np.searchsorted([0.0, 0.5], x)[:, None],
+         ((3,),), "real"),
     Case("searchsorted", lambda a, v: np.searchsorted(np.sort(a), v, side="right"), ((5,), (2, 3)), "real",
          grad=False),
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.ops.core import FLOATS, INTS
+from gradserve_engine.ops.core import FLOATS
 
 from .numpy_api import (
     FUNCTIONS,
@@ -72,6 +72,12 @@ from .numpy_api import min as _min
 isnan, rint, trunc = UFUNCS["isnan"], UFUNCS["rint"], UFUNCS["trunc"]
 _fmod_float = UFUNCS["fmod"]
 _select = where  # for the functions whose `where=` keyword shadows it
+
+
+def _arr(x: Any) -> Any:
+    """An array-like operand as a value with a shape: traced values and tensors as they are,
+    anything else (lists, scalars) as a numpy array; None stays None."""
+    return x if x is None or _is_value(x) else np.asarray(x)
 
 
 def _ndim(x: Any) -> int:
@@ -250,6 +256,7 @@ def prod(a: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *,
          initial: Any = None) -> Any:
     """numpy's prod (arguments in `gs.sum`'s order); `where=mask` multiplies only the selected
     elements."""
+    a = _arr(a)
     x = _small_int_to_int64(a, dtype)
     if where is not None:
         x = _select(_mask(where, x), x, np.ones((), dtype_of(x)))
@@ -262,6 +269,7 @@ def prod(a: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *,
 def cumprod(a: Any, axis: Any = None, dtype: Any = None, out: Any = None) -> Any:
     """numpy's cumprod, as a parallel prefix scan of multiplications (log2(n) steps): gradients
     are exact where elements are zero."""
+    a = _arr(a)
     _no_out(out, "cumprod")
     x = _small_int_to_int64(a, dtype)
     if axis is None:
@@ -304,11 +312,13 @@ def std(a: Any, axis: Any = None, keepdims: bool = False, ddof: float = 0, *, dt
         mean: Any = None, correction: Any = None) -> Any:
     """The standard deviation (arguments in `gs.var`'s order): sqrt of the variance with `ddof`
     (or `correction`), over the elements `where=` selects, around a precomputed `mean=` if given."""
+    a = _arr(a)
     return sqrt(_var(a, axis, keepdims, ddof, dtype, where, mean, correction))
 
 
 def ptp(a: Any, axis: Any = None, keepdims: bool = False) -> Any:
     """Peak to peak: max - min."""
+    a = _arr(a)
     return subtract(_max(a, axis, _keepdims(keepdims)), _min(a, axis, _keepdims(keepdims)))
 
 
@@ -340,6 +350,7 @@ argmin = _arg_extremum(_min, "argmin")
 
 def any(a: Any, axis: Any = None, keepdims: bool = False, *, where: Any = None) -> Any:
     """Whether any element (that `where=` selects) is true (non-zero)."""
+    a = _arr(a)
     b = _truth(a)
     if where is not None:
         b = _and(_mask(where, b), b)
@@ -348,6 +359,7 @@ def any(a: Any, axis: Any = None, keepdims: bool = False, *, where: Any = None) 
 
 def all(a: Any, axis: Any = None, keepdims: bool = False, *, where: Any = None) -> Any:
     """Whether every element (that `where=` selects) is true (non-zero)."""
+    a = _arr(a)
     miss = _not(_truth(a))
     if where is not None:
         miss = _and(_mask(where, miss), miss)
@@ -361,11 +373,13 @@ def _nan_to_zero(a: Any) -> Any:
 def nansum(a: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *, where: Any = None,
            initial: Any = None) -> Any:
     """sum with NaNs counted as zero (their gradient is zero)."""
+    a = _arr(a)
     return sum(_nan_to_zero(a), axis, keepdims, dtype, where=where, initial=initial)
 
 
 def nanmean(a: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *, where: Any = None) -> Any:
     """mean of the elements that are not NaN (NaN where there is none)."""
+    a = _arr(a)
     keep = _not(isnan(a)) if dtype_of(a) in FLOATS else broadcast_to(np.True_, shape_of(a))
     if where is not None:
         keep = _and(_mask(where, keep), keep)
@@ -375,6 +389,7 @@ def nanmean(a: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None,
 def average(a: Any, axis: Any = None, weights: Any = None, returned: bool = False, *, keepdims: bool = False) -> Any:
     """numpy's average: the mean, or sum(a * w) / sum(w) along `axis`; weights may be traced
     (a gradient with respect to them too). `returned=True` also gives the sum of the weights."""
+    a, weights = _arr(a), _arr(weights)
     keep = _keepdims(keepdims)
     if weights is None:
         avg = _mean(a, axis, keep)
@@ -408,6 +423,7 @@ def average(a: Any, axis: Any = None, weights: Any = None, returned: bool = Fals
 
 def argsort(a: Any, axis: Any = -1, kind: str | None = None, order: Any = None, *, stable: bool | None = None) -> Any:
     """The permutation that sorts `a` along `axis` (stable: ties keep their order; NaN last)."""
+    a = _arr(a)
     if order is not None:
         raise TypeError("argsort: order= (structured arrays) is not supported on traced values")
     if axis is None:
@@ -417,6 +433,7 @@ def argsort(a: Any, axis: Any = -1, kind: str | None = None, order: Any = None, 
 
 def sort(a: Any, axis: Any = -1, kind: str | None = None, order: Any = None, *, stable: bool | None = None) -> Any:
     """Sorted along `axis`: a gather by the argsort, so the gradient follows the permutation."""
+    a = _arr(a)
     if order is not None:
         raise TypeError("sort: order= (structured arrays) is not supported on traced values")
     if axis is None:
@@ -454,11 +471,12 @@ def _gather_along(x: Any, idx: Any, axis: int, checked: bool) -> Any:
 
 
 def take_along_axis(arr: Any, indices: Any, axis: Any = -1) -> Any:
+    arr, indices = _arr(arr), _arr(indices)
     if axis is None:
         if _ndim(indices) != 1:
             raise ValueError("when axis=None, `indices` must have a single dimension.")
         arr, axis = reshape(arr, (-1,)), 0
-    if dtype_of(indices) not in INTS:
+    if np.dtype(dtype_of(indices)).kind not in "iu":
         raise IndexError("`indices` must be an integer array")
     if _ndim(indices) != _ndim(arr):
         raise ValueError("`indices` and `arr` must have the same number of dimensions")
@@ -467,6 +485,7 @@ def take_along_axis(arr: Any, indices: Any, axis: Any = -1) -> Any:
 
 def searchsorted(a: Any, v: Any, side: str = "left", sorter: Any = None) -> Any:
     """Insertion points of `v` into the sorted 1-D `a` (integers, no gradient)."""
+    a, v = _arr(a), _arr(v)
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right' (got {side!r})")
     if sorter is not None:
@@ -499,6 +518,7 @@ def _positions(q: np.ndarray, n: int, method: str) -> tuple[np.ndarray, np.ndarr
 def quantile(a: Any, q: Any, axis: Any = None, keepdims: bool = False, *, method: str = "linear") -> Any:
     """numpy's quantile (q in [0, 1], known while tracing): interpolation between sorted
     elements, so the gradient reaches the (at most two) elements each quantile selects."""
+    a = _arr(a)
     if method not in _METHODS:
         raise ValueError(f"quantile: method {method!r} is not supported on traced values; use one of {list(_METHODS)}")
     if _is_value(q):
@@ -553,6 +573,7 @@ def median(a: Any, axis: Any = None, keepdims: bool = False) -> Any:
 
 
 def ravel(a: Any, order: str = "C") -> Any:
+    a = _arr(a)
     if order == "F":
         return reshape(transpose(a), (-1,))
     if order not in ("C", "A", "K"):
@@ -561,6 +582,7 @@ def ravel(a: Any, order: str = "C") -> Any:
 
 
 def moveaxis(a: Any, source: Any, destination: Any) -> Any:
+    a = _arr(a)
     nd = _ndim(a)
     src = [_axis1(s, nd) for s in np.atleast_1d(source)]
     dst = [_axis1(d, nd) for d in np.atleast_1d(destination)]
@@ -596,6 +618,7 @@ atleast_3d = _atleast(3, lambda s: (1, 1, 1) if not s else (1, s[0], 1) if len(s
 def tile(A: Any, reps: Any) -> Any:
     """Repeat the whole array: broadcast along new axes interleaved with the old, then reshape
     (the gradient sums the copies)."""
+    A = _arr(A)
     reps = (int(reps),) if isinstance(reps, (int, np.integer)) else tuple(int(r) for r in reps)
     shape = shape_of(A)
     d = builtins.max(len(reps), len(shape))
@@ -608,6 +631,7 @@ def tile(A: Any, reps: Any) -> Any:
 
 def repeat(a: Any, repeats: Any, axis: Any = None) -> Any:
     """Each element repeated along `axis` (the gradient sums the repeats)."""
+    a = _arr(a)
     if _is_value(repeats):
         raise data_dependent("numpy.repeat with traced repeats")
     if axis is None:
@@ -629,6 +653,7 @@ def repeat(a: Any, repeats: Any, axis: Any = None) -> Any:
 
 
 def flip(m: Any, axis: Any = None) -> Any:
+    m = _arr(m)
     x = m
     for ax in _norm_axes(axis, _ndim(m)):
         x = _slice_axis(x, ax, slice(None, None, -1))
@@ -636,12 +661,14 @@ def flip(m: Any, axis: Any = None) -> Any:
 
 
 def fliplr(m: Any) -> Any:
+    m = _arr(m)
     if _ndim(m) < 2:
         raise ValueError("Input must be >= 2-d.")
     return flip(m, 1)
 
 
 def flipud(m: Any) -> Any:
+    m = _arr(m)
     if _ndim(m) < 1:
         raise ValueError("Input must be >= 1-d.")
     return flip(m, 0)
@@ -649,6 +676,7 @@ def flipud(m: Any) -> Any:
 
 def roll(a: Any, shift: Any, axis: Any = None) -> Any:
     """Elements shifted along `axis`, wrapping around: two slices concatenated."""
+    a = _arr(a)
     if axis is None:
         return reshape(roll(reshape(a, (-1,)), shift, 0), shape_of(a))
     shifts, axes = np.broadcast_arrays(np.asarray(shift, np.int64), np.asarray(axis, np.int64))
@@ -667,6 +695,7 @@ def roll(a: Any, shift: Any, axis: Any = None) -> Any:
 
 def diff(a: Any, n: int = 1, axis: int = -1, prepend: Any = None, append: Any = None) -> Any:
     """The n-th discrete difference along `axis`, from slices."""
+    a, prepend, append = _arr(a), _arr(prepend), _arr(append)
     if n < 0:
         raise ValueError(f"order must be non-negative but got {n!r}")
     if n == 0:
@@ -693,12 +722,14 @@ def diff(a: Any, n: int = 1, axis: int = -1, prepend: Any = None, append: Any = 
 
 
 def outer(a: Any, b: Any, out: Any = None) -> Any:
+    a, b = _arr(a), _arr(b)
     _no_out(out, "outer")
     return multiply(reshape(a, (-1, 1)), reshape(b, (1, -1)))
 
 
 def kron(a: Any, b: Any) -> Any:
     """The Kronecker product: each element of `a` times the whole of `b`."""
+    a, b = _arr(a), _arr(b)
     sa, sb = shape_of(a), shape_of(b)
     d = builtins.max(len(sa), len(sb))
     sa, sb = (1,) * (d - len(sa)) + sa, (1,) * (d - len(sb)) + sb
@@ -718,17 +749,20 @@ def _triangle(m: Any, k: int, lower: bool) -> Any:
 
 def tril(m: Any, k: int = 0) -> Any:
     """The lower triangle (zero above the k-th diagonal); the gradient is the mask."""
+    m = _arr(m)
     return _triangle(m, int(k), lower=True)
 
 
 def triu(m: Any, k: int = 0) -> Any:
     """The upper triangle (zero below the k-th diagonal); the gradient is the mask."""
+    m = _arr(m)
     return _triangle(m, int(k), lower=False)
 
 
 def diagonal(a: Any, offset: int = 0, axis1: int = 0, axis2: int = 1) -> Any:
     """The diagonal of the (axis1, axis2) planes, as a last axis: one strided slice of the
     merged plane (the gradient pads it back)."""
+    a = _arr(a)
     nd = _ndim(a)
     if nd < 2:
         raise ValueError("diag requires an array of at least two dimensions")
@@ -747,6 +781,7 @@ def diagonal(a: Any, offset: int = 0, axis1: int = 0, axis2: int = 1) -> Any:
 
 def diag(v: Any, k: int = 0) -> Any:
     """The k-th diagonal of a 2-D array, or a 2-D array with a 1-D one on its k-th diagonal."""
+    v = _arr(v)
     shape = shape_of(v)
     k = int(k)
     if len(shape) == 2:
@@ -760,6 +795,7 @@ def diag(v: Any, k: int = 0) -> Any:
 
 
 def trace(a: Any, offset: int = 0, axis1: int = 0, axis2: int = 1, dtype: Any = None, out: Any = None) -> Any:
+    a = _arr(a)
     _no_out(out, "trace")
     return sum(diagonal(a, offset, axis1, axis2), -1, dtype=dtype)
 
@@ -792,6 +828,7 @@ def meshgrid(*xi: Any, copy: bool = True, sparse: bool = False, indexing: str = 
     if indexing not in ("xy", "ij"):
         raise ValueError("Valid values for `indexing` are 'xy' and 'ij'.")
     nd = len(xi)
+    xi = tuple(_arr(x) for x in xi)
     out = [reshape(x, (1,) * i + (-1,) + (1,) * (nd - i - 1)) for i, x in enumerate(xi)]
     if indexing == "xy" and nd > 1:
         out[0] = reshape(out[0], (1, -1) + (1,) * (nd - 2))
@@ -911,6 +948,7 @@ def einsum(subscripts: str, *operands: Any, out: Any = None, dtype: Any = None, 
         raise TypeError("einsum: give the subscripts as a string ('ij,jk->ik'), not as lists of axes")
     if not operands:
         raise ValueError("einsum: no operands")
+    operands = tuple(_arr(x) for x in operands)
     ops = _promoted(*operands) if dtype is None else [astype(x, dtype) for x in operands]
     terms, result = _einsum_terms(subscripts, [shape_of(x) for x in ops])
     items = [_einsum_diagonals(x, t) for x, t in zip(ops, terms, strict=True)]
@@ -965,17 +1003,22 @@ def _np_extremum(f: Callable[..., Any], name: str) -> Callable[..., Any]:
     return reduce
 
 
-def _np_keep(f: Callable[..., Any], name: str, *, kw_keepdims: bool = False) -> Callable[..., Any]:
-    """numpy's (a, axis, out, keepdims, *, where) for a function taking (a, axis, keepdims, *, where)."""
-    def g(a: Any, axis: Any = None, out: Any = None, keepdims: bool = False, **kw: Any) -> Any:
+def _np_reduce(f: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """numpy's (a, axis, out, keepdims, *, where) for ptp, any, all."""
+    def g(a: Any, axis: Any = None, out: Any = None, keepdims: bool = False, **where: Any) -> Any:
         _no_out(out, name)
-        return f(a, axis, keepdims, **kw)
+        return f(a, axis, keepdims, **where)
 
-    def g_kw(a: Any, axis: Any = None, out: Any = None, *, keepdims: bool = False) -> Any:
+    return g
+
+
+def _np_arg(f: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """numpy's (a, axis, out, *, keepdims) for argmax and argmin."""
+    def g(a: Any, axis: Any = None, out: Any = None, *, keepdims: bool = False) -> Any:
         _no_out(out, name)
         return f(a, axis, keepdims)
 
-    return g_kw if kw_keepdims else g
+    return g
 
 
 def _np_nansum(a: Any, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False,
@@ -1017,9 +1060,9 @@ FUNCTIONS.update({
     np.prod: _np_prod, np.cumprod: cumprod, np.var: _np_var, np.std: _np_std,
     np.max: _np_extremum(_max, "max"), np.amax: _np_extremum(_max, "amax"),
     np.min: _np_extremum(_min, "min"), np.amin: _np_extremum(_min, "amin"),
-    np.ptp: _np_keep(ptp, "ptp"), np.argmax: _np_keep(argmax, "argmax", kw_keepdims=True),
-    np.argmin: _np_keep(argmin, "argmin", kw_keepdims=True), np.any: _np_keep(any, "any"),
-    np.all: _np_keep(all, "all"), np.nansum: _np_nansum, np.nanmean: _np_nanmean, np.average: average,
+    np.ptp: _np_reduce(ptp, "ptp"), np.argmax: _np_arg(argmax, "argmax"), np.argmin: _np_arg(argmin, "argmin"),
+    np.any: _np_reduce(any, "any"), np.all: _np_reduce(all, "all"), np.nansum: _np_nansum,
+    np.nanmean: _np_nanmean, np.average: average,
     np.sort: sort, np.argsort: argsort, np.take_along_axis: take_along_axis, np.searchsorted: searchsorted,
     np.quantile: _np_quantile(quantile, "quantile"), np.percentile: _np_quantile(percentile, "percentile"),
     np.median: _np_median,
