@@ -100,6 +100,8 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     ops["concatenate"] = lambda b, v: b.bind("concatenate", v["x"], v["y"], v["k"], axis=0)
     ops["take"] = lambda b, v: b.bind("take", v["x"], v["i"], axis=1)
     ops["scatter_add"] = lambda b, v: b.bind("scatter_add", v["x"], v["i"], v["u"], axis=1)
+    ops["argsort"] = lambda b, v: b.bind("argsort", v["x"], axis=1)
+    ops["searchsorted"] = lambda b, v: b.bind("searchsorted", b.bind("reshape", v["k"], shape=(6,)), v["x"], right=True)
 
     def graph(names: list[str]) -> pb.Graph:
         b = Builder()

@@ -94,12 +94,22 @@ def np_logistic(x):
     return 1 / (1 + np.exp(-x))
 
 
+def torch_cbrt(x):  # PyTorch has no cbrt
+    return torch.sign(x) * torch.abs(x) ** (1 / 3)
+
+
 for _op, _np, _t, _dom in (
     ("exp", np.exp, torch.exp, "real"), ("log", np.log, torch.log, "pos"), ("log1p", np.log1p, torch.log1p, "gt-1"),
     ("expm1", np.expm1, torch.expm1, "real"), ("sin", np.sin, torch.sin, "real"), ("cos", np.cos, torch.cos, "real"),
     ("tan", np.tan, torch.tan, "tan"), ("tanh", np.tanh, torch.tanh, "real"),
     ("arctan", np.arctan, torch.atan, "real"),
     ("logistic", np_logistic, torch.sigmoid, "real"), ("sqrt", np.sqrt, torch.sqrt, "pos"),
+    ("cbrt", np.cbrt, torch_cbrt, "nonzero"), ("exp2", np.exp2, torch.exp2, "real"),
+    ("log2", np.log2, torch.log2, "pos"), ("log10", np.log10, torch.log10, "pos"),
+    ("arcsin", np.arcsin, torch.asin, "unit"), ("arccos", np.arccos, torch.acos, "unit"),
+    ("sinh", np.sinh, torch.sinh, "real"), ("cosh", np.cosh, torch.cosh, "real"),
+    ("arcsinh", np.arcsinh, torch.asinh, "real"), ("arccosh", np.arccosh, torch.acosh, "gt1"),
+    ("arctanh", np.arctanh, torch.atanh, "unit"),
 ):
     for _shape in ((2, 3), ()):
         spec(f"{_op}[{sid(_shape)}]", _op, (X(_shape, _dom),), _np, _t, FLT)
@@ -111,6 +121,11 @@ for _shape in ((2, 3), ()):
     spec(f"sign[{sid(_shape)}]", "sign", (X(_shape, "nonzero"),), np.sign, torch.sign, NUM, grad="zero")
     spec(f"floor[{sid(_shape)}]", "floor", (X(_shape, "frac"),), np.floor, torch.floor, FLT, grad="zero")
     spec(f"ceil[{sid(_shape)}]", "ceil", (X(_shape, "frac"),), np.ceil, torch.ceil, FLT, grad="zero")
+    spec(f"trunc[{sid(_shape)}]", "trunc", (X(_shape, "frac"),), np.trunc, torch.trunc, FLT, grad="zero")
+    # exact halves too: rint rounds them to even, as numpy's and torch.round
+    spec(f"rint[{sid(_shape)}]", "rint", (X(_shape, "halves"),), np.rint, torch.round, FLT, grad="zero")
+    for _op, _np in (("isnan", np.isnan), ("isinf", np.isinf), ("isfinite", np.isfinite), ("signbit", np.signbit)):
+        spec(f"{_op}[{sid(_shape)}]", _op, (X(_shape, "special"),), _np, None, FLT, grad="none", out_dtype="bool")
     spec(f"stop_gradient[{sid(_shape)}]", "stop_gradient", (X(_shape),), np.copy, torch.detach, ALL, grad="zero")
 
 
@@ -146,9 +161,17 @@ for _op, _np, _t, _dtypes, _dx, _dy in (
     ("maximum", np.maximum, torch.maximum, NUM, "grid", "grid"),  # grids a half-step apart: no ties
     ("minimum", np.minimum, torch.minimum, NUM, "grid", "grid"),
     ("atan2", np.arctan2, torch.atan2, FLT, "real", "nonzero"),
+    ("hypot", np.hypot, torch.hypot, FLT, "nonzero", "nonzero"),
+    ("fmod", np.fmod, torch.fmod, FLT, "real", "nonzero"),
+    ("logaddexp", np.logaddexp, torch.logaddexp, FLT, "real", "real"),
+    ("logaddexp2", np.logaddexp2, torch.logaddexp2, FLT, "real", "real"),
 ):
     for _case, (_sx, _sy) in BROADCASTS.items():
         spec(f"{_op}[{_case}]", _op, (X(_sx, _dx), X(_sy, _dy)), _np, _t, _dtypes)
+
+for _op, _np, _t in (("logaddexp", np.logaddexp, torch.logaddexp), ("logaddexp2", np.logaddexp2, torch.logaddexp2)):
+    # integer values: ties, where the CUDA form takes its other branch and the derivative is 1/2
+    spec(f"{_op}[ties]", _op, (X((2, 3), "small"), X((2, 3), "small")), _np, _t, FLT)
 
 for _op, _np in (("lt", np.less), ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal),
                  ("eq", np.equal), ("ne", np.not_equal)):
@@ -390,6 +413,26 @@ for _shape, _idx, _idt, _axis in (
     spec(f"scatter_add[{sid(_shape)},idx={sid(_ix.shape)}:{_idt},axis={_axis}]", "scatter_add", (X(_shape), _ix, X(_ushape)),
          _np_scatter_add(_axis), _torch_scatter_add(_axis, _ix.value), ALL, attrs={"axis": _axis})
 
+# ---- the ops that compute indices
+
+
+def _np_argsort(axis):
+    return lambda x: np.argsort(x, axis=axis, kind="stable")
+
+
+for _shape, _axis, _dom in (((2, 5), 1, "small"), ((4, 3), 0, "grid"), ((6,), 0, "small")):  # "small": ties stay in order
+    spec(f"argsort[{sid(_shape)},axis={_axis},{_dom}]", "argsort", (X(_shape, _dom),), _np_argsort(_axis), None, ALL,
+         attrs={"axis": _axis}, grad="none", out_dtype="int64")
+
+
+def _np_searchsorted(right):
+    return lambda a, v: np.searchsorted(a, v, side="right" if right else "left")
+
+
+for _right in (False, True):
+    spec(f"searchsorted[right={_right}]", "searchsorted", (X((5,), "sorted"), X((2, 3), "small")),
+         _np_searchsorted(_right), None, ALL, attrs={"right": _right}, grad="none", out_dtype="int64")
+
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 assert len(SPEC_BY_NAME) == len(SPECS), "duplicate spec names"
 
@@ -432,6 +475,8 @@ def rng_for(*key: Any) -> np.random.Generator:
 def sample(rng: np.random.Generator, a: Arg, dtype: str, k: int) -> np.ndarray:
     if a.kind == "idx":
         return a.value.copy()
+    if a.domain == "sorted":  # searchsorted's table: "small" values (ties with the looked-up ones), sorted
+        return np.sort(sample(rng, Arg(a.kind, a.shape, "small"), dtype, k), axis=-1)
     shape = a.shape
     if a.kind == "cond" or dtype == "bool":
         return rng.random(shape) < 0.5
@@ -454,6 +499,14 @@ def sample(rng: np.random.Generator, a: Arg, dtype: str, k: int) -> np.ndarray:
         v = rng.uniform(-0.5, 1.5, shape)
     elif d == "tan":
         v = rng.uniform(-1.2, 1.2, shape)
+    elif d == "unit":  # arcsin, arccos, arctanh: inside (-1, 1), away from the poles
+        v = rng.uniform(-0.9, 0.9, shape)
+    elif d == "gt1":  # arccosh: above 1
+        v = rng.uniform(1.2, 3.0, shape)
+    elif d == "halves":  # integers and exact halves: rounding ties
+        v = rng.integers(-6, 7, shape) * 0.5
+    elif d == "special":  # the predicates: nan, both infinities, both zeros, finite values
+        v = rng.choice(np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5, -2.0, 1e-310]), shape)
     elif d == "nonzero":  # abs, sign: away from the kink; div, atan2: away from the pole
         v = rng.uniform(0.3, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
     elif d == "grid":  # distinct values on a 0.1 grid, shifted by 0.05 per operand: no ties anywhere
@@ -828,11 +881,42 @@ def _np_masked(fn: Callable[..., np.ndarray]) -> Callable[[np.ndarray, np.ndarra
     return lambda x, y: (fn(x, y).astype(x.dtype), np.ones_like(y))
 
 
+def _select_on(pred: str) -> Callable[[Builder, Any, Any], Any]:
+    return lambda b, x, y: b.bind("select", b.bind(pred, x), x, y)
+
+
+def _torch_select_on(fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda x, y: torch.where(fn(x), x, y)
+
+
+def _np_select_on(fn: Callable[..., np.ndarray]) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    return lambda x, y: (fn(x).astype(x.dtype), (~fn(x)).astype(y.dtype))
+
+
+_TABLE = np.array([-1.0, -0.25, 0.5, 1.5])  # searchsorted's sorted operand in the composite below
+
+
 COMPOSITES = [
     Composite("x*floor(x)+y", ("floor",), _times_op_plus_y("floor"), lambda x, y: x * torch.floor(x) + y,
               lambda x, y: (np.floor(x), np.ones_like(y))),
     Composite("x*ceil(x)+y", ("ceil",), _times_op_plus_y("ceil"), lambda x, y: x * torch.ceil(x) + y,
               lambda x, y: (np.ceil(x), np.ones_like(y))),
+    Composite("x*trunc(x)+y", ("trunc",), _times_op_plus_y("trunc"), lambda x, y: x * torch.trunc(x) + y,
+              lambda x, y: (np.trunc(x), np.ones_like(y))),
+    Composite("x*rint(x)+y", ("rint",), _times_op_plus_y("rint"), lambda x, y: x * torch.round(x) + y,
+              lambda x, y: (np.rint(x), np.ones_like(y))),
+    *(Composite(f"select({p}(x),x,y)", (p,), _select_on(p), _torch_select_on(tfn), _np_select_on(nfn))
+      for p, tfn, nfn in (("isnan", torch.isnan, np.isnan), ("isinf", torch.isinf, np.isinf),
+                          ("isfinite", torch.isfinite, np.isfinite), ("signbit", torch.signbit, np.signbit))),
+    Composite("x*argsort(x)+y", ("argsort",),
+              lambda b, x, y: b.bind("add", b.bind("mul", x, b.bind("cast", b.bind("argsort", x, axis=1), dtype=x.dtype)), y),
+              lambda x, y: x * torch.argsort(x, dim=1, stable=True).to(x.dtype) + y,
+              lambda x, y: (np.argsort(x, axis=1, kind="stable").astype(x.dtype), np.ones_like(y))),
+    Composite("x*searchsorted(t,x)+y", ("searchsorted",),
+              lambda b, x, y: b.bind("add", b.bind("mul", x, b.bind("cast", b.bind(
+                  "searchsorted", b.const(_TABLE.astype(x.dtype)), x, right=False), dtype=x.dtype)), y),
+              lambda x, y: x * torch.searchsorted(torch.tensor(_TABLE, dtype=x.dtype), x).to(x.dtype) + y,
+              lambda x, y: (np.searchsorted(_TABLE.astype(x.dtype), x).astype(x.dtype), np.ones_like(y))),
     Composite("x*sign(x)+y", ("sign",), _times_op_plus_y("sign"), lambda x, y: x * torch.sign(x) + y,
               lambda x, y: (np.sign(x), np.ones_like(y))),
     Composite("x*stop_gradient(x)+y", ("stop_gradient",), _times_op_plus_y("stop_gradient"), lambda x, y: x * x.detach() + y,

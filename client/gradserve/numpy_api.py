@@ -213,8 +213,18 @@ def sum(x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None, *, 
 
 
 def _extremum(op: str) -> Callable[..., Any]:
-    def f(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
-        return bind(op, x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=bool(keepdims))
+    ufunc = "maximum" if op == "reduce_max" else "minimum"
+
+    def f(x: Any, axis: Any = None, keepdims: bool = False, *, where: Any = None, initial: Any = None) -> Any:
+        """numpy's max (min); `where=mask` considers only the selected elements, and then needs
+        `initial` (the value where none is selected), as numpy."""
+        if where is not None:
+            if initial is None:
+                raise ValueError(f"reduction operation '{ufunc}' does not have an identity, so to use a where mask "
+                                 "one has to specify 'initial'")
+            x = _select(_mask(where, x), x, np.asarray(initial, dtype_of(x)))
+        out = bind(op, x, axes=_norm_axes(axis, len(shape_of(x))), keepdims=bool(keepdims))
+        return out if initial is None else UFUNCS[ufunc](out, np.asarray(initial, dtype_of(out)))
 
     return f
 

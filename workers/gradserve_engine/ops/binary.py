@@ -1,4 +1,4 @@
-"""Broadcasting binary primitives (arithmetic, extrema, atan2), comparisons, and select.
+"""Broadcasting binary primitives (arithmetic, extrema, hypot, fmod, logaddexp, atan2), comparisons, and select.
 
 A differentiable binary op is given by its partials: `partials(g, x, y, out, need)` returns the
 images of a cotangent `g` under d/dx and d/dy (None where not needed); the VJP sums them back
@@ -7,6 +7,7 @@ to each operand's shape, and the JVP applies them to the tangents.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,6 +135,39 @@ binary("maximum", _extremum("gt"), kernel="maximum", allowed=NUMERIC, cost=Cost.
 binary("minimum", _extremum("lt"), kernel="minimum", allowed=NUMERIC, cost=Cost.CHEAP,
        forms=(lambda a, dt, ins: f"_sel(({a[0]} < {a[1]}) | ({a[0]} != {a[0]}), {a[0]}, {a[1]})",
               lambda a, dt, ins: f"(({a[0]} < {a[1]} || {a[0]} != {a[0]}) ? {a[0]} : {a[1]})"))
+binary("hypot", lambda g, x, y, out, need: (e.mul(g, e.div(x, out)) if need[0] else None,
+                                            e.mul(g, e.div(y, out)) if need[1] else None),
+       kernel="hypot", allowed=FLOATS, cost=Cost.DIV, libm=True,
+       forms=(lambda a, dt, ins: f"np.hypot({a[0]}, {a[1]})", lambda a, dt, ins: f"hypot({a[0]}, {a[1]})"))
+# x - trunc(x / y) * y, computed exactly: d/dy is -trunc(x / y) (zero at the jumps' sides, as PyTorch's)
+binary("fmod", lambda g, x, y, out, need: (g, e.neg(e.mul(g, e.bind("trunc", e.div(x, y)))) if need[1] else None),
+       kernel="fmod", allowed=FLOATS, cost=Cost.DIV, libm=True,
+       forms=(lambda a, dt, ins: f"np.fmod({a[0]}, {a[1]})", lambda a, dt, ins: f"fmod({a[0]}, {a[1]})"))
+def _logaddexp(exp: str) -> Partials:
+    # d/dx log(e^x + e^y) = e^(x - out): smooth to every order, ties included
+    def partials(g: Any, x: Any, y: Any, out: Any, need: Sequence[bool]) -> tuple[Any, Any]:
+        return (e.mul(g, e.bind(exp, e.sub(x, out))) if need[0] else None,
+                e.mul(g, e.bind(exp, e.sub(y, out))) if need[1] else None)
+
+    return partials
+
+
+def _logaddexp_cuda(exp: str, tie: float, scale: float) -> Expr:
+    """max(x, y) + log1p(exp(-|x - y|)) (scaled), with ties (infinities too) as x + log(2), and NaN
+    propagated, as numpy's logaddexp and logaddexp2."""
+    def form(a: Sequence[str], dt: str, ins: Sequence[str]) -> str:
+        x, y, T = a[0], a[1], C_TYPES[dt]
+        big = f"(({x} > {y} || {x} != {x}) ? {x} : {y})"
+        return (f"({x} == {y} ? {x} + ({T}){tie!r} : "
+                f"{big} + log1p({exp}(-fabs({x} - {y}))) * ({T}){scale!r})")
+
+    return form
+
+
+binary("logaddexp", _logaddexp("exp"), kernel="logaddexp", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
+       forms=(lambda a, dt, ins: f"np.logaddexp({a[0]}, {a[1]})", _logaddexp_cuda("exp", math.log(2.0), 1.0)))
+binary("logaddexp2", _logaddexp("exp2"), kernel="logaddexp2", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
+       forms=(lambda a, dt, ins: f"np.logaddexp2({a[0]}, {a[1]})", _logaddexp_cuda("exp2", 1.0, 1.0 / math.log(2.0))))
 binary("atan2", _atan2, kernel="arctan2", allowed=FLOATS, cost=Cost.TRANSCENDENTAL, libm=True,
        forms=(lambda a, dt, ins: f"np.arctan2({a[0]}, {a[1]})", lambda a, dt, ins: f"atan2({a[0]}, {a[1]})"))
 

@@ -1,16 +1,18 @@
-"""Indexing primitives: gather along an axis (take) and its transpose (scatter_add)."""
+"""Indexing primitives: gather along an axis (take) and its transpose (scatter_add), and the ops
+that compute indices from values (argsort, searchsorted: integer results, no gradient; a sort
+is `take` of its argsort, so its gradient flows through the permutation)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 from ..errors import ShapeError
 from . import emit as e
-from .core import Primitive, check_axes, need, register
-from .dtypes import INTS, AVal, Shape
+from .core import Primitive, check_axes, flops_of_input, need, register, size_of
+from .dtypes import DTYPES, INTS, AVal, Shape
 from .sharding import ShardContext, ShardState, refuse, shard_refused, sum_refused
 
 
@@ -84,3 +86,59 @@ def _jvp_scatter(ts: Sequence[Any], x: Any, idx: Any, upd: Any, *, out: Any, axi
 register(Primitive(
     "scatter_add", 3, {"axis": "int"}, _scatter_rule, _scatter_kernel, _vjp_scatter, _jvp_scatter,
     shard=shard_refused, shard_sum=sum_refused))
+
+
+# ---------------------------------------------------------------- argsort and searchsorted
+
+
+def _argsort_rule(x: AVal, *, axis: int) -> AVal:
+    need(x[0], DTYPES, "argsort operand")
+    check_axes((axis,), len(x[1]), "axis")
+    return ("int64", x[1])
+
+
+def _argsort_kernel(xp: ModuleType) -> Any:
+    # stable: equal values keep their order (NaN sorts last, as numpy's)
+    return lambda x, *, axis: xp.argsort(x, axis=axis, kind="stable").astype("int64", copy=False)
+
+
+def _shard_argsort(ctx: ShardContext, n: Any, ins: list[ShardState]) -> ShardState:
+    if n.attrs["axis"] == ins[0][1]:
+        raise refuse(n, "argsort along the batch axis mixes examples")
+    return ins[0]
+
+
+register(Primitive(
+    "argsort", 1, {"axis": "int"}, _argsort_rule, _argsort_kernel, differentiable=False, flops=flops_of_input,
+    shard=_shard_argsort, shard_sum=sum_refused))
+
+
+def _searchsorted_rule(a: AVal, v: AVal, *, right: bool) -> AVal:
+    if a[0] != v[0]:
+        raise ShapeError(f"searchsorted operands have different dtypes {a[0]} and {v[0]} (insert a cast)")
+    need(a[0], DTYPES, "searchsorted operands")
+    if len(a[1]) != 1:
+        raise ShapeError(f"searchsorted needs a 1-D sorted operand, got shape {a[1]}")
+    return ("int64", v[1])
+
+
+def _searchsorted_kernel(xp: ModuleType) -> Any:
+    def kernel(a: Any, v: Any, *, right: bool) -> Any:
+        return xp.asarray(xp.searchsorted(a, v, side="right" if right else "left"), dtype="int64")
+
+    return kernel
+
+
+def _flops_searchsorted(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> float:
+    return size_of(out) * max(1.0, math.log2(max(ins[0][1][0], 1)))  # a binary search per value
+
+
+def _shard_searchsorted(ctx: ShardContext, n: Any, ins: list[ShardState]) -> ShardState:
+    if ins[0] is not None:
+        raise refuse(n, "searchsorted in a batched sorted operand")
+    return ins[1]  # each value is looked up in the one example-independent sorted array
+
+
+register(Primitive(
+    "searchsorted", 2, {"right": "bool"}, _searchsorted_rule, _searchsorted_kernel, differentiable=False,
+    flops=_flops_searchsorted, shard=_shard_searchsorted, shard_sum=sum_refused))

@@ -1,4 +1,4 @@
-"""Elementwise unary primitives: math functions, rounding, sign, cast, stop_gradient.
+"""Elementwise unary primitives: math functions, rounding, predicates, sign, cast, stop_gradient.
 
 A differentiable unary op is given by its derivative as a function of (x, out); the VJP
 multiplies the cotangent by it, the JVP the tangent.
@@ -6,6 +6,7 @@ multiplies the cotangent by it, the JVP the tangent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -18,10 +19,10 @@ from .sharding import shard_elementwise, sum_linear, sum_refused
 Deriv = Callable[[Any, Any], Any]  # (x, out) -> d out / d x, emitted
 
 
-def _rule(allowed: tuple[str, ...], name: str) -> Callable[[AVal], AVal]:
+def _rule(allowed: tuple[str, ...], name: str, result: str | None = None) -> Callable[[AVal], AVal]:
     def rule(x: AVal) -> AVal:
         need(x[0], allowed, f"{name} operand")
-        return x
+        return (result or x[0], x[1])
 
     return rule
 
@@ -37,9 +38,11 @@ def _native_fast(fn: str) -> Expr:
 
 
 def unary(name: str, deriv: Deriv | None, *, kernel: KernelFactory | None = None, allowed: tuple[str, ...] = FLOATS,
-          cost: Cost, native: Expr, cuda: Expr, libm: bool = False, numpy: str | None = "") -> Primitive:
-    """Register an elementwise unary op; `deriv(x, out)` is its derivative (None: not differentiable,
-    the gradient is zero). `numpy`: the numpy ufunc it implements, by default its own name."""
+          cost: Cost, native: Expr, cuda: Expr, libm: bool = False, numpy: str | None = "",
+          result: str | None = None) -> Primitive:
+    """Register an elementwise unary op; `deriv(x, out)` is its derivative (None: piecewise
+    constant, the gradient is zero). `numpy`: the numpy ufunc it implements, by default its own
+    name. `result`: a fixed result dtype (the predicates: bool, not differentiable at all)."""
     vjp = jvp = None
     if deriv is not None:
         def vjp(g: Any, x: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
@@ -49,10 +52,10 @@ def unary(name: str, deriv: Deriv | None, *, kernel: KernelFactory | None = None
             return e.mul(ts[0], deriv(x, out))
 
     return register(Primitive(
-        name, 1, {}, _rule(allowed, name), kernel or ufunc(name), vjp, jvp, differentiable=deriv is not None,
+        name, 1, {}, _rule(allowed, name, result), kernel or ufunc(name), vjp, jvp, differentiable=deriv is not None,
         dtypes=allowed, numpy=name if numpy == "" else numpy,
         flops=flops_transcendental if cost == Cost.TRANSCENDENTAL else flops_elementwise,
-        out=True, in_place=True, elementwise=True, cost=cost, libm=libm, native=native, cuda=cuda,
+        out=result is None, in_place=result is None, elementwise=True, cost=cost, libm=libm, native=native, cuda=cuda,
         shard=shard_elementwise, shard_sum=sum_refused))
 
 
@@ -75,8 +78,48 @@ unary("arctan", lambda x, out: e.div(1.0, e.add(1.0, e.mul(x, x))), cost=Cost.TR
 unary("tanh", lambda x, out: e.sub(1.0, e.mul(out, out)), cost=Cost.TRANSCENDENTAL, native=_native_fast("tanh"),
       cuda=_call("tanh"))
 unary("sqrt", lambda x, out: e.div(0.5, out), cost=Cost.DIV, native=_call("np.sqrt"), cuda=_call("sqrt"))
+unary("cbrt", lambda x, out: e.div(1.0 / 3.0, e.mul(out, out)), cost=Cost.TRANSCENDENTAL, native=_call("np.cbrt"),
+      cuda=_call("cbrt"), libm=True)
+unary("exp2", lambda x, out: e.mul(out, math.log(2.0)), cost=Cost.TRANSCENDENTAL, native=_call("np.exp2"),
+      cuda=_call("exp2"), libm=True)
+unary("log2", lambda x, out: e.div(1.0 / math.log(2.0), x), cost=Cost.TRANSCENDENTAL, native=_call("np.log2"),
+      cuda=_call("log2"), libm=True)
+unary("log10", lambda x, out: e.div(1.0 / math.log(10.0), x), cost=Cost.TRANSCENDENTAL, native=_call("np.log10"),
+      cuda=_call("log10"), libm=True)
+
+
+def _inv_sqrt_one_minus_sq(x: Any) -> Any:
+    return e.div(1.0, e.bind("sqrt", e.sub(1.0, e.mul(x, x))))
+
+
+unary("arcsin", lambda x, out: _inv_sqrt_one_minus_sq(x), cost=Cost.TRANSCENDENTAL, native=_call("np.arcsin"),
+      cuda=_call("asin"), libm=True)
+unary("arccos", lambda x, out: e.neg(_inv_sqrt_one_minus_sq(x)), cost=Cost.TRANSCENDENTAL, native=_call("np.arccos"),
+      cuda=_call("acos"), libm=True)
+unary("sinh", lambda x, out: e.bind("cosh", x), cost=Cost.TRANSCENDENTAL, native=_call("np.sinh"), cuda=_call("sinh"),
+      libm=True)
+unary("cosh", lambda x, out: e.bind("sinh", x), cost=Cost.TRANSCENDENTAL, native=_call("np.cosh"), cuda=_call("cosh"),
+      libm=True)
+unary("arcsinh", lambda x, out: e.div(1.0, e.bind("sqrt", e.add(e.mul(x, x), 1.0))), cost=Cost.TRANSCENDENTAL,
+      native=_call("np.arcsinh"), cuda=_call("asinh"), libm=True)
+# 1 / sqrt(x^2 - 1) as 1 / (sqrt(x - 1) sqrt(x + 1)): no cancellation near x = 1
+unary("arccosh", lambda x, out: e.div(1.0, e.mul(e.bind("sqrt", e.sub(x, 1.0)), e.bind("sqrt", e.add(x, 1.0)))),
+      cost=Cost.TRANSCENDENTAL, native=_call("np.arccosh"), cuda=_call("acosh"), libm=True)
+unary("arctanh", lambda x, out: e.div(1.0, e.sub(1.0, e.mul(x, x))), cost=Cost.TRANSCENDENTAL,
+      native=_call("np.arctanh"), cuda=_call("atanh"), libm=True)
+
+# ---------------------------------------------------------------- rounding: piecewise constant, zero gradient
+
 unary("floor", None, cost=Cost.CHEAP, native=_call("np.floor"), cuda=_call("floor"))
 unary("ceil", None, cost=Cost.CHEAP, native=_call("np.ceil"), cuda=_call("ceil"))
+unary("trunc", None, cost=Cost.CHEAP, native=_call("np.trunc"), cuda=_call("trunc"))
+# halves to even, as numpy's rint and round (and CUDA's rint in the default rounding mode)
+unary("rint", None, cost=Cost.CHEAP, native=_call("np.rint"), cuda=_call("rint"))
+
+# ---------------------------------------------------------------- predicates: bool results, no gradient
+
+for _name in ("isnan", "isinf", "isfinite", "signbit"):
+    unary(_name, None, result="bool", cost=Cost.CHEAP, native=_call(f"np.{_name}"), cuda=_call(_name))
 
 
 def _logistic_kernel(xp: ModuleType) -> Any:
