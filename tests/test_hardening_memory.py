@@ -26,8 +26,8 @@ from service_fixtures import HOST, channel, fill, rpc_error, stub
 
 import gradserve as gs
 from gradserve import remote as rm
+from gradserve_engine import buffers, footprint
 from gradserve_engine import engine as engine_module
-from gradserve_engine import footprint
 from gradserve_engine.autodiff import vjp_graph
 from gradserve_engine.backend import Residuals
 from gradserve_engine.engine import Engine
@@ -51,12 +51,14 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _retained(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """`fn()` and the bytes still allocated once it returned (what it keeps, its result included)."""
+    """`fn()` and the bytes still allocated once it returned (what it keeps, its result included;
+    not the free buffers the recycler keeps for the next call, which belong to no one)."""
     gc.collect()
     tracemalloc.start()
     try:
         value = fn()
         gc.collect()
+        buffers.RECYCLER.clear()
         return value, tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()

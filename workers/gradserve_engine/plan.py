@@ -168,7 +168,7 @@ class ChunkedStep(KernelStep):
 
     def _run_sliced(self, env: list[Any]) -> None:
         args = self.operands(env)
-        out = env[self.src] if self.src >= 0 else RECYCLER.empty(self.shape, self.dtype)
+        out = env[self.src] if self.src >= 0 else RECYCLER.empty(self.shape, self.dtype)  # fresh is set: whole calls too
         fn, split = self.fn, self.split
 
         def part(lo: int, hi: int) -> None:
@@ -465,8 +465,9 @@ def _kernel_step(kernel: Kernel, node: Node, graph: Graph, src: int, frees: tupl
         return KernelStep.of(kernel, node, src, frees)
     if (cores > 1 and prim.elementwise and node.op in OUT_CAPABLE and node.shape and node.shape[0] > 1
             and prim.cost is not None and math.prod(node.shape) * WORK[prim.cost] >= min_work):
-        return ChunkedStep(kernel, node, src, frees, [graph.aval(i)[1] for i in node.inputs], 4 * cores)
-    step = KernelStep.of(kernel, node, src, frees)
+        step: KernelStep = ChunkedStep(kernel, node, src, frees, [graph.aval(i)[1] for i in node.inputs], 4 * cores)
+    else:
+        step = KernelStep.of(kernel, node, src, frees)
     dtype = np.dtype(node.dtype)
     if src < 0 and node.op in OUT_CAPABLE and math.prod(node.shape) * dtype.itemsize >= MIN_BYTES:
         step.fresh = (node.shape, dtype)

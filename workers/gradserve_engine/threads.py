@@ -13,6 +13,7 @@ BLAS's own threads take turns rather than compete.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.cache
 def available_cores() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit)."""
+    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit);
+    read once per process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
@@ -92,6 +95,7 @@ class Pool:
             job = self._job
             if job is not None:
                 job.help()
+            job = None  # an idle worker must not keep the last call's arrays alive
 
     def run(self, fn: Callable[..., Any], bounds: Sequence[int], args: tuple = ()) -> None:
         if self.size == 1 or len(bounds) <= 2 or not self._busy.acquire(blocking=False):
