@@ -13,6 +13,7 @@ restarted) a call that names it uploads it again and retries.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from gradserve_engine.engine import conform
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Limits, Var, tensor_from_proto, tensor_to_proto
+from gradserve_engine.names import GRAD, INTERNAL, RESULT
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
@@ -33,7 +35,7 @@ from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, MISSI
 
 from . import optim
 from .api import Functional, _as_array, _is_array_leaf, _param_names, _slot_value, flatten, shaped_like, unflatten
-from .minimize import OptimizeResult
+from .minimize import OptimizeResult, tree_norm
 from .pytree import tree_flatten
 from .refs import TensorRef
 
@@ -483,6 +485,9 @@ class Session:
         return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, shapes, groups)
 
 
+_FINISHED = ("succeeded", "failed", "cancelled")
+
+
 class Job:
     """A server-side optimisation job (from `remote.minimize`, `remote.job(id)` or `remote.jobs()`)."""
 
@@ -538,22 +543,46 @@ class Job:
             if bar is not None:
                 bar.close()
 
-    def result(self) -> Any:
-        """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
+    def result(self) -> OptimizeResult:
+        """The OptimizeResult, with `gs.minimize`'s fields and meanings: x (shaped like params0; a
+        dict of input names for a reattached job), fun, jac (the gradient at x, like x; None for a
+        minibatch job or one that did not end by itself), grad_norm (of jac), nit (the optimiser's
+        iterations), nfev, njev, nstep, status (scipy-style, None until the job finishes; 3 a job
+        that failed with an error, 99 a cancelled one), success, message, history (the kept points:
+        `history()`), optimizer (its spec) and opt_state (None: it stays on the server)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
         job = resp.job
         flat = _tensors(resp.params)
-        if self._like is not None and all(n in flat for n in self._names):
-            x = unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
-        else:
-            x = flat
-        return OptimizeResult(x=x, fun=resp.fun, nit=job.step, success=job.status == "succeeded", status=job.status,
-                              message=job.message, history={"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)},
-                              optimizer=job.optimizer_json)
+        counts = {k[len(RESULT):]: int(v) for k, v in flat.items() if k.startswith(RESULT)}
+        jac_flat = {k[len(GRAD):]: v for k, v in flat.items() if k.startswith(GRAD)}
+        x = self._shaped({k: v for k, v in flat.items() if not k.startswith(INTERNAL)})
+        jac = self._shaped(jac_flat) if jac_flat else None
+        nfev = counts.get("nfev")
+        return OptimizeResult(x=x, fun=resp.fun, jac=jac, grad_norm=None if jac is None else tree_norm(jac),
+                              nit=counts.get("nit"), nfev=nfev, njev=nfev, nstep=job.step,
+                              status=counts.get("status") if job.status in _FINISHED else None,
+                              success=job.status == "succeeded", message=job.message,
+                              history=self._history(resp), optimizer=json.loads(job.optimizer_json or "null"),
+                              opt_state=None)
 
-    def history(self) -> dict[str, list[float]]:
+    def _shaped(self, flat: dict[str, Any]) -> Any:
+        """Values by input name, shaped like params0 when this object knows it."""
+        if self._like is not None and self._names and all(n in flat for n in self._names):
+            return unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
+        return flat
+
+    @staticmethod
+    def _history(resp: pb.GetJobResponse) -> dict[str, list]:
+        # the kept points are at the multiples of a power-of-two stride (the server's History): step // points
+        n, last = len(resp.loss), resp.job.step
+        stride = 1 << max((last // n).bit_length() - 1, 0) if n else 1
+        return {"step": [stride * (i + 1) for i in range(n)], "loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+
+    def history(self) -> dict[str, list]:
+        """The job's kept progress points: `{"step", "loss", "grad_norm"}` (every step up to the
+        server's `--job-history` points, then evenly spaced)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
-        return {"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+        return self._history(resp)
 
     def cancel(self) -> Job:
         self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
