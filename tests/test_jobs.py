@@ -623,9 +623,9 @@ def test_wait_progress_bar_and_plot(remote, capsys, tmp_path):
     assert job.wait(timeout=60, progress=True) is job
     err = capsys.readouterr().err
     assert f"job {job.id}" in err and "1500/1500" in err, err[-500:]
-    path = job.plot(tmp_path / "loss.png")
-    assert path == tmp_path / "loss.png"
-    data = path.read_bytes()
+    fig = job.plot(tmp_path / "loss.png")  # the Figure, saved as the suffix says (more in test_optim_parity)
+    assert fig.axes[0].get_title() == f"job {job.id}" and len(fig.axes[0].lines[0].get_ydata()) == 1500
+    data = (tmp_path / "loss.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 

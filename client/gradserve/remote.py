@@ -14,6 +14,7 @@ restarted) a call that names it uploads it again and retries.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +87,13 @@ def _remote_error(e: grpc.RpcError) -> RemoteError:
 class GradientResult:
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
+
+
+def _in_order(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`values` with `names` first, in their order (a protobuf map keeps none), then the rest."""
+    out = {n: values[n] for n in names if n in values}
+    out.update((k, v) for k, v in values.items() if k not in out)
+    return out
 
 
 def _first_rows(x: Any, n: int) -> Any:
@@ -375,7 +383,8 @@ class Session:
         _fill(req.inputs, inputs, _input_types(g))
         _fill(req.seeds, seeds or {}, _output_types(g), "seed for output")
         resp = self._call("Gradient", req, gid)
-        return GradientResult(_tensors(resp.outputs), _tensors(resp.grads))
+        order = list(outputs or (g.output_names() if g is not None else ()))
+        return GradientResult(_in_order(_tensors(resp.outputs), order), _in_order(_tensors(resp.grads), wrt))
 
     def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
                        seeds: Sequence[Mapping[str, Any]] | None = None,
@@ -389,7 +398,8 @@ class Session:
             _fill(entry.inputs, item, in_types)
             _fill(entry.seeds, seeds[k] if seeds is not None else {}, out_types, "seed for output")
         resp = self._call("BatchGradient", req, gid)
-        return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
+        order = list(outputs or (g.output_names() if g is not None else ()))
+        return [GradientResult(_in_order(_tensors(r.outputs), order), _in_order(_tensors(r.grads), wrt)) for r in resp.results]
 
     def graphs(self) -> list[pb.GraphInfo]:
         return list(self._call("ListGraphs", pb.ListGraphsRequest()).graphs)
@@ -494,12 +504,18 @@ class Job:
     def __init__(self, session: Session, job_id: str, params_like: Any = None, param_names: Sequence[str] | None = None):
         self.session, self.id = session, job_id
         self._like, self._names = params_like, list(param_names or [])
+        self._seen: pb.Job | None = None  # the job as the last call that read it found it
 
     def __repr__(self) -> str:
-        return f"Job({self.id}, {self.status})"
+        """What this object knows, without a call (the server may be slow, or gone)."""
+        seen = self._seen
+        if seen is None:
+            return f"Job({self.id!r})"
+        return f"Job({self.id!r}, {seen.status} at step {seen.step}/{seen.steps} when last seen)"
 
     def info(self) -> pb.Job:
-        return self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+        self._seen = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+        return self._seen
 
     @property
     def status(self) -> str:
@@ -517,7 +533,8 @@ class Job:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+            # redrawn at most 4 times a second, however fast the steps come (tqdm skips the updates between)
+            bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step", mininterval=0.25)
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -529,7 +546,7 @@ class Job:
                     for event in stream:
                         if bar is not None and event.step > step:
                             bar.update(event.step - step)
-                            bar.set_postfix(loss=f"{event.loss:.4g}")
+                            bar.set_postfix_str(f"loss={event.loss:.4g}", refresh=False)  # shown with the next redraw
                         step = max(step, event.step)
                         if event.status in ("succeeded", "failed", "cancelled"):
                             return self
@@ -551,7 +568,7 @@ class Job:
         that failed with an error, 99 a cancelled one), success, message, history (the kept points:
         `history()`), optimizer (its spec) and opt_state (None: it stays on the server)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
-        job = resp.job
+        job = self._seen = resp.job
         flat = _tensors(resp.params)
         counts = {k[len(RESULT):]: int(v) for k, v in flat.items() if k.startswith(RESULT)}
         jac_flat = {k[len(GRAD):]: v for k, v in flat.items() if k.startswith(GRAD)}
@@ -582,30 +599,59 @@ class Job:
         """The job's kept progress points: `{"step", "loss", "grad_norm"}` (every step up to the
         server's `--job-history` points, then evenly spaced)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
+        self._seen = resp.job
         return self._history(resp)
 
     def cancel(self) -> Job:
         self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
         return self
 
-    def plot(self, path: str | Path) -> Path:
-        """A PNG of the loss curve (needs matplotlib: the `plot` extra)."""
-        import matplotlib
+    def plot(self, path: str | Path | None = None, *, smooth: float = 0.0) -> Any:
+        """The loss curve on a new `matplotlib.figure.Figure` (returned; saved to `path` when given,
+        as its suffix says). No pyplot and no backend change: a notebook shows the returned figure.
+        `smooth` in [0, 1): also draw the exponential moving average of the loss that TensorBoard's
+        smoothing slider draws (debiased), over the faded raw curve. Needs matplotlib (the `plot` extra)."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        loss = self.history()["loss"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(loss) + 1), loss)
+        weight = float(smooth)
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+        history = self.history()
+        steps, loss = history["step"], history["loss"]
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        if weight:
+            ax.plot(steps, loss, color="C0", alpha=0.3, label="loss")
+            ax.plot(steps, _smoothed(loss, weight), color="C0", label=f"loss, smoothed ({weight:g})")
+            ax.legend()
+        else:
+            ax.plot(steps, loss, color="C0")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log" if loss and min(loss) > 0 else "linear")
         ax.set_title(f"job {self.id}")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return Path(path)
+        if path is not None:
+            fig.savefig(path, dpi=100)
+        return fig
+
+
+def _smoothed(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's scalar smoothing: the exponential moving average `last = weight * last + (1 -
+    weight) * value`, divided by `1 - weight ** k` after k values (no pull towards 0 at the start);
+    a non-finite value passes through unsmoothed, and a constant series stays as it is."""
+    values = [float(v) for v in values]
+    if all(v == values[0] for v in values):
+        return values
+    out, last, k = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1 - weight) * v
+        k += 1
+        out.append(last / (1 - weight ** k))
+    return out
 
 
 class RemoteVjp:
