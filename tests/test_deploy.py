@@ -532,7 +532,7 @@ def test_the_compose_stack_runs_on_one_machine(tmp_path):
             job = remote.minimize(least_squares, np.zeros(8), args=(A, b), optimizer=optim.Adam(lr=0.1), steps=50, name="lstsq")
             res = job.wait(timeout=60).result()
             local = gs.minimize(least_squares, np.zeros(8), args=(A, b), optimizer=optim.Adam(lr=0.1), steps=50)
-        assert res.status == "succeeded" and res.success and res.nit == 50, (res.status, res.message)
+        assert res.status == 1 and res.success and res.nit == 50, (res.status, res.message)
         assert res.fun < 0.1 * least_squares(np.zeros(8), A, b)
         assert res.fun == pytest.approx(local.fun, rel=1e-9)
         np.testing.assert_allclose(res.x, local.x, rtol=1e-9, atol=1e-12)

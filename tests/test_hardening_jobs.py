@@ -39,7 +39,7 @@ from service_fixtures import (
 
 import gradserve as gs
 from gradserve import optim
-from gradserve.minimize import minimize
+from gradserve.minimize import FAILED, minimize
 from gradserve_engine.engine import Engine
 from gradserve_engine.v1 import service_pb2 as pb
 from gradserve_server import jobs as jobs_module
@@ -284,6 +284,8 @@ def test_checkpoint_memory_error_fails_the_job_and_the_runner_goes_on(serve_in_p
         assert failed.wait(timeout=20).status == "failed"
         info = failed.info()
         assert "MemoryError" in info.message and "checkpoint buffer" in info.message, info.message
+        res = failed.result()  # failed with an error: scipy-style status 3, nothing to show of its params
+        assert (res.status, res.success, res.message, res.x) == (FAILED, False, info.message, {})
         assert health_status(ch) == SERVING
         monkeypatch.undo()
         ok = submit(remote, steps=100, checkpoint_every=5).wait(timeout=20)  # the one runner still runs jobs
@@ -339,7 +341,7 @@ def test_history_is_bounded_by_halving_its_resolution(serve_in_process):
     with gs.connect(address(server), timeout=30) as remote, channel(address(server)) as ch:
         job = submit(remote, steps=1000).wait(timeout=30)
         res = job.result()
-        assert res.status == "succeeded" and res.nit == 1000
+        assert res.status == 1 and res.success and res.nit == 1000
         events = list(stub(ch).WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=10))
         steps = [e.step for e in events[:-1]]
         stride = steps[0]

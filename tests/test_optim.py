@@ -161,10 +161,9 @@ def test_first_order_trajectory_matches_torch(case):
     ours, theirs = FIRST_ORDER[case]
     steps = 40
     traj = []
-    res = minimize(regression, REG_P0, args=(REG_X, REG_Y), optimizer=ours(), steps=steps,
-                   callback=lambda info: traj.append(info.params))
+    res = minimize(regression, REG_P0, args=(REG_X, REG_Y), optimizer=ours(), steps=steps, callback=traj.append)
     expected = _torch_trajectory(theirs, steps)
-    assert res.nit == len(traj) == steps
+    assert res.nit == res.nstep == len(traj) == steps  # a first-order step is one iteration
     for mine, ref in zip(traj, expected, strict=True):
         for k in ref:
             np.testing.assert_allclose(mine[k], ref[k], rtol=0, atol=1e-10)
@@ -196,15 +195,18 @@ def _torch_lbfgs(x0, steps, **kw):
 ])
 def test_lbfgs_trajectory_matches_torch(line_search, max_iter, history_size, lr):
     opt = optim.LBFGS(lr=lr, history_size=history_size, max_iter_per_step=max_iter, line_search=line_search)
-    traj = []
-    res = minimize(rosen, ROSEN_X0, optimizer=opt, steps=15, callback=lambda info: traj.append(info))
+    vg = gs.value_and_grad(rosen)
+    state = LoopState.start(ROSEN_X0, opt)
+    traj = list(OptimizationLoop(lambda p, a: vg(p), opt, state, steps=15))  # one StepInfo per torch step()
     expected = _torch_lbfgs(ROSEN_X0, len(traj), lr=lr, history_size=history_size, max_iter=max_iter,
                             line_search_fn=line_search)
     for info, (x, _, _) in zip(traj, expected, strict=True):
         np.testing.assert_allclose(info.params, x, rtol=0, atol=1e-10)
-    assert res.opt_state["func_evals"] == expected[-1][1]  # the same evaluations, the same iterations
-    assert res.opt_state["n_iter"] == expected[-1][2]
-    assert sum(i.nfev for i in traj) == res.opt_state["func_evals"]
+    assert state.opt_state["func_evals"] == expected[-1][1]  # the same evaluations, the same iterations
+    assert state.opt_state["n_iter"] == expected[-1][2] == opt.iterations(state.opt_state)
+    assert sum(i.nfev for i in traj) == state.opt_state["func_evals"]
+    res = minimize(rosen, ROSEN_X0, optimizer=opt, steps=15)  # nit is torch's n_iter, nstep its step() calls
+    assert (res.nit, res.nstep) == (expected[-1][2], len(traj))
 
 
 def test_lbfgs_on_a_pytree_matches_torch():
@@ -219,9 +221,9 @@ def test_lbfgs_on_a_pytree_matches_torch():
             t.grad = torch.from_numpy(np.array(g[k], dtype=np.float64))
         return torch.tensor(float(loss), dtype=torch.float64)
 
-    traj = []
-    minimize(regression, REG_P0, args=(REG_X, REG_Y), optimizer=optim.LBFGS(max_iter_per_step=4, history_size=3), steps=6,
-             callback=lambda info: traj.append(info.params))
+    opt = optim.LBFGS(max_iter_per_step=4, history_size=3)
+    loop = OptimizationLoop(lambda p, a: vg(p, *a), opt, LoopState.start(REG_P0, opt), args=(REG_X, REG_Y), steps=6)
+    traj = [info.params for info in loop]
     assert len(traj) == 6
     for mine in traj:
         topt.step(closure)
@@ -484,9 +486,10 @@ def test_minimize_rejects_bad_arguments():
 def test_result_is_dict_like():
     res = minimize(rosen, ROSEN_X0, optimizer=optim.SGD(lr=1e-4), steps=5)
     assert isinstance(res, OptimizeResult) and isinstance(res, dict)
-    for key in ("x", "fun", "jac", "grad_norm", "nit", "nfev", "success", "status", "message", "history", "optimizer"):
+    for key in ("x", "fun", "jac", "grad_norm", "nit", "nfev", "njev", "nstep", "success", "status", "message", "history",
+                "optimizer", "opt_state"):
         assert res[key] is getattr(res, key)
-    assert res.success and res.status == 1 and res.message == "reached steps=5" and res.nit == 5
+    assert res.success and res.status == 1 and res.message == "reached steps=5" and res.nit == res.nstep == 5
     assert len(res.history["loss"]) == len(res.history["grad_norm"]) == 5
     assert res.history["loss"][0] == pytest.approx(float(gs.value_and_grad(rosen)(ROSEN_X0)[0]))
     assert res.fun < res.history["loss"][0] and res.nfev == 6  # five steps and the final evaluation
@@ -516,17 +519,21 @@ def test_steps_exhausted_before_tol_is_not_success():
 
 
 @pytest.mark.parametrize("how", ["return", "raise"])
-def test_callback_stops(how):
-    def callback(info):
-        assert info.loss == info.loss and info.grad_norm >= 0 and info.nfev == 1
-        if info.step == 3:
+@pytest.mark.parametrize("opt", [optim.Adam(), optim.LBFGS()], ids=["adam", "lbfgs"])
+def test_callback_stops(how, opt):
+    seen = []
+
+    def callback(xk):
+        seen.append(xk)
+        if len(seen) == 3:
             if how == "raise":
                 raise StopIteration
             return True
         return None
 
-    res = minimize(rosen, ROSEN_X0, optimizer=optim.Adam(), steps=50, callback=callback)
-    assert res.nit == 3 and res.status == 99 and not res.success and "callback" in res.message
+    res = minimize(rosen, ROSEN_X0, optimizer=opt, steps=50, callback=callback)
+    assert res.nit == 3 and res.status == 99 and not res.success and res.message == "stopped by callback after iteration 3"
+    np.testing.assert_array_equal(res.x, seen[-1])  # the run ends at the params the callback saw last
 
 
 def test_nan_loss_is_reported():

@@ -1,7 +1,9 @@
 """`minimize` and the resumable optimisation loop behind it (the server's batch jobs run the same loop).
 
     res = gs.minimize(loss, params0, args=(X, y), optimizer=optim.Adam(1e-2), steps=500, batch_size=64)
-    res.x, res.fun, res.nit, res.success, res.message, res.history["loss"]
+    res.x, res.fun, res.jac, res.nit, res.nfev, res.status, res.success, res.message, res.history["loss"]
+    gs.minimize(loss, params0, bounds=(0.0, None))       # L-BFGS within bounds (L-BFGS-B style)
+    gs.minimize(loss, params0, callback=lambda xk: ...)  # after each iteration; True or StopIteration stops
 
 The loop, for a server that checkpoints and resumes:
 
@@ -19,6 +21,7 @@ from a checkpoint taken after step k gives bit-identical results to the uninterr
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,9 +37,12 @@ __all__ = ["LoopState", "OptimizationLoop", "OptimizeResult", "StepInfo", "batch
            "minimize"]
 
 ValueAndGrad = Callable[[Any, tuple], tuple[Any, Any]]
+Report = Callable[[Any, float], Any]  # (params after an iteration, the loss there) -> stop?
 
 # result status codes (scipy's style): why the run ended
-CONVERGED, REACHED_STEPS, NOT_FINITE, STOPPED_BY_CALLBACK = 0, 1, 2, 99
+CONVERGED, REACHED_STEPS, NOT_FINITE = 0, 1, 2
+FAILED = 3  # a job that failed with an error (its message says which)
+STOPPED = 99  # stopped from outside: by the callback, or a job's cancel
 
 
 class OptimizeResult(dict):
@@ -234,7 +240,8 @@ class StepInfo:
     stop: str | None  # the optimiser's convergence message when it has converged (the loop then ends)
 
 
-def _grad_norm(grads: Any) -> float:
+def tree_norm(grads: Any) -> float:
+    """The L2 norm over all leaves of a pytree of arrays (in float64)."""
     total = 0.0
     for _, g in flatten(grads, "grads")[0]:
         a = np.asarray(g)
@@ -267,12 +274,23 @@ class OptimizationLoop:
     on the same batch) and record loss, grad_norm and nfev in `state.history`. The run ends after
     `steps` steps in all (counting those of the checkpoint it resumed from) or when the optimiser
     reports convergence; then `status`, `success` and `message` say why.
+
+    `bounds` (lower, upper: pytrees shaped like params, params within them) go to the optimiser's
+    update (`supports_bounds`), and the gradient norms are then of the projected gradient
+    `params - clip(params - grad, lower, upper)`, zero at a bounded optimum. `callback(params,
+    loss)` is called after each of the optimiser's iterations with the loss at those params: at
+    once when the iteration evaluated it (L-BFGS's line search), else with the next evaluation
+    there (the next step's, or `finish_callbacks` with the final one); True or StopIteration ends
+    the run (status STOPPED).
     """
 
     def __init__(self, value_and_grad: ValueAndGrad, optimizer: optim.Optimizer, state: LoopState, *, args: tuple = (),
-                 steps: int, batch_size: int | None = None, seed: int = 0, tol: float | None = None):
+                 steps: int, batch_size: int | None = None, seed: int = 0, tol: float | None = None,
+                 bounds: optim.Bounds | None = None, callback: Report | None = None):
         if not isinstance(optimizer, optim.Optimizer):
             raise TypeError(f"optimizer must be a gradserve.optim optimizer (or its spec), got {optimizer!r}")
+        if bounds is not None and not optimizer.supports_bounds:
+            raise ValueError(f"bounds need an optimizer that supports them (optim.LBFGS), got {optimizer.name}")
         self.value_and_grad, self.optimizer, self.state = value_and_grad, optimizer, state
         self.args = tuple(args)
         self.steps = _check_int("steps", steps, 0)
@@ -282,26 +300,69 @@ class OptimizationLoop:
         self.tol = tol
         self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
         self._batches = None if self.batch_size is None else _Batches(self.args, self.batch_size, self.seed)
+        self.bounds, self.callback = bounds, callback
         self.status: int | None = None
         self.success: bool | None = None
         self.message = ""
         self.extra_nfev = 0  # evaluations made by a check that ended the run instead of a step
         self.last_eval: tuple[float, Any] | None = None  # (loss, grads) at state.params on the full args, when known
+        self._unreported = False  # an iteration reached state.params whose loss is not known yet (callback)
+        self._stop_asked = False
 
     def batch_args(self, step: int) -> tuple:
         """The args that step `step` evaluates on: the minibatch, or all of args without batch_size."""
         return self.args if self._batches is None else self._batches(step)
 
-    def stop(self, message: str, status: int = STOPPED_BY_CALLBACK) -> None:
+    def grad_norm(self, params: Any, grads: Any) -> float:
+        """The L2 norm of `grads` over all leaves; with bounds, of the projected gradient."""
+        if self.bounds is None:
+            return tree_norm(grads)
+        named, treedef = flatten(grads, "grads")
+        lo, hi = (flatten(b, "bounds")[0] for b in self.bounds)
+        ps = flatten(params, "params")[0]
+        return tree_norm(unflatten(treedef, [p - np.clip(p - np.asarray(g), a, b) for (_, p), (_, g), (_, a), (_, b)
+                                              in zip(ps, named, lo, hi, strict=True)]))
+
+    def stop(self, message: str, status: int = STOPPED) -> None:
         """End the run from outside (a callback, a cancelled job): success False with `message`."""
         self._finish(status, message, False)
+
+    def finish_callbacks(self, params: Any, loss: float) -> None:
+        """After the run, the callback for its last iteration, with the loss at `params` (evaluated at the end)."""
+        if self._unreported:
+            self._unreported = False
+            self._report(params, loss)
+
+    def check_final(self, fun: float, grad_norm: float) -> None:
+        """After the run, with the loss and gradient norm at its final params: a run that ended well
+        where either is not finite ends NOT_FINITE instead."""
+        if self.success and not (math.isfinite(fun) and math.isfinite(grad_norm)):
+            self.status, self.success = NOT_FINITE, False
+            self.message = f"loss is {fun} (gradient norm {grad_norm}) at the final params"
 
     def _finish(self, status: int, message: str, success: bool) -> None:
         if self.status is None:
             self.status, self.message, self.success = status, message, success
 
+    def _report(self, params: Any, loss: float) -> bool:
+        if self.callback is None:
+            return False
+        try:
+            stop = bool(self.callback(params, loss))
+        except StopIteration:
+            stop = True
+        self._stop_asked = self._stop_asked or stop
+        return stop
+
+    def _on_iteration(self, params: Any, loss: float | None) -> bool:
+        if loss is None:  # reported with the next evaluation at these params
+            self._unreported = True
+            return False
+        return self._report(params, loss)
+
     def __iter__(self) -> Iterator[StepInfo]:
         st, opt = self.state, self.optimizer
+        on_iteration = None if self.callback is None else self._on_iteration
         while self.status is None:
             reason = opt.stop_reason(st.opt_state)
             if reason is not None:  # converged on the last step (or before the checkpoint this run resumed from)
@@ -318,8 +379,14 @@ class OptimizationLoop:
             batch = self.batch_args(k)
             loss, grads = self.value_and_grad(st.params, batch)
             loss = float(loss)
-            gnorm = _grad_norm(grads)
+            gnorm = self.grad_norm(st.params, grads)
             self.last_eval = (loss, grads) if self._batches is None else None
+            if self._unreported:  # the iteration that reached these params, with their loss now known
+                self._unreported = False
+                if self._report(st.params, loss):
+                    self.extra_nfev += 1
+                    self.stop(f"stopped by callback after iteration {opt.iterations(st.opt_state)}")
+                    return
             if not math.isfinite(loss) or not math.isfinite(gnorm) or (self.tol is not None and gnorm <= self.tol):
                 self.extra_nfev += 1
                 if not math.isfinite(loss):
@@ -329,27 +396,83 @@ class OptimizationLoop:
                 else:
                     self._finish(CONVERGED, f"gradient norm {gnorm:.3g} <= tol={self.tol:g} at step {k}", True)
                 return
-            calls = 1
-            if opt.needs_value_and_grad:
-                on_batch = _OnBatch(self.value_and_grad, batch)
-                params, opt_state = opt.update(st.params, grads, st.opt_state, loss=loss, value_and_grad=on_batch)
-                calls += on_batch.calls
-            else:
-                params, opt_state = opt.update(st.params, grads, st.opt_state, loss=loss)
+            on_batch = _OnBatch(self.value_and_grad, batch) if opt.needs_value_and_grad else None
+            params, opt_state = opt.update(st.params, grads, st.opt_state, loss=loss, value_and_grad=on_batch,
+                                           bounds=self.bounds, on_iteration=on_iteration)
+            calls = 1 + (on_batch.calls if on_batch is not None else 0)
             self.last_eval = None
             st.params, st.opt_state, st.step, st.nfev = params, opt_state, k + 1, st.nfev + calls
             st.history["loss"].append(loss)
             st.history["grad_norm"].append(gnorm)
             st.history["nfev"].append(calls)
+            if self._stop_asked:
+                self.stop(f"stopped by callback after iteration {opt.iterations(opt_state)}")
             yield StepInfo(step=k + 1, loss=loss, grad_norm=gnorm, nfev=calls, params=params, stop=opt.stop_reason(opt_state))
 
 
 # ---------------------------------------------------------------- minimize
 
 
+def _bounds(bounds: Any, params: Any) -> optim.Bounds:
+    """`bounds` as (lower, upper) pytrees of arrays shaped (and typed) like params' leaves.
+
+    `bounds` is a pair (lower, upper) or an object with `lb` and `ub` (scipy.optimize.Bounds);
+    each side None (unbounded), a number, or a pytree like params whose leaves are numbers or
+    arrays broadcastable to their parameter's shape (-inf/inf: unbounded)."""
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
+        bounds = (bounds.lb, bounds.ub)
+    if isinstance(bounds, (str, bytes, Mapping, np.ndarray)) or not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be a pair (lower, upper) or a scipy.optimize.Bounds, got {bounds!r}")
+    named, treedef = flatten(params, "params")
+    sides = []
+    for side, fill, tree in (("lower", -np.inf, bounds[0]), ("upper", np.inf, bounds[1])):
+        if tree is None or isinstance(tree, (int, float, np.number)) or (isinstance(tree, np.ndarray) and tree.ndim == 0):
+            leaves = [fill if tree is None else tree] * len(named)
+        else:
+            given, gdef = flatten(tree, f"{side} bounds")
+            if gdef != treedef:
+                raise ValueError(f"{side} bounds must be None, a number, or a pytree shaped like params")
+            leaves = [x for _, x in given]
+        out = []
+        for (name, p), b in zip(named, leaves, strict=True):
+            try:
+                a = np.asarray(b, dtype=np.float64)
+            except (TypeError, ValueError):
+                a = np.full((), np.nan)
+            if np.isnan(a).any():
+                raise ValueError(f"the {side} bound of {name} must be numbers (-inf/inf for none), got {b!r}")
+            try:
+                out.append(np.broadcast_to(a, np.shape(p)).astype(np.asarray(p).dtype))
+            except ValueError:
+                raise ValueError(f"the {side} bound of {name} has shape {a.shape}, which does not broadcast to "
+                                 f"its shape {np.shape(p)}") from None
+        sides.append(out)
+    for (name, _), lo, hi in zip(named, *sides, strict=True):
+        if (lo > hi).any():
+            raise ValueError(f"a lower bound of {name} is above its upper bound")
+    return unflatten(treedef, sides[0]), unflatten(treedef, sides[1])
+
+
+def _iteration_callback(callback: Callable[..., Any]) -> Report:
+    """scipy's two callback signatures: `callback(intermediate_result=OptimizeResult(x=..., fun=...))`
+    when its only parameter is named intermediate_result, else `callback(xk)`; each with a copy of params."""
+    try:
+        names = set(inspect.signature(callback).parameters)
+    except (TypeError, ValueError):  # no signature to read (some builtins): scipy's xk form
+        names = set()
+
+    def copied(x: Any) -> Any:
+        named, treedef = flatten(x, "params")
+        return unflatten(treedef, [np.array(v) for _, v in named])
+
+    if names == {"intermediate_result"}:
+        return lambda x, fun: callback(intermediate_result=OptimizeResult(x=copied(x), fun=fun))
+    return lambda x, fun: callback(copied(x))
+
+
 def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer: optim.Optimizer | Mapping | None = None,
              steps: int = 1000, tol: float | None = None, batch_size: int | None = None, seed: int = 0,
-             callback: Callable[[StepInfo], Any] | None = None) -> OptimizeResult:
+             callback: Callable[..., Any] | None = None, bounds: Any = None) -> OptimizeResult:
     """Minimise scalar `fun(params, *args)` over the pytree `params` with a gradserve optimiser; an OptimizeResult.
 
     optimizer: an `optim` optimiser or its spec dict; default `optim.LBFGS()` (strong-Wolfe line
@@ -360,12 +483,21 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
     batch_size: slice every array of `args` (ndim >= 1; pytrees allowed) along axis 0 into
         minibatches of exactly this size, shuffled per epoch by `seed` (see `batch_indices`);
         arrays that must stay whole belong in fun's closure, not in args.
-    callback: `callback(StepInfo)` after each step; returning True or raising StopIteration stops.
+    callback: called after each optimiser iteration, as scipy's: `callback(xk)` with a copy of the
+        params, or `callback(intermediate_result=OptimizeResult(x=..., fun=...))` when that is its
+        only parameter's name (fun: the loss at x, on the minibatch that evaluated it); returning
+        True or raising StopIteration stops the run (status 99).
+    bounds: `(lower, upper)` or a `scipy.optimize.Bounds`, each side None, a number or a pytree
+        like params (-inf/inf where unbounded); L-BFGS only (projected, in the manner of
+        L-BFGS-B). params0 is clipped into them, and every point evaluated lies within them.
 
     The result (dict-like, as scipy's): x (the params, numpy arrays), fun and jac (loss and gradient
-    at x on all of args), grad_norm, nit (steps taken), nfev, status, success, message, history
-    ({"loss", "grad_norm", "nfev"}: one entry per step, the loss and gradient norm at the params the
-    step started from, on its minibatch), optimizer (its spec) and opt_state.
+    at x on all of args), grad_norm (of jac; projected onto the bounds with bounds), nit (the
+    optimiser's iterations, `optimizer.iterations`: L-BFGS's own count), nfev and njev (evaluations
+    of fun, each of value and gradient together, so equal), nstep (optimiser steps), status,
+    success, message, history ({"loss", "grad_norm", "nfev"}: one entry per step, the loss and
+    gradient norm at the params the step started from, on its minibatch), optimizer (its spec) and
+    opt_state.
     status and success: 0/True converged (tol or the optimiser's own tests); 1 reached steps, True
     when no convergence test was asked for (tol None and a first-order optimiser), False otherwise
     (scipy's maxiter); 2/False a non-finite loss or gradient (x is where it was evaluated);
@@ -386,19 +518,18 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
     def loss_and_grad(params: Any, batch_args: tuple) -> tuple[Any, Any]:
         return vg_fun(params, *batch_args)
 
-    state = LoopState.start(params0, optimizer)
+    params = _float_params(params0)
+    box = None
+    if bounds is not None:
+        box = _bounds(bounds, params)
+        named, treedef = flatten(params, "params")
+        lo, hi = (flatten(b, "bounds")[0] for b in box)
+        params = unflatten(treedef, [np.clip(p, a, b) for (_, p), (_, a), (_, b) in zip(named, lo, hi, strict=True)])
+    state = LoopState.start(params, optimizer)
     loop = OptimizationLoop(loss_and_grad, optimizer, state, args=args, steps=steps, batch_size=batch_size, seed=seed,
-                            tol=tol)
-    for info in loop:
-        if callback is None:
-            continue
-        try:
-            stop = callback(info)
-        except StopIteration:
-            stop = True
-        if stop:
-            loop.stop(f"stopped by callback after step {info.step}")
-            break
+                            tol=tol, bounds=box, callback=None if callback is None else _iteration_callback(callback))
+    for _ in loop:
+        pass
     nfev = state.nfev + loop.extra_nfev
     if loop.last_eval is not None:
         fun_x, jac = loop.last_eval
@@ -406,11 +537,11 @@ def minimize(fun: Callable[..., Any], params0: Any, args: tuple = (), optimizer:
         fun_x, jac = loss_and_grad(state.params, args)
         fun_x = float(fun_x)
         nfev += 1
-    grad_norm = _grad_norm(jac)
-    status, success, message = loop.status, loop.success, loop.message
-    if success and not (math.isfinite(fun_x) and math.isfinite(grad_norm)):
-        status, success, message = NOT_FINITE, False, f"loss is {fun_x} (gradient norm {grad_norm}) at the final params"
-    return OptimizeResult(x=state.params, fun=fun_x, jac=jac, grad_norm=grad_norm, nit=state.step, nfev=nfev,
-                          status=status, success=success, message=message,
+    loop.finish_callbacks(state.params, fun_x)
+    grad_norm = loop.grad_norm(state.params, jac)
+    loop.check_final(fun_x, grad_norm)
+    return OptimizeResult(x=state.params, fun=fun_x, jac=jac, grad_norm=grad_norm, nit=optimizer.iterations(state.opt_state),
+                          nfev=nfev, njev=nfev, nstep=state.step, status=loop.status, success=loop.success,
+                          message=loop.message,
                           history={k: list(v) for k, v in state.history.items()}, optimizer=optimizer.spec(),
                           opt_state=state.opt_state)

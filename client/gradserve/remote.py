@@ -13,6 +13,8 @@ restarted) a call that names it uploads it again and retries.
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +28,7 @@ import numpy as np
 from gradserve_engine.engine import conform
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Limits, Var, tensor_from_proto, tensor_to_proto
+from gradserve_engine.names import GRAD, INTERNAL, RESULT
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
@@ -33,7 +36,7 @@ from gradserve_engine.wire import CHUNK_BYTES, DTYPE_FROM_PB, HEADER_ROOM, MISSI
 
 from . import optim
 from .api import Functional, _as_array, _is_array_leaf, _param_names, _slot_value, flatten, shaped_like, unflatten
-from .minimize import OptimizeResult
+from .minimize import OptimizeResult, tree_norm
 from .pytree import tree_flatten
 from .refs import TensorRef
 
@@ -88,6 +91,13 @@ def _remote_error(e: grpc.RpcError) -> RemoteError:
 class GradientResult:
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
+
+
+def _in_order(values: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`values` with `names` first, in their order (a protobuf map keeps none), then the rest."""
+    out = {n: values[n] for n in names if n in values}
+    out.update((k, v) for k, v in values.items() if k not in out)
+    return out
 
 
 def _first_rows(x: Any, n: int) -> Any:
@@ -391,7 +401,8 @@ class Session:
         _fill(req.inputs, inputs, _input_types(g))
         _fill(req.seeds, seeds or {}, _output_types(g), "seed for output")
         resp = self._call("Gradient", req, gid)
-        return GradientResult(_tensors(resp.outputs), _tensors(resp.grads))
+        order = list(outputs or (g.output_names() if g is not None else ()))
+        return GradientResult(_in_order(_tensors(resp.outputs), order), _in_order(_tensors(resp.grads), wrt))
 
     def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
                        seeds: Sequence[Mapping[str, Any]] | None = None,
@@ -405,7 +416,8 @@ class Session:
             _fill(entry.inputs, item, in_types)
             _fill(entry.seeds, seeds[k] if seeds is not None else {}, out_types, "seed for output")
         resp = self._call("BatchGradient", req, gid)
-        return [GradientResult(_tensors(r.outputs), _tensors(r.grads)) for r in resp.results]
+        order = list(outputs or (g.output_names() if g is not None else ()))
+        return [GradientResult(_in_order(_tensors(r.outputs), order), _in_order(_tensors(r.grads), wrt)) for r in resp.results]
 
     def graphs(self) -> list[pb.GraphInfo]:
         """A summary of every registered graph (graph_id, nodes, bytes, input_count, output_count), by id."""
@@ -509,18 +521,27 @@ class Session:
         return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, shapes, groups)
 
 
+_FINISHED = ("succeeded", "failed", "cancelled")
+
+
 class Job:
     """A server-side optimisation job (from `remote.minimize`, `remote.job(id)` or `remote.jobs()`)."""
 
     def __init__(self, session: Session, job_id: str, params_like: Any = None, param_names: Sequence[str] | None = None):
         self.session, self.id = session, job_id
         self._like, self._names = params_like, list(param_names or [])
+        self._seen: pb.Job | None = None  # the job as the last call that read it found it
 
     def __repr__(self) -> str:
-        return f"Job({self.id}, {self.status})"
+        """What this object knows, without a call (the server may be slow, or gone)."""
+        seen = self._seen
+        if seen is None:
+            return f"Job({self.id!r})"
+        return f"Job({self.id!r}, {seen.status} at step {seen.step}/{seen.steps} when last seen)"
 
     def info(self) -> pb.Job:
-        return self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+        self._seen = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
+        return self._seen
 
     @property
     def status(self) -> str:
@@ -539,7 +560,8 @@ class Job:
         if progress:
             from tqdm.auto import tqdm
 
-            progress_bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step")
+            # redrawn at most 4 times a second, however fast the steps come (tqdm skips the updates between)
+            progress_bar = tqdm(total=info.steps, initial=info.step, desc=f"job {self.id}", unit="step", mininterval=0.25)
         bar = _Progress(progress_bar, info.step)  # follow the events from here on
         try:
             while True:
@@ -582,45 +604,98 @@ class Job:
             time.sleep(delay if remaining is None else min(delay, remaining))
             delay = min(2 * delay, POLL_SECONDS[1])
 
-    def result(self) -> Any:
-        """The OptimizeResult: x shaped like params0 (a dict of input names for a reattached job)."""
+    def result(self) -> OptimizeResult:
+        """The OptimizeResult, with `gs.minimize`'s fields and meanings: x (shaped like params0; a
+        dict of input names for a reattached job), fun, jac (the gradient at x, like x; None for a
+        minibatch job or one that did not end by itself), grad_norm (of jac), nit (the optimiser's
+        iterations), nfev, njev, nstep, status (scipy-style, None until the job finishes; 3 a job
+        that failed with an error, 99 a cancelled one), success, message, history (the kept points:
+        `history()`), optimizer (its spec) and opt_state (None: it stays on the server)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
-        job = resp.job
+        job = self._seen = resp.job
         flat = _tensors(resp.params)
-        if self._like is not None and all(n in flat for n in self._names):
-            x = unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
-        else:
-            x = flat
-        return OptimizeResult(x=x, fun=resp.fun, nit=job.step, success=job.status == "succeeded", status=job.status,
-                              message=job.message, history={"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)},
-                              optimizer=job.optimizer_json)
+        counts = {k[len(RESULT):]: int(v) for k, v in flat.items() if k.startswith(RESULT)}
+        jac_flat = {k[len(GRAD):]: v for k, v in flat.items() if k.startswith(GRAD)}
+        x = self._shaped({k: v for k, v in flat.items() if not k.startswith(INTERNAL)})
+        jac = self._shaped(jac_flat) if jac_flat else None
+        nfev = counts.get("nfev")
+        return OptimizeResult(x=x, fun=resp.fun, jac=jac, grad_norm=None if jac is None else tree_norm(jac),
+                              nit=counts.get("nit"), nfev=nfev, njev=nfev, nstep=job.step,
+                              status=counts.get("status") if job.status in _FINISHED else None,
+                              success=job.status == "succeeded", message=job.message,
+                              history=self._history(resp), optimizer=json.loads(job.optimizer_json or "null"),
+                              opt_state=None)
 
-    def history(self) -> dict[str, list[float]]:
+    def _shaped(self, flat: dict[str, Any]) -> Any:
+        """Values by input name, shaped like params0 when this object knows it."""
+        if self._like is not None and self._names and all(n in flat for n in self._names):
+            return unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
+        return flat
+
+    @staticmethod
+    def _history(resp: pb.GetJobResponse) -> dict[str, list]:
+        # the kept points are at the multiples of a power-of-two stride (the server's History): step // points
+        n, last = len(resp.loss), resp.job.step
+        stride = 1 << max((last // n).bit_length() - 1, 0) if n else 1
+        return {"step": [stride * (i + 1) for i in range(n)], "loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+
+    def history(self) -> dict[str, list]:
+        """The job's kept progress points: `{"step", "loss", "grad_norm"}` (every step up to the
+        server's `--job-history` points, then evenly spaced)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
-        return {"loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+        self._seen = resp.job
+        return self._history(resp)
 
     def cancel(self) -> Job:
         self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
         return self
 
-    def plot(self, path: str | Path) -> Path:
-        """A PNG of the loss curve (needs matplotlib: the `plot` extra)."""
-        import matplotlib
+    def plot(self, path: str | Path | None = None, *, smooth: float = 0.0) -> Any:
+        """The loss curve on a new `matplotlib.figure.Figure` (returned; saved to `path` when given,
+        as its suffix says). No pyplot and no backend change: a notebook shows the returned figure.
+        `smooth` in [0, 1): also draw the exponential moving average of the loss that TensorBoard's
+        smoothing slider draws (debiased), over the faded raw curve. Needs matplotlib (the `plot` extra)."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        loss = self.history()["loss"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(loss) + 1), loss)
+        weight = float(smooth)
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {smooth!r}")
+        history = self.history()
+        steps, loss = history["step"], history["loss"]
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        if weight:
+            ax.plot(steps, loss, color="C0", alpha=0.3, label="loss")
+            ax.plot(steps, _smoothed(loss, weight), color="C0", label=f"loss, smoothed ({weight:g})")
+            ax.legend()
+        else:
+            ax.plot(steps, loss, color="C0")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log" if loss and min(loss) > 0 else "linear")
         ax.set_title(f"job {self.id}")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return Path(path)
+        if path is not None:
+            fig.savefig(path, dpi=100)
+        return fig
+
+
+def _smoothed(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's scalar smoothing: the exponential moving average `last = weight * last + (1 -
+    weight) * value`, divided by `1 - weight ** k` after k values (no pull towards 0 at the start);
+    a non-finite value passes through unsmoothed, and a constant series stays as it is."""
+    values = [float(v) for v in values]
+    if all(v == values[0] for v in values):
+        return values
+    out, last, k = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1 - weight) * v
+        k += 1
+        out.append(last / (1 - weight ** k))
+    return out
 
 
 class _Progress:
@@ -632,7 +707,7 @@ class _Progress:
     def advance(self, step: int, loss: float) -> None:
         if self.bar is not None and step > self.step:
             self.bar.update(step - self.step)
-            self.bar.set_postfix(loss=f"{loss:.4g}")
+            self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=False)  # shown with the next redraw
         self.step = max(self.step, step)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from gradserve import optim
-from gradserve.minimize import LoopState, OptimizationLoop
+from gradserve.minimize import FAILED, STOPPED, LoopState, OptimizationLoop, tree_norm
 from gradserve_engine.backend import Backend
 from gradserve_engine.errors import (
     Cancelled,
@@ -51,6 +51,7 @@ from gradserve_engine.errors import (
     StoreUnavailable,
 )
 from gradserve_engine.ir import Graph, Limits, duplicates, tensor_from_proto
+from gradserve_engine.names import GRAD, RESULT
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import service_pb2 as pb
@@ -299,7 +300,7 @@ def _split_checkpoint(arrays: dict[str, np.ndarray], limit: int) -> tuple[dict[s
     """A checkpoint's loop arrays (with an empty history, for LoopState.from_arrays), its step and
     evaluations, and its History. Checkpoints written before histories were bounded hold a point
     for every step and no `history.step`."""
-    arrays = dict(arrays)
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("result.")}  # what the job's result reads
     step, nfev = int(np.asarray(arrays["step"])), int(np.asarray(arrays["nfev"]))
     loss = np.asarray(arrays.pop("history.loss", np.zeros(0)), np.float64)
     gnorm = np.asarray(arrays.pop("history.grad_norm", np.zeros(0)), np.float64)
@@ -353,6 +354,8 @@ class Run:
     last: tuple[int, float, float] | None = None  # the newest step's (step, loss, grad_norm)
     cancel: bool = False
     fun: float = math.nan
+    jac: dict[str, np.ndarray] | None = None  # the gradient at the final params on all the data, when known
+    final_nfev: int = 0  # evaluations made for fun and jac after the loop
     checkpoint_step: int = 0
     checkpoint_time: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
@@ -616,18 +619,31 @@ class JobManager:
         return [r[0] for r in rows], [r[1] for r in rows]
 
     def params(self, job_id: str) -> dict[str, np.ndarray]:
-        self.get(job_id)
+        """The job's current (or final) parameters by input name and, beside them under names no
+        input can have (names.RESULT, names.GRAD), what its OptimizeResult reports: `%result:nit`
+        (the optimiser's iterations), `%result:nfev`, `%result:status` (scipy-style, once finished)
+        and the gradient at the final params, `%grad:<name>`, where the job evaluated it."""
+        job, _ = self.get(job_id)
         run = self._runs.get(job_id)
         if run is not None:
-            return dict(run.state.params)
-        found = self.store.load_checkpoint(job_id)
-        if found is None:
-            return {}
-        job, _ = self.get(job_id)
-        if found[0] != job.step:
-            raise NotFound(f"the parameters of job {job_id} at step {job.step} are not intact in the store (damaged, "
-                           f"or their checkpoint could not be saved); only those of step {found[0]} are")
-        return {k[len("params."):]: v for k, v in found[1].items() if k.startswith("params.")}
+            arrays = {f"params.{k}": v for k, v in run.state.params.items()}
+            arrays.update(self._result_arrays(run))
+        else:
+            found = self.store.load_checkpoint(job_id)
+            job, _ = self.get(job_id)
+            if found is not None and found[0] != job.step:
+                raise NotFound(f"the parameters of job {job_id} at step {job.step} are not intact in the store (damaged, "
+                               f"or their checkpoint could not be saved); only those of step {found[0]} are")
+            arrays = found[1] if found is not None else {}
+        if "result.status" not in arrays and job.status in ("cancelled", "failed"):  # ended from outside the loop
+            arrays = {**arrays, "result.status": np.array(STOPPED if job.status == "cancelled" else FAILED)}
+        out = {k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")}
+        for k, v in arrays.items():
+            if k.startswith("result.jac."):
+                out[GRAD + k[len("result.jac."):]] = v
+            elif k.startswith("result."):
+                out[RESULT + k[len("result."):]] = v
+        return out
 
     def cancel(self, job_id: str) -> pb.Job:
         """Cancel a job. The answer is final (cancelled at the last step done) unless a step is in
@@ -982,7 +998,7 @@ class JobManager:
                     run.changed.notify_all()
             if done:
                 try:
-                    run.fun = self._final_loss(run)
+                    self._final_eval(run)
                 except Cancelled:
                     if not (run.cancel or self._stopping):
                         raise
@@ -990,7 +1006,8 @@ class JobManager:
         every = run.spec.checkpoint_every or self.checkpoint_every  # the job's own setting, else the server's
         seconds = run.spec.checkpoint_seconds or self.checkpoint_seconds
         due = run.state.step - run.checkpoint_step >= every or time.monotonic() - run.checkpoint_time >= seconds
-        self._write(run, checkpoint=(due or done or run.cancel or self._stopping) and run.state.step > run.checkpoint_step)
+        # a finished run's checkpoint holds its result (see _result_arrays), even at the step of the last one
+        self._write(run, checkpoint=done or ((due or run.cancel or self._stopping) and run.state.step > run.checkpoint_step))
         if done:
             loop = run.loop
             self._end(run, "succeeded" if loop.success else "failed", loop.message)
@@ -1002,16 +1019,36 @@ class JobManager:
             return False
         return not self._stopping
 
-    def _final_loss(self, run: Run) -> float:
+    def _final_eval(self, run: Run) -> None:
+        """fun and jac at the final params on all the data, as `gs.minimize` reports them (the loop's
+        last evaluation, or one more). With minibatches the graph takes one minibatch: fun is the
+        last step's loss and there is no jac."""
         loop = run.loop
         if loop.last_eval is not None:
-            return float(loop.last_eval[0])
-        if loop.batch_size is None:
-            return float(loop.value_and_grad(run.state.params, loop.args)[0])
-        return run.last[1] if run.last is not None else math.nan
+            run.fun, run.jac = float(loop.last_eval[0]), dict(loop.last_eval[1])
+        elif loop.batch_size is None:
+            loss, grads = loop.value_and_grad(run.state.params, loop.args)
+            run.fun, run.jac, run.final_nfev = float(loss), dict(grads), 1
+        else:
+            run.fun = run.last[1] if run.last is not None else math.nan
+            return
+        loop.check_final(run.fun, tree_norm(run.jac))
+
+    def _result_arrays(self, run: Run) -> dict[str, np.ndarray]:
+        """What the job's result reports beyond params: `result.nit`, `result.nfev`, and once the
+        loop has ended `result.status` and (where evaluated) `result.jac.<name>`."""
+        loop = run.loop
+        out = {"result.nit": np.array(run.optimizer.iterations(run.state.opt_state)),
+               "result.nfev": np.array(run.state.nfev + loop.extra_nfev + run.final_nfev)}
+        if loop.status is not None:
+            out["result.status"] = np.array(loop.status)
+        if run.jac is not None:
+            out.update({f"result.jac.{k}": np.asarray(v) for k, v in run.jac.items()})
+        return out
 
     def _checkpoint_arrays(self, run: Run) -> dict[str, np.ndarray]:
         arrays = run.state.to_arrays(run.optimizer)  # the loop's history is empty: the job's History goes instead
+        arrays.update(self._result_arrays(run))
         with run.changed:
             arrays.update(run.history.to_arrays())
         return arrays
