@@ -68,7 +68,7 @@ def _leaf_key(x: Any) -> Any:
     if t is float or t is int or t is bool:
         return t
     if isinstance(x, Var):
-        return (Var, x.dtype, x.shape)
+        return (Var, x.ir_dtype, x.shape)
     if t is TensorRef:
         return (TensorRef, x.dtype, x.shape)
     if isinstance(x, np.generic):

@@ -48,7 +48,7 @@ def _is_value(x: Any) -> bool:
 
 def dtype_of(x: Any) -> str:
     if isinstance(x, Var):
-        return x.dtype
+        return x.ir_dtype
     return dtype_name(np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype))
 
 
@@ -460,10 +460,10 @@ def _index_operand(k: Any) -> Any:
     if isinstance(k, (int, np.integer)):
         return int(k)
     if isinstance(k, Var):
-        if k.dtype == "bool":
+        if k.ir_dtype == "bool":
             raise data_dependent("a boolean mask" if k.shape else "a 0-d boolean index")
-        if k.dtype not in INTS:
-            raise IndexError(f"arrays used as indices must be of integer (or boolean) type, got a traced {k.dtype} value")
+        if k.ir_dtype not in INTS:
+            raise IndexError(f"arrays used as indices must be of integer (or boolean) type, got a traced {k.ir_dtype} value")
         return k
     if _is_value(k):  # an imperative tensor: its value is known now
         k = np.asarray(k)
