@@ -111,6 +111,7 @@ for _shape in ((2, 3), ()):
     spec(f"sign[{sid(_shape)}]", "sign", (X(_shape, "nonzero"),), np.sign, torch.sign, NUM, grad="zero")
     spec(f"floor[{sid(_shape)}]", "floor", (X(_shape, "frac"),), np.floor, torch.floor, FLT, grad="zero")
     spec(f"ceil[{sid(_shape)}]", "ceil", (X(_shape, "frac"),), np.ceil, torch.ceil, FLT, grad="zero")
+    spec(f"rint[{sid(_shape)}]", "rint", (X(_shape, "frac"),), np.rint, torch.round, FLT, grad="zero")
     spec(f"stop_gradient[{sid(_shape)}]", "stop_gradient", (X(_shape),), np.copy, torch.detach, ALL, grad="zero")
 
 
@@ -146,9 +147,17 @@ for _op, _np, _t, _dtypes, _dx, _dy in (
     ("maximum", np.maximum, torch.maximum, NUM, "grid", "grid"),  # grids a half-step apart: no ties
     ("minimum", np.minimum, torch.minimum, NUM, "grid", "grid"),
     ("atan2", np.arctan2, torch.atan2, FLT, "real", "nonzero"),
+    ("remainder", np.remainder, torch.remainder, NUM, "real", "nonzero"),
+    ("mul_no_nan", lambda x, y: np.where(y == 0, 0, x * y).astype(x.dtype), lambda x, y: torch.where(y == 0, 0, x * y),
+     FLT, "real", "real"),
 ):
     for _case, (_sx, _sy) in BROADCASTS.items():
         spec(f"{_op}[{_case}]", _op, (X(_sx, _dx), X(_sy, _dy)), _np, _t, _dtypes)
+
+for _case in ("same", "scalar-array", "col-row", "rank"):  # piecewise constant: zero gradient (torch has none)
+    _sx, _sy = BROADCASTS[_case]
+    spec(f"floor_divide[{_case}]", "floor_divide", (X(_sx), X(_sy, "nonzero")), np.floor_divide,
+         lambda x, y: torch.floor(x / y), NUM, grad="zero")
 
 for _op, _np in (("lt", np.less), ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal),
                  ("eq", np.equal), ("ne", np.not_equal)):
@@ -842,6 +851,13 @@ COMPOSITES = [
               lambda x, y: torch.exp(x.detach()) * y, lambda x, y: (np.zeros_like(x), np.exp(x))),
     Composite("floor(x)+ceil(y)", ("floor", "ceil"), lambda b, x, y: b.bind("add", b.bind("floor", x), b.bind("ceil", y)),
               lambda x, y: torch.floor(x) + torch.ceil(y), lambda x, y: (np.zeros_like(x), np.zeros_like(y))),
+    Composite("x*rint(x)+y", ("rint",), _times_op_plus_y("rint"), lambda x, y: x * torch.round(x) + y,
+              lambda x, y: (np.rint(x), np.ones_like(y))),
+    Composite("floor_divide(x,y)*y", ("floor_divide",),
+              lambda b, x, y: b.bind("mul", b.bind("floor_divide", x, b.bind("add", b.bind("abs", y),
+                                                                             b.const(np.ones((), x.dtype)))), y),
+              lambda x, y: torch.floor(x / (torch.abs(y) + 1)) * y,
+              lambda x, y: (np.zeros_like(x), np.floor_divide(x, np.abs(y) + 1))),
     Composite("cast(ge(x,y))", ("ge",), lambda b, x, y: b.bind("cast", b.bind("ge", x, y), dtype=x.dtype),
               lambda x, y: (x >= y).to(x.dtype), lambda x, y: (np.zeros_like(x), np.zeros_like(y))),
     Composite("select(gt(x,y),x,y)", ("gt",), lambda b, x, y: b.bind("select", b.bind("gt", x, y), x, y),

@@ -52,7 +52,14 @@ def _binary(op: str):
 
 
 add, sub, mul, div, pow_ = _binary("add"), _binary("sub"), _binary("mul"), _binary("div"), _binary("pow")
-eq, lt, gt = _binary("eq"), _binary("lt"), _binary("gt")
+eq, lt, gt, ge = _binary("eq"), _binary("lt"), _binary("gt"), _binary("ge")
+
+
+def mul_no_nan(d: Operand, g: Var) -> Var:
+    """`d * g`, and 0 wherever `g` is 0 even if `d` is inf or nan: how a rule applies a local
+    derivative `d` to a cotangent `g`. A zero cotangent (the branch `where` did not select, say)
+    then stays zero instead of turning into nan where that branch is not finite."""
+    return bind("mul_no_nan", d, g)
 
 
 def neg(x: Var) -> Var:

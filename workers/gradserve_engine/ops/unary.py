@@ -43,7 +43,8 @@ def unary(name: str, deriv: Deriv | None, *, kernel: KernelFactory | None = None
     vjp = jvp = None
     if deriv is not None:
         def vjp(g: Any, x: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
-            return [e.mul(g, deriv(x, out))]
+            # a zero cotangent stays zero where the derivative is not finite (an unselected branch)
+            return [e.mul_no_nan(deriv(x, out), g)]
 
         def jvp(ts: Sequence[Any], x: Any, *, out: Any) -> Any:
             return e.mul(ts[0], deriv(x, out))
@@ -77,6 +78,7 @@ unary("tanh", lambda x, out: e.sub(1.0, e.mul(out, out)), cost=Cost.TRANSCENDENT
 unary("sqrt", lambda x, out: e.div(0.5, out), cost=Cost.DIV, native=_call("np.sqrt"), cuda=_call("sqrt"))
 unary("floor", None, cost=Cost.CHEAP, native=_call("np.floor"), cuda=_call("floor"))
 unary("ceil", None, cost=Cost.CHEAP, native=_call("np.ceil"), cuda=_call("ceil"))
+unary("rint", None, cost=Cost.CHEAP, native=_call("np.rint"), cuda=_call("rint"))  # to nearest, ties to even
 
 
 def _logistic_kernel(xp: ModuleType) -> Any:
