@@ -73,12 +73,12 @@ def binary(name: str, partials: Partials | None, *, kernel: str | KernelFactory,
     def rule(x: AVal, y: AVal) -> AVal:
         return (result or x[0], _check(x, y, allowed, name))
 
-    named = isinstance(kernel, str)
+    named = kernel if isinstance(kernel, str) else None
     return register(Primitive(
-        name, 2, {}, rule, ufunc(kernel) if isinstance(kernel, str) else kernel, _vjp(partials) if partials else None,
+        name, 2, {}, rule, kernel if not isinstance(kernel, str) else ufunc(kernel), _vjp(partials) if partials else None,
         _jvp(partials) if partials else None,
         differentiable=partials is not None, linear=linear, identity=identity, commutative=commutative,
-        dtypes=allowed, numpy=numpy or (kernel if named else None),
+        dtypes=allowed, numpy=numpy or named,
         flops=flops_transcendental if cost == Cost.TRANSCENDENTAL else flops_elementwise,
         out=result is None, in_place=result is None, elementwise=True, cost=cost, libm=libm, native=native, cuda=cuda,
         shard=shard_elementwise, shard_sum=shard_sum, additive=additive))
@@ -195,8 +195,10 @@ binary("sub", lambda g, x, y, out, need: (g, e.neg(g) if need[1] else None), ker
 binary("mul", lambda g, x, y, out, need: (e.mul_no_nan(y, g) if need[0] else None, e.mul_no_nan(x, g) if need[1] else None),
        kernel="multiply", allowed=NUMERIC, cost=Cost.CHEAP, forms=_infix("*"), shard_sum=_sum_mul, identity=1.0,
        commutative=True)
-# x * y, and 0 wherever y is 0 (even for an inf or nan x): how rules apply a derivative to a cotangent
-binary("mul_no_nan", lambda g, x, y, out, need: (e.mul_no_nan(y, g) if need[0] else None,
+# x * y, and 0 wherever y is 0 (even for an inf or nan x): how rules apply a derivative to a cotangent.
+# Its own partials keep that: where y is 0, nothing flows to x (a nan tangent of the derivative
+# included), and a zero cotangent g stays zero
+binary("mul_no_nan", lambda g, x, y, out, need: (e.mul_no_nan(g, y) if need[0] else None,
                                                  e.mul_no_nan(x, g) if need[1] else None),
        kernel=_mul_no_nan_kernel, allowed=FLOATS, cost=Cost.CHEAP, shard_sum=_sum_mul, identity=1.0,
        forms=(lambda a, dt, ins: f"_sel({a[1]} == 0, {NUMBA_TYPES[dt]}(0), {a[0]} * {a[1]})",
