@@ -27,7 +27,7 @@ from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name
 from gradserve_engine.shard import analyze
 
 from .capture import Capture, register_transform
-from .numpy_api import Traced, dtype_of
+from .numpy_api import Traced, dtype_of, traced_constructors
 from .pytree import flatten, flatten_call, register_pytree_node, tree_flatten, unflatten
 from .refs import TensorRef
 
@@ -343,7 +343,8 @@ def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = 
         captured = capture.read()[2]
     fn, cap_inputs, done = capture.substitute(b, captured)
     try:
-        out = fn(*traced_args, **traced_kwargs)
+        with traced_constructors():
+            out = fn(*traced_args, **traced_kwargs)
     finally:
         done()
     out_leaves, out_treedef = flatten(out, "out")
