@@ -878,7 +878,7 @@ FUNCTIONS.update({fn: _data_dependent_function(fn.__name__) for fn in (
 # numpy's "no value given" default (keepdims=<no value>): an argument that is it was not given
 _NO_VALUE = inspect.signature(np.sum).parameters["keepdims"].default
 # what each argument numpy takes and traced values cannot, is for
-_REFUSED = {"out": "traced values are immutable: use the returned value"}
+_REFUSED = {"out": "a result is a new traced value: use the returned one"}
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -1040,7 +1040,7 @@ class ArrayMethods:
     __gt__, __ge__ = _binary_method(greater), _binary_method(greater_equal)
     __eq__, __ne__ = _binary_method(equal), _binary_method(not_equal)  # type: ignore[assignment]
     def __neg__(self): return negative(self)
-    def __pos__(self): return conjugate(self)
+    def __pos__(self): return _fresh(self)
     def __abs__(self): return abs(self)
     def __invert__(self): return invert(self)
     def __round__(self, ndigits=None): return round(self, 0 if ndigits is None else ndigits)
@@ -1080,7 +1080,9 @@ class ArrayMethods:
     cumsum, clip, dot, take, round = _method(np.cumsum), _method(np.clip), _method(np.dot), _method(np.take), _method(np.round)
     squeeze, swapaxes = _method(np.squeeze), _method(np.swapaxes)
 
-    def reshape(self, *shape, order="C", copy=None): return reshape(self, _one_or_many(shape), order)
+    def reshape(self, *shape, order="C", copy=None):
+        out = reshape(self, _one_or_many(shape), order)
+        return _fresh(out) if copy and out is self else out
     def transpose(self, *axes): return transpose(self, _one_or_many(axes) or None)
     def ravel(self, order="C"): return _flat(self, order)
     def flatten(self, order="C"): return _fresh(_flat(self, order))  # a copy, as numpy's
