@@ -150,7 +150,7 @@ def test_groups_of_the_mlp_gradient_and_printing() -> None:
     groups = find_groups(graph)
     ops = {g.ops for g in groups}
     assert ("add", "tanh") in ops, "bias-add + activation"
-    assert ("mul", "sub", "mul") in ops, "tanh's VJP g * (1 - y*y)"
+    assert ("mul", "sub", "mul_no_nan") in ops, "tanh's VJP g * (1 - y*y)"
     assert any("exp" in o and "sub" in o for o in ops), "softmax's sub/exp chain"
     plan = Plan(graph, fusion=True)
     text = str(plan)
@@ -562,6 +562,10 @@ _C_NAMES = {"fabs": "abs", "pow": "power", "atan": "arctan", "asin": "arcsin", "
             "asinh": "arcsinh", "acosh": "arccosh", "atanh": "arctanh"}
 
 
+def _integral(v) -> bool:
+    return np.asarray(v).dtype.kind in "iub"
+
+
 class _CExpr:
     """Recursive descent over ternary, ||, comparisons, + -, * /, unary -, casts, calls."""
 
@@ -612,8 +616,17 @@ class _CExpr:
 
     def multiplicative(self):
         v = self.unary()
-        while self.peek() in ("*", "/"):
-            v = np.multiply(v, self.unary()) if self.take() == "*" else np.divide(v, self.unary())
+        while self.peek() in ("*", "/", "%"):
+            op = self.take()
+            w = self.unary()
+            if op == "*":
+                v = np.multiply(v, w)
+            elif op == "%":  # C's remainder takes the dividend's sign, as fmod
+                v = np.fmod(v, w)
+            elif _integral(v) and _integral(w):  # C's integer division truncates
+                v = (v - np.fmod(v, w)) // np.where(w == 0, 1, w)
+            else:
+                v = np.divide(v, w)
         return v
 
     def unary(self):
@@ -703,10 +716,10 @@ def test_gpu_elementwise_source() -> None:
     """The CUDA body of a fused group: one typed statement per member, outputs assigned."""
     graph, _ = mlp_grad_graph("float32")
     groups = {g.ops: g for g in find_groups(graph)}
-    ins, outs, body = gpu.elementwise_source(groups[("mul", "sub", "mul")])
+    ins, outs, body = gpu.elementwise_source(groups[("mul", "sub", "mul_no_nan")])
     assert ins == "float32 x0, float32 x1, float32 x2" and outs == "float32 o0"
     assert body.splitlines() == ["const float v0 = (float)(x0 * x0);", "const float v1 = (float)(x1 - v0);",
-                                 "const float v2 = (float)(x2 * v1);", "o0 = v2;"]
+                                 "const float v2 = (x2 == 0 ? (float)0 : v1 * x2);", "o0 = v2;"]
     for g in groups.values():  # every member has a CUDA form
         gpu.elementwise_source(g)
 

@@ -165,6 +165,9 @@ for _op, _np, _t, _dtypes, _dx, _dy in (
     ("fmod", np.fmod, torch.fmod, FLT, "real", "nonzero"),
     ("logaddexp", np.logaddexp, torch.logaddexp, FLT, "real", "real"),
     ("logaddexp2", np.logaddexp2, torch.logaddexp2, FLT, "real", "real"),
+    ("remainder", np.remainder, torch.remainder, NUM, "real", "nonzero"),
+    ("mul_no_nan", lambda x, y: np.where(y == 0, 0, x * y).astype(x.dtype), lambda x, y: torch.where(y == 0, 0, x * y),
+     FLT, "real", "real"),
 ):
     for _case, (_sx, _sy) in BROADCASTS.items():
         spec(f"{_op}[{_case}]", _op, (X(_sx, _dx), X(_sy, _dy)), _np, _t, _dtypes)
@@ -172,6 +175,10 @@ for _op, _np, _t, _dtypes, _dx, _dy in (
 for _op, _np, _t in (("logaddexp", np.logaddexp, torch.logaddexp), ("logaddexp2", np.logaddexp2, torch.logaddexp2)):
     # integer values: ties, where the CUDA form takes its other branch and the derivative is 1/2
     spec(f"{_op}[ties]", _op, (X((2, 3), "small"), X((2, 3), "small")), _np, _t, FLT)
+for _case in ("same", "scalar-array", "col-row", "rank"):  # piecewise constant: zero gradient (torch has none)
+    _sx, _sy = BROADCASTS[_case]
+    spec(f"floor_divide[{_case}]", "floor_divide", (X(_sx), X(_sy, "nonzero")), np.floor_divide,
+         lambda x, y: torch.floor(x / y), NUM, grad="zero")
 
 for _op, _np in (("lt", np.less), ("le", np.less_equal), ("gt", np.greater), ("ge", np.greater_equal),
                  ("eq", np.equal), ("ne", np.not_equal)):
@@ -926,6 +933,13 @@ COMPOSITES = [
               lambda x, y: torch.exp(x.detach()) * y, lambda x, y: (np.zeros_like(x), np.exp(x))),
     Composite("floor(x)+ceil(y)", ("floor", "ceil"), lambda b, x, y: b.bind("add", b.bind("floor", x), b.bind("ceil", y)),
               lambda x, y: torch.floor(x) + torch.ceil(y), lambda x, y: (np.zeros_like(x), np.zeros_like(y))),
+    Composite("x*rint(x)+y", ("rint",), _times_op_plus_y("rint"), lambda x, y: x * torch.round(x) + y,
+              lambda x, y: (np.rint(x), np.ones_like(y))),
+    Composite("floor_divide(x,y)*y", ("floor_divide",),
+              lambda b, x, y: b.bind("mul", b.bind("floor_divide", x, b.bind("add", b.bind("abs", y),
+                                                                             b.const(np.ones((), x.dtype)))), y),
+              lambda x, y: torch.floor(x / (torch.abs(y) + 1)) * y,
+              lambda x, y: (np.zeros_like(x), np.floor_divide(x, np.abs(y) + 1))),
     Composite("cast(ge(x,y))", ("ge",), lambda b, x, y: b.bind("cast", b.bind("ge", x, y), dtype=x.dtype),
               lambda x, y: (x >= y).to(x.dtype), lambda x, y: (np.zeros_like(x), np.zeros_like(y))),
     Composite("select(gt(x,y),x,y)", ("gt",), lambda b, x, y: b.bind("select", b.bind("gt", x, y), x, y),

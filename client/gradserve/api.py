@@ -27,7 +27,7 @@ from gradserve_engine.ops.core import DTYPES, FLOATS, dtype_name
 from gradserve_engine.shard import analyze
 
 from .capture import Capture, register_transform
-from .numpy_api import Traced, dtype_of
+from .numpy_api import Traced, dtype_of, traced_constructors
 from .pytree import flatten, flatten_call, register_pytree_node, tree_flatten, unflatten
 from .refs import TensorRef
 
@@ -68,7 +68,7 @@ def _leaf_key(x: Any) -> Any:
     if t is float or t is int or t is bool:
         return t
     if isinstance(x, Var):
-        return (Var, x.dtype, x.shape)
+        return (Var, x.ir_dtype, x.shape)
     if t is TensorRef:
         return (TensorRef, x.dtype, x.shape)
     if isinstance(x, np.generic):
@@ -343,7 +343,8 @@ def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = 
         captured = capture.read()[2]
     fn, cap_inputs, done = capture.substitute(b, captured)
     try:
-        out = fn(*traced_args, **traced_kwargs)
+        with traced_constructors():
+            out = fn(*traced_args, **traced_kwargs)
     finally:
         done()
     out_leaves, out_treedef = flatten(out, "out")

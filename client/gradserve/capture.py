@@ -387,7 +387,7 @@ class Capture:
             new = list(leaves)
             for i, name in which:
                 a = _array(leaves[i])
-                new[i] = b.input(name, dtype_name(a.dtype) if not isinstance(a, Var) else a.dtype, tuple(a.shape))
+                new[i] = b.input(name, dtype_name(a.dtype) if not isinstance(a, Var) else a.ir_dtype, tuple(a.shape))
                 inputs.append((k, name))
                 k += 1
             subs[id(s)] = new[0] if spec is None else unflatten(spec, new)
@@ -584,7 +584,7 @@ def _value_key(v: Any, feed: list[Any], constants: bool) -> Any:
             return ("id", id(v))
         if isinstance(a, Var):
             feed.append(a)
-            return (Var, a.dtype, a.shape)
+            return (Var, a.ir_dtype, a.shape)
         if constants:
             return ("const", a.dtype, a.shape, _digest(a))
         feed.append(a)
@@ -627,7 +627,7 @@ def _describe(v: Any, constants: bool) -> str:
         a = _array(v)
         if not _supported(a):
             return f"{a.dtype}{list(a.shape)} array at {id(v):#x}"
-        text = type_str(a.dtype if isinstance(a, Var) else dtype_name(a.dtype), tuple(a.shape))
+        text = type_str(a.ir_dtype if isinstance(a, Var) else dtype_name(a.dtype), tuple(a.shape))
         return f"{text} #{_digest(a)[:8]}" if constants and not isinstance(a, Var) else text
     leaves, spec = tree_flatten(v)
     if spec.is_leaf():

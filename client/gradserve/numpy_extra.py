@@ -34,7 +34,6 @@ from .numpy_api import (
     _is_value,
     _keepdims,
     _mask,
-    _no_out,
     _norm_axes,
     _promoted,
     _slice_attrs,
@@ -72,6 +71,11 @@ from .numpy_api import min as _min
 isnan, rint, trunc = UFUNCS["isnan"], UFUNCS["rint"], UFUNCS["trunc"]
 _fmod_float = UFUNCS["fmod"]
 _select = where  # for the functions whose `where=` keyword shadows it
+
+
+def _no_out(out: Any, name: str) -> None:
+    if out is not None:
+        raise TypeError(f"numpy.{name}: out= is not supported on traced values (they are immutable)")
 
 
 def _arr(x: Any) -> Any:
@@ -127,17 +131,6 @@ def fmod(x1: Any, x2: Any, /) -> Any:
     return _int_via_float(_fmod_float, x1, x2)
 
 
-def remainder(x1: Any, x2: Any, /) -> Any:
-    """numpy's remainder (`%`): the sign of the divisor, from fmod (exact, no division rounding);
-    the gradient with respect to `x2` is -floor(x1 / x2)."""
-    def f(x: Any, y: Any) -> Any:
-        r = _fmod_float(x, y)
-        fix = _and(not_equal(r, 0.0), not_equal(less(r, 0.0), less(y, 0.0)))
-        return where(fix, add(r, y), r)
-
-    return _int_via_float(f, x1, x2)
-
-
 def heaviside(x1: Any, x2: Any, /) -> Any:
     """0 where x1 < 0, `x2` where x1 == 0, 1 where x1 > 0 (NaN stays NaN); no gradient through x1."""
     x1, x2 = _promoted(x1, x2, to=FLOATS)
@@ -163,44 +156,9 @@ def sinc(x: Any) -> Any:
     return where(small, taylor, divide(sin(safe), safe))
 
 
-def round(a: Any, decimals: int = 0, out: Any = None) -> Any:
-    """numpy's round: halves to even, at `decimals` places (rint(a * 10**d) / 10**d, as numpy);
-    zero gradient."""
-    _no_out(out, "round")
-    decimals = int(decimals)
-    dt = dtype_of(a)
-    if dt not in FLOATS:
-        if decimals >= 0:
-            return a
-        return _int_via_float(lambda x: round(x, decimals), a)
-    if decimals == 0:
-        return rint(a)
-    if decimals > 0:
-        f = 10.0 ** decimals
-        return divide(rint(multiply(a, f)), f)
-    f = 10.0 ** -decimals
-    return multiply(rint(divide(a, f)), f)
-
-
 def fix(x: Any, out: Any = None) -> Any:
     _no_out(out, "fix")
     return trunc(x)
-
-
-def logical_and(x1: Any, x2: Any, /) -> Any:
-    return _and(_truth(x1), _truth(x2))
-
-
-def logical_or(x1: Any, x2: Any, /) -> Any:
-    return _or(_truth(x1), _truth(x2))
-
-
-def logical_xor(x1: Any, x2: Any, /) -> Any:
-    return not_equal(_truth(x1), _truth(x2))
-
-
-def logical_not(x: Any, /) -> Any:
-    return _not(_truth(x))
 
 
 # ---------------------------------------------------------------- products
@@ -1051,12 +1009,10 @@ def _np_median(a: Any, axis: Any = None, out: Any = None, overwrite_input: bool 
 
 # ---------------------------------------------------------------- registration
 
-UFUNCS.update({"fmod": fmod, "remainder": remainder, "heaviside": heaviside, "reciprocal": reciprocal,
-               "logical_and": logical_and, "logical_or": logical_or, "logical_xor": logical_xor,
-               "logical_not": logical_not})
+UFUNCS.update({"fmod": fmod, "heaviside": heaviside, "reciprocal": reciprocal})
 
 FUNCTIONS.update({
-    np.round: round, np.around: round, np.fix: fix, np.sinc: sinc,
+    np.fix: fix, np.sinc: sinc,
     np.prod: _np_prod, np.cumprod: cumprod, np.var: _np_var, np.std: _np_std,
     np.max: _np_extremum(_max, "max"), np.amax: _np_extremum(_max, "amax"),
     np.min: _np_extremum(_min, "min"), np.amin: _np_extremum(_min, "amin"),
@@ -1076,7 +1032,7 @@ FUNCTIONS.update({
 __all__ = [
     "all", "any", "argmax", "argmin", "argsort", "array_split", "atleast_1d", "atleast_2d", "atleast_3d", "average",
     "cumprod", "diag", "diagonal", "diff", "einsum", "fix", "flip", "fliplr", "flipud", "fmod", "heaviside", "kron",
-    "logical_and", "logical_not", "logical_or", "logical_xor", "median", "meshgrid", "moveaxis", "nanmean", "nansum",
-    "outer", "percentile", "prod", "ptp", "quantile", "ravel", "reciprocal", "remainder", "repeat", "roll", "round",
+    "median", "meshgrid", "moveaxis", "nanmean", "nansum",
+    "outer", "percentile", "prod", "ptp", "quantile", "ravel", "reciprocal", "repeat", "roll",
     "searchsorted", "sinc", "sort", "split", "std", "take_along_axis", "tile", "trace", "tril", "triu",
 ]

@@ -121,7 +121,7 @@ def vjp_graph(graph: Graph, wrt: Sequence[str], outputs: Sequence[str] | None = 
             raise AssertionError(f"VJP rule of {n.op} returned {len(results)} cotangents for {len(n.inputs)} operands")
         for i, r, want in zip(n.inputs, results, need, strict=True):
             if want and r is not None and i in active:
-                if (r.dtype, r.shape) != (graph.aval(i)[0], tuple(batch) + graph.aval(i)[1]):
+                if r.aval != (graph.aval(i)[0], tuple(batch) + graph.aval(i)[1]):
                     raise AssertionError(f"VJP rule of {n.op} gave {r!r} for operand %{i} at {n.text()}")
                 accumulate(i, r)
     result = [(o, env[out_ids[o]]) for o in names] if keep_outputs else []
@@ -152,7 +152,7 @@ def jvp_graph(graph: Graph, wrt: Sequence[str]) -> Graph:
         if jvp is None or n.dtype not in FLOATS or all(t is None for t in ts):
             continue
         t = jvp(ts, *args, out=out, **n.attrs)
-        if (t.dtype, t.shape) != (n.dtype, n.shape):
+        if t.aval != (n.dtype, n.shape):
             raise AssertionError(f"JVP rule of {n.op} gave {t!r} at {n.text()}")
         tangents[n.id] = t
     result = [(o, env[vid]) for o, vid in graph.outputs]

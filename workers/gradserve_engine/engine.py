@@ -517,7 +517,7 @@ def _first_change(a: np.ndarray, b: np.ndarray) -> str:
 
 def _check_value(value: Any, dtype: str, shape: tuple[int, ...], what: str) -> Any:
     if isinstance(value, Var):  # a traced value: the plan is inlined into its trace
-        if value.shape != shape or value.dtype != dtype:
+        if value.shape != shape or value.ir_dtype != dtype:
             raise ShapeError(f"{what} is {value!r}, expected {type_str(dtype, shape)}")
         return value
     a = np.asarray(value)

@@ -410,15 +410,27 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool
 
 class Var(Shaped):
     """A value being built: its id in the builder, dtype and shape. The engine emits with the
-    strict functions of `ops.emit`; the SDK's traced values subclass this with numpy's operators."""
+    strict functions of `ops.emit`; the SDK's traced values subclass this with numpy's operators.
 
-    __slots__ = ("builder", "dtype", "id", "shape")
+    `ir_dtype` is the IR's name of the dtype ("float64"), what the builder and the type rules
+    read. `dtype` is how the value presents it: the name itself here, numpy's `np.dtype` on the
+    SDK's traced values (as a numpy user expects), so code that may meet either reads `ir_dtype`."""
+
+    __slots__ = ("builder", "id", "ir_dtype", "shape")
 
     def __init__(self, builder: Builder, vid: int, dtype: str, shape: Shape):
-        self.builder, self.id, self.dtype, self.shape = builder, vid, dtype, shape
+        self.builder, self.id, self.ir_dtype, self.shape = builder, vid, dtype, shape
+
+    @property
+    def dtype(self) -> str:
+        return self.ir_dtype
+
+    @property
+    def aval(self) -> AVal:
+        return (self.ir_dtype, self.shape)
 
     def __repr__(self) -> str:
-        return f"Traced<{type_str(self.dtype, self.shape)}>"
+        return f"Traced<{type_str(self.ir_dtype, self.shape)}>"
 
 
 class Builder:
@@ -466,12 +478,12 @@ class Builder:
         for a in args:
             if not isinstance(a, Var) or a.builder is not self:
                 raise GraphError(f"{op}: operand {a!r} does not belong to this trace (a value leaked from another trace?)")
-        attrs = {k: (tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()}
+        attrs = {k: _attr_value(v) for k, v in attrs.items()}
         check_attrs(op, attrs, op)
         try:
-            dtype, shape = infer(op, [(a.dtype, a.shape) for a in args], attrs)
+            dtype, shape = infer(op, [a.aval for a in args], attrs)
         except ShapeError as e:
-            operands = ", ".join(type_str(a.dtype, a.shape) for a in args)
+            operands = ", ".join(type_str(a.ir_dtype, a.shape) for a in args)
             raise ShapeError(f"{op}({operands}): {e}{_user_frame()}") from None
         v = self._new(dtype, shape)
         self._nodes.append((v.id, op, tuple(a.id for a in args), attrs, dtype, v.shape))
@@ -504,6 +516,15 @@ class Builder:
                 renum[vid] = len(renum)
                 nodes.append(Node(renum[vid], op, tuple(renum[i] for i in ins), attrs, dtype, shape))
         return Graph(inputs, constants, nodes, [(name, renum[v.id]) for name, v in outputs])
+
+
+def _attr_value(v: Any) -> Any:
+    """An attribute as nodes hold it: sequences as tuples of ints, a dtype by its IR name."""
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    if isinstance(v, (np.dtype, type)):
+        return dtype_name(np.dtype(v))
+    return v
 
 
 def _user_frame() -> str:

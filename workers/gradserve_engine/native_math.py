@@ -28,8 +28,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp", "exp32", "exponent", "expm1", "expm132", "fma", "log", "log1p", "log1p32", "log32", "logistic",
-           "logistic32", "mantissa", "pow2", "sel", "tanh", "tanh32"]
+__all__ = ["exp", "exp32", "exponent", "expm1", "expm132", "floor_divide", "floor_divide32", "fma", "ifloor_divide",
+           "iremainder", "log", "log1p", "log1p32", "log32", "logistic", "logistic32", "mantissa", "pow2", "remainder",
+           "remainder32", "sel", "tanh", "tanh32"]
 
 # ---------------------------------------------------------------- LLVM intrinsics
 
@@ -307,3 +308,64 @@ def tanh32(x):
 @njit(inline="always", error_model="numpy")
 def logistic32(x):
     return _FH * tanh32(x * _FH) + _FH
+
+
+# ---------------------------------------------------------------- floor division and remainder
+
+# numpy's npy_divmod, case for case (numba's own `%` and `//` differ on signed zeros, and an
+# integer division of the least integer by -1 traps): the remainder takes the divisor's sign
+# (a zero one too), the quotient is snapped to the nearest integer, and a zero divisor gives
+# fmod's nan and a / b, as numpy's. One pair per float width, so the constants keep its type.
+
+
+def _float_divmod(zero, one, half):
+    @njit(inline="always", error_model="numpy")
+    def remainder(a, b):
+        mod = np.fmod(a, b)
+        if b == zero:
+            return mod
+        if mod != zero:
+            if (b < zero) != (mod < zero):
+                mod += b
+        else:
+            mod = np.copysign(zero, b)
+        return mod
+
+    @njit(inline="always", error_model="numpy")
+    def floor_divide(a, b):
+        if b == zero:
+            return a / b
+        mod = np.fmod(a, b)
+        div = (a - mod) / b
+        if mod != zero and (b < zero) != (mod < zero):
+            div -= one
+        if div == zero:
+            return np.copysign(zero, a / b)
+        q = np.floor(div)
+        if div - q > half:
+            q += one
+        return q
+
+    return remainder, floor_divide
+
+
+remainder, floor_divide = _float_divmod(0.0, 1.0, 0.5)
+remainder32, floor_divide32 = _float_divmod(_F0, _F1, _FH)
+
+
+@njit(inline="always", error_model="numpy")
+def iremainder(a, b):
+    # numpy's integer remainder: 0 for a zero divisor, and for -1 (where the least integer traps)
+    if b == 0 or b == -1:
+        return a - a
+    return a % b
+
+
+@njit(inline="always", error_model="numpy")
+def ifloor_divide(a, b):
+    # numpy's integer floor division: 0 for a zero divisor; -a (wrapping) for -1
+    if b == 0:
+        return a - a
+    if b == -1:
+        return -a
+    return a // b

@@ -40,7 +40,7 @@ def _lift(x: Operand, like: Var, dtype: str) -> Var:
 def bind(op: str, *xs: Operand, **attrs: Any) -> Var:
     """Apply primitive `op`; Python scalars take the dtype of the first traced operand."""
     v = _traced(op, xs)
-    return v.builder.bind(op, *(_lift(x, v, v.dtype) for x in xs), **attrs)
+    return v.builder.bind(op, *(_lift(x, v, v.ir_dtype) for x in xs), **attrs)
 
 
 def _binary(op: str):
@@ -52,7 +52,14 @@ def _binary(op: str):
 
 
 add, sub, mul, div, pow_ = _binary("add"), _binary("sub"), _binary("mul"), _binary("div"), _binary("pow")
-eq, lt, gt = _binary("eq"), _binary("lt"), _binary("gt")
+eq, lt, gt, ge = _binary("eq"), _binary("lt"), _binary("gt"), _binary("ge")
+
+
+def mul_no_nan(d: Operand, g: Var) -> Var:
+    """`d * g`, and 0 wherever `g` is 0 even if `d` is inf or nan: how a rule applies a local
+    derivative `d` to a cotangent `g`. A zero cotangent (the branch `where` did not select, say)
+    then stays zero instead of turning into nan where that branch is not finite."""
+    return bind("mul_no_nan", d, g)
 
 
 def neg(x: Var) -> Var:
@@ -62,11 +69,11 @@ def neg(x: Var) -> Var:
 def select(c: Var, x: Operand, y: Operand) -> Var:
     """`x` where `c`, else `y` (one of them traced; a scalar takes the other's dtype)."""
     v = _traced("select", (x, y))
-    return c.builder.bind("select", c, _lift(x, v, v.dtype), _lift(y, v, v.dtype))
+    return c.builder.bind("select", c, _lift(x, v, v.ir_dtype), _lift(y, v, v.ir_dtype))
 
 
 def cast(x: Var, dtype: str) -> Var:
-    return x if x.dtype == dtype else bind("cast", x, dtype=dtype)
+    return x if x.ir_dtype == dtype else bind("cast", x, dtype=dtype)
 
 
 def reshape(x: Var, shape: Shape) -> Var:

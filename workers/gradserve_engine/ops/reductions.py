@@ -77,7 +77,7 @@ def _vjp_extremum(g: Any, x: Any, *, out: Any, need: Sequence[bool], nb: int, ax
                   keepdims: bool) -> list[Any]:
     # the cotangent is shared evenly among the positions that attain the extremum (as torch.amax)
     mask, count = _extremum_mask(x, out, axes, keepdims)
-    return [e.mul(_expand_reduced(g, axes, keepdims, nb), e.div(mask, count))]
+    return [e.mul_no_nan(e.div(mask, count), _expand_reduced(g, axes, keepdims, nb))]
 
 
 def _jvp_extremum(ts: Sequence[Any], x: Any, *, out: Any, axes: tuple[int, ...], keepdims: bool) -> Any:

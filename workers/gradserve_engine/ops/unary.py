@@ -46,7 +46,8 @@ def unary(name: str, deriv: Deriv | None, *, kernel: KernelFactory | None = None
     vjp = jvp = None
     if deriv is not None:
         def vjp(g: Any, x: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
-            return [e.mul(g, deriv(x, out))]
+            # a zero cotangent stays zero where the derivative is not finite (an unselected branch)
+            return [e.mul_no_nan(deriv(x, out), g)]
 
         def jvp(ts: Sequence[Any], x: Any, *, out: Any) -> Any:
             return e.mul(ts[0], deriv(x, out))
