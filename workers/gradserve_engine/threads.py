@@ -92,6 +92,7 @@ class Pool:
             job = self._job
             if job is not None:
                 job.help()
+            job = None  # a waiting worker holds nothing: the last call's operands and result are freed with it
 
     def run(self, fn: Callable[..., Any], bounds: Sequence[int], args: tuple = ()) -> None:
         if self.size == 1 or len(bounds) <= 2 or not self._busy.acquire(blocking=False):
