@@ -841,7 +841,7 @@ def test_cli_empty_token_file(tmp_path, content):
     done = _run_cli("--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file))
     assert done.returncode != 0
     assert "listening" not in done.stdout
-    assert f"token file {token_file} is empty" in done.stderr
+    assert done.stderr == f"gradserve: --token-file {token_file} is empty\n"
 
 
 def test_cli_tls_flags_go_together(tmp_path):

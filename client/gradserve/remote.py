@@ -73,9 +73,10 @@ RemoteDeadlineExceeded = _subclass("RemoteDeadlineExceeded", grpc.StatusCode.DEA
 RemoteCancelled = _subclass("RemoteCancelled", grpc.StatusCode.CANCELLED)
 RemoteUnavailable = _subclass("RemoteUnavailable", grpc.StatusCode.UNAVAILABLE)
 RemoteInternal = _subclass("RemoteInternal", grpc.StatusCode.INTERNAL)
+RemoteFailedPrecondition = _subclass("RemoteFailedPrecondition", grpc.StatusCode.FAILED_PRECONDITION)
 _BY_CODE = {c.code: c for c in (RemoteInvalidArgument, RemoteNotFound, RemoteResourceExhausted, RemoteUnauthenticated,
                                  RemotePermissionDenied, RemoteDeadlineExceeded, RemoteCancelled, RemoteUnavailable,
-                                 RemoteInternal)}
+                                 RemoteInternal, RemoteFailedPrecondition)}
 
 
 def _remote_error(e: grpc.RpcError) -> RemoteError:
@@ -423,7 +424,13 @@ class Session:
         """A summary of every registered graph (graph_id, nodes, bytes, input_count, output_count), by id."""
         return [info for page in self._pages("ListGraphs", pb.ListGraphsRequest) for info in page.graphs]
 
+    def graph(self, graph_id: str) -> pb.GetGraphResponse:
+        """A registered graph's summary (`.info`: nodes, bytes, input and output counts) and its
+        signature: `.inputs` and `.outputs`, each with name, dtype (a `gradserve.v1.DType`) and shape."""
+        return self._call("GetGraph", pb.GetGraphRequest(graph_id=graph_id))
+
     def delete(self, graph_id: str) -> bool:
+        """Delete a registered graph (and the server's plans of it); False: it was not registered."""
         with self._lock:
             self._known.pop(graph_id, None)
         return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
@@ -499,6 +506,11 @@ class Session:
     def jobs(self) -> list[Job]:
         """Every job on the server, oldest first."""
         return [Job(self, j.job_id) for j in self.job_summaries()]
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job on the server: its record, history and checkpoints; False: there
+        was no such job. A job not finished is refused (`RemoteFailedPrecondition`): cancel it first."""
+        return self._call("DeleteJob", pb.DeleteJobRequest(job_id=job_id)).deleted
 
     def job_summaries(self) -> Iterator[pb.Job]:
         """Every job's summary, oldest first, page by page as they come: a `pb.Job` without its
@@ -649,6 +661,10 @@ class Job:
     def cancel(self) -> Job:
         self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
         return self
+
+    def delete(self) -> bool:
+        """Delete this job on the server once it has finished (`Session.delete_job`)."""
+        return self.session.delete_job(self.id)
 
     def plot(self, path: str | Path | None = None, *, smooth: float = 0.0) -> Any:
         """The loss curve on a new `matplotlib.figure.Figure` (returned; saved to `path` when given,

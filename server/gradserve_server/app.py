@@ -77,6 +77,8 @@ class Config:
     checkpoint_every: int = 500  # steps
     checkpoint_seconds: float = 30.0
     job_history: int = 10_000  # progress points kept per job (then every 2nd, 4th, ... step)
+    job_retention_count: int = 1000  # finished jobs kept, the newest (0: no bound); older ones are deleted
+    job_retention_days: float = 0.0  # finished jobs older than this are deleted (0: no bound)
     lease_seconds: float = 15.0  # the term of the job lease of a shared --store
     store_busy_seconds: float = 5.0  # the longest a job store write waits for a lock held elsewhere
 
@@ -185,7 +187,8 @@ class Server:
                                config.job_runners, config.checkpoint_every, config.checkpoint_seconds,
                                history_points=config.job_history, max_waiters=config.max_watchers,
                                lease_seconds=config.lease_seconds, max_name=config.max_job_name,
-                               max_optimizer_json=config.max_optimizer_json)
+                               max_optimizer_json=config.max_optimizer_json,
+                               retention_count=config.job_retention_count, retention_days=config.job_retention_days)
         self.tensors = TensorStore(config.tensor_store_bytes, config.tensor_ttl, limits, self.metrics)
         self.servicer = Servicer(self.engine, self.registry, self.residuals, limits, self.metrics, config.max_concurrent,
                                  self.jobs, tensors=self.tensors, max_message_bytes=config.max_message_bytes)
@@ -206,11 +209,14 @@ class Server:
             (service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name, reflection.SERVICE_NAME,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.grpc)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert is not None and config.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            self.port = self.grpc.add_secure_port(address, creds)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+                self.port = self.grpc.add_secure_port(address, creds)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio's answer to a port it cannot bind (in use, not this host's, refused TLS)
+            raise OSError(f"cannot listen on {address}: {e}") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         pool = self.pool

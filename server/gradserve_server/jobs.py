@@ -6,8 +6,9 @@ short quantum of steps each, so several run at once fairly. Progress is kept in 
 watchers and in the store, as a bounded history (`History`: every step up to `history_points`
 points, then every 2nd, 4th, ... step); parameters and optimiser state are checkpointed every N
 steps or seconds, with a checksum. A server killed mid-job resumes each running job from its
-last good checkpoint; finished results stay readable, from the store only (a finished job's
-memory is freed).
+last good checkpoint; finished results stay readable, from the store only: a finished job's
+memory is freed (its run, arguments and parameters, and the plans of a graph no call or other
+job uses), until DeleteJob or the retention sweep deletes its rows too.
 
 Several servers may share one store: a lease row in it (owner, expiry, renewed by its holder)
 lets one of them run the jobs; the others serve them (submit, get, list, watch, cancel through
@@ -43,6 +44,7 @@ from gradserve.minimize import FAILED, STOPPED, LoopState, OptimizationLoop, tre
 from gradserve_engine.backend import Backend
 from gradserve_engine.errors import (
     Cancelled,
+    FailedPrecondition,
     GraphError,
     InvalidRequest,
     NotFound,
@@ -67,6 +69,9 @@ CANCEL_WAIT = 2.0  # seconds CancelJob waits for the step in flight before answe
 SUMMARY_CHARS = 256  # of a name or message in ListJobs' summaries
 MESSAGE_CHARS = 4000  # of a job's message as stored (a failure's text is cut to it)
 LEASE = "runner"  # the lease row: the server that holds it runs the store's jobs
+FINISHED_SQL = "('succeeded', 'failed', 'cancelled')"  # FINISHED, as an SQL list
+SWEEP_BATCH = 500  # jobs deleted per transaction of a retention sweep (the store's lock is held that long)
+DAY = 86_400.0
 
 
 # ---------------------------------------------------------------- the store
@@ -374,16 +379,22 @@ class JobManager:
     calls that wait on jobs (WatchJob streams, CancelJob waiting for the step in flight), so they
     never take the threads other calls need: a watcher past it is refused (RESOURCE_EXHAUSTED), a
     cancel past it answers at once. With a store directory, `lease_seconds` is the lease's term.
-    `max_name` and `max_optimizer_json` bound those fields of a spec (characters)."""
+    `max_name` and `max_optimizer_json` bound those fields of a spec (characters).
+
+    Retention: finished jobs past the newest `retention_count` (by the time they finished) or
+    finished more than `retention_days` ago are deleted (0: no such bound), at start and every
+    `sweep_seconds` by the server that runs the jobs."""
 
     def __init__(self, engine: Backend, registry: GraphRegistry, store: JobStore, limits: Limits, runners: int = 2,
                  checkpoint_every: int = 500, checkpoint_seconds: float = 30.0, quantum_seconds: float = 0.05,
                  history_points: int = 10_000, max_waiters: int = 16, lease_seconds: float = 15.0,
-                 max_name: int = 256, max_optimizer_json: int = 65_536):
+                 max_name: int = 256, max_optimizer_json: int = 65_536, retention_count: int = 0,
+                 retention_days: float = 0.0, sweep_seconds: float = 60.0):
         self.engine, self.registry, self.store, self.limits = engine, registry, store, limits
         self.checkpoint_every, self.checkpoint_seconds, self.quantum = checkpoint_every, checkpoint_seconds, quantum_seconds
         self.history_points, self.lease_seconds = history_points, lease_seconds
         self.max_name, self.max_optimizer_json = max_name, max_optimizer_json
+        self.retention_count, self.retention_days, self.sweep_seconds = retention_count, retention_days, sweep_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.shared = store.path is not None  # a store on disk may be shared: only the lease holder runs jobs
         self.leader = False
@@ -396,6 +407,7 @@ class JobManager:
         self.waiters = Slots(max_waiters)  # calls waiting on jobs
         self._threads = [threading.Thread(target=self._runner, name=f"gradserve-job-{k}", daemon=True) for k in range(runners)]
         self._keeper = threading.Thread(target=self._keep_loop, name="gradserve-job-lease", daemon=True)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="gradserve-job-retention", daemon=True)
         self._tick = min(1.0, lease_seconds / 5)
 
     # ---- lifecycle
@@ -405,10 +417,13 @@ class JobManager:
             self._keep()
         except StoreUnavailable as e:  # the keeper tries again every tick
             log.warning("job store: %s", e)
+        self._sweep_if_leader()
         for t in self._threads:
             t.start()
         if self.shared:
             self._keeper.start()
+        if self.retains:
+            self._sweeper.start()
         self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -419,7 +434,7 @@ class JobManager:
             self._stopping = True
             self._stopped.set()
             self._ready.notify_all()
-        for t in [*self._threads, self._keeper]:
+        for t in [*self._threads, self._keeper, self._sweeper]:
             if t.is_alive():
                 t.join(timeout=max(deadline - time.monotonic(), 0.0))
         if self.shared and self.leader:
@@ -440,7 +455,8 @@ class JobManager:
         """Why this server cannot run its jobs now (None: it can): a dead runner, a store whose writes
         have failed for `busy_seconds` and more (a lock held a moment longer is not a reason)."""
         if self._started and not self._stopping:
-            dead = [t.name for t in [*self._threads, *([self._keeper] if self.shared else [])] if not t.is_alive()]
+            others = [*([self._keeper] if self.shared else []), *([self._sweeper] if self.retains else [])]
+            dead = [t.name for t in [*self._threads, *others] if not t.is_alive()]
             if dead:
                 return f"job threads {', '.join(dead)} stopped"
         store = self.store
@@ -542,6 +558,72 @@ class JobManager:
         with run.changed:
             run.dropped = True
             run.changed.notify_all()
+        self._forget_plans(run)
+
+    def _forget_plans(self, run: Run) -> None:
+        """A run left this server: its graph's plans go too, unless another run here uses the graph
+        or the registry serves it to calls (they are the registry's then: DeleteGraph drops them)."""
+        gid = run.graph.id
+        with self._ready:
+            if any(other.graph.id == gid for other in self._runs.values()):
+                return
+        if not self.registry.holds(gid):
+            self.engine.forget(gid)
+
+    # ---- retention
+    @property
+    def retains(self) -> bool:
+        """Whether retention bounds the finished jobs kept (a count, an age, or both)."""
+        return self.retention_count > 0 or self.retention_days > 0
+
+    def _sweep_loop(self) -> None:
+        while not self._stopped.wait(self.sweep_seconds):
+            self._sweep_if_leader()
+
+    def _sweep_if_leader(self) -> None:
+        """The sweep, by the server that runs the jobs (the others leave it to that one)."""
+        if not (self.retains and self.leader):
+            return
+        try:
+            self.sweep()
+        except StoreUnavailable as e:  # noted by the store (health); tried again next sweep
+            log.warning("job retention: the sweep waits for the store: %s", e)
+        except Exception:  # the sweeper outlives any one failure
+            log.exception("job retention sweep")
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete the finished jobs retention does not keep: those past the newest `retention_count`
+        (by the time they finished) and those finished more than `retention_days` before `now`
+        (default: the present), in transactions of SWEEP_BATCH jobs. Returns how many went."""
+        if not self.retains:
+            return 0
+        now = time.time() if now is None else now
+        bounds, args = [], []
+        if self.retention_days > 0:
+            bounds.append("updated < ?")
+            args.append(now - self.retention_days * DAY)
+        if self.retention_count > 0:
+            bounds.append(f"""id IN (SELECT id FROM jobs WHERE status IN {FINISHED_SQL}
+                              ORDER BY updated DESC, id DESC LIMIT -1 OFFSET ?)""")
+            args.append(self.retention_count)
+        deleted = 0
+        while not self._stopping:
+            with self.store.tx() as db:
+                ids = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE status IN {FINISHED_SQL} AND "
+                                                f"({' OR '.join(bounds)}) LIMIT ?", (*args, SWEEP_BATCH))]
+                self._delete_rows(db, ids)
+            deleted += len(ids)
+            if len(ids) < SWEEP_BATCH:
+                break
+        if deleted:
+            log.info("job retention: %d finished jobs deleted", deleted)
+        return deleted
+
+    @staticmethod
+    def _delete_rows(db: sqlite3.Connection, ids: builtins.list[str]) -> None:
+        """Every row of these jobs: the job, its history, checkpoints and spec (inside a write)."""
+        for table, key in (("jobs", "id"), ("history", "job_id"), ("checkpoints", "job_id"), ("specs", "job_id")):
+            db.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(i,) for i in ids])
 
     # ---- requests
     def submit(self, spec: pb.JobSpec) -> pb.Job:
@@ -694,6 +776,20 @@ class JobManager:
         with self.store.tx() as db:
             db.execute("UPDATE jobs SET status = ?, updated = ? WHERE id = ? AND status IN ('queued', 'running')",
                        (CANCELLING, time.time(), job_id))
+
+    def delete(self, job_id: str) -> bool:
+        """Delete a finished job: its row, history and checkpoints (its memory went when it finished).
+        False when there is no such job (deleted already: a retried delete is harmless). A job not
+        finished is refused (FailedPrecondition): a delete never throws work away; cancel it first."""
+        with self.store.tx() as db:  # the status is read in the write: a job cannot start or resume in between
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return False
+            if row[0] not in FINISHED:
+                then = "once it has stopped" if row[0] == CANCELLING else "after cancelling it (CancelJob)"
+                raise FailedPrecondition(f"job {job_id} is {row[0]}: only a finished job can be deleted; delete it {then}")
+            self._delete_rows(db, [job_id])
+        return True
 
     def watch(self, job_id: str, from_step: int, active: Callable[[], bool]) -> Iterator[pb.JobEvent]:
         """Progress events after `from_step` (the kept points: see History) until the job finishes
@@ -908,32 +1004,38 @@ class JobManager:
 
     # ---- running
     def _runner(self) -> None:
-        while True:
-            with self._ready:
-                self._ready.wait_for(lambda: self._queue or self._stopping)
-                if self._stopping:
-                    return
-                run = self._runs.get(self._queue.popleft())
-                if run is None or run.in_turn:  # dropped, finished, or a cancel is ending it
-                    continue
-                run.in_turn = True
-            backoff = 0.0
-            requeue = False
-            try:
-                requeue = self._turn(run)
-            except _LeaseLost:
-                log.error("job %s: another server holds the lease now; this one stops running it", run.job_id)
-                self._drop(run)
-            except StoreUnavailable as e:  # a locked or failing store: the job waits for it, then goes on
-                log.warning("job %s waits for the store: %s", run.job_id, e)
-                requeue, backoff = True, 1.0
-            except Exception as e:  # a failing job fails alone (MemoryError included)
-                log.exception("job %s failed", run.job_id)
-                requeue = self._fail(run, f"{type(e).__name__}: {e}")
-            finally:
-                self._release(run, requeue or (run.cancel and run.status not in FINISHED))
+        while (backoff := self._next_turn()) is not None:
             if backoff:
                 self._stopped.wait(backoff)
+
+    def _next_turn(self) -> float | None:
+        """Wait for a job and run one turn of it; returns the seconds to wait before the next (the
+        store is failing), None once stopping. The run is this frame's alone: between turns a
+        runner holds no job, so a finished one is freed at once, not at the runner's next turn."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._queue or self._stopping)
+            if self._stopping:
+                return None
+            run = self._runs.get(self._queue.popleft())
+            if run is None or run.in_turn:  # dropped, finished, or a cancel is ending it
+                return 0.0
+            run.in_turn = True
+        backoff = 0.0
+        requeue = False
+        try:
+            requeue = self._turn(run)
+        except _LeaseLost:
+            log.error("job %s: another server holds the lease now; this one stops running it", run.job_id)
+            self._drop(run)
+        except StoreUnavailable as e:  # a locked or failing store: the job waits for it, then goes on
+            log.warning("job %s waits for the store: %s", run.job_id, e)
+            requeue, backoff = True, 1.0
+        except Exception as e:  # a failing job fails alone (MemoryError included)
+            log.exception("job %s failed", run.job_id)
+            requeue = self._fail(run, f"{type(e).__name__}: {e}")
+        finally:
+            self._release(run, requeue or (run.cancel and run.status not in FINISHED))
+        return backoff
 
     def _fail(self, run: Run, message: str) -> bool:
         """End `run` failed; returns whether it goes back in the queue to write that later (the store fails)."""
@@ -1108,6 +1210,7 @@ class JobManager:
         with self._ready:
             if self._runs.get(run.job_id) is run:
                 del self._runs[run.job_id]
+        self._forget_plans(run)
 
     def _finish_row(self, job_id: str, status: str, message: str) -> None:
         with self.store.tx() as db:

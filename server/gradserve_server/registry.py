@@ -121,6 +121,19 @@ class GraphRegistry:
                 self._insert(gid, Entry(graph, nbytes))
         return graph
 
+    def describe(self, gid: str) -> tuple[Graph, Summary]:
+        """A registered graph and its listing's summary (NotFound as `get`)."""
+        graph = self.get(gid)
+        with self._lock:
+            entry = self._graphs.get(gid)
+        nbytes = entry.nbytes if entry is not None else len(graph.to_proto().SerializeToString(deterministic=True))
+        return graph, Summary.of(graph, nbytes)
+
+    def holds(self, gid: str) -> bool:
+        """Whether the graph is in memory here (served to calls), without touching its LRU place."""
+        with self._lock:
+            return gid in self._graphs
+
     def _cached(self, gid: str) -> Graph | None:
         with self._lock:
             entry = self._graphs.get(gid)

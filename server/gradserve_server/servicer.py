@@ -33,7 +33,7 @@ from gradserve_engine.wire import MISSING_KEY, PB_DTYPE
 from . import bounds
 from .jobs import FINISHED, JobManager
 from .metrics import Metrics
-from .registry import GraphRegistry, ResidualStore
+from .registry import GraphRegistry, ResidualStore, Summary
 from .tensors import MAX_MISSING_LISTED, TensorStore, chunk_size, refs_in
 
 log = logging.getLogger("gradserve.servicer")
@@ -263,11 +263,19 @@ class Servicer:
     def ListGraphs(self, req: pb.ListGraphsRequest, context) -> pb.ListGraphsResponse:
         key = bounds.after("graphs", req.page_token, (str,))
         page, more = self.registry.list(key[0] if key else None, bounds.page_size(req.page_size))
-        resp = pb.ListGraphsResponse()
-        for gid, s in page:
-            resp.graphs.add(graph_id=gid, nodes=s.nodes, bytes=s.nbytes, input_count=s.inputs, output_count=s.outputs)
+        resp = pb.ListGraphsResponse(graphs=[_graph_info(gid, s) for gid, s in page])
         if more:
             resp.next_page_token = bounds.next_token("graphs", (page[-1][0],))
+        return resp
+
+    def GetGraph(self, req: pb.GetGraphRequest, context) -> pb.GetGraphResponse:
+        graph, summary = self.registry.describe(req.graph_id)
+        resp = pb.GetGraphResponse(info=_graph_info(req.graph_id, summary))
+        for x in graph.inputs:
+            resp.inputs.add(name=x.name, dtype=PB_DTYPE[x.dtype], shape=x.shape)
+        for name, vid in graph.outputs:
+            dtype, shape = graph.aval(vid)
+            resp.outputs.add(name=name, dtype=PB_DTYPE[dtype], shape=shape)
         return resp
 
     def DeleteGraph(self, req: pb.DeleteGraphRequest, context) -> pb.DeleteGraphResponse:
@@ -332,6 +340,9 @@ class Servicer:
 
     def CancelJob(self, req: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
         return pb.CancelJobResponse(job=self._jobs().cancel(req.job_id))
+
+    def DeleteJob(self, req: pb.DeleteJobRequest, context) -> pb.DeleteJobResponse:
+        return pb.DeleteJobResponse(deleted=self._jobs().delete(req.job_id))
 
     def ListJobs(self, req: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         key = bounds.after("jobs", req.page_token, (float, str))
@@ -479,6 +490,10 @@ class Servicer:
                 self.metrics.observe_request(name, code.name, time.perf_counter() - start)
 
         return handle
+
+
+def _graph_info(gid: str, s: Summary) -> pb.GraphInfo:
+    return pb.GraphInfo(graph_id=gid, nodes=s.nodes, bytes=s.nbytes, input_count=s.inputs, output_count=s.outputs)
 
 
 def _refs(fields: Mapping[str, graph_pb2.Tensor]) -> dict[str, str]:

@@ -84,6 +84,13 @@ class StoreUnavailable(StoreError):
     code = "UNAVAILABLE"
 
 
+class FailedPrecondition(GradserveError, RuntimeError):
+    """The request does not apply to the resource as it is now (e.g. deleting a job that is still
+    running): the message says what to change first (cancel it), then the request can be retried."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Overloaded(GradserveError, RuntimeError):
     """The server is at a configured limit of calls that wait (e.g. WatchJob streams): retry later."""
 
@@ -92,5 +99,5 @@ class Overloaded(GradserveError, RuntimeError):
 
 FAMILY: tuple[type[GradserveError], ...] = (GradserveError, InvalidRequest, GraphError, ShapeError, LimitError, ShardError,
                                             NotFound, TensorNotFound, Cancelled, WorkersUnavailable, StoreError,
-                                            StoreUnavailable, Overloaded)
+                                            StoreUnavailable, FailedPrecondition, Overloaded)
 BY_NAME: dict[str, type[GradserveError]] = {cls.__name__: cls for cls in FAMILY}

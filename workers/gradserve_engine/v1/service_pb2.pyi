@@ -301,6 +301,22 @@ class ListGraphsResponse(_message.Message):
     next_page_token: str
     def __init__(self, graphs: _Optional[_Iterable[_Union[GraphInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetGraphRequest(_message.Message):
+    __slots__ = ("graph_id",)
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
+
+class GetGraphResponse(_message.Message):
+    __slots__ = ("info", "inputs", "outputs")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    info: GraphInfo
+    inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.ValueInfo]
+    outputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.ValueInfo]
+    def __init__(self, info: _Optional[_Union[GraphInfo, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ...) -> None: ...
+
 class DeleteGraphRequest(_message.Message):
     __slots__ = ("graph_id",)
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -568,6 +584,18 @@ class ListJobsRequest(_message.Message):
     page_size: int
     page_token: str
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")

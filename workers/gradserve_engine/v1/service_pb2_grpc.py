@@ -74,6 +74,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.ListGraphsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.ListGraphsResponse.FromString,
                 _registered_method=True)
+        self.GetGraph = channel.unary_unary(
+                '/gradserve.v1.GradientService/GetGraph',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.GetGraphRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.GetGraphResponse.FromString,
+                _registered_method=True)
         self.DeleteGraph = channel.unary_unary(
                 '/gradserve.v1.GradientService/DeleteGraph',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.DeleteGraphRequest.SerializeToString,
@@ -118,6 +123,11 @@ class GradientServiceStub:
                 '/gradserve.v1.GradientService/ListJobs',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/gradserve.v1.GradientService/DeleteJob',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.DeleteJobResponse.FromString,
                 _registered_method=True)
         self.PutTensor = channel.stream_unary(
                 '/gradserve.v1.GradientService/PutTensor',
@@ -201,6 +211,13 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetGraph(self, request, context):
+        """One registered graph's summary with its signature: inputs and outputs with dtypes and shapes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteGraph(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -254,6 +271,15 @@ class GradientServiceServicer:
 
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Deletes a finished job (succeeded, failed, cancelled): its row, history and checkpoints.
+        A job still queued, running or cancelling is refused FAILED_PRECONDITION (cancel it first:
+        a delete never throws work away). Deleting a job that does not exist answers deleted=false.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -328,6 +354,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.ListGraphsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.ListGraphsResponse.SerializeToString,
             ),
+            'GetGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGraph,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.GetGraphRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.GetGraphResponse.SerializeToString,
+            ),
             'DeleteGraph': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteGraph,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.DeleteGraphRequest.FromString,
@@ -372,6 +403,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.ListJobsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.DeleteJobResponse.SerializeToString,
             ),
             'PutTensor': grpc.stream_unary_rpc_method_handler(
                     servicer.PutTensor,
@@ -621,6 +657,33 @@ class GradientService:
             _registered_method=True)
 
     @staticmethod
+    def GetGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetGraph',
+            gradserve_dot_v1_dot_service__pb2.GetGraphRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.GetGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteGraph(request,
             target,
             options=(),
@@ -853,6 +916,33 @@ class GradientService:
             '/gradserve.v1.GradientService/ListJobs',
             gradserve_dot_v1_dot_service__pb2.ListJobsRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/DeleteJob',
+            gradserve_dot_v1_dot_service__pb2.DeleteJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
