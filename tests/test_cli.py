@@ -82,6 +82,7 @@ def test_help_states_every_flags_default(capsys, command):
 # a value for every serve flag, other than its default (a switch: the switch given)
 SAMPLES = {"--host": "0.0.0.0", "--port": "8123", "--max-message-mib": "64", "--max-call-mib": "2048",
            "--max-inflight-mib": "4096", "--cache-mib": "128", "--residual-mib": "256", "--residual-ttl": "60.5",
+           "--plan-cache-mib": "256", "--residual-sessions": "500",
            "--tensor-store-mib": "512", "--tensor-ttl": "120", "--store": "/var/lib/gradserve",
            "--token-file": "/run/secrets/token", "--tls-cert": "/etc/tls/cert.pem", "--tls-key": "/etc/tls/key.pem",
            "--metrics-port": "9100", "--metrics-host": "0.0.0.0", "--reflection-needs-token": None,
