@@ -28,7 +28,6 @@ import numpy as np
 from gradserve_engine.engine import conform
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Limits, Var, tensor_from_proto, tensor_to_proto
-from gradserve_engine.names import GRAD, INTERNAL, RESULT
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.v1 import graph_pb2, service_pb2_grpc
 from gradserve_engine.v1 import service_pb2 as pb
@@ -625,15 +624,13 @@ class Job:
         `history()`), optimizer (its spec) and opt_state (None: it stays on the server)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
         job = self._seen = resp.job
-        flat = _tensors(resp.params)
-        counts = {k[len(RESULT):]: int(v) for k, v in flat.items() if k.startswith(RESULT)}
-        jac_flat = {k[len(GRAD):]: v for k, v in flat.items() if k.startswith(GRAD)}
-        x = self._shaped({k: v for k, v in flat.items() if not k.startswith(INTERNAL)})
+        x = self._shaped(_tensors(resp.params))
+        jac_flat = _tensors(resp.jac)
         jac = self._shaped(jac_flat) if jac_flat else None
-        nfev = counts.get("nfev")
+        counts = resp.counts
+        status = counts.status if counts.HasField("status") and job.status in _FINISHED else None
         return OptimizeResult(x=x, fun=resp.fun, jac=jac, grad_norm=None if jac is None else tree_norm(jac),
-                              nit=counts.get("nit"), nfev=nfev, njev=nfev, nstep=job.step,
-                              status=counts.get("status") if job.status in _FINISHED else None,
+                              nit=counts.nit, nfev=counts.nfev, njev=counts.nfev, nstep=job.step, status=status,
                               success=job.status == "succeeded", message=job.message,
                               history=self._history(resp), optimizer=json.loads(job.optimizer_json or "null"),
                               opt_state=None)

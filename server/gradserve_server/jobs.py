@@ -53,7 +53,6 @@ from gradserve_engine.errors import (
     StoreUnavailable,
 )
 from gradserve_engine.ir import Graph, Limits, duplicates, tensor_from_proto
-from gradserve_engine.names import GRAD, RESULT
 from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import service_pb2 as pb
@@ -700,11 +699,11 @@ class JobManager:
         rows = self.store.query("SELECT loss, grad_norm FROM history WHERE job_id = ? ORDER BY step", (job_id,))
         return [r[0] for r in rows], [r[1] for r in rows]
 
-    def params(self, job_id: str) -> dict[str, np.ndarray]:
-        """The job's current (or final) parameters by input name and, beside them under names no
-        input can have (names.RESULT, names.GRAD), what its OptimizeResult reports: `%result:nit`
-        (the optimiser's iterations), `%result:nfev`, `%result:status` (scipy-style, once finished)
-        and the gradient at the final params, `%grad:<name>`, where the job evaluated it."""
+    def params(self, job_id: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
+        """The job's current (or final) parameters by input name, the gradient at the final
+        params where the job evaluated it (by input name; empty otherwise), and what its
+        OptimizeResult counts: `nit` (the optimiser's iterations), `nfev` and, once finished,
+        `status` (scipy-style)."""
         job, _ = self.get(job_id)
         run = self._runs.get(job_id)
         if run is not None:
@@ -719,13 +718,11 @@ class JobManager:
             arrays = found[1] if found is not None else {}
         if "result.status" not in arrays and job.status in ("cancelled", "failed"):  # ended from outside the loop
             arrays = {**arrays, "result.status": np.array(STOPPED if job.status == "cancelled" else FAILED)}
-        out = {k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")}
-        for k, v in arrays.items():
-            if k.startswith("result.jac."):
-                out[GRAD + k[len("result.jac."):]] = v
-            elif k.startswith("result."):
-                out[RESULT + k[len("result."):]] = v
-        return out
+        params = {k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")}
+        jac = {k[len("result.jac."):]: v for k, v in arrays.items() if k.startswith("result.jac.")}
+        counts = {k[len("result."):]: int(v) for k, v in arrays.items()
+                  if k.startswith("result.") and not k.startswith("result.jac.")}
+        return params, jac, counts
 
     def cancel(self, job_id: str) -> pb.Job:
         """Cancel a job. The answer is final (cancelled at the last step done) unless a step is in

@@ -328,7 +328,12 @@ class Servicer:
         job, fun = self._jobs().get(req.job_id)
         resp = pb.GetJobResponse(job=job, fun=fun)
         if req.with_params:
-            self._encode(self._jobs().params(req.job_id), resp.params)
+            params, jac, counts = self._jobs().params(req.job_id)
+            self._encode(params, resp.params)
+            self._encode(jac, resp.jac)
+            resp.counts.nit, resp.counts.nfev = counts.get("nit", 0), counts.get("nfev", 0)
+            if "status" in counts:
+                resp.counts.status = counts["status"]
         if req.with_history:
             loss, gnorm = self._jobs().history(req.job_id)
             resp.loss.extend(loss)

@@ -11,8 +11,6 @@ GRAD = "%grad:"  # gradient outputs: %grad:<input name>
 SEED = "%ct:"  # cotangent seed inputs: %ct:<output name>
 TANGENT = "%tan:"  # tangent inputs and outputs: %tan:<input or output name>
 SEEDS = "%seeds"  # a Jacobian's stacked seeds (the identity), one input
-RESULT = "%result:"  # a job's counts beside its parameters in GetJob's params: %result:nit, nfev, status
-# (and the gradient at the final parameters as GRAD + the parameter's name)
 
 
 def jacobian_block(k: int) -> str:

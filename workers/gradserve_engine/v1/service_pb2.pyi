@@ -521,8 +521,15 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., with_params: _Optional[bool] = ..., with_history: _Optional[bool] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
-    __slots__ = ("job", "params", "loss", "grad_norm", "fun")
+    __slots__ = ("job", "params", "loss", "grad_norm", "fun", "jac", "counts")
     class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _graph_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_graph_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class JacEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -534,12 +541,26 @@ class GetJobResponse(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     FUN_FIELD_NUMBER: _ClassVar[int]
+    JAC_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     job: Job
     params: _containers.MessageMap[str, _graph_pb2.Tensor]
     loss: _containers.RepeatedScalarFieldContainer[float]
     grad_norm: _containers.RepeatedScalarFieldContainer[float]
     fun: float
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., params: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., loss: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., fun: _Optional[float] = ...) -> None: ...
+    jac: _containers.MessageMap[str, _graph_pb2.Tensor]
+    counts: JobCounts
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., params: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., loss: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[_Iterable[float]] = ..., fun: _Optional[float] = ..., jac: _Optional[_Mapping[str, _graph_pb2.Tensor]] = ..., counts: _Optional[_Union[JobCounts, _Mapping]] = ...) -> None: ...
+
+class JobCounts(_message.Message):
+    __slots__ = ("nit", "nfev", "status")
+    NIT_FIELD_NUMBER: _ClassVar[int]
+    NFEV_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    nit: int
+    nfev: int
+    status: int
+    def __init__(self, nit: _Optional[int] = ..., nfev: _Optional[int] = ..., status: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "from_step")
