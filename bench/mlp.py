@@ -291,7 +291,8 @@ def memory_child(lib: str, dtype: str, loop: int, shape: tuple[int, int, int, in
     """Run in the child: imports and inputs first, then the peak-RSS growth over the RSS just
     before each phase: `cold` (the first call: tracing, planning, lazy init included), `warm`
     (a second call, alone) and `loop` (`loop` calls back to back, each result dropped before the
-    next, no gc.collect() in between: what a training loop sees)."""
+    next, no gc.collect() in between: what a training loop sees); and each phase's minor page
+    faults per call, in a process that imports only its own library."""
     if lib == "pytorch":
         import torch  # noqa: F401
     else:
@@ -306,9 +307,11 @@ def memory_child(lib: str, dtype: str, loop: int, shape: tuple[int, int, int, in
             res[phase] = None  # the peak mark cannot be reset: only the first call is measurable
             continue
         base = max(_rss_bytes(), _peak_bytes()) if not resettable else _rss_bytes()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(calls):
             out = step()
             del out
+        res[f"{phase}_faults_per_call"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
         res[phase] = _peak_bytes() - base
         res[f"{phase}_retained"] = _rss_bytes() - base  # still resident after the phase
     if lib == "gradserve":  # cross-check: numpy's allocations during one warm step, by tracemalloc
@@ -575,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                 for lib in ("gradserve", "pytorch"))
                 + f"; gradserve's numpy allocations by tracemalloc, one warm step: "
                   f"{r['gradserve']['tracemalloc_peak'] / 2**20:.1f}", flush=True)
+            print(f"# {dt}: minor page faults per call, {args.memory_loop} back-to-back, each library in a process of "
+                  f"its own: " + ", ".join(f"{lib} {r[lib]['loop_faults_per_call']:.0f}" for lib in ("gradserve", "pytorch")),
+                  flush=True)
 
     calls = scalar_calls(contenders)
     vals = {n: tuple(float(v) for v in fn()) for n, fn in calls.items()}
