@@ -78,7 +78,8 @@ def test_cancelled_and_minibatch_jobs_report_what_they_know(remote):
     try:
         assert wait_until(lambda: job.info().step > 0, timeout=30)
         running = job.result()
-        assert running.status is None and not running.success and running.nit == running.nstep
+        # a running job's counts and its row are read a moment apart: both move on, neither is final
+        assert running.status is None and not running.success and running.nit > 0 and running.nstep > 0
     finally:
         job.cancel()
     res = job.wait(timeout=30).result()
