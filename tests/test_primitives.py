@@ -243,7 +243,7 @@ for _case, (_sa, _sb) in {"2d": ((3, 4), (4, 5)), "batched": ((2, 3, 4), (2, 4, 
 
 
 # decompositions: numpy's factors packed along axis -2 as the primitives pack them, with the
-# primitives' sign conventions (each vector's largest entry positive, R's diagonal non-negative)
+# primitives' sign convention for eigen- and singular vectors (each one's largest entry positive)
 
 
 def _np_signed(v):
@@ -287,15 +287,11 @@ def torch_svd(a):
 
 
 def np_qr(a):
-    q, r = np.linalg.qr(a)
-    d = np.sign(np.diagonal(r, axis1=-2, axis2=-1))
-    return np.concatenate([q * d[..., None, :], r * d[..., :, None]], axis=-2)
+    return np.concatenate(np.linalg.qr(a), axis=-2)
 
 
 def torch_qr(a):
-    q, r = torch.linalg.qr(a)
-    d = torch.sign(torch.diagonal(r.detach(), dim1=-2, dim2=-1))
-    return torch.cat([q * d[..., None, :], r * d[..., :, None]], dim=-2)
+    return torch.cat(torch.linalg.qr(a), dim=-2)
 
 
 def np_slogdet(a):

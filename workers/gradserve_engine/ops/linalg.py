@@ -11,8 +11,8 @@ cotangents of all of them at once.
 Conventions, chosen so results are the same on every backend and derivatives are defined:
 `cholesky` and `eigh` read the symmetric part ½(A + Aᵀ) of their operand (as JAX), so their
 gradients are symmetric; eigenvectors and singular vectors are signed so that each (left)
-vector's entry of largest magnitude is positive, and R of a QR factorisation has a non-negative
-diagonal (the unique factorisation of a full-rank matrix). A singular matrix to solve with, or
+vector's entry of largest magnitude is positive (LAPACK leaves those signs to the algorithm; QR's
+Householder signs are LAPACK's own, numpy's). A singular matrix to solve with, or
 one not positive definite for `cholesky`, raises `LinAlgError` when the graph runs, as numpy
 does. Derivatives through eigenvectors and singular vectors are those of distinct eigenvalues
 (singular values): where two coincide, the coupling term between them is dropped (set to zero),
@@ -515,9 +515,7 @@ def _qr_rule(a: AVal) -> AVal:
 def _qr_kernel(xp: ModuleType) -> Callable[..., Any]:
     def kernel(a: Any) -> Any:
         q, r = xp.linalg.qr(a)
-        d = xp.sign(xp.diagonal(r, axis1=-2, axis2=-1))
-        d = xp.where(d == 0, 1, d).astype(a.dtype)
-        return xp.concatenate([q * d[..., None, :], r * d[..., :, None]], axis=-2)
+        return xp.concatenate([q, r], axis=-2)
 
     return kernel
 
