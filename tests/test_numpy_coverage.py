@@ -433,7 +433,7 @@ def coverage_block() -> str:
     return "\n\n".join([para("ufuncs (`np.<name>(x)` and `gs.<name>(x)`): ", sorted(UFUNCS)),
                          para("functions (`np.<name>(x)`): ", functions),
                          para("refused, because the result's shape depends on the data: ", refused),
-                         para("refused, because they work on complex values (`gs.fft` takes and gives real and imaginary parts): ",
+                         para("refused, because their values are complex (`gs.fft` takes real and imaginary parts): ",
                               complex_results)])
 
 

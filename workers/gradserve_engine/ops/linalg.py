@@ -290,9 +290,9 @@ def _solve_rule(a: AVal, b: AVal) -> AVal:
 
 
 def _vjp_solve(g: Any, a: Any, b: Any, *, out: Any, need: Sequence[bool], nb: int) -> list[Any]:
-    gb = e.bind("solve", _swap(a), g)
-    ga = e.neg(_mm(gb, _swap(out))) if need[0] else None
-    return [e.unbroadcast(ga, a.shape, nb) if need[0] else None, e.unbroadcast(gb, b.shape, nb) if need[1] else None]
+    gb = e.bind("solve", _swap(a), g)  # Aᵀ⁻¹ g
+    ga = e.unbroadcast(e.neg(_mm(gb, _swap(out))), a.shape, nb) if need[0] else None  # -Aᵀ⁻¹ g Xᵀ
+    return [ga, e.unbroadcast(gb, b.shape, nb) if need[1] else None]
 
 
 def _jvp_solve(ts: Sequence[Any], a: Any, b: Any, *, out: Any) -> Any:
