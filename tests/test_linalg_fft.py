@@ -19,6 +19,7 @@ import torch
 
 import gradserve as gs
 from gradserve_engine.errors import LinAlgError
+from gradserve_engine.shard import ShardError, analyze
 
 FLT = ("float32", "float64")
 VALUE_TOL = {"float32": (2e-5, 2e-5), "float64": (1e-11, 1e-12)}
@@ -403,3 +404,26 @@ def test_linalg_and_fft_run_on_the_server(remote) -> None:
 def test_a_singular_matrix_on_the_server_is_invalid_argument(remote) -> None:
     with pytest.raises(gs.remote.RemoteInvalidArgument, match="singular"):
         remote.value_and_grad(lambda a: np.sum(np.linalg.inv(a)))(SINGULAR)
+
+
+# ---------------------------------------------------------------- data-parallel sharding
+
+
+def test_per_example_matrices_shard_and_mixed_ones_are_refused() -> None:
+    """A batch of matrices keeps its examples apart through every factorisation (the batch axis
+    leads); a matrix whose rows are the examples mixes them, and the sharding proof says where."""
+    rng = np.random.default_rng(3)
+    w, xs = rng.standard_normal((3, 3)), rng.standard_normal((5, 3, 3))
+
+    def per_example(w: Any, x: Any) -> Any:
+        a = x @ w + 3 * np.eye(3)
+        spd = a @ np.swapaxes(a, -1, -2)
+        return (np.sum(np.linalg.slogdet(a)[1] + np.linalg.det(a)) + np.sum(np.linalg.solve(a, np.ones((3, 1))))
+                + np.sum(np.linalg.eigh(spd)[0]) + np.sum(np.linalg.svd(a, compute_uv=False)) + np.sum(np.linalg.qr(a).R)
+                + np.sum(np.linalg.cholesky(spd)))
+
+    g = gs.trace(per_example, w, xs)
+    assert analyze(g, {"x": 0}).state(dict(g.outputs)["out"]) == "sum"
+    mixed = gs.trace(lambda w, x: np.linalg.det(x @ w), w, rng.standard_normal((3, 3)))
+    with pytest.raises(ShardError, match="det mixes the rows or columns of a matrix"):
+        analyze(mixed, {"x": 0})
