@@ -1422,9 +1422,9 @@ def ifft2_parts(re: Any, im: Any = None, s: Any = None, axes: Any = (-2, -1), no
 
 def _complex_result_function(name: str, instead: str) -> Callable[..., Any]:
     def f(*args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"numpy.fft.{name} works on complex values, and traced values are real (the engine has no "
-                        f"complex dtype): use gs.fft.{instead}, which takes and gives the real and imaginary parts as "
-                        "two arrays")
+        raise TypeError(f"numpy.fft.{name} is not supported on traced values: it works on complex values, and traced "
+                        f"values are real (the engine has no complex dtype); use gs.fft.{instead}, which takes and gives "
+                        "the real and imaginary parts as two arrays")
 
     return f
 
