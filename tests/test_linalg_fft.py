@@ -376,6 +376,16 @@ def test_lstsq_gives_numpys_rank_and_singular_values() -> None:
     np.testing.assert_allclose(s, want[3], rtol=1e-12, atol=1e-15)
 
 
+def test_the_two_norm_has_torchs_zero_gradient_at_zero() -> None:
+    for ord, axis, shape in ((None, None, (3,)), (2, 1, (2, 3)), ("fro", None, (2, 3)), (None, None, (2, 3))):
+        x = np.zeros(shape)
+        got = gs.grad(lambda v, o=ord, a=axis: np.sum(np.linalg.norm(v, o, a)))(x)
+        t = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        torch.sum(torch.linalg.norm(t, ord, axis)).backward()
+        np.testing.assert_array_equal(got, t.grad.numpy())
+        assert not np.any(got)
+
+
 # ---------------------------------------------------------------- through the server
 
 

@@ -1221,10 +1221,17 @@ def lstsq(a: Any, b: Any, rcond: Any = None) -> LstsqResult:
     return LstsqResult(x, residuals, rank, s)
 
 
+def _root_of_squares(x: Any, axis: Any, keepdims: bool = False) -> Any:
+    """sqrt(sum(x²)), with gradient 0 where it is 0 (torch's subgradient; sqrt's would be nan)."""
+    s = sum(multiply(x, x), axis, keepdims)
+    zero = equal(s, 0.0)
+    return where(zero, 0.0, sqrt(where(zero, 1.0, s)))
+
+
 def _vector_norm(x: Any, ord: Any, axis: int, keepdims: bool) -> Any:
     ax = abs(x)
     if ord is None or ord == 2:
-        return sqrt(sum(multiply(x, x), axis, keepdims))
+        return _root_of_squares(x, axis, keepdims)
     if ord == math.inf:
         return _max(ax, axis, keepdims)
     if ord == -math.inf:
@@ -1248,7 +1255,7 @@ def _matrix_norm(x: Any, ord: Any, axes: tuple[int, int], keepdims: bool) -> Any
         s = _svd_parts(moveaxis(x, (row, col), (nd - 2, nd - 1)))[1]
         r = _max(s, -1) if ord == 2 else _min(s, -1) if ord == -2 else sum(s, -1)
     elif ord in (None, "fro"):
-        r = sqrt(sum(multiply(x, x), axes))
+        r = _root_of_squares(x, axes)
     elif ord in (1, -1, math.inf, -math.inf):
         inner, outer = (row, col) if ord in (1, -1) else (col, row)
         sums = sum(abs(x), inner)
@@ -1265,13 +1272,13 @@ def _matrix_norm(x: Any, ord: Any, axes: tuple[int, int], keepdims: bool) -> Any
 def linalg_norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> Any:
     """numpy.linalg.norm with every `ord`: vectors (None or 2, 1, inf, -inf, 0, any p) and matrices
     ('fro', 'nuc', 1, -1, 2, -2, inf, -inf), over `axis` (an int, two axes, or None), with
-    `keepdims`. The 2-norms and the spectral ones have no derivative at zero (as numpy's values
-    are not smooth there)."""
+    `keepdims`. At zero, where the value is not differentiable, the 2-norm and the Frobenius norm
+    have gradient 0 (torch's subgradient: `norm(x - y)` at x == y does not give nan)."""
     (x,) = _promoted(_arr(x), to=FLOATS)
     nd = _ndim(x)
     if axis is None:
         if ord is None:
-            r = sqrt(sum(multiply(x, x)))
+            r = _root_of_squares(x, None)
             return reshape(r, (1,) * nd) if keepdims else r
         if nd == 1:
             axis = 0
