@@ -60,7 +60,8 @@ def test_every_class_of_the_family_names_a_grpc_status():
                 "InvalidRequest": "INVALID_ARGUMENT", "LimitError": "RESOURCE_EXHAUSTED", "NotFound": "NOT_FOUND",
                 "TensorNotFound": "NOT_FOUND", "Cancelled": "CANCELLED", "WorkersUnavailable": "UNAVAILABLE",
                 "StoreError": "FAILED_PRECONDITION", "StoreUnavailable": "UNAVAILABLE",
-                "FailedPrecondition": "FAILED_PRECONDITION", "Overloaded": "RESOURCE_EXHAUSTED"}
+                "FailedPrecondition": "FAILED_PRECONDITION", "Overloaded": "RESOURCE_EXHAUSTED",
+                "LinAlgError": "INVALID_ARGUMENT"}
     assert {cls.__name__: cls.code for cls in FAMILY if cls is not GradserveError} == expected
     assert not issubclass(NotFound, LookupError)  # a KeyError from a bug must not pass for an unknown id
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from service_fixtures import SERVICE, SERVING, ServerProcess, channel, health_status
 
 from gradserve_engine.errors import GraphError, LimitError
-from gradserve_engine.ir import DEFAULT_LIMITS, Builder, Graph, Limits, tensor_to_proto
+from gradserve_engine.ir import DEFAULT_LIMITS, Builder, Graph, Limits, Var, tensor_to_proto
 from gradserve_engine.ops.core import DTYPES, NP_DTYPES, PRIMITIVES, infer
 from gradserve_engine.v1 import graph_pb2 as pb
 from gradserve_engine.v1 import service_pb2
@@ -102,6 +102,14 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     ops["scatter_add"] = lambda b, v: b.bind("scatter_add", v["x"], v["i"], v["u"], axis=1)
     ops["argsort"] = lambda b, v: b.bind("argsort", v["x"], axis=1)
     ops["searchsorted"] = lambda b, v: b.bind("searchsorted", b.bind("reshape", v["k"], shape=(6,)), v["x"], right=True)
+
+    def gram(b: Builder, v: dict) -> Var:  # a (2, 2) matrix for the square-matrix ops
+        return b.bind("matmul", v["x"], b.bind("transpose", v["y"], perm=(1, 0)))
+
+    for name in ("cholesky", "det", "slogdet", "eigh"):
+        ops[name] = lambda b, v, _n=name: b.bind(_n, gram(b, v))
+    ops["solve"] = lambda b, v: b.bind("solve", gram(b, v), v["x"])
+    ops["qr"] = lambda b, v: b.bind("qr", b.bind("transpose", v["x"], perm=(1, 0)))
 
     def graph(names: list[str]) -> pb.Graph:
         b = Builder()

@@ -423,14 +423,18 @@ def coverage_block() -> str:
     """README's list of numpy names, from the dispatch tables themselves."""
     refused = sorted(_function_name(f) for f, impl in FUNCTIONS.items()
                      if impl.__qualname__.startswith("_data_dependent_function"))
-    functions = sorted({_function_name(f) for f in FUNCTIONS} - set(refused))
+    complex_results = sorted(_function_name(f) for f, impl in FUNCTIONS.items()
+                             if impl.__qualname__.startswith("_complex_result_function"))
+    functions = sorted({_function_name(f) for f in FUNCTIONS} - set(refused) - set(complex_results))
 
     def para(title: str, names: list[str]) -> str:
         return textwrap.fill(title + ", ".join(f"`{n}`" for n in names) + ".", width=100, break_on_hyphens=False)
 
     return "\n\n".join([para("ufuncs (`np.<name>(x)` and `gs.<name>(x)`): ", sorted(UFUNCS)),
                          para("functions (`np.<name>(x)`): ", functions),
-                         para("refused, because the result's shape depends on the data: ", refused)])
+                         para("refused, because the result's shape depends on the data: ", refused),
+                         para("refused, because their values are complex (`gs.fft` takes real and imaginary parts): ",
+                              complex_results)])
 
 
 def test_readme_lists_exactly_the_numpy_names_that_trace() -> None:

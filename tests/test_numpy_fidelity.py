@@ -184,8 +184,6 @@ def test_keyword_errors_name_the_argument() -> None:
         traced(lambda x: np.max(x, out=np.zeros(())), X)
     with pytest.raises(TypeError, match=r"numpy.clip\(\): lo=0 is not supported on traced values"):
         traced(lambda x: np.clip(x, lo=0), X)
-    with pytest.raises(TypeError, match="needs singular values"):
-        traced(lambda x: np.linalg.norm(x, ord=2), X)
     with pytest.raises(TypeError, match=r"numpy.pad\(mode='median'\) is not supported on traced values.*'constant', 'edge'"):
         traced(lambda x: np.pad(x, 1, mode="median"), X)
     with pytest.raises(TypeError, match=r"Cannot cast ufunc 'add' input 0 from dtype\('float64'\) to dtype\('int64'\)"):

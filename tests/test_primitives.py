@@ -248,6 +248,88 @@ for _case, (_sa, _sb) in {"2d": ((3, 4), (4, 5)), "batched": ((2, 3, 4), (2, 4, 
                           "2d-vs-batch": ((3, 4), (2, 4, 5)), "broadcast-batch": ((1, 3, 4), (2, 4, 5))}.items():
     spec(f"matmul[{_case}]", "matmul", (X(_sa), X(_sb)), np_matmul, torch.matmul, NUM)
 
+
+# decompositions: numpy's factors packed along axis -2 as the primitives pack them, with the
+# primitives' sign convention for eigen- and singular vectors (each one's largest entry positive)
+
+
+def _np_signed(v):
+    idx = np.argmax(np.abs(v), axis=-2)[..., None, :]
+    return np.sign(np.take_along_axis(v, idx, axis=-2))
+
+
+def _torch_signed(v):  # the signs are locally constant: no derivative through them
+    idx = torch.argmax(v.detach().abs(), dim=-2, keepdim=True)
+    return torch.sign(torch.take_along_dim(v.detach(), idx, dim=-2))
+
+
+def _np_sym(a):
+    return (a + np.swapaxes(a, -1, -2)) * a.dtype.type(0.5)
+
+
+def _torch_sym(a):
+    return (a + a.mT) * 0.5
+
+
+def np_eigh(a):
+    w, v = np.linalg.eigh(_np_sym(a))
+    return np.concatenate([w[..., None, :], v * _np_signed(v)], axis=-2)
+
+
+def torch_eigh(a):
+    w, v = torch.linalg.eigh(_torch_sym(a))
+    return torch.cat([w[..., None, :], v * _torch_signed(v)], dim=-2)
+
+
+def np_svd(a):
+    u, s, vh = np.linalg.svd(a, full_matrices=False)
+    sg = _np_signed(u)
+    return np.concatenate([u * sg, s[..., None, :], np.swapaxes(vh, -1, -2) * sg], axis=-2)
+
+
+def torch_svd(a):
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    sg = _torch_signed(u)
+    return torch.cat([u * sg, s[..., None, :], vh.mT * sg], dim=-2)
+
+
+def np_qr(a):
+    return np.concatenate(np.linalg.qr(a), axis=-2)
+
+
+def torch_qr(a):
+    return torch.cat(torch.linalg.qr(a), dim=-2)
+
+
+def np_slogdet(a):
+    return np.stack(np.linalg.slogdet(a), axis=-1)
+
+
+def torch_slogdet(a):
+    return torch.stack(torch.linalg.slogdet(a), dim=-1)
+
+
+def np_cholesky(a):
+    return np.linalg.cholesky(_np_sym(a))
+
+
+def torch_cholesky(a):
+    return torch.linalg.cholesky(_torch_sym(a))
+
+
+for _case, (_sa, _sb) in {"2d": ((3, 3), (3, 2)), "batched": ((2, 3, 3), (2, 3, 2)),
+                          "broadcast": ((3, 3), (2, 3, 1))}.items():
+    spec(f"solve[{_case}]", "solve", (X(_sa, "invertible"), X(_sb)), np.linalg.solve, torch.linalg.solve, FLT)
+for _shape in ((3, 3), (2, 3, 3)):
+    spec(f"cholesky[{sid(_shape)}]", "cholesky", (X(_shape, "spd"),), np_cholesky, torch_cholesky, FLT)
+    spec(f"det[{sid(_shape)}]", "det", (X(_shape, "invertible"),), np.linalg.det, torch.linalg.det, FLT)
+    spec(f"slogdet[{sid(_shape)}]", "slogdet", (X(_shape, "invertible"),), np_slogdet, torch_slogdet, FLT)
+    spec(f"eigh[{sid(_shape)}]", "eigh", (X(_shape),), np_eigh, torch_eigh, FLT)
+for _shape in ((3, 3), (4, 3), (3, 4), (2, 4, 3)):
+    spec(f"svd[{sid(_shape)}]", "svd", (X(_shape, "distinct-sv"),), np_svd, torch_svd, FLT)
+for _shape in ((3, 3), (4, 3), (2, 4, 2)):
+    spec(f"qr[{sid(_shape)}]", "qr", (X(_shape, "invertible"),), np_qr, torch_qr, FLT)
+
 # ---- shape ops
 
 
@@ -502,6 +584,19 @@ def sample(rng: np.random.Generator, a: Arg, dtype: str, k: int) -> np.ndarray:
         return np.asarray(v, dtype=dtype)
     if d == "pos":
         v = rng.uniform(0.5, 2.0, shape)
+    elif d == "invertible":  # well-conditioned matrices, rows of either sign (negative determinants too)
+        n = shape[-1]
+        v = rng.uniform(-0.5, 0.5, shape) + np.eye(*shape[-2:]) * n
+        v = v * rng.choice([-1.0, 1.0], (*shape[:-1], 1))
+    elif d == "spd":  # symmetric positive definite
+        m = rng.uniform(-1.0, 1.0, shape)
+        v = m @ np.swapaxes(m, -1, -2) + np.eye(shape[-1])
+    elif d == "distinct-sv":  # singular values well apart: 1, 2, 3, ... under random rotations
+        m, n = shape[-2:]
+        k = min(m, n)
+        q1 = np.linalg.qr(rng.standard_normal((*shape[:-2], m, m)))[0][..., :k]
+        q2 = np.linalg.qr(rng.standard_normal((*shape[:-2], n, n)))[0][..., :k]
+        v = (q1 * np.arange(1.0, k + 1)) @ np.swapaxes(q2, -1, -2)
     elif d == "gt-1":
         v = rng.uniform(-0.5, 1.5, shape)
     elif d == "tan":

@@ -11,7 +11,7 @@ from typing import Any
 from gradserve_engine.errors import GraphError, LimitError, ShapeError
 from gradserve_engine.ir import Graph, Limits
 
-from . import numpy_api, optim
+from . import fft, linalg, numpy_api, optim
 from .api import flatten, register_pytree_node, unflatten
 from .local import (
     cache_info,
@@ -158,7 +158,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
     "ShapeError", "Tensor", "TensorRef",
-    "connect", "minimize", "optim",
+    "connect", "fft", "linalg", "minimize", "optim",
     "abs", "add", "arctan", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip", "config",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
     "flatten", "floor", "full_like", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",

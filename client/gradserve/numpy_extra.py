@@ -21,10 +21,11 @@ import builtins
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradserve_engine.errors import LinAlgError
 from gradserve_engine.ops.core import FLOATS
 
 from .numpy_api import (
@@ -59,8 +60,10 @@ from .numpy_api import (
     shape_of,
     sin,
     sqrt,
+    squeeze,
     subtract,
     sum,
+    swapaxes,
     transpose,
     where,
 )
@@ -929,6 +932,468 @@ def einsum(subscripts: str, *operands: Any, out: Any = None, dtype: Any = None, 
     return broadcast_to(x, tuple(sizes[lb] for lb in result))
 
 
+# ---------------------------------------------------------------- numpy.linalg
+# The decompositions are primitives of the engine (their factors packed along axis -2, see
+# `gradserve_engine.ops.linalg`); everything else here is composed from them. Integer operands
+# are computed in float64, as numpy's.
+
+
+class SlogdetResult(NamedTuple):
+    sign: Any
+    logabsdet: Any
+
+
+class EighResult(NamedTuple):
+    eigenvalues: Any
+    eigenvectors: Any
+
+
+class SVDResult(NamedTuple):
+    U: Any
+    S: Any
+    Vh: Any
+
+
+class QRResult(NamedTuple):
+    Q: Any
+    R: Any
+
+
+class LstsqResult(NamedTuple):
+    x: Any
+    residuals: Any
+    rank: Any
+    s: Any
+
+
+def _matrix_operand(a: Any, square: bool = False) -> Any:
+    """`a` as float matrices (numpy's LinAlgError for fewer than two axes, or non-square ones)."""
+    (a,) = _promoted(_arr(a), to=FLOATS)
+    shape = shape_of(a)
+    if len(shape) < 2:
+        raise LinAlgError(f"{len(shape)}-dimensional array given. Array must be at least two-dimensional")
+    if square and shape[-1] != shape[-2]:
+        raise LinAlgError(f"Last 2 dimensions of the array must be square, got shape {shape}")
+    return a
+
+
+def _rows(x: Any, lo: int, hi: int) -> Any:
+    return _slice_axis(x, _ndim(x) - 2, slice(lo, hi))
+
+
+def _row(x: Any, i: int) -> Any:
+    return squeeze(_rows(x, i, i + 1), _ndim(x) - 2)
+
+
+def _mT(x: Any) -> Any:
+    return swapaxes(x, -1, -2)
+
+
+def _eye(n: int, like: Any) -> np.ndarray:
+    return np.eye(n, dtype=dtype_of(like))
+
+
+def det(a: Any) -> Any:
+    """numpy.linalg.det; its gradient det(A)·A⁻ᵀ needs A invertible (a singular A raises
+    LinAlgError when the gradient runs)."""
+    return bind("det", _matrix_operand(a, square=True))
+
+
+def slogdet(a: Any) -> SlogdetResult:
+    """numpy.linalg.slogdet: (sign, log|det|); the sign has zero gradient."""
+    p = bind("slogdet", _matrix_operand(a, square=True))
+    return SlogdetResult(squeeze(_slice_last(p, 0, 1, 1), -1), squeeze(_slice_last(p, 1, 2, 1), -1))
+
+
+def solve(a: Any, b: Any) -> Any:
+    """numpy.linalg.solve (numpy 2's rule: a 1-D `b` is one vector, otherwise a stack of matrices);
+    a singular `a` raises LinAlgError when the graph runs."""
+    a = _matrix_operand(a, square=True)
+    a, b = _promoted(a, _arr(b), to=FLOATS)
+    if _ndim(b) == 0:
+        raise ValueError("solve: b must be at least one-dimensional")
+    vector = _ndim(b) == 1
+    if vector:
+        b = expand_dims(b, 1)
+    n = shape_of(a)[-1]
+    if shape_of(b)[-2] != n:
+        raise ValueError(f"solve: a of shape {shape_of(a)} and b of shape {shape_of(b)} do not match in their rows")
+    x = bind("solve", a, b)
+    return squeeze(x, -1) if vector else x
+
+
+def inv(a: Any) -> Any:
+    """numpy.linalg.inv, as a solve with the identity."""
+    a = _matrix_operand(a, square=True)
+    return bind("solve", a, _eye(shape_of(a)[-1], a))
+
+
+def cholesky(a: Any, /, *, upper: bool = False) -> Any:
+    """numpy.linalg.cholesky of the symmetric part ½(A + Aᵀ) (numpy reads the lower triangle:
+    the same for symmetric input); not positive definite raises LinAlgError when the graph runs."""
+    lower = bind("cholesky", _matrix_operand(a, square=True))
+    return _mT(lower) if upper else lower
+
+
+def _uplo(UPLO: str) -> None:
+    if UPLO not in ("L", "U"):
+        raise ValueError("UPLO argument must be 'L' or 'U'")
+
+
+def eigh(a: Any, UPLO: str = "L") -> EighResult:
+    """numpy.linalg.eigh of the symmetric part ½(A + Aᵀ) (numpy reads one triangle, `UPLO`: the
+    same for symmetric input); each eigenvector's entry of largest magnitude is positive."""
+    _uplo(UPLO)
+    a = _matrix_operand(a, square=True)
+    p = bind("eigh", a)
+    n = shape_of(a)[-1]
+    return EighResult(_row(p, 0), _rows(p, 1, n + 1))
+
+
+def eigvalsh(a: Any, UPLO: str = "L") -> Any:
+    return eigh(a, UPLO).eigenvalues
+
+
+def _svd_parts(a: Any) -> tuple[Any, Any, Any]:
+    """U (m, k), s (k,), V (n, k) of the engine's packed SVD."""
+    m = shape_of(a)[-2]
+    p = bind("svd", a)
+    return _rows(p, 0, m), _row(p, m), _rows(p, m + 1, shape_of(p)[-2])
+
+
+def svd(a: Any, full_matrices: bool = True, compute_uv: bool = True, hermitian: bool = False) -> Any:
+    """numpy.linalg.svd; each left singular vector's entry of largest magnitude is positive. The
+    extra columns of `full_matrices=True` for a non-square matrix are not unique, so they are not
+    computed: pass full_matrices=False (square matrices are the same either way)."""
+    a = _matrix_operand(a)
+    u, s, v = _svd_parts(a)
+    if not compute_uv:
+        return s
+    m, n = shape_of(a)[-2:]
+    if full_matrices and m != n:
+        raise ValueError(f"svd: full_matrices=True of a non-square ({m}, {n}) matrix completes U or Vh with "
+                         "columns that are not unique (and have no derivative); pass full_matrices=False")
+    return SVDResult(u, s, _mT(v))
+
+
+def svdvals(x: Any, /) -> Any:
+    return _svd_parts(_matrix_operand(x))[1]
+
+
+def qr(a: Any, mode: str = "reduced") -> Any:
+    """numpy.linalg.qr ('reduced', 'complete' where it is the same as 'reduced' (m <= n), 'r'),
+    with LAPACK's signs as numpy's; its derivative needs R invertible. A wide matrix's Q and first
+    block of R are those of its leading square block."""
+    if mode not in ("reduced", "complete", "r"):
+        raise ValueError(f"qr: mode {mode!r} is not supported on traced values; use 'reduced', 'complete' or 'r'")
+    a = _matrix_operand(a)
+    m, n = shape_of(a)[-2:]
+    if mode == "complete" and m > n:
+        raise ValueError(f"qr: mode='complete' of a tall ({m}, {n}) matrix completes Q with columns that are not "
+                         "unique (and have no derivative); use mode='reduced'")
+    head = a if m >= n else _slice_axis(a, _ndim(a) - 1, slice(0, m))
+    p = bind("qr", head)
+    q, r = _rows(p, 0, m), _rows(p, m, shape_of(p)[-2])
+    if m < n:
+        r = concatenate([r, matmul(_mT(q), _slice_axis(a, _ndim(a) - 1, slice(m, n)))], _ndim(a) - 1)
+    return r if mode == "r" else QRResult(q, r)
+
+
+def matrix_power(a: Any, n: int) -> Any:
+    """numpy.linalg.matrix_power by repeated squaring (a negative power inverts first)."""
+    a = _arr(a)
+    if not isinstance(n, (int, np.integer)):
+        raise TypeError("exponent must be an integer")
+    shape = shape_of(a)
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise LinAlgError(f"Last 2 dimensions of the array must be square, got shape {shape}")
+    n = int(n)
+    if n == 0:
+        return broadcast_to(np.eye(shape[-1], dtype=dtype_of(a)), shape)
+    if n < 0:
+        a, n = inv(a), -n
+    result = None
+    while True:
+        if n & 1:
+            result = a if result is None else matmul(result, a)
+        n >>= 1
+        if not n:
+            return result
+        a = matmul(a, a)
+
+
+def _cutoff_rcond(rcond: Any, rtol: Any, shape: tuple[int, ...], dtype: str) -> Any:
+    if rcond is None:
+        if rtol is _NO_VALUE:
+            return 1e-15
+        return max(shape[-2:]) * np.finfo(dtype).eps if rtol is None else rtol
+    if rtol is not _NO_VALUE:
+        raise ValueError("`rtol` and `rcond` can't be both set.")
+    return rcond
+
+
+_NO_VALUE = object()
+
+
+def _pinv_parts(a: Any, rcond: Any) -> tuple[Any, Any, Any, Any]:
+    """U, s, V and s⁺ (1/s above rcond · max(s), else 0: a derivative of zero there too)."""
+    u, s, v = _svd_parts(a)
+    if not shape_of(s)[-1]:
+        return u, s, v, s
+    cutoff = multiply(np.asarray(rcond, dtype_of(s))[..., None] if np.ndim(rcond) else float(rcond),
+                      _max(s, -1, keepdims=True))
+    large = greater(s, cutoff)
+    return u, s, v, where(large, divide(1.0, where(large, s, 1.0)), 0.0)
+
+
+def pinv(a: Any, rcond: Any = None, hermitian: bool = False, *, rtol: Any = _NO_VALUE) -> Any:
+    """numpy.linalg.pinv, from the SVD: V diag(s⁺) Uᵀ; its derivative is that of singular values
+    apart from each other and from the cutoff."""
+    a = _matrix_operand(a)
+    u, _, v, s_inv = _pinv_parts(a, _cutoff_rcond(rcond, rtol, shape_of(a), dtype_of(a)))
+    return matmul(multiply(v, expand_dims(s_inv, -2)), _mT(u))
+
+
+def lstsq(a: Any, b: Any, rcond: Any = None) -> LstsqResult:
+    """numpy.linalg.lstsq: x = pinv(a) b with singular values below rcond · max(s) dropped. The
+    rank is a traced integer; the residuals (the squared norm of each column of b - a x) are given
+    whenever m > n, also where a is rank-deficient (numpy then gives an empty array, a shape that
+    depends on the data)."""
+    a = _matrix_operand(a)
+    a, b = _promoted(a, _arr(b), to=FLOATS)
+    if _ndim(a) != 2 or _ndim(b) not in (1, 2):
+        raise LinAlgError(f"lstsq: a must be a matrix and b a vector or a matrix, got shapes {shape_of(a)} and {shape_of(b)}")
+    m, n = shape_of(a)
+    if shape_of(b)[0] != m:
+        raise LinAlgError(f"Incompatible dimensions: a {shape_of(a)} and b {shape_of(b)}")
+    rcond = np.finfo(dtype_of(a)).eps * max(m, n) if rcond is None else rcond
+    u, s, v, s_inv = _pinv_parts(a, rcond)
+    x = matmul(multiply(v, expand_dims(s_inv, -2)), matmul(_mT(u), b))
+    rank = sum(astype(greater(s_inv, 0.0), "int32"), dtype="int32") if shape_of(s)[-1] else np.int32(0)
+    if m > n:
+        r = subtract(b, matmul(a, x))
+        residuals = sum(multiply(r, r), 0)
+        residuals = reshape(residuals, (1,)) if _ndim(b) == 1 else residuals
+    else:
+        residuals = np.zeros((0,), dtype_of(a))
+    return LstsqResult(x, residuals, rank, s)
+
+
+def _root_of_squares(x: Any, axis: Any, keepdims: bool = False) -> Any:
+    """sqrt(sum(x²)), with gradient 0 where it is 0 (torch's subgradient; sqrt's would be nan)."""
+    s = sum(multiply(x, x), axis, keepdims)
+    zero = equal(s, 0.0)
+    return where(zero, 0.0, sqrt(where(zero, 1.0, s)))
+
+
+def _vector_norm(x: Any, ord: Any, axis: int, keepdims: bool) -> Any:
+    ax = abs(x)
+    if ord is None or ord == 2:
+        return _root_of_squares(x, axis, keepdims)
+    if ord == math.inf:
+        return _max(ax, axis, keepdims)
+    if ord == -math.inf:
+        return _min(ax, axis, keepdims)
+    if ord == 0:
+        return sum(astype(not_equal(x, 0.0), dtype_of(x)), axis, keepdims)
+    if ord == 1:
+        return sum(ax, axis, keepdims)
+    if isinstance(ord, str):
+        raise ValueError(f"Invalid norm order '{ord}' for vectors")
+    p = float(ord)
+    return UFUNCS["power"](sum(UFUNCS["power"](ax, p), axis, keepdims), 1.0 / p)
+
+
+def _matrix_norm(x: Any, ord: Any, axes: tuple[int, int], keepdims: bool) -> Any:
+    row, col = axes
+    if row == col:
+        raise ValueError("Duplicate axes given.")
+    nd = _ndim(x)
+    if ord in (2, -2, "nuc"):
+        s = _svd_parts(moveaxis(x, (row, col), (nd - 2, nd - 1)))[1]
+        r = _max(s, -1) if ord == 2 else _min(s, -1) if ord == -2 else sum(s, -1)
+    elif ord in (None, "fro"):
+        r = _root_of_squares(x, axes)
+    elif ord in (1, -1, math.inf, -math.inf):
+        inner, outer = (row, col) if ord in (1, -1) else (col, row)
+        sums = sum(abs(x), inner)
+        if outer > inner:  # the inner axis is gone
+            outer -= 1
+        r = (_max if ord in (1, math.inf) else _min)(sums, outer)
+    else:
+        raise ValueError("Invalid norm order for matrices.")
+    if keepdims:
+        r = expand_dims(r, sorted(axes))
+    return r
+
+
+def linalg_norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> Any:
+    """numpy.linalg.norm with every `ord`: vectors (None or 2, 1, inf, -inf, 0, any p) and matrices
+    ('fro', 'nuc', 1, -1, 2, -2, inf, -inf), over `axis` (an int, two axes, or None), with
+    `keepdims`. At zero, where the value is not differentiable, the 2-norm and the Frobenius norm
+    have gradient 0 (torch's subgradient: `norm(x - y)` at x == y does not give nan)."""
+    (x,) = _promoted(_arr(x), to=FLOATS)
+    nd = _ndim(x)
+    if axis is None:
+        if ord is None:
+            r = _root_of_squares(x, None)
+            return reshape(r, (1,) * nd) if keepdims else r
+        if nd == 1:
+            axis = 0
+        elif nd == 2:
+            axis = (0, 1)
+        else:
+            raise ValueError("Improper number of dimensions to norm.")
+    if isinstance(axis, (int, np.integer)):
+        return _vector_norm(x, ord, _axis1(axis, nd), keepdims)
+    axes = tuple(axis)
+    if len(axes) == 1:
+        return _vector_norm(x, ord, _axis1(axes[0], nd), keepdims)
+    if len(axes) != 2:
+        raise ValueError("Improper number of dimensions to norm.")
+    return _matrix_norm(x, ord, (_axis1(axes[0], nd), _axis1(axes[1], nd)), keepdims)
+
+
+# ---------------------------------------------------------------- numpy.fft, as pairs of real arrays
+# The engine's values are real (bool, integers, floats), on the wire too, so numpy.fft's complex
+# results cannot be traced values: `np.fft.fft(traced)` raises and says so. These functions take
+# and give the real and imaginary parts as two arrays instead; each transform is a matrix product
+# with the DFT's cosine and sine tables (O(n²) per transform, exact to rounding: for the lengths
+# where a trained model meets a spectrum, up to a few thousand points), so gradients of any order
+# come from matmul's rules.
+
+_FFT_NORMS = (None, "backward", "ortho", "forward")
+
+
+def _fft_scale(norm: str | None, n: int, inverse: bool) -> float:
+    if norm not in _FFT_NORMS:
+        raise ValueError(f'Invalid norm value {norm}; should be "backward", "ortho" or "forward".')
+    if norm == "ortho":
+        return 1.0 / math.sqrt(n)
+    return 1.0 / n if (norm == "forward") != inverse else 1.0
+
+
+def _fft_operand(x: Any, n: int | None, axis: int, what: str) -> tuple[Any, int]:
+    """`x` as floats with `axis` last, cropped or zero-padded to `n` points, as numpy's."""
+    (x,) = _promoted(_arr(x), to=FLOATS)
+    ax = _axis1(axis, _ndim(x))
+    x = moveaxis(x, ax, -1)
+    size = shape_of(x)[-1]
+    n = size if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"Invalid number of FFT data points ({n}) specified.")
+    if n < size:
+        x = _slice_last(x, 0, n, 1)
+    elif n > size:
+        x = _pad_axis(x, _ndim(x) - 1, 0, n - size, 0.0)
+    return x, n
+
+
+def _dft_tables(n_in: int, n_out: int, n: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of 2π j k / n for j < n_in, k < n_out: phases reduced exactly in integers, and
+    the quarter turns exact (so the imaginary part of a real signal's zero and Nyquist frequencies
+    is exactly zero, as numpy's)."""
+    turns = np.outer(np.arange(n_in), np.arange(n_out)) % n
+    phase = turns * (2.0 * math.pi / n)
+    c, s = np.cos(phase), np.sin(phase)
+    quarter = (4 * turns) % n == 0
+    c[quarter], s[quarter] = np.rint(c[quarter]), np.rint(s[quarter])
+    return c.astype(dtype), s.astype(dtype)
+
+
+def _complex_dft(re: Any, im: Any | None, n: int, sign: float, scale: float) -> tuple[Any, Any]:
+    """Σ_j (re + i im)_j e^{sign · 2πi jk/n}, times scale, over the last axis."""
+    c, s = _dft_tables(n, n, n, dtype_of(re))
+    c, s = c * scale, s * (sign * scale)
+    out_re, out_im = matmul(re, c), matmul(re, s)
+    if im is not None:
+        out_re, out_im = subtract(out_re, matmul(im, s)), add(out_im, matmul(im, c))
+    return out_re, out_im
+
+
+def _parts(re: Any, im: Any | None, n: int | None, axis: int) -> tuple[Any, Any | None, int]:
+    if im is not None:
+        re, im = _promoted(_arr(re), _arr(im), to=FLOATS)
+        if shape_of(re) != shape_of(im):
+            raise ValueError(f"the real and imaginary parts have different shapes {shape_of(re)} and {shape_of(im)}")
+        im, _ = _fft_operand(im, n, axis, "fft")
+    re, n = _fft_operand(re, n, axis, "fft")
+    return re, im, n
+
+
+def fft_parts(re: Any, im: Any = None, n: int | None = None, axis: int = -1, norm: str | None = None) -> tuple[Any, Any]:
+    """numpy.fft.fft of re + i·im (im None: a real signal) as (real part, imaginary part)."""
+    re, im, n = _parts(re, im, n, axis)
+    out = _complex_dft(re, im, n, -1.0, _fft_scale(norm, n, inverse=False))
+    return moveaxis(out[0], -1, axis), moveaxis(out[1], -1, axis)
+
+
+def ifft_parts(re: Any, im: Any = None, n: int | None = None, axis: int = -1, norm: str | None = None) -> tuple[Any, Any]:
+    """numpy.fft.ifft of re + i·im as (real part, imaginary part)."""
+    re, im, n = _parts(re, im, n, axis)
+    out = _complex_dft(re, im, n, 1.0, _fft_scale(norm, n, inverse=True))
+    return moveaxis(out[0], -1, axis), moveaxis(out[1], -1, axis)
+
+
+def rfft_parts(x: Any, n: int | None = None, axis: int = -1, norm: str | None = None) -> tuple[Any, Any]:
+    """numpy.fft.rfft of a real signal (n // 2 + 1 frequencies) as (real part, imaginary part)."""
+    x, n = _fft_operand(x, n, axis, "rfft")
+    c, s = _dft_tables(n, n // 2 + 1, n, dtype_of(x))
+    scale = _fft_scale(norm, n, inverse=False)
+    return moveaxis(matmul(x, c * scale), -1, axis), moveaxis(matmul(x, s * -scale), -1, axis)
+
+
+def irfft_parts(re: Any, im: Any, n: int | None = None, axis: int = -1, norm: str | None = None) -> Any:
+    """numpy.fft.irfft of the spectrum re + i·im: the real signal of length n (default
+    2 (m - 1) for m frequencies); as numpy, the imaginary parts of the zero frequency (and of
+    the Nyquist one, for even n) do not matter."""
+    re, im = _promoted(_arr(re), _arr(im), to=FLOATS)
+    if shape_of(re) != shape_of(im):
+        raise ValueError(f"the real and imaginary parts have different shapes {shape_of(re)} and {shape_of(im)}")
+    m = shape_of(re)[_axis1(axis, _ndim(re))]
+    n = 2 * (m - 1) if n is None else int(n)
+    re, _ = _fft_operand(re, n // 2 + 1, axis, "irfft")
+    im, _ = _fft_operand(im, n // 2 + 1, axis, "irfft")
+    k = n // 2 + 1
+    c, s = _dft_tables(k, n, n, dtype_of(re))
+    weight = np.full((k, 1), 2.0)
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    scale = _fft_scale(norm, n, inverse=True)
+    c, s = (c * weight * scale).astype(dtype_of(re)), (s * weight * -scale).astype(dtype_of(re))
+    return moveaxis(add(matmul(re, c), matmul(im, s)), -1, axis)
+
+
+def _fft2(re: Any, im: Any, s: Any, axes: Any, norm: str | None, f: Callable[..., tuple[Any, Any]]) -> tuple[Any, Any]:
+    axes = tuple(axes)
+    sizes = [None] * len(axes) if s is None else list(s)
+    if len(sizes) != len(axes):
+        raise ValueError("Shape and axes have different lengths.")
+    for ax, n in zip(reversed(axes), reversed(sizes), strict=True):  # numpy transforms the last axis first
+        re, im = f(re, im, n, ax, norm)
+    return re, im
+
+
+def fft2_parts(re: Any, im: Any = None, s: Any = None, axes: Any = (-2, -1), norm: str | None = None) -> tuple[Any, Any]:
+    """numpy.fft.fft2 of re + i·im as (real part, imaginary part)."""
+    return _fft2(re, im, s, axes, norm, fft_parts)
+
+
+def ifft2_parts(re: Any, im: Any = None, s: Any = None, axes: Any = (-2, -1), norm: str | None = None) -> tuple[Any, Any]:
+    """numpy.fft.ifft2 of re + i·im as (real part, imaginary part)."""
+    return _fft2(re, im, s, axes, norm, ifft_parts)
+
+
+def _complex_result_function(name: str, instead: str) -> Callable[..., Any]:
+    def f(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"numpy.fft.{name} is not supported on traced values: it works on complex values, and traced "
+                        f"values are real (the engine has no complex dtype); use gs.fft.{instead}, which takes and gives "
+                        "the real and imaginary parts as two arrays")
+
+    return f
+
+
 # ---------------------------------------------------------------- numpy's signatures
 # The reductions above take `gs.sum`'s argument order (x, axis, keepdims, ...); numpy's functions
 # put out= (and dtype=) before keepdims. These adapters are what `np.<name>(traced)` calls.
@@ -1027,7 +1492,14 @@ FUNCTIONS.update({
     np.flipud: flipud, np.roll: roll, np.diff: diff, np.outer: outer, np.kron: kron, np.tril: tril, np.triu: triu,
     np.diagonal: diagonal, np.diag: diag, np.trace: trace, np.split: split, np.array_split: array_split,
     np.meshgrid: meshgrid, np.einsum: einsum,
+    np.linalg.det: det, np.linalg.slogdet: slogdet, np.linalg.solve: solve, np.linalg.inv: inv,
+    np.linalg.cholesky: cholesky, np.linalg.eigh: eigh, np.linalg.eigvalsh: eigvalsh, np.linalg.svd: svd,
+    np.linalg.svdvals: svdvals, np.linalg.qr: qr, np.linalg.matrix_power: matrix_power, np.linalg.pinv: pinv,
+    np.linalg.lstsq: lstsq, np.linalg.norm: linalg_norm,
 })
+FUNCTIONS.update({getattr(np.fft, name): _complex_result_function(name, instead) for name, instead in (
+    ("fft", "fft_parts"), ("ifft", "ifft_parts"), ("rfft", "rfft_parts"), ("irfft", "irfft_parts"),
+    ("fft2", "fft2_parts"), ("ifft2", "ifft2_parts"))})
 
 __all__ = [
     "all", "any", "argmax", "argmin", "argsort", "array_split", "atleast_1d", "atleast_2d", "atleast_3d", "average",

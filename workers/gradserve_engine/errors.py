@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 
 class GradserveError(Exception):
     """The root of the family; raise one of its subclasses."""
@@ -39,6 +41,12 @@ class LimitError(GraphError):
 
 class ShardError(GraphError):
     """The graph mixes examples along the batch axis, so it cannot be split across workers."""
+
+
+class LinAlgError(InvalidRequest, np.linalg.LinAlgError):
+    """A linear-algebra kernel met values it has no answer for: a singular matrix to solve with or
+    invert, a matrix that is not positive definite for a Cholesky factor (numpy's LinAlgError, so
+    `except np.linalg.LinAlgError` catches it too)."""
 
 
 class NotFound(GradserveError):
@@ -98,6 +106,6 @@ class Overloaded(GradserveError, RuntimeError):
 
 
 FAMILY: tuple[type[GradserveError], ...] = (GradserveError, InvalidRequest, GraphError, ShapeError, LimitError, ShardError,
-                                            NotFound, TensorNotFound, Cancelled, WorkersUnavailable, StoreError,
-                                            StoreUnavailable, FailedPrecondition, Overloaded)
+                                            LinAlgError, NotFound, TensorNotFound, Cancelled, WorkersUnavailable,
+                                            StoreError, StoreUnavailable, FailedPrecondition, Overloaded)
 BY_NAME: dict[str, type[GradserveError]] = {cls.__name__: cls for cls in FAMILY}

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve_engine.errors import Cancelled, GraphError, LimitError
+from gradserve_engine.errors import Cancelled, GradserveError, GraphError, LimitError
 from gradserve_engine.ir import Graph, Node, Var, replay, type_str
 
 from . import threads
@@ -420,6 +420,8 @@ class Plan:
             raise LimitError(f"out of memory while running {where} (the plan needs {self.peak_bytes} bytes at its "
                              f"peak): {e}") from e
         except (IndexError, ValueError, TypeError) as e:
+            if isinstance(e, GradserveError):  # a kernel's own error of the family (a singular matrix): as it is
+                raise
             where = step.text() if step is not None else "the plan's start or results"
             raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
         finally:
