@@ -32,7 +32,7 @@ __all__ = ["ATTR_KINDS", "DTYPES", "FLOATS", "INTS", "NP_DTYPES", "NUMERIC", "AV
            "infer", "kernel_table", "names_where", "need", "register", "size_of", "ufunc"]
 
 # attribute kinds: how each attribute is typed on the wire and checked on arrival
-ATTR_KINDS = ("int", "float", "bool", "dtype", "ints")
+ATTR_KINDS = ("int", "float", "bool", "dtype", "ints", "graphs")  # graphs: the subgraphs of a higher-order op
 
 Kernel = Callable[..., Any]
 KernelFactory = Callable[[ModuleType], Kernel]  # the kernel over an array namespace (numpy, CuPy)
