@@ -32,10 +32,12 @@ _ORDER = ("bool", "int32", "int64", "float32", "float64")
 
 def bind(op: str, *args: Any, **attrs: Any) -> Any:
     """Apply primitive `op`: into the trace, onto the tape, or directly, by operand kind."""
-    for a in args:
-        if isinstance(a, Var):
+    b = None
+    for a in args:  # the innermost trace: a loop body's own values with values it closes over (gradserve.control)
+        if isinstance(a, Var) and (b is None or getattr(a.builder, "depth", 0) > getattr(b, "depth", 0)):
             b = a.builder
-            return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
+    if b is not None:
+        return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
     for cls, eager in _EAGER:
         if any(isinstance(a, cls) for a in args):
             return eager(op, *args, **attrs)
