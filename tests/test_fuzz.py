@@ -90,7 +90,12 @@ CUSTOM_RULE = {
     "fwd": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("mul", x, y), x, y]),),
     "bwd": (_subgraph([(2, 3)] * 3, lambda b, x, y, g: [b.bind("mul", g, y), b.bind("mul", g, x)]),),
 }
-SUBGRAPHS = [*BRANCHES, SCAN_BODY, *CUSTOM_RULE["bwd"]]  # what a generated "graphs" attribute draws from
+WHILE_LOOP = {  # while sum(x) < 100: x <- x * y + 1
+    "cond": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [
+        b.bind("lt", b.bind("reduce_sum", x, axes=(0, 1), keepdims=False), b.const(np.float64(100)))]),),
+    "body": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("add", b.bind("mul", x, y), b.const(np.float64(1)))]),),
+}
+SUBGRAPHS = [*BRANCHES, SCAN_BODY, *CUSTOM_RULE["bwd"], *WHILE_LOOP["cond"]]  # what a generated "graphs" attribute draws from
 
 
 def _seed_graphs() -> dict[str, pb.Graph]:
@@ -126,6 +131,7 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     ops["scan"] = lambda b, v: b.bind("scan", v["x"], v["y"], body=(SCAN_BODY,), n_carry=1, n_xs=1, length=2,
                                       reverse=False, select=(0, 1))
     ops["custom_vjp"] = lambda b, v: b.bind("custom_vjp", v["x"], v["y"], select=(0,), **CUSTOM_RULE)
+    ops["while"] = lambda b, v: b.bind("while", v["x"], v["y"], select=(0,), n_carry=1, **WHILE_LOOP)
 
     def graph(names: list[str]) -> pb.Graph:
         b = Builder()

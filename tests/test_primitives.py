@@ -71,6 +71,7 @@ class Spec:
     out_dtype: str | None = None  # result dtype when it is not the operands' (comparisons, cast)
     fd: bool = True  # float64 finite differences apply (False: the result is float32)
     forward: bool = True  # False: forward mode is refused by design, with a clear error (custom_vjp, as JAX)
+    reverse: bool = True  # False: reverse mode is refused by design, with a clear error (while, as JAX)
 
     def __repr__(self) -> str:
         return self.name
@@ -510,6 +511,34 @@ for _dt in FLT:
     spec(f"custom_vjp[{_dt}]", "custom_vjp", (X((2, 3)), X((2, 3))), lambda x, y: (x * np.sin(y)).ravel(),
          lambda x, y: (x * torch.sin(y)).reshape(-1), (_dt,), attrs=_custom_rule(_dt), forward=False)
 
+
+
+def _while_graphs(dtype: str) -> dict[str, Any]:
+    """while i < 4: (i, c) <- (i + 1, tanh(c * k) + c), over (i, c, k)."""
+    def graph(fn: Callable[..., list[Any]]) -> Graph:
+        b = Builder()
+        i, c, k = b.input("%i", "int32", ()), b.input("%c", dtype, (3,)), b.input("%k", dtype, (3,))
+        return b.build([(f"%out{j}", v) for j, v in enumerate(fn(b, i, c, k))])
+
+    return {"cond": (graph(lambda b, i, c, k: [b.bind("lt", i, b.const(np.int32(4)))]),),
+            "body": (graph(lambda b, i, c, k: [b.bind("add", i, b.const(np.int32(1))),
+                                                b.bind("add", b.bind("tanh", b.bind("mul", c, k)), c)]),),
+            "n_carry": 2, "select": (1,)}
+
+
+def _while_ref(lib):
+    def f(i, c, k):
+        for _ in range(int(i), 4):
+            c = lib.tanh(c * k) + c
+        return c
+
+    return f
+
+
+for _dt in FLT:
+    spec(f"while[{_dt}]", "while", (IDX(0, "int32"), X((3,)), X((3,))), _while_ref(np), _while_ref(torch), (_dt,),
+         attrs=_while_graphs(_dt), reverse=False)
+
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 assert len(SPEC_BY_NAME) == len(SPECS), "duplicate spec names"
 
@@ -755,6 +784,9 @@ def test_vjp_matches_finite_differences(engine: Engine, s: Spec) -> None:
     graph = build(s, "float64")
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     f = kernel(s)
     rng = rng_for(s.name, "ct")
     ct = randn(rng, graph.nodes[-1].shape, "float64")
@@ -792,11 +824,19 @@ def test_jacobian_with_stacked_seeds_matches_finite_differences(engine: Engine, 
     graph = build(s, "float64")
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     wrt = diff_positions(s, "float64")
     jac = engine.jacobian(graph, inputs, [f"a{p}" for p in wrt])
     for p in wrt:
         want = fd_jacobian(kernel(s), arrays, p)
         assert_fd(jac[("out", f"a{p}")], np.zeros_like(want) if s.grad == "zero" else want, f"jacobian wrt a{p}")
+
+
+def assert_reverse_refused(engine: Engine, graph: Graph, inputs: dict[str, np.ndarray], wrt: list[int]) -> None:
+    with pytest.raises(GraphError, match="reverse-mode differentiation does not work"):
+        engine.vjp(graph, inputs, [f"a{p}" for p in wrt], seeds={graph.output_names()[0]: np.ones(graph.nodes[-1].shape)})
 
 
 def assert_forward_refused(engine: Engine, graph: Graph, inputs: dict[str, np.ndarray], wrt: list[int]) -> None:
@@ -812,6 +852,9 @@ def test_vjp_matches_torch(engine: Engine, s: Spec, dtype: str) -> None:
     graph = build(s, dtype)
     inputs = make_inputs(s, dtype)
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, dtype))
+        return
     ct = randn(rng_for(s.name, dtype, "ct"), graph.nodes[-1].shape, out_dtype(s, dtype))
     for wrt in subsets(diff_positions(s, dtype)):
         outs, grads = engine.vjp(graph, inputs, [f"a{p}" for p in wrt], seeds={"out": ct})
@@ -858,6 +901,9 @@ def test_hvp_matches_finite_differences_of_the_gradient(engine: Engine, s: Spec)
     graph = build(s, "float64", scalar=weights(s, "float64"))
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     wrt = diff_positions(s, "float64")
     names = [f"a{p}" for p in wrt]
     if not s.forward:
@@ -878,6 +924,9 @@ def test_hessian_matches_finite_differences_of_the_gradient(engine: Engine, s: S
     graph = build(s, "float64", scalar=weights(s, "float64"))
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     names = [f"a{p}" for p in diff_positions(s, "float64")]
     hess = engine.hessian(graph, inputs, names, "s")
     grad = scalar_grad(engine, graph, names)
@@ -919,6 +968,9 @@ def test_vjp_of_the_vjp_graph_matches_torch_double_backward(engine: Engine, s: S
     graph = build(s, dtype)
     inputs = make_inputs(s, dtype)
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, dtype))
+        return
     wrt = diff_positions(s, dtype)
     names = [f"a{p}" for p in wrt]
     rng = rng_for(s.name, dtype, "double")

@@ -1,5 +1,5 @@
 """Control flow and custom derivative rules, with JAX's signatures: `cond`, `switch`, `scan`,
-`fori_loop`, `custom_vjp`.
+`fori_loop`, `while_loop`, `custom_vjp`.
 
 Each traces the user's functions into subgraphs once and binds one higher-order primitive
 (`gradserve_engine.ops.control`), so the loop or the rule travels in the graph and the server
@@ -260,12 +260,16 @@ def _scan_eagerly(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any, 
     return carry, unflatten(y_tree, stacked)
 
 
-def fori_loop(lower: int, upper: int, body_fun: Callable[[Any, Any], Any], init_val: Any) -> Any:
-    """`jax.lax.fori_loop` with static bounds: `body_fun(i, val)` for i in [lower, upper), as a
-    scan over the indices (differentiable in reverse mode)."""
+def fori_loop(lower: Any, upper: Any, body_fun: Callable[[Any, Any], Any], init_val: Any) -> Any:
+    """`jax.lax.fori_loop`: `body_fun(i, val)` for i in [lower, upper). With concrete bounds a
+    scan over the indices (differentiable in reverse mode); with a traced bound a while loop
+    (forward mode only, as JAX)."""
     if isinstance(lower, Var) or isinstance(upper, Var):
-        raise TypeError("fori_loop bounds must be concrete integers (a traced bound makes a while loop, which is "
-                        "not differentiable in reverse mode)")
+        def counted(carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            i, val = carry
+            return i + np.int32(1), body_fun(i, val)
+
+        return while_loop(lambda carry: carry[0] < upper, counted, (astype(lower, "int32"), init_val))[1]
     indices = np.arange(int(lower), int(upper), dtype=np.int32)
 
     def step(val: Any, i: Any) -> tuple[Any, None]:
@@ -274,6 +278,37 @@ def fori_loop(lower: int, upper: int, body_fun: Callable[[Any, Any], Any], init_
     if indices.size == 0:
         return init_val
     return scan(step, init_val, indices)[0]
+
+
+def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], init_val: Any) -> Any:
+    """`jax.lax.while_loop`: `body_fun` applied while `cond_fun(val)` holds. One node; forward
+    mode (jvp) differentiates it, reverse mode is refused as JAX does: use `scan` or `fori_loop`
+    with concrete bounds."""
+    leaves, tree = tree_flatten(init_val)
+    avals = [_aval(x) for x in leaves]
+
+    def rebuild(ins: list[Var]) -> tuple:
+        return (unflatten(tree, ins),)
+
+    t_cond = _trace(cond_fun, avals, rebuild, "the while_loop condition")
+    if t_cond.out_tree.num_leaves != 1 or out_avals(t_cond.graph)[0][1] != ():
+        raise ShapeError(f"the while_loop condition must return a scalar, got {_types(out_avals(t_cond.graph))}")
+    t_body = _trace(body_fun, avals, rebuild, "the while_loop body")
+    if t_body.out_tree != tree or out_avals(t_body.graph) != avals:
+        raise ShapeError(f"the while_loop body must return the structure and types of its input {_types(avals)}, "
+                         f"got {_types(out_avals(t_body.graph))}")
+    b = _target(leaves, [t_cond, t_body])
+    if b is None:
+        val = init_val
+        while cond_fun(val):
+            val = body_fun(val)
+        return val
+    if out_avals(t_cond.graph)[0][0] != "bool":
+        t_cond = _trace(lambda *a: astype(cond_fun(*a), "bool"), avals, rebuild, "the while_loop condition")
+    captured = _union([t_cond, t_body])
+    results = call("while", _operands(b, [*leaves, *captured]), avals, cond=(_widen(t_cond, captured),),
+                   body=(_widen(t_body, captured),), n_carry=len(leaves))
+    return unflatten(tree, results)
 
 
 # ---------------------------------------------------------------- custom_vjp
@@ -374,4 +409,4 @@ class custom_vjp:
         return unflatten(t_fun.out_tree, results)
 
 
-__all__ = ["cond", "custom_vjp", "fori_loop", "scan", "switch"]
+__all__ = ["cond", "custom_vjp", "fori_loop", "scan", "switch", "while_loop"]

@@ -19,6 +19,9 @@ each: the price of single-result nodes, documented in README).
 - `custom_vjp`: operands (*args); `fun` (args -> outs) is what runs; `fwd` (args -> outs,
   residuals) and `bwd` (residuals, output cotangents -> argument cotangents) are the user's
   rule, run by the VJP. Forward mode is refused, as JAX does.
+- `while`: operands (*init, *consts); `cond` maps (carry..., const...) to a bool scalar, `body` to
+  the new carries; results: the final carries. JVP: a while over the body's JVP graph. Reverse
+  mode is refused, as JAX does (the step count is not known before it runs).
 
 The rules of these ops transform their subgraphs with the engine's own transforms, which
 `autodiff` hands over when it is imported (`use_transforms`): the registry sits below it.
@@ -464,3 +467,77 @@ register(Primitive(
     "custom_vjp", None, {"fun": "graphs", "fwd": "graphs", "bwd": "graphs", "select": "ints"},
     _custom_vjp_rule, _custom_vjp_kernel, vjp=_custom_vjp_vjp, jvp=_custom_vjp_jvp, flops=_flops_custom_vjp,
     shard=shard_refused, shard_sum=sum_refused))
+
+
+# ---------------------------------------------------------------- while
+
+
+def _while_rule(*ops: AVal, cond: tuple[Graph, ...], body: tuple[Graph, ...], n_carry: int,
+                select: tuple[int, ...]) -> AVal:
+    if (len(cond), len(body)) != (1, 1):
+        raise ShapeError("while takes one cond graph and one body graph")
+    if not 0 <= n_carry <= len(ops):
+        raise ShapeError(f"while: n_carry={n_carry} does not fit {len(ops)} operands")
+    _same(list(ops), in_avals(cond[0]), "while operands and the inputs of cond")
+    _same(list(ops), in_avals(body[0]), "while operands and the inputs of body")
+    _same(out_avals(cond[0]), [("bool", ())], "while: the output of cond")
+    _same(out_avals(body[0]), list(ops[:n_carry]), "while: the outputs of body and the carries")
+    return _packed(list(ops[:n_carry]), select, "while")
+
+
+def _while_kernel(xp: ModuleType) -> Callable[..., Any]:
+    run = _Interpreter(xp)
+
+    def kernel(*ops: Any, cond: tuple[Graph, ...], body: tuple[Graph, ...], n_carry: int,
+               select: tuple[int, ...]) -> Any:
+        carry, consts = list(ops[:n_carry]), list(ops[n_carry:])
+        poll = poller("while running a while loop")
+        while bool(run.run(cond[0], [*carry, *consts])[0]):
+            poll()
+            carry = run.run(body[0], [*carry, *consts])
+        return run.pack(carry, select, ops[select[0]].dtype.name)
+
+    return kernel
+
+
+def _while_vjp(ct: Var, *ops: Var, out: Var, need: Sequence[bool], nb: int, **attrs: Any) -> list[Var | None]:
+    raise GraphError("reverse-mode differentiation does not work through a while loop (as in JAX, its number of steps "
+                     "is not known before it runs): use gs.fori_loop with concrete bounds or gs.scan, or forward mode "
+                     "(gs.jvp)")
+
+
+def _while_jvp(ts: Sequence[Var | None], *ops: Var, out: Var, cond: tuple[Graph, ...], body: tuple[Graph, ...],
+               n_carry: int, select: tuple[int, ...]) -> Var:
+    nc = n_carry
+    fc = _floats(_avals(ops[:nc]))  # every float carry carries a tangent
+    tk = {j: t for j, t in enumerate(ts[nc:]) if t is not None and ops[nc + j].dtype in FLOATS}
+    j = jvp_of(body[0], fc + [nc + k for k in tk])
+    n_in = len(body[0].inputs)
+    fo = _floats(out_avals(body[0]))
+    order = [*range(nc), *range(n_in, n_in + len(fc)), *range(nc, n_in), *range(n_in + len(fc), len(j.inputs))]
+    body_j = permute(j, order, [*range(nc), *(nc + fo.index(k) for k in fc)])
+    b = Builder()  # cond over (carries, their tangents, consts, their tangents): the tangents unread
+    env: dict[int, Var] = {}
+    c = cond[0]
+    declared = [b.input(i.name, i.dtype, i.shape) for i in c.inputs[:nc]]
+    for k in fc:
+        b.input(f"%tan{k}", *in_avals(c)[k])
+    declared += [b.input(i.name, i.dtype, i.shape) for i in c.inputs[nc:]]
+    for k in tk:
+        b.input(f"%tank{k}", *in_avals(c)[nc + k])
+    env.update(enumerate(declared))
+    replay(c, b, env)
+    cond_j = b.build([(name, env[vid]) for name, vid in c.outputs])
+    tc = [t if (t := ts[k]) is not None else zeros(ops[k].shape, ops[k].dtype, ops[k]) for k in fc]
+    return bind("while", *ops[:nc], *tc, *ops[nc:], *tk.values(), cond=(cond_j,), body=(body_j,), n_carry=nc + len(fc),
+                select=tuple(nc + fc.index(k) for k in select))
+
+
+def _flops_while(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> float:
+    return graph_flops(attrs["cond"][0]) + graph_flops(attrs["body"][0])  # one step: the count is not known
+
+
+register(Primitive(
+    "while", None, {"cond": "graphs", "body": "graphs", "n_carry": "int", "select": "ints"},
+    _while_rule, _while_kernel, vjp=_while_vjp, jvp=_while_jvp, flops=_flops_while, shard=shard_refused,
+    shard_sum=sum_refused))
