@@ -1,5 +1,5 @@
-"""Control flow and custom derivative rules, with JAX's signatures: `cond`, `switch`, `scan`,
-`fori_loop`, `while_loop`, `custom_vjp`.
+"""Control flow, custom derivative rules and rematerialisation, with JAX's signatures: `cond`,
+`switch`, `scan`, `fori_loop`, `while_loop`, `custom_vjp`, `checkpoint`.
 
 Each traces the user's functions into subgraphs once and binds one higher-order primitive
 (`gradserve_engine.ops.control`), so the loop or the rule travels in the graph and the server
@@ -21,7 +21,7 @@ import optree
 
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Builder, Graph, Var, replay, type_str
-from gradserve_engine.ops.control import call, out_avals
+from gradserve_engine.ops.control import call, call_graph, out_avals
 from gradserve_engine.ops.core import FLOATS
 
 from .numpy_api import Traced, astype, dtype_of, shape_of
@@ -409,4 +409,30 @@ class custom_vjp:
         return unflatten(t_fun.out_tree, results)
 
 
-__all__ = ["cond", "custom_vjp", "fori_loop", "scan", "switch", "while_loop"]
+# ---------------------------------------------------------------- checkpoint
+
+
+def checkpoint(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """`jax.checkpoint` (rematerialisation): `fun` traced into one node whose intermediate values
+    are not kept for the backward pass. Its VJP runs `fun`'s VJP subgraph, which computes the
+    forward values again inside the backward pass: a gradient holds each wrapped segment's inputs
+    instead of all its intermediates, for one more forward computation of the segment."""
+    name = getattr(fun, "__name__", "function")
+
+    def wrapped(*args: Any) -> Any:
+        leaves, tree = tree_flatten(args)
+        if not _STACK.get() and not any(isinstance(x, Var) for x in leaves):
+            return fun(*args)
+        t = _trace(fun, [_aval(x) for x in leaves], lambda ins: unflatten(tree, ins), f"checkpointed {name}")
+        b = _target(leaves, [t])
+        if b is None:  # the traced values are all in what fun closes over
+            return fun(*args)
+        results = call_graph(t.graph, _operands(b, [*leaves, *t.captured]))
+        return unflatten(t.out_tree, results)
+
+    wrapped.__name__ = f"checkpoint({name})"
+    wrapped.__wrapped__ = fun  # type: ignore[attr-defined]
+    return wrapped
+
+
+__all__ = ["checkpoint", "cond", "custom_vjp", "fori_loop", "scan", "switch", "while_loop"]

@@ -553,7 +553,8 @@ def _peak_bytes(graph: Graph, steps: Sequence[Step], results: Sequence[tuple[str
     aliases are freed (a view holds its operand's buffer; a result written over a dead buffer
     takes that buffer over); results that alias an input or constant copied at the end. A
     reshape of a value that may not be contiguous counts as a copy (numpy copies it then).
-    Temporaries inside a kernel are not counted."""
+    Temporaries inside a kernel are not counted, except what a kernel declares it holds
+    (`scratch`: the values of the subgraphs a higher-order op runs)."""
     n = graph.n_values
     size = [0] * n  # bytes of the buffer first held by slot v
     buf = list(range(n))  # the buffer (by its first slot) each slot holds
@@ -596,7 +597,8 @@ def _peak_bytes(graph: Graph, steps: Sequence[Step], results: Sequence[tuple[str
                 ins = step.unit.inputs
                 if node is None or PRIMITIVES[node.op].elementwise:  # numpy keeps its operands' layout
                     layout[o] = _OTHER if any(layout[i] == _OTHER for i in ins) else _C
-        peak = max(peak, live)
+        scratch = PRIMITIVES[node.op].scratch if node is not None else None
+        peak = max(peak, live + (scratch(node.attrs) if scratch is not None and node is not None else 0))
         for f in step.frees:
             b = buf[f]
             refs[b] -= 1

@@ -29,6 +29,7 @@ The rules of these ops transform their subgraphs with the engine's own transform
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
@@ -70,18 +71,55 @@ class _Interpreter:
         return k
 
     def run(self, graph: Graph, args: Sequence[Any]) -> list[Any]:
+        """The outputs of `graph` on `args`; each value is dropped after its last use."""
         xp = self.xp
-        env = list(args) + [c if xp is np else xp.asarray(c) for c in graph.constants]
+        env: list[Any] = list(args) + [c if xp is np else xp.asarray(c) for c in graph.constants]
+        dying = _dying(graph)
         poll = poller("while running a subgraph")
-        for n in graph.nodes:
+        for k, n in enumerate(graph.nodes):
             poll()
             env.append(self.kernel(n.op)(*(env[i] for i in n.inputs), **n.attrs))
+            for i in dying[k]:
+                env[i] = None
         return [env[vid] for _, vid in graph.outputs]
 
     def pack(self, results: Sequence[Any], select: Sequence[int], dtype: str) -> Any:
         xp = self.xp
         parts = [xp.ravel(xp.asarray(results[k])) for k in select]
         return xp.concatenate(parts).astype(dtype, copy=False) if len(parts) > 1 else parts[0].astype(dtype, copy=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _dying(graph: Graph) -> list[tuple[int, ...]]:
+    """For each node of `graph`, the values whose last use it is (never an output)."""
+    last: dict[int, int] = {}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last[i] = k
+    kept = {vid for _, vid in graph.outputs}
+    dying: list[list[int]] = [[] for _ in graph.nodes]
+    for i, k in last.items():
+        if i not in kept:
+            dying[k].append(i)
+    return [tuple(d) for d in dying]
+
+
+def _nbytes(aval: AVal) -> int:
+    return math.prod(aval[1]) * np.dtype(aval[0]).itemsize
+
+
+def graph_bytes_held(graph: Graph) -> int:
+    """The most bytes a run of `graph` holds besides its inputs (which its caller holds): its
+    constants, each value from its node to its last use, and what nested subgraphs hold."""
+    dying = _dying(graph)
+    live = sum(c.nbytes for c in graph.constants)
+    peak = live
+    for k, n in enumerate(graph.nodes):
+        live += _nbytes((n.dtype, n.shape))
+        scratch = PRIMITIVES[n.op].scratch
+        peak = max(peak, live + (scratch(n.attrs) if scratch is not None else 0))
+        live -= sum(_nbytes(graph.aval(i)) for i in dying[k] if i >= graph.first_node_id)
+    return peak
 
 
 # ---------------------------------------------------------------- packed results
@@ -186,6 +224,24 @@ def graph_flops(graph: Graph) -> float:
                      for n in graph.nodes))
 
 
+def _scratch_switch(attrs: Mapping[str, Any]) -> int:
+    return max(graph_bytes_held(g) for g in attrs["branches"])
+
+
+def _scratch_scan(attrs: Mapping[str, Any]) -> int:  # the body's run, and the ys stacked before they are packed
+    (g,) = attrs["body"]
+    ys = _scan_results(g, attrs["n_carry"], attrs["length"])[attrs["n_carry"]:]
+    return graph_bytes_held(g) + sum(map(_nbytes, ys))
+
+
+def _scratch_custom_vjp(attrs: Mapping[str, Any]) -> int:
+    return graph_bytes_held(attrs["fun"][0])
+
+
+def _scratch_while(attrs: Mapping[str, Any]) -> int:
+    return max(graph_bytes_held(attrs["cond"][0]), graph_bytes_held(attrs["body"][0]))
+
+
 def _flops_switch(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> float:
     return max(graph_flops(g) for g in attrs["branches"])  # the dearest branch: the model plans for it
 
@@ -260,7 +316,8 @@ def _switch_jvp(ts: Sequence[Var | None], index: Var, *args: Var, out: Var,
 
 register(Primitive(
     "switch", None, {"branches": "graphs", "select": "ints"}, _switch_rule, _switch_kernel,
-    vjp=_switch_vjp, jvp=_switch_jvp, flops=_flops_switch, shard=shard_refused, shard_sum=sum_refused))
+    vjp=_switch_vjp, jvp=_switch_jvp, flops=_flops_switch, scratch=_scratch_switch, shard=shard_refused,
+    shard_sum=sum_refused))
 
 
 # ---------------------------------------------------------------- scan
@@ -403,7 +460,7 @@ def _scan_jvp(ts: Sequence[Var | None], *ops: Var, out: Var, body: tuple[Graph, 
 register(Primitive(
     "scan", None, {"body": "graphs", "n_carry": "int", "n_xs": "int", "length": "int", "reverse": "bool",
                    "select": "ints"},
-    _scan_rule, _scan_kernel, vjp=_scan_vjp, jvp=_scan_jvp, flops=_flops_scan, shard=shard_refused,
+    _scan_rule, _scan_kernel, vjp=_scan_vjp, jvp=_scan_jvp, flops=_flops_scan, scratch=_scratch_scan, shard=shard_refused,
     shard_sum=sum_refused))
 
 
@@ -466,6 +523,7 @@ def _custom_vjp_jvp(ts: Sequence[Var | None], *args: Var, out: Var, **attrs: Any
 register(Primitive(
     "custom_vjp", None, {"fun": "graphs", "fwd": "graphs", "bwd": "graphs", "select": "ints"},
     _custom_vjp_rule, _custom_vjp_kernel, vjp=_custom_vjp_vjp, jvp=_custom_vjp_jvp, flops=_flops_custom_vjp,
+    scratch=_scratch_custom_vjp,
     shard=shard_refused, shard_sum=sum_refused))
 
 
@@ -539,5 +597,6 @@ def _flops_while(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> fl
 
 register(Primitive(
     "while", None, {"cond": "graphs", "body": "graphs", "n_carry": "int", "select": "ints"},
-    _while_rule, _while_kernel, vjp=_while_vjp, jvp=_while_jvp, flops=_flops_while, shard=shard_refused,
+    _while_rule, _while_kernel, vjp=_while_vjp, jvp=_while_jvp, flops=_flops_while, scratch=_scratch_while,
+    shard=shard_refused,
     shard_sum=sum_refused))

@@ -117,6 +117,9 @@ class Primitive:
     shard_sum: SumRule | None = None
     additive: bool = False  # a sum over examples plus an example-independent term: the term is split over shards
     reshard: ReshardRule | None = None
+    # memory: the bytes the kernel holds while it runs besides its operands and result (the
+    # values of the subgraphs a higher-order op runs); None: nothing worth counting
+    scratch: Callable[[Mapping[str, Any]], int] | None = None
 
 
 PRIMITIVES: dict[str, Primitive] = {}
