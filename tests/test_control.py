@@ -470,13 +470,73 @@ def test_checkpoint_inside_scan_and_under_jvp():
     np.testing.assert_allclose(gs.jvp(lambda w: f(w, XS), (W,), (v,))[1], fd_grad(ref, [W, XS], 0) @ v, rtol=1e-6)
 
 
+# ---------------------------------------------------------------- vmap
+
+
+def sq_loss(w, x, y):
+    return gs.sum((gs.tanh(x @ w) - y) ** 2)
+
+
+def ref_sq_loss(w, x, y, lib=np):
+    return ((lib.tanh(x @ w) - y) ** 2).sum()
+
+
+XB, YB = RNG.normal(size=(5, 3)), RNG.normal(size=5)
+
+
+def test_vmap_of_grad_gives_per_example_gradients_traced_and_eager():
+    per_example = gs.vmap(gs.grad(sq_loss), in_axes=(None, 0, 0))
+    want = np.stack([fd_grad(ref_sq_loss, [W, x, y], 0) for x, y in zip(XB, YB, strict=True)])
+    np.testing.assert_allclose(per_example(W, XB, YB), want, rtol=1e-6, atol=1e-8)  # concrete: a Python loop
+    g = gs.trace(per_example, W, XB, YB)
+    assert [n.op for n in g.nodes].count("scan") == 1 and len(g.nodes) <= 3  # one node whatever the batch
+    traced = gs.grad(lambda w: gs.sum(per_example(w, XB, YB) * per_example(w, XB, YB)))(W)
+    w = torch.tensor(W, requires_grad=True)
+    total = 0.0
+    for x, y in zip(XB, YB, strict=True):  # PyTorch's per-example gradients, one at a time, differentiated again
+        (gi,) = torch.autograd.grad(ref_sq_loss(w, torch.tensor(x), torch.tensor(y), torch), w, create_graph=True)
+        total = total + (gi * gi).sum()
+    np.testing.assert_allclose(traced, torch.autograd.grad(total, w)[0].numpy(), rtol=1e-10)
+
+
+def test_vmap_axes_nesting_and_jacobian():
+    a, b = RNG.normal(size=(2, 4)), RNG.normal(size=(3,))
+    outer = gs.vmap(gs.vmap(lambda u, v: u * gs.sum(v), in_axes=(0, None)), in_axes=(1, None), out_axes=1)
+    np.testing.assert_allclose(outer(a, b), a * b.sum(), rtol=1e-12)
+    np.testing.assert_allclose(gs.jvp(outer, (a, b), (a, np.zeros(3)))[1], a * b.sum(), rtol=1e-12)  # linear in a
+    f = gs.vmap(lambda u: (gs.sin(u), gs.sum(u * u)), in_axes=1, out_axes=(1, 0))
+    s, q = f(a)
+    np.testing.assert_allclose(s, np.sin(a), rtol=1e-12)
+    np.testing.assert_allclose(q, (a * a).sum(axis=0), rtol=1e-12)
+    jac = gs.jacobian(lambda x: gs.vmap(lambda r: gs.sin(r) * r[0])(x))(a)
+    want = np.zeros((2, 4, 2, 4))
+    for i in range(2):
+        want[i, :, i, :] = np.diag(np.cos(a[i]) * a[i, 0])
+        want[i, :, i, 0] += np.sin(a[i])
+    np.testing.assert_allclose(jac, want, rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_refusals():
+    with pytest.raises(ValueError, match="different sizes"):
+        gs.vmap(lambda u, v: u + v)(np.ones(2), np.ones(3))
+    with pytest.raises(ValueError, match="maps no argument"):
+        gs.vmap(lambda u: u, in_axes=None)(np.ones(2))
+    with pytest.raises(ValueError, match="out of range"):
+        gs.vmap(lambda u: u, in_axes=2)(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="out_axes None"):
+        gs.vmap(lambda u: u, out_axes=None)(np.ones(2))
+    with pytest.raises(ValueError, match="scalar leaf"):
+        gs.vmap(lambda u: u)(1.0)
+
+
 # ---------------------------------------------------------------- through the server
 
 
 def test_control_flow_runs_on_the_server(remote):
     for f, args in ((f_cond, (np.abs(X), np.abs(W))), (f_scan, (X, W, XS)), (f_switch, (X, W, np.int32(1))),
                     (lambda a: gs.sum(clipped_sqrt(a) * 3.0), (np.abs(X) + 0.1,)),
-                    (lambda a: gs.sum(gs.checkpoint(block)(a, np.eye(3) * 0.5)), (XS[:, :3],))):
+                    (lambda a: gs.sum(gs.checkpoint(block)(a, np.eye(3) * 0.5)), (XS[:, :3],)),
+                    (lambda w, x, y: gs.sum(gs.vmap(gs.grad(sq_loss), in_axes=(None, 0, 0))(w, x, y) ** 2), (W, XB, YB))):
         nums = tuple(k for k, a in enumerate(args) if np.asarray(a).dtype == np.float64)
         want = gs.value_and_grad(f, argnums=nums)(*args)
         got = remote.value_and_grad(f, argnums=nums)(*args)

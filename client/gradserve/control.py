@@ -1,5 +1,5 @@
-"""Control flow, custom derivative rules and rematerialisation, with JAX's signatures: `cond`,
-`switch`, `scan`, `fori_loop`, `while_loop`, `custom_vjp`, `checkpoint`.
+"""Control flow, custom derivative rules, rematerialisation and mapping, with JAX's signatures:
+`cond`, `switch`, `scan`, `fori_loop`, `while_loop`, `custom_vjp`, `checkpoint`, `vmap`.
 
 Each traces the user's functions into subgraphs once and binds one higher-order primitive
 (`gradserve_engine.ops.control`), so the loop or the rule travels in the graph and the server
@@ -24,7 +24,7 @@ from gradserve_engine.ir import Builder, Graph, Var, replay, type_str
 from gradserve_engine.ops.control import call, call_graph, out_avals
 from gradserve_engine.ops.core import FLOATS
 
-from .numpy_api import Traced, astype, dtype_of, shape_of
+from .numpy_api import Traced, astype, dtype_of, shape_of, transpose
 from .pytree import tree_flatten, unflatten
 
 # the subtraces open now, innermost last: a function traced inside another's body nests in it
@@ -39,7 +39,7 @@ class _Sub(Builder):
         super().__init__(Traced)
         stack = _STACK.get()
         self.parent: Builder | None = stack[-1] if stack else None  # None: the first value it closes over says
-        self.depth = len(stack) + 1
+        self.depth = stack[-1].depth + 1 if stack else 1
         self.captured: list[Var] = []
         self._lifted: dict[tuple[int, int], Var] = {}
 
@@ -409,6 +409,81 @@ class custom_vjp:
         return unflatten(t_fun.out_tree, results)
 
 
+# ---------------------------------------------------------------- vmap
+
+
+def _move(x: Any, src: int, dst: int) -> Any:
+    nd = len(shape_of(x))
+    perm = list(range(nd))
+    perm.insert(dst, perm.pop(src))
+    return x if perm == sorted(perm) else transpose(x, perm)
+
+
+def _axis(axis: Any, ndim: int, what: str) -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -ndim <= int(axis) < ndim:
+        raise ValueError(f"vmap: {what} axis {axis!r} is out of range for rank {ndim}")
+    return int(axis) % ndim
+
+
+def vmap(fun: Callable[..., Any], in_axes: Any = 0, out_axes: Any = 0) -> Callable[..., Any]:
+    """`jax.vmap`: `fun` mapped over an axis of its arguments (`in_axes`: an int or None for all,
+    or one per positional argument; None: not mapped) with the results stacked along `out_axes`
+    (an int, or one per output leaf). It is a scan over the examples (`jax.lax.map`): one node
+    whatever the batch size, any function (gradients, loops, custom rules inside), composing with
+    every transform; the examples run one after another, without a vectorised speed-up."""
+    name = getattr(fun, "__name__", "function")
+
+    def mapped(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(f"vmap of {name}: pass the arguments positionally (keyword arguments are not mapped)")
+        axes = list(in_axes) if isinstance(in_axes, (tuple, list)) else [in_axes] * len(args)
+        if len(axes) != len(args):
+            raise ValueError(f"vmap of {name}: in_axes has {len(axes)} entries for {len(args)} arguments")
+        batched: list[Any] = []  # per argument: (tree, [leaves moved to axis 0]) when mapped, else None
+        sizes = set()
+        for k, (a, ax) in enumerate(zip(args, axes, strict=True)):
+            if ax is None:
+                batched.append(None)
+                continue
+            leaves, tree = tree_flatten(a)
+            moved = []
+            for x in leaves:
+                nd = len(shape_of(x))
+                if nd == 0:
+                    raise ValueError(f"vmap of {name}: argument {k} has a scalar leaf, which has no axis {ax} to map")
+                i = _axis(ax, nd, f"argument {k}'s")
+                sizes.add(int(shape_of(x)[i]))
+                moved.append(_move(x, i, 0))
+            batched.append((tree, moved))
+        if not sizes:
+            raise ValueError(f"vmap of {name}: in_axes maps no argument")
+        if len(sizes) != 1:
+            raise ValueError(f"vmap of {name}: mapped axes have different sizes {sorted(sizes)}")
+        n = sizes.pop()
+        if n == 0:
+            raise ValueError(f"vmap of {name}: the mapped axis has size 0")
+        xs = [b[1] for b in batched if b is not None]
+
+        def body(carry: tuple, slices: list[list[Any]]) -> tuple[tuple, Any]:
+            it = iter(slices)
+            call_args = [a if b is None else unflatten(b[0], next(it)) for a, b in zip(args, batched, strict=True)]
+            return carry, fun(*call_args)
+
+        ys = scan(body, (), xs, length=n)[1]
+        leaves, tree = tree_flatten(ys)
+        outs = list(out_axes) if isinstance(out_axes, (tuple, list)) else [out_axes] * len(leaves)
+        if len(outs) != len(leaves):
+            raise ValueError(f"vmap of {name}: out_axes has {len(outs)} entries for {len(leaves)} outputs")
+        if any(o is None for o in outs):
+            raise ValueError(f"vmap of {name}: out_axes None (an output that does not vary along the batch) is not "
+                             "supported; map it and take one row")
+        return unflatten(tree, [_move(y, 0, _axis(o, len(shape_of(y)), "an output")) for y, o in zip(leaves, outs, strict=True)])
+
+    mapped.__name__ = f"vmap({name})"
+    mapped.__wrapped__ = fun  # type: ignore[attr-defined]
+    return mapped
+
+
 # ---------------------------------------------------------------- checkpoint
 
 
@@ -435,4 +510,4 @@ def checkpoint(fun: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-__all__ = ["checkpoint", "cond", "custom_vjp", "fori_loop", "scan", "switch", "while_loop"]
+__all__ = ["checkpoint", "cond", "custom_vjp", "fori_loop", "scan", "switch", "vmap", "while_loop"]

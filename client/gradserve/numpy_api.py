@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.errors import GraphError
-from gradserve_engine.ir import Var
+from gradserve_engine.ir import Var, innermost
 from gradserve_engine.ops import KERNELS, PRIMITIVES, Primitive
 from gradserve_engine.ops.core import FLOATS, INTS, dtype_name
 
@@ -32,10 +32,7 @@ _ORDER = ("bool", "int32", "int64", "float32", "float64")
 
 def bind(op: str, *args: Any, **attrs: Any) -> Any:
     """Apply primitive `op`: into the trace, onto the tape, or directly, by operand kind."""
-    b = None
-    for a in args:  # the innermost trace: a loop body's own values with values it closes over (gradserve.control)
-        if isinstance(a, Var) and (b is None or getattr(a.builder, "depth", 0) > getattr(b, "depth", 0)):
-            b = a.builder
+    b = innermost(args)  # a loop body's own values with values it closes over go to the body (gradserve.control)
     if b is not None:
         return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
     for cls, eager in _EAGER:

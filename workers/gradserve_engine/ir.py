@@ -497,7 +497,11 @@ class Var(Shaped):
 
 class Builder:
     """Emits nodes with type inference; `build` numbers them canonically and drops dead ones.
-    Values are of `value_type` (the SDK traces with its numpy-style subclass of `Var`)."""
+    Values are of `value_type` (the SDK traces with its numpy-style subclass of `Var`).
+    `depth` > 0: a trace nested in others (the body of a loop), which takes values of the
+    traces around it as its own inputs; an op on values of several traces goes to the innermost."""
+
+    depth = 0
 
     def __init__(self, value_type: type[Var] = Var) -> None:
         self.value_type = value_type
@@ -579,6 +583,15 @@ class Builder:
                 renum[vid] = len(renum)
                 nodes.append(Node(renum[vid], op, tuple(renum[i] for i in ins), attrs, dtype, shape))
         return Graph(inputs, constants, nodes, [(name, renum[v.id]) for name, v in outputs])
+
+
+def innermost(values: Iterable[Any]) -> Builder | None:
+    """The innermost trace among the traced values in `values` (None: none is traced)."""
+    b: Builder | None = None
+    for v in values:
+        if isinstance(v, Var) and (b is None or v.builder.depth > b.depth):
+            b = v.builder
+    return b
 
 
 def _user_frame() -> str:

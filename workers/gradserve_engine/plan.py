@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.errors import Cancelled, GraphError, LimitError
-from gradserve_engine.ir import Graph, Node, Var, replay, type_str
+from gradserve_engine.ir import Graph, Node, Var, innermost, replay, type_str
 
 from . import threads
 from .buffers import MIN_BYTES, RECYCLER
@@ -382,9 +382,8 @@ class Plan:
         """Execute on arrays given in the order of `self.inputs`. Given traced values instead,
         emit the plan's graph into their trace (so transforms nest: a gradient of a gradient).
         On a backend that moves data, inputs are uploaded once and results taken back once."""
-        traced = next((v for v in values if isinstance(v, Var)), None)
-        if traced is not None:
-            b = traced.builder
+        b = innermost(values)
+        if b is not None:
             emitted = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
             replay(self.graph, b, emitted)
             return {name: emitted[vid] for name, vid in self.outputs}
