@@ -272,6 +272,52 @@ def test_concrete_loops_run_in_python():
     assert gs.fori_loop(0, 5, lambda i, v: v + i, 0) == 10
 
 
+# ---------------------------------------------------------------- custom_jvp
+
+
+@gs.custom_jvp
+def softplus(x):
+    return gs.log(1.0 + gs.exp(x))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return softplus(x), t * (1.0 - 1.0 / (1.0 + gs.exp(x)))  # stable where exp(x) overflows
+
+
+def test_custom_jvp_forward_reverse_and_second_order_use_the_rule():
+    x = np.array([-3.0, 0.0, 2.0, 800.0])
+    assert [n.op for n in gs.trace(softplus, x).nodes] == ["custom_jvp"]
+    sig = 1 / (1 + np.exp(-x))
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(softplus(x[:3]), np.log1p(np.exp(x[:3])), rtol=1e-12)
+    np.testing.assert_allclose(gs.jvp(softplus, (x,), (np.ones(4),))[1], sig, rtol=1e-12)
+    g = gs.grad(lambda a: gs.sum(softplus(a) * 2.0))(x)
+    np.testing.assert_allclose(g, 2 * sig, rtol=1e-12)  # the rule's transpose: finite at 800, where exp overflows
+    np.testing.assert_allclose(gs.jacobian(softplus)(x), np.diag(sig), rtol=1e-12)
+    h = gs.hessian(lambda a: gs.sum(softplus(a)))(x[:3])  # (the rule's own derivative overflows at 800)
+    np.testing.assert_allclose(h, np.diag(sig[:3] * (1 - sig[:3])), rtol=1e-10)
+    tx = torch.tensor(x[:3], requires_grad=True)
+    (want,) = torch.autograd.grad(torch.nn.functional.softplus(tx).sum() * 2.0, tx)
+    np.testing.assert_allclose(g[:3], want.numpy(), rtol=1e-12)
+
+
+def test_custom_jvp_refusals():
+    @gs.custom_jvp
+    def f(x):
+        return x * 2.0
+
+    with pytest.raises(TypeError, match="defjvp"):
+        gs.trace(f, X)
+    f.defjvp(lambda p, t: (p[0] * 2.0, (t[0] * 2.0)[:2]))
+    with pytest.raises(ShapeError, match="jvp rule of f returns"):
+        gs.trace(f, X)
+    f.defjvp(lambda p, t: p[0] * 2.0)
+    with pytest.raises(TypeError, match=r"must return \(primal_out, tangent_out\)"):
+        gs.trace(f, X)
+
+
 # ---------------------------------------------------------------- while_loop
 
 
@@ -536,7 +582,8 @@ def test_control_flow_runs_on_the_server(remote):
     for f, args in ((f_cond, (np.abs(X), np.abs(W))), (f_scan, (X, W, XS)), (f_switch, (X, W, np.int32(1))),
                     (lambda a: gs.sum(clipped_sqrt(a) * 3.0), (np.abs(X) + 0.1,)),
                     (lambda a: gs.sum(gs.checkpoint(block)(a, np.eye(3) * 0.5)), (XS[:, :3],)),
-                    (lambda w, x, y: gs.sum(gs.vmap(gs.grad(sq_loss), in_axes=(None, 0, 0))(w, x, y) ** 2), (W, XB, YB))):
+                    (lambda w, x, y: gs.sum(gs.vmap(gs.grad(sq_loss), in_axes=(None, 0, 0))(w, x, y) ** 2), (W, XB, YB)),
+                    (lambda a: gs.sum(softplus(a) ** 2), (X,))):
         nums = tuple(k for k, a in enumerate(args) if np.asarray(a).dtype == np.float64)
         want = gs.value_and_grad(f, argnums=nums)(*args)
         got = remote.value_and_grad(f, argnums=nums)(*args)

@@ -90,6 +90,11 @@ CUSTOM_RULE = {
     "fwd": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("mul", x, y), x, y]),),
     "bwd": (_subgraph([(2, 3)] * 3, lambda b, x, y, g: [b.bind("mul", g, y), b.bind("mul", g, x)]),),
 }
+CUSTOM_JVP = {
+    "fun": CUSTOM_RULE["fun"],
+    "jvp": (_subgraph([(2, 3)] * 4, lambda b, x, y, tx, ty: [
+        b.bind("mul", x, y), b.bind("add", b.bind("mul", tx, y), b.bind("mul", x, ty))]),),
+}
 WHILE_LOOP = {  # while sum(x) < 100: x <- x * y + 1
     "cond": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [
         b.bind("lt", b.bind("reduce_sum", x, axes=(0, 1), keepdims=False), b.const(np.float64(100)))]),),
@@ -131,6 +136,7 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     ops["scan"] = lambda b, v: b.bind("scan", v["x"], v["y"], body=(SCAN_BODY,), n_carry=1, n_xs=1, length=2,
                                       reverse=False, select=(0, 1))
     ops["custom_vjp"] = lambda b, v: b.bind("custom_vjp", v["x"], v["y"], select=(0,), **CUSTOM_RULE)
+    ops["custom_jvp"] = lambda b, v: b.bind("custom_jvp", v["x"], v["y"], select=(0,), **CUSTOM_JVP)
     ops["while"] = lambda b, v: b.bind("while", v["x"], v["y"], select=(0,), n_carry=1, **WHILE_LOOP)
 
     def graph(names: list[str]) -> pb.Graph:

@@ -513,6 +513,21 @@ for _dt in FLT:
 
 
 
+def _custom_jvp_rule(dtype: str) -> dict[str, Any]:
+    """x * sin(y), its JVP given as a rule: tx sin(y) + ty x cos(y)."""
+    def jvp(b, x, y, tx, ty):
+        return [b.bind("mul", x, b.bind("sin", y)),
+                b.bind("add", b.bind("mul", tx, b.bind("sin", y)), b.bind("mul", ty, b.bind("mul", x, b.bind("cos", y))))]
+
+    return {"fun": (_sub(dtype, ((2, 3), (2, 3)), lambda b, x, y: [b.bind("mul", x, b.bind("sin", y))]),),
+            "jvp": (_sub(dtype, ((2, 3),) * 4, jvp),), "select": (0,)}
+
+
+for _dt in FLT:
+    spec(f"custom_jvp[{_dt}]", "custom_jvp", (X((2, 3)), X((2, 3))), lambda x, y: (x * np.sin(y)).ravel(),
+         lambda x, y: (x * torch.sin(y)).reshape(-1), (_dt,), attrs=_custom_jvp_rule(_dt))
+
+
 def _while_graphs(dtype: str) -> dict[str, Any]:
     """while i < 4: (i, c) <- (i + 1, tanh(c * k) + c), over (i, c, k)."""
     def graph(fn: Callable[..., list[Any]]) -> Graph:

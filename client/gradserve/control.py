@@ -1,5 +1,5 @@
 """Control flow, custom derivative rules, rematerialisation and mapping, with JAX's signatures:
-`cond`, `switch`, `scan`, `fori_loop`, `while_loop`, `custom_vjp`, `checkpoint`, `vmap`.
+`cond`, `switch`, `scan`, `fori_loop`, `while_loop`, `custom_vjp`, `custom_jvp`, `checkpoint`, `vmap`.
 
 Each traces the user's functions into subgraphs once and binds one higher-order primitive
 (`gradserve_engine.ops.control`), so the loop or the rule travels in the graph and the server
@@ -409,6 +409,83 @@ class custom_vjp:
         return unflatten(t_fun.out_tree, results)
 
 
+# ---------------------------------------------------------------- custom_jvp
+
+
+class custom_jvp:
+    """`jax.custom_jvp`: a function whose forward-mode derivative is the user's rule.
+
+        @gs.custom_jvp
+        def f(x): ...
+        @f.defjvp
+        def f_jvp(primals, tangents):        # tuples, one entry per argument
+            (x,), (t,) = primals, tangents
+            return f(x), tangent_of_the_output  # linear in the tangents
+
+    `f` and the rule are traced into one node: evaluation runs `f`, forward mode runs the rule,
+    and reverse mode transposes it (reverse mode through the rule with respect to the tangents),
+    as JAX does. The functions may not close over traced values: pass them as arguments."""
+
+    def __init__(self, fun: Callable[..., Any]):
+        self.fun = fun
+        self.jvp: Callable[..., Any] | None = None
+        self.__name__ = getattr(fun, "__name__", "custom_jvp")
+        self.__doc__ = fun.__doc__
+        self.__wrapped__ = fun
+        self._in_rule = 0  # tracing the rule, which may call the function for its value
+
+    def defjvp(self, jvp: Callable[..., Any]) -> Callable[..., Any]:
+        self.jvp = jvp
+        return jvp
+
+    def __call__(self, *args: Any) -> Any:
+        if self.jvp is None:
+            raise TypeError(f"custom_jvp function {self.__name__} has no rule: call {self.__name__}.defjvp(jvp)")
+        rule = self.jvp
+        leaves, tree = tree_flatten(args)
+        if self._in_rule or (not _STACK.get() and not any(isinstance(x, Var) for x in leaves)):
+            return self.fun(*args)
+        avals = [_aval(x) for x in leaves]
+        t_fun = _trace(self.fun, avals, lambda ins: unflatten(tree, ins), f"custom_jvp function {self.__name__}")
+        outs = out_avals(t_fun.graph)
+        float_args = [k for k, (d, _s) in enumerate(avals) if d in FLOATS]
+
+        def rule_args(ins: list[Var]) -> tuple:
+            it = iter(ins[len(avals):])
+            tans = [next(it) if k in float_args else np.zeros(s, d) for k, (d, s) in enumerate(avals)]
+            return unflatten(tree, ins[:len(avals)]), unflatten(tree, tans)
+
+        def flat_rule(primals: tuple, tangents: tuple) -> tuple:
+            got = rule(primals, tangents)
+            if not isinstance(got, (tuple, list)) or len(got) != 2:
+                raise TypeError(f"the jvp rule of {self.__name__} must return (primal_out, tangent_out)")
+            p_leaves, p_tree = tree_flatten(got[0])
+            t_leaves, t_tree = tree_flatten(got[1])
+            if p_tree != t_fun.out_tree or t_tree != t_fun.out_tree:
+                raise TypeError(f"the jvp rule of {self.__name__} must return (primal_out, tangent_out) with the "
+                                f"structure of {self.__name__}'s output {t_fun.out_tree}")
+            return (*p_leaves, *(t for t, (d, _s) in zip(t_leaves, outs, strict=True) if d in FLOATS))
+
+        self._in_rule += 1
+        try:
+            t_jvp = _trace(flat_rule, [*avals, *(avals[k] for k in float_args)], rule_args,
+                           f"the jvp rule of {self.__name__}")
+        finally:
+            self._in_rule -= 1
+        want = [*outs, *(a for a in outs if a[0] in FLOATS)]
+        if out_avals(t_jvp.graph) != want:
+            raise ShapeError(f"the jvp rule of {self.__name__} returns {_types(out_avals(t_jvp.graph))}; the outputs "
+                             f"and their tangents are {_types(want)}")
+        if t_fun.captured or t_jvp.captured:
+            raise GraphError(f"custom_jvp function {self.__name__} or its rule closes over a traced value; pass it as an "
+                             "argument")
+        b = _target(leaves, [])
+        if b is None:
+            raise AssertionError("custom_jvp on traced values found no trace")
+        results = call("custom_jvp", _operands(b, leaves), outs, fun=(t_fun.graph,), jvp=(t_jvp.graph,))
+        return unflatten(t_fun.out_tree, results)
+
+
 # ---------------------------------------------------------------- vmap
 
 
@@ -510,4 +587,4 @@ def checkpoint(fun: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-__all__ = ["checkpoint", "cond", "custom_vjp", "fori_loop", "scan", "switch", "vmap", "while_loop"]
+__all__ = ["checkpoint", "cond", "custom_jvp", "custom_vjp", "fori_loop", "scan", "switch", "vmap", "while_loop"]

@@ -19,6 +19,9 @@ each: the price of single-result nodes, documented in README).
 - `custom_vjp`: operands (*args); `fun` (args -> outs) is what runs; `fwd` (args -> outs,
   residuals) and `bwd` (residuals, output cotangents -> argument cotangents) are the user's
   rule, run by the VJP. Forward mode is refused, as JAX does.
+- `custom_jvp`: operands (*args); `fun` runs; `jvp` maps (args..., a tangent per float arg) to
+  (outs..., a tangent per float out), the user's rule, run by the JVP; the VJP transposes it (its
+  reverse mode with respect to the tangents, which it is linear in), as JAX does.
 - `while`: operands (*init, *consts); `cond` maps (carry..., const...) to a bool scalar, `body` to
   the new carries; results: the final carries. JVP: a while over the body's JVP graph. Reverse
   mode is refused, as JAX does (the step count is not known before it runs).
@@ -600,3 +603,67 @@ register(Primitive(
     _while_rule, _while_kernel, vjp=_while_vjp, jvp=_while_jvp, flops=_flops_while, scratch=_scratch_while,
     shard=shard_refused,
     shard_sum=sum_refused))
+
+
+# ---------------------------------------------------------------- custom_jvp
+
+
+def _custom_jvp_rule(*args: AVal, fun: tuple[Graph, ...], jvp: tuple[Graph, ...], select: tuple[int, ...]) -> AVal:
+    if (len(fun), len(jvp)) != (1, 1):
+        raise ShapeError("custom_jvp takes one graph each for fun and jvp")
+    outs = out_avals(fun[0])
+    _same(list(args), in_avals(fun[0]), "custom_jvp operands and the inputs of fun")
+    _same(in_avals(jvp[0]), [*args, *(args[k] for k in _floats(args))],
+          "custom_jvp: the inputs of jvp and (the operands, a tangent per float operand)")
+    _same(out_avals(jvp[0]), [*outs, *(outs[k] for k in _floats(outs))],
+          "custom_jvp: the outputs of jvp and (the outputs of fun, a tangent per float output)")
+    return _packed(outs, select, "custom_jvp")
+
+
+def _custom_jvp_kernel(xp: ModuleType) -> Callable[..., Any]:
+    run = _Interpreter(xp)
+
+    def kernel(*args: Any, fun: tuple[Graph, ...], jvp: tuple[Graph, ...], select: tuple[int, ...]) -> Any:
+        return run.pack(run.run(fun[0], args), select, out_avals(fun[0])[select[0]][0])
+
+    return kernel
+
+
+def _custom_jvp_jvp(ts: Sequence[Var | None], *args: Var, out: Var, fun: tuple[Graph, ...], jvp: tuple[Graph, ...],
+                    select: tuple[int, ...]) -> Var:
+    outs = out_avals(fun[0])
+    fo = _floats(outs)
+    tangents = [t if (t := ts[k]) is not None else zeros(args[k].shape, args[k].dtype, args[k]) for k in _floats(_avals(args))]
+    index = args[0].builder.const(np.zeros((), np.int32))
+    return bind("switch", index, *args, *tangents, branches=jvp, select=tuple(len(outs) + fo.index(k) for k in select))
+
+
+def _custom_jvp_vjp(ct: Var, *args: Var, out: Var, need: Sequence[bool], nb: int, fun: tuple[Graph, ...],
+                    jvp: tuple[Graph, ...], select: tuple[int, ...]) -> list[Var | None]:
+    """The transpose of the user's JVP: its tangent outputs are linear in its tangent inputs, so
+    reverse mode through the JVP graph with respect to the tangents (at zero tangents) gives
+    the cotangents of the operands, as JAX's transposition does."""
+    outs = out_avals(fun[0])
+    fa, fo = _floats(_avals(args)), _floats(outs)
+    lead = tuple(ct.shape[:nb])
+    pieces = unpack(ct, outs, select, lead)
+    seeds = [_ct_or_zeros(pieces, k, outs[k], lead, ct) for k in fo]
+    tangents = [zeros(args[k].shape, args[k].dtype, args[k]) for k in fa]
+    transposed = vjp_of(jvp[0], [len(args) + j for j in range(len(fa))], [len(outs) + j for j in range(len(fo))], lead)
+    grads = call_graph(transposed, [*args, *tangents, *seeds])
+    got = dict(zip(fa, grads, strict=True))
+    return [got.get(j) if need[j] else None for j in range(len(args))]
+
+
+def _flops_custom_jvp(ins: Sequence[AVal], out: AVal, attrs: Mapping[str, Any]) -> float:
+    return graph_flops(attrs["fun"][0])
+
+
+def _scratch_custom_jvp(attrs: Mapping[str, Any]) -> int:
+    return graph_bytes_held(attrs["fun"][0])
+
+
+register(Primitive(
+    "custom_jvp", None, {"fun": "graphs", "jvp": "graphs", "select": "ints"},
+    _custom_jvp_rule, _custom_jvp_kernel, vjp=_custom_jvp_vjp, jvp=_custom_jvp_jvp, flops=_flops_custom_jvp,
+    scratch=_scratch_custom_jvp, shard=shard_refused, shard_sum=sum_refused))
