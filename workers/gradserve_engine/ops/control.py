@@ -155,13 +155,18 @@ def _same(got: Sequence[AVal], want: Sequence[AVal], what: str) -> None:
 
 
 def unpack(v: Var, results: Sequence[AVal], select: Sequence[int], lead: tuple[int, ...] = ()) -> dict[int, Var]:
-    """The results a packed value `v` (shape lead + (n,)) holds, by position in `results`."""
+    """The results a packed value `v` (shape lead + (n,)) holds, by position in `results`. Of
+    several, each is copied out (a cast to its own dtype), so that a long-lived one (a weight's
+    gradient) does not keep the whole vector alive as a view would."""
     out, start, nl = {}, 0, len(lead)
     for k in select:
         shape = results[k][1]
         size = math.prod(shape)
-        piece = v if (start, size) == (0, v.shape[-1]) else bind(
-            "slice", v, starts=(0,) * nl + (start,), stops=(*lead, start + size), steps=(1,) * (nl + 1))
+        if (start, size) == (0, v.shape[-1]):
+            piece = v
+        else:
+            piece = bind("slice", v, starts=(0,) * nl + (start,), stops=(*lead, start + size), steps=(1,) * (nl + 1))
+            piece = bind("cast", piece, dtype=piece.dtype)
         out[k] = reshape(piece, lead + tuple(shape))
         start += size
     return out
