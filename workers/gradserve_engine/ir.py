@@ -96,6 +96,7 @@ class Graph:
     outputs: list[tuple[str, int]]
     _id: str | None = field(default=None, repr=False)
     _by_name: dict[str, Input] | None = field(default=None, repr=False)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)  # what is derived from it once (a subgraph's liveness)
 
     def __eq__(self, other: object) -> bool:
         """Graphs are equal when their content is (the same id): subgraph attributes compare so."""

@@ -32,7 +32,6 @@ The rules of these ops transform their subgraphs with the engine's own transform
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
@@ -92,9 +91,15 @@ class _Interpreter:
         return xp.concatenate(parts).astype(dtype, copy=False) if len(parts) > 1 else parts[0].astype(dtype, copy=True)
 
 
-@functools.lru_cache(maxsize=256)
 def _dying(graph: Graph) -> list[tuple[int, ...]]:
-    """For each node of `graph`, the values whose last use it is (never an output)."""
+    """For each node of `graph`, the values whose last use it is (never an output); kept on the graph."""
+    got = graph.memo.get("dying")
+    if got is None:
+        got = graph.memo["dying"] = _last_uses(graph)
+    return got
+
+
+def _last_uses(graph: Graph) -> list[tuple[int, ...]]:
     last: dict[int, int] = {}
     for k, n in enumerate(graph.nodes):
         for i in n.inputs:
