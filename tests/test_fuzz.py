@@ -74,6 +74,35 @@ def run_campaign(request: pytest.FixtureRequest, name: str, strategy: st.SearchS
 # ---------------------------------------------------------------- valid seed graphs: every primitive
 
 
+def _subgraph(shapes: list[tuple[int, ...]], fn: Callable[..., list]) -> Graph:
+    b = Builder()
+    xs = [b.input(f"%arg{k}", "float64", shape) for k, shape in enumerate(shapes)]
+    return b.build([(f"%out{k}", v) for k, v in enumerate(fn(b, *xs))])
+
+
+BRANCHES = (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("mul", x, y)]),
+            _subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("sin", b.bind("add", x, y))]))
+SCAN_BODY = _subgraph([(2, 3), (3,)], lambda b, c, x: [
+    b.bind("tanh", b.bind("mul", c, x)),
+    b.bind("switch", b.const(np.int32(0)), c, b.bind("broadcast_to", x, shape=(2, 3)), branches=BRANCHES, select=(0,))])
+CUSTOM_RULE = {
+    "fun": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("mul", x, y)]),),
+    "fwd": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("mul", x, y), x, y]),),
+    "bwd": (_subgraph([(2, 3)] * 3, lambda b, x, y, g: [b.bind("mul", g, y), b.bind("mul", g, x)]),),
+}
+CUSTOM_JVP = {
+    "fun": CUSTOM_RULE["fun"],
+    "jvp": (_subgraph([(2, 3)] * 4, lambda b, x, y, tx, ty: [
+        b.bind("mul", x, y), b.bind("add", b.bind("mul", tx, y), b.bind("mul", x, ty))]),),
+}
+WHILE_LOOP = {  # while sum(x) < 100: x <- x * y + 1
+    "cond": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [
+        b.bind("lt", b.bind("reduce_sum", x, axes=(0, 1), keepdims=False), b.const(np.float64(100)))]),),
+    "body": (_subgraph([(2, 3), (2, 3)], lambda b, x, y: [b.bind("add", b.bind("mul", x, y), b.const(np.float64(1)))]),),
+}
+SUBGRAPHS = [*BRANCHES, SCAN_BODY, *CUSTOM_RULE["bwd"], *WHILE_LOOP["cond"]]  # what a generated "graphs" attribute draws from
+
+
 def _seed_graphs() -> dict[str, pb.Graph]:
     """One small valid graph per primitive (every attribute kind and dtype class), and one graph
     with all of them together; the mutation campaign starts from these."""
@@ -102,6 +131,13 @@ def _seed_graphs() -> dict[str, pb.Graph]:
     ops["scatter_add"] = lambda b, v: b.bind("scatter_add", v["x"], v["i"], v["u"], axis=1)
     ops["argsort"] = lambda b, v: b.bind("argsort", v["x"], axis=1)
     ops["searchsorted"] = lambda b, v: b.bind("searchsorted", b.bind("reshape", v["k"], shape=(6,)), v["x"], right=True)
+    # the higher-order ops, over subgraphs of f64[2,3] (a switch nested in a scan's body too)
+    ops["switch"] = lambda b, v: b.bind("switch", b.const(np.int32(1)), v["x"], v["y"], branches=BRANCHES, select=(0,))
+    ops["scan"] = lambda b, v: b.bind("scan", v["x"], v["y"], body=(SCAN_BODY,), n_carry=1, n_xs=1, length=2,
+                                      reverse=False, select=(0, 1))
+    ops["custom_vjp"] = lambda b, v: b.bind("custom_vjp", v["x"], v["y"], select=(0,), **CUSTOM_RULE)
+    ops["custom_jvp"] = lambda b, v: b.bind("custom_jvp", v["x"], v["y"], select=(0,), **CUSTOM_JVP)
+    ops["while"] = lambda b, v: b.bind("while", v["x"], v["y"], select=(0,), n_carry=1, **WHILE_LOOP)
 
     def gram(b: Builder, v: dict) -> Var:  # a (2, 2) matrix for the square-matrix ops
         return b.bind("matmul", v["x"], b.bind("transpose", v["y"], perm=(1, 0)))
@@ -230,7 +266,10 @@ def attr_values() -> st.SearchStrategy:
 
 def set_attr(a: pb.Attribute, kind: str | None, value) -> None:
     a.Clear()
-    if kind == "ints":
+    if kind == "graphs":
+        for g in value:
+            a.graphs.graphs.add().CopyFrom(g.to_proto())
+    elif kind == "ints":
         a.ints.values[:] = [min(max(v, -(2**63)), 2**63 - 1) for v in value]  # the wire's int64
         a.ints.SetInParent()
     elif kind == "floats":
@@ -442,6 +481,8 @@ def _attr_for(draw, op: str, key: str, kind: str, shape: tuple[int, ...]):
         return ("f", draw(FLOATS))
     if kind == "dtype":
         return ("s", draw(st.sampled_from(DTYPES)))
+    if kind == "graphs":
+        return ("graphs", draw(st.lists(st.sampled_from(SUBGRAPHS), min_size=1, max_size=3)))
     if key == "perm":
         return ("ints", list(draw(st.permutations(range(r)))))
     if key == "shape" and op == "reshape":
@@ -542,7 +583,8 @@ def generated_graphs(draw) -> pb.Graph:
         declared: tuple[str | None, tuple[int, ...]] | None = None
         if prim is not None and len(known) == len(operands) and all(d is not None for d, _ in known):
             try:
-                values = {k: (tuple(v) if kind == "ints" else v) for k, (kind, v) in attrs.items() if kind is not None}
+                values = {k: (tuple(v) if kind in ("ints", "graphs") else v) for k, (kind, v) in attrs.items()
+                          if kind is not None}
                 declared = infer(op, known, values)
             except Exception:  # the decoder meets the same problem and must report it as a GraphError
                 declared = None

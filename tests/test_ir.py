@@ -35,7 +35,7 @@ def f_mlp(params, x, labels):
 
 
 def f_attrs(x, idx, mask):
-    """Touches every op with attributes, so every attribute kind (int, float, bool, dtype, ints)."""
+    """Touches every op with attributes, so every attribute kind (int, float, bool, dtype, ints, graphs)."""
     p = gs.pad(x, ((1, 2), (0, 1)), constant_values=-1.5)  # ints lo/hi/interior, float value
     c = gs.cumsum(p, axis=1, reverse=True)  # int axis, bool reverse
     t = gs.take(c, idx, axis=0)  # int axis, int64 operand
@@ -49,7 +49,8 @@ def f_attrs(x, idx, mask):
     mn = gs.min(b, axis=0)
     cat = gs.concatenate([gs.sum(mn, axis=1), gs.reshape(mx, (2,))])  # variadic, int axis
     m = gs.where(mask, gs.astype(cat, np.float32), np.float32(0.5))  # cast: dtype attribute
-    return {"m": m, "total": gs.sum(cat)}
+    chosen = gs.cond(gs.sum(cat) > 0, lambda v: v * 2.0, lambda v: gs.sin(v), cat)  # graphs: the branches
+    return {"m": m, "total": gs.sum(cat), "chosen": chosen}
 
 
 def f_consts(x):
@@ -157,7 +158,7 @@ def test_round_trip_cases_cover_what_they_claim():
     (pad,) = [n for n in attrs.nodes if n.op == "pad"]
     assert pad.attrs["value"] == -1.5 and isinstance(pad.attrs["value"], float)
     assert {"pad", "cumsum", "take", "transpose", "reshape", "slice", "expand_dims", "squeeze", "broadcast_to",
-            "reduce_max", "reduce_min", "reduce_sum", "concatenate", "cast"} <= {n.op for n in attrs.nodes}
+            "reduce_max", "reduce_min", "reduce_sum", "concatenate", "cast", "switch"} <= {n.op for n in attrs.nodes}
     consts = traced("consts")
     assert {c.dtype.name for c in consts.constants} == set(DTYPES)
     assert any(c.ndim == 0 for c in consts.constants)
@@ -273,7 +274,8 @@ def test_printer_on_a_traced_graph_has_one_line_per_node():
     assert re.search(r"reduce_max\[axes=\(0,2\) keepdims=True\]", text)
     assert re.search(r"cumsum\[axis=1 reverse=True\]", text)
     assert "i64[3]" in text and "bool[4]" in text and "f32[4]" in text
-    assert re.search(r"in \(out\.m=%\d+, out\.total=%\d+\) \}$", text)
+    assert re.search(r"switch\[branches=\{graph:[0-9a-f]{12},graph:[0-9a-f]{12}\} select=\(0,\)\]", text)
+    assert re.search(r"in \(out\.m=%\d+, out\.total=%\d+, out\.chosen=%\d+\) \}$", text)
 
 
 # ---------------------------------------------------------------- bad graphs from the wire

@@ -17,7 +17,7 @@ import torch
 
 from gradserve_engine.autodiff import vjp_graph, vjp_names
 from gradserve_engine.engine import Engine
-from gradserve_engine.errors import ShapeError
+from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Builder, Graph
 from gradserve_engine.ops import KERNELS
 from gradserve_engine.ops.core import DTYPES, PRIMITIVES, infer
@@ -70,6 +70,8 @@ class Spec:
     grad: str = "smooth"  # "smooth": derivatives checked; "zero": gradient is zero (like PyTorch); "none": no float output
     out_dtype: str | None = None  # result dtype when it is not the operands' (comparisons, cast)
     fd: bool = True  # float64 finite differences apply (False: the result is float32)
+    forward: bool = True  # False: forward mode is refused by design, with a clear error (custom_vjp, as JAX)
+    reverse: bool = True  # False: reverse mode is refused by design, with a clear error (while, as JAX)
 
     def __repr__(self) -> str:
         return self.name
@@ -522,6 +524,125 @@ for _right in (False, True):
     spec(f"searchsorted[right={_right}]", "searchsorted", (X((5,), "sorted"), X((2, 3), "small")),
          _np_searchsorted(_right), None, ALL, attrs={"right": _right}, grad="none", out_dtype="int64")
 
+# ---- higher-order ops: subgraphs as attributes (typed, so one spec per float dtype)
+
+
+def _sub(dtype: str, shapes: tuple[tuple[int, ...], ...], fn: Callable[..., list[Any]]) -> Graph:
+    b = Builder()
+    xs = [b.input(f"%arg{k}", dtype, shape) for k, shape in enumerate(shapes)]
+    return b.build([(f"%out{k}", v) for k, v in enumerate(fn(b, *xs))])
+
+
+def _branches(dtype: str) -> tuple[Graph, Graph]:
+    shapes = ((2, 3), (3,))
+    return (_sub(dtype, shapes, lambda b, x, y: [b.bind("mul", b.bind("sin", x), y), b.bind("mul", y, y)]),
+            _sub(dtype, shapes, lambda b, x, y: [b.bind("add", b.bind("mul", x, x), y), b.bind("exp", y)]))
+
+
+def _np_switch(i, x, y):
+    k = min(max(int(i), 0), 1)
+    outs = [np.sin(x) * y, y * y] if k == 0 else [x * x + y, np.exp(y)]
+    return np.concatenate([o.ravel() for o in outs])
+
+
+def _torch_switch(index):
+    k = min(max(index, 0), 1)
+
+    def f(i, x, y):
+        outs = [torch.sin(x) * y, y * y] if k == 0 else [x * x + y, torch.exp(y)]
+        return torch.cat([o.reshape(-1) for o in outs])
+
+    return f
+
+
+for _dt in FLT:
+    for _i in (1, -3):  # -3: clipped to branch 0, as jax.lax.switch
+        spec(f"switch[index={_i},{_dt}]", "switch", (IDX(_i, "int32"), X((2, 3)), X((3,))), _np_switch, _torch_switch(_i),
+             (_dt,), attrs={"branches": _branches(_dt), "select": (0, 1)})
+
+
+def _body(dtype: str) -> Graph:
+    """(c, x, k) -> (tanh(c * k + x), c * x)"""
+    return _sub(dtype, ((3,), (3,), (3,)),
+                lambda b, c, x, k: [b.bind("tanh", b.bind("add", b.bind("mul", c, k), x)), b.bind("mul", c, x)])
+
+
+def _scan_ref(lib, reverse):
+    tanh, cat, stack = (np.tanh, np.concatenate, np.stack) if lib is np else (torch.tanh, torch.cat, torch.stack)
+
+    def f(c, xs, k):
+        ys = [None] * xs.shape[0]
+        for t in reversed(range(xs.shape[0])) if reverse else range(xs.shape[0]):
+            c, ys[t] = tanh(c * k + xs[t]), c * xs[t]
+        return cat([c.reshape(-1), stack(ys).reshape(-1)])
+
+    return f
+
+
+for _dt in FLT:
+    for _rev in (False, True):
+        spec(f"scan[reverse={_rev},{_dt}]", "scan", (X((3,)), X((4, 3)), X((3,))), _scan_ref(np, _rev),
+             _scan_ref(torch, _rev), (_dt,), attrs={"body": (_body(_dt),), "n_carry": 1, "n_xs": 1, "length": 4,
+                                                     "reverse": _rev, "select": (0, 1)})
+
+
+def _custom_rule(dtype: str) -> dict[str, Any]:
+    """x * sin(y), its derivative given as a rule: fwd keeps sin(y) and x cos(y)."""
+    shapes = ((2, 3), (2, 3))
+    return {"fun": (_sub(dtype, shapes, lambda b, x, y: [b.bind("mul", x, b.bind("sin", y))]),),
+            "fwd": (_sub(dtype, shapes, lambda b, x, y: [b.bind("mul", x, b.bind("sin", y)), b.bind("sin", y),
+                                                         b.bind("mul", x, b.bind("cos", y))]),),
+            "bwd": (_sub(dtype, ((2, 3),) * 3, lambda b, s, xc, g: [b.bind("mul", g, s), b.bind("mul", g, xc)]),),
+            "select": (0,)}
+
+
+for _dt in FLT:
+    spec(f"custom_vjp[{_dt}]", "custom_vjp", (X((2, 3)), X((2, 3))), lambda x, y: (x * np.sin(y)).ravel(),
+         lambda x, y: (x * torch.sin(y)).reshape(-1), (_dt,), attrs=_custom_rule(_dt), forward=False)
+
+
+
+def _custom_jvp_rule(dtype: str) -> dict[str, Any]:
+    """x * sin(y), its JVP given as a rule: tx sin(y) + ty x cos(y)."""
+    def jvp(b, x, y, tx, ty):
+        return [b.bind("mul", x, b.bind("sin", y)),
+                b.bind("add", b.bind("mul", tx, b.bind("sin", y)), b.bind("mul", ty, b.bind("mul", x, b.bind("cos", y))))]
+
+    return {"fun": (_sub(dtype, ((2, 3), (2, 3)), lambda b, x, y: [b.bind("mul", x, b.bind("sin", y))]),),
+            "jvp": (_sub(dtype, ((2, 3),) * 4, jvp),), "select": (0,)}
+
+
+for _dt in FLT:
+    spec(f"custom_jvp[{_dt}]", "custom_jvp", (X((2, 3)), X((2, 3))), lambda x, y: (x * np.sin(y)).ravel(),
+         lambda x, y: (x * torch.sin(y)).reshape(-1), (_dt,), attrs=_custom_jvp_rule(_dt))
+
+
+def _while_graphs(dtype: str) -> dict[str, Any]:
+    """while i < 4: (i, c) <- (i + 1, tanh(c * k) + c), over (i, c, k)."""
+    def graph(fn: Callable[..., list[Any]]) -> Graph:
+        b = Builder()
+        i, c, k = b.input("%i", "int32", ()), b.input("%c", dtype, (3,)), b.input("%k", dtype, (3,))
+        return b.build([(f"%out{j}", v) for j, v in enumerate(fn(b, i, c, k))])
+
+    return {"cond": (graph(lambda b, i, c, k: [b.bind("lt", i, b.const(np.int32(4)))]),),
+            "body": (graph(lambda b, i, c, k: [b.bind("add", i, b.const(np.int32(1))),
+                                                b.bind("add", b.bind("tanh", b.bind("mul", c, k)), c)]),),
+            "n_carry": 2, "select": (1,)}
+
+
+def _while_ref(lib):
+    def f(i, c, k):
+        for _ in range(int(i), 4):
+            c = lib.tanh(c * k) + c
+        return c
+
+    return f
+
+
+for _dt in FLT:
+    spec(f"while[{_dt}]", "while", (IDX(0, "int32"), X((3,)), X((3,))), _while_ref(np), _while_ref(torch), (_dt,),
+         attrs=_while_graphs(_dt), reverse=False)
+
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 assert len(SPEC_BY_NAME) == len(SPECS), "duplicate spec names"
 
@@ -780,6 +901,9 @@ def test_vjp_matches_finite_differences(engine: Engine, s: Spec) -> None:
     graph = build(s, "float64")
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     f = kernel(s)
     rng = rng_for(s.name, "ct")
     ct = randn(rng, graph.nodes[-1].shape, "float64")
@@ -798,6 +922,9 @@ def test_jvp_matches_finite_differences(engine: Engine, s: Spec) -> None:
     graph = build(s, "float64")
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.forward:
+        assert_forward_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     rng = rng_for(s.name, "tangent")
     for wrt in subsets(diff_positions(s, "float64")):
         tangents = {p: randn(rng, arrays[p].shape, "float64") for p in wrt}
@@ -814,11 +941,24 @@ def test_jacobian_with_stacked_seeds_matches_finite_differences(engine: Engine, 
     graph = build(s, "float64")
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     wrt = diff_positions(s, "float64")
     jac = engine.jacobian(graph, inputs, [f"a{p}" for p in wrt])
     for p in wrt:
         want = fd_jacobian(kernel(s), arrays, p)
         assert_fd(jac[("out", f"a{p}")], np.zeros_like(want) if s.grad == "zero" else want, f"jacobian wrt a{p}")
+
+
+def assert_reverse_refused(engine: Engine, graph: Graph, inputs: dict[str, np.ndarray], wrt: list[int]) -> None:
+    with pytest.raises(GraphError, match="reverse-mode differentiation does not work"):
+        engine.vjp(graph, inputs, [f"a{p}" for p in wrt], seeds={graph.output_names()[0]: np.ones(graph.nodes[-1].shape)})
+
+
+def assert_forward_refused(engine: Engine, graph: Graph, inputs: dict[str, np.ndarray], wrt: list[int]) -> None:
+    with pytest.raises(GraphError, match="forward mode"):
+        engine.jvp(graph, inputs, {f"a{p}": inputs[f"a{p}"] for p in wrt})
 
 
 # ---------------------------------------------------------------- 3. float32 and float64: against PyTorch
@@ -829,6 +969,9 @@ def test_vjp_matches_torch(engine: Engine, s: Spec, dtype: str) -> None:
     graph = build(s, dtype)
     inputs = make_inputs(s, dtype)
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, dtype))
+        return
     ct = randn(rng_for(s.name, dtype, "ct"), graph.nodes[-1].shape, out_dtype(s, dtype))
     for wrt in subsets(diff_positions(s, dtype)):
         outs, grads = engine.vjp(graph, inputs, [f"a{p}" for p in wrt], seeds={"out": ct})
@@ -843,6 +986,9 @@ def test_jvp_matches_torch(engine: Engine, s: Spec, dtype: str) -> None:
     graph = build(s, dtype)
     inputs = make_inputs(s, dtype)
     arrays = list(inputs.values())
+    if not s.forward:
+        assert_forward_refused(engine, graph, inputs, diff_positions(s, dtype))
+        return
     rng = rng_for(s.name, dtype, "tangent")
     for wrt in subsets(diff_positions(s, dtype)):
         tangents = {p: randn(rng, arrays[p].shape, dtype) for p in wrt}
@@ -872,8 +1018,15 @@ def test_hvp_matches_finite_differences_of_the_gradient(engine: Engine, s: Spec)
     graph = build(s, "float64", scalar=weights(s, "float64"))
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     wrt = diff_positions(s, "float64")
     names = [f"a{p}" for p in wrt]
+    if not s.forward:
+        with pytest.raises(GraphError, match="forward mode"):
+            engine.hvp(graph, inputs, names, "s", {n: inputs[n] for n in names})
+        return
     rng = rng_for(s.name, "hvp")
     vectors = {p: randn(rng, arrays[p].shape, "float64") for p in wrt}
     hv = engine.hvp(graph, inputs, names, "s", {f"a{p}": v for p, v in vectors.items()})
@@ -888,6 +1041,9 @@ def test_hessian_matches_finite_differences_of_the_gradient(engine: Engine, s: S
     graph = build(s, "float64", scalar=weights(s, "float64"))
     inputs = make_inputs(s, "float64")
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, "float64"))
+        return
     names = [f"a{p}" for p in diff_positions(s, "float64")]
     hess = engine.hessian(graph, inputs, names, "s")
     grad = scalar_grad(engine, graph, names)
@@ -929,6 +1085,9 @@ def test_vjp_of_the_vjp_graph_matches_torch_double_backward(engine: Engine, s: S
     graph = build(s, dtype)
     inputs = make_inputs(s, dtype)
     arrays = list(inputs.values())
+    if not s.reverse:
+        assert_reverse_refused(engine, graph, inputs, diff_positions(s, dtype))
+        return
     wrt = diff_positions(s, dtype)
     names = [f"a{p}" for p in wrt]
     rng = rng_for(s.name, dtype, "double")

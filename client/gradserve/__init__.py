@@ -13,6 +13,7 @@ from gradserve_engine.ir import Graph, Limits
 
 from . import fft, linalg, numpy_api, optim
 from .api import flatten, register_pytree_node, unflatten
+from .control import checkpoint, cond, custom_jvp, custom_vjp, fori_loop, scan, switch, vmap, while_loop
 from .local import (
     cache_info,
     clear_cache,
@@ -159,6 +160,7 @@ __all__ = [
     "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
     "ShapeError", "Tensor", "TensorRef",
     "connect", "fft", "linalg", "minimize", "optim",
+    "checkpoint", "cond", "custom_jvp", "custom_vjp", "fori_loop", "scan", "switch", "vmap", "while_loop",
     "abs", "add", "arctan", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip", "config",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",
     "flatten", "floor", "full_like", "grad", "greater", "greater_equal", "hessian", "hvp", "is_grad_enabled", "jacobian", "jvp",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.errors import GraphError
-from gradserve_engine.ir import Var
+from gradserve_engine.ir import Var, innermost
 from gradserve_engine.ops import KERNELS, PRIMITIVES, Primitive
 from gradserve_engine.ops.core import DTYPES, FLOATS, INTS, NP_DTYPES, dtype_name
 
@@ -36,10 +36,9 @@ _ORDER = ("bool", "int32", "int64", "float32", "float64")
 
 def bind(op: str, *args: Any, **attrs: Any) -> Any:
     """Apply primitive `op`: into the trace, onto the tape, or directly, by operand kind."""
-    for a in args:
-        if isinstance(a, Var):
-            b = a.builder
-            return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
+    b = innermost(args)  # a loop body's own values with values it closes over go to the body (gradserve.control)
+    if b is not None:
+        return b.bind(op, *(x if isinstance(x, Var) else b.const(np.asarray(x)) for x in args), **attrs)
     for cls, eager in _EAGER:
         if any(isinstance(a, cls) for a in args):
             return eager(op, *args, **attrs)

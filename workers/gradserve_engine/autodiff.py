@@ -17,6 +17,7 @@ from .guard import poller
 from .ir import Builder, Graph, Var, copy_into, replay
 from .names import GRAD, SEED, SEEDS, TANGENT, fresh, jacobian_block, residual
 from .ops import PRIMITIVES
+from .ops.control import use_transforms
 from .ops.core import FLOATS
 from .ops.emit import add, zeros
 
@@ -234,3 +235,6 @@ def grad_only(graph: Graph, wrt: Sequence[str], output: str, keep_outputs: bool 
         env[i.id] = b.const(1.0, i.dtype) if i.name == seed else b.input(i.name, i.dtype, i.shape)
     replay(inner, b, env)
     return b.build([(name, env[vid]) for name, vid in inner.outputs])
+
+
+use_transforms(vjp_graph=vjp_graph, vjp_names=vjp_names, jvp_graph=jvp_graph)  # the rules of switch, scan, custom_vjp

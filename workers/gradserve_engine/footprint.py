@@ -13,7 +13,7 @@ the backend, shared between plans, and not counted here.
 
 from __future__ import annotations
 
-from .ir import Graph
+from .ir import Graph, is_graphs
 from .partition import Partition
 from .plan import Plan
 from .shard import Sharding
@@ -31,11 +31,12 @@ ARRAY_BYTES = 120  # an array object besides its data, and its entry in a map of
 
 
 def graph_bytes(graph: Graph) -> int:
-    """The estimated memory of `graph` (its constants' data counted exactly)."""
+    """The estimated memory of `graph` (its constants' data counted exactly), its subgraphs included."""
     attrs = sum(len(n.attrs) for n in graph.nodes)
     names = sum(len(i.name) for i in graph.inputs) + sum(len(name) for name, _ in graph.outputs)
+    subgraphs = sum(graph_bytes(g) for n in graph.nodes for v in n.attrs.values() if is_graphs(v) for g in v)
     return (NODE_BYTES * len(graph.nodes) + ATTR_BYTES * attrs + INPUT_BYTES * len(graph.inputs)
-            + OUTPUT_BYTES * len(graph.outputs) + names
+            + OUTPUT_BYTES * len(graph.outputs) + names + subgraphs
             + sum(CONSTANT_BYTES + c.nbytes for c in graph.constants))
 
 

@@ -30,6 +30,8 @@ from .v1 import graph_pb2 as pb
 
 MAX_RANK = 32
 MAX_ATTRS = 16  # attributes of one node (no primitive has more than a few)
+MAX_DEPTH = 8  # subgraphs inside subgraphs (a scan in a cond in a scan ...)
+MAX_SUBGRAPHS = 64  # subgraphs in one attribute (the branches of a switch)
 SHORT = {"bool": "bool", "int32": "i32", "int64": "i64", "float32": "f32", "float64": "f64"}
 
 
@@ -79,6 +81,8 @@ class Node:
 
 
 def _attr_text(v: Any) -> str:
+    if is_graphs(v):
+        return "{" + ",".join(f"graph:{g.id[:12]}" for g in v) + "}"
     if isinstance(v, tuple):
         return "(" + ",".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
     return str(v)
@@ -92,6 +96,14 @@ class Graph:
     outputs: list[tuple[str, int]]
     _id: str | None = field(default=None, repr=False)
     _by_name: dict[str, Input] | None = field(default=None, repr=False)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)  # what is derived from it once (a subgraph's liveness)
+
+    def __eq__(self, other: object) -> bool:
+        """Graphs are equal when their content is (the same id): subgraph attributes compare so."""
+        return self is other or (isinstance(other, Graph) and self.id == other.id)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     # ---- types
     @property
@@ -174,7 +186,21 @@ class Graph:
     def from_proto(cls, msg, limits: Limits = DEFAULT_LIMITS, internal_names: bool = False) -> Graph:
         """Decode and validate a wire graph; every problem is a GraphError naming the node.
         `internal_names`: the graph is one of gradserve's own (a stage sent to a worker), whose
-        names may begin with the prefix reserved for transforms."""
+        names may begin with the prefix reserved for transforms. Subgraphs (attributes of kind
+        "graphs") are decoded with it and count against the same limits."""
+        nodes, const_bytes = _census(msg, 0)  # over the limits with its subgraphs (alone: refused as it decodes)
+        if nodes > limits.max_nodes >= len(msg.nodes):
+            raise LimitError(f"graph has {nodes} nodes with those of its subgraphs, over the limit of {limits.max_nodes}")
+        if const_bytes > limits.max_constant_bytes >= sum(len(c.value.data) for c in msg.constants):
+            raise LimitError(f"the constants of the graph and its subgraphs exceed the limit of "
+                             f"{limits.max_constant_bytes} bytes")
+        graph = cls._decode(msg, limits)
+        validate(graph, limits, internal_names)
+        return graph
+
+    @classmethod
+    def _decode(cls, msg, limits: Limits) -> Graph:
+        """The graph of a wire message, its subgraphs decoded too, checked as far as decoding needs."""
         n_values = len(msg.inputs) + len(msg.constants) + len(msg.nodes)
         if len(msg.nodes) > limits.max_nodes:
             raise LimitError(f"graph has {len(msg.nodes)} nodes, over the limit of {limits.max_nodes}")
@@ -206,7 +232,7 @@ class Graph:
                                  "(nodes are numbered after inputs and constants)")
             if len(n.attrs) > MAX_ATTRS:
                 raise LimitError(f"{where}: {len(n.attrs)} attributes, over the limit of {MAX_ATTRS}")
-            attrs = {key: _get_attr(a, f"{where} attribute {_short(key)}") for key, a in n.attrs.items()}
+            attrs = {key: _get_attr(a, f"{where} attribute {_short(key)}", limits) for key, a in n.attrs.items()}
             nodes.append(Node(vid, n.op, tuple(n.inputs), attrs, _dtype_from_pb(n.dtype, where),
                               check_shape(n.shape, limits, where)))
         outputs = []
@@ -214,12 +240,36 @@ class Graph:
             if not 0 <= o.id < n_values:
                 raise GraphError(f"output {o.name!r} refers to %{o.id}, which the graph does not define")
             outputs.append((o.name, o.id))
-        graph = cls(inputs, constants, nodes, outputs)
-        validate(graph, limits, internal_names)
-        return graph
+        return cls(inputs, constants, nodes, outputs)
+
+
+def _census(msg, depth: int) -> tuple[int, int]:
+    """Nodes and constant bytes of a wire graph with all its subgraphs, counted before anything
+    is decoded; refuses nesting deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise LimitError(f"subgraphs nested more than {MAX_DEPTH} deep")
+    nodes = len(msg.nodes)
+    const_bytes = sum(len(c.value.data) for c in msg.constants)
+    for n in msg.nodes:
+        for a in n.attrs.values():
+            if a.WhichOneof("value") == "graphs":
+                if len(a.graphs.graphs) > MAX_SUBGRAPHS:
+                    raise LimitError(f"node %{n.id} ({_short(n.op)}): {len(a.graphs.graphs)} subgraphs in one attribute, "
+                                     f"over the limit of {MAX_SUBGRAPHS}")
+                for g in a.graphs.graphs:
+                    k, c = _census(g, depth + 1)
+                    nodes, const_bytes = nodes + k, const_bytes + c
+    return nodes, const_bytes
+
+
+def is_graphs(v: Any) -> bool:
+    """Whether an attribute value is a tuple of subgraphs (kind "graphs")."""
+    return isinstance(v, tuple) and bool(v) and all(isinstance(g, Graph) for g in v)
 
 
 def _canonical_attr(v: Any) -> str:
+    if is_graphs(v):  # a subgraph by its own content hash: the id covers every nested graph
+        return "g[" + ",".join(g.id for g in v) + "]"
     if isinstance(v, bool):
         return f"b{int(v)}"
     if isinstance(v, float):
@@ -295,7 +345,10 @@ def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor
 
 
 def _set_attr(msg, v: Any) -> None:
-    if isinstance(v, bool):
+    if is_graphs(v):
+        for g in v:
+            msg.graphs.graphs.add().CopyFrom(g.to_proto())
+    elif isinstance(v, bool):
         msg.b = v
     elif isinstance(v, int):
         msg.i = v
@@ -310,10 +363,14 @@ def _set_attr(msg, v: Any) -> None:
         raise TypeError(f"attribute value {v!r} has no wire form")
 
 
-def _get_attr(msg, where: str) -> Any:
+def _get_attr(msg, where: str, limits: Limits) -> Any:
     kind = msg.WhichOneof("value")
     if kind is None:
         raise GraphError(f"{where} has no value")
+    if kind == "graphs":
+        if not msg.graphs.graphs:
+            raise GraphError(f"{where} holds no subgraph")
+        return tuple(Graph._decode(g, limits) for g in msg.graphs.graphs)
     if kind in ("ints", "floats"):
         values = getattr(msg, kind).values
         if len(values) > MAX_RANK:  # counted before anything is converted: shapes, axes, perms have one per dim
@@ -330,6 +387,7 @@ _KIND_CHECK = {
     "bool": lambda v: isinstance(v, bool),
     "dtype": lambda v: v in DTYPES,
     "ints": lambda v: isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "graphs": lambda v: is_graphs(v) and len(v) <= MAX_SUBGRAPHS,
 }
 
 
@@ -359,7 +417,17 @@ def duplicates(names: Sequence[str]) -> list[str]:
 
 
 def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool = False) -> None:
-    """Check a graph from outside: ids, ops, arity, attributes, types, names, limits."""
+    """Check a graph from outside: ids, ops, arity, attributes, types, names, limits; subgraphs
+    recursively, their nodes counted with the graph's against `limits.max_nodes`."""
+    _validate(graph, limits, internal_names, 0, [0])
+
+
+def _validate(graph: Graph, limits: Limits, internal_names: bool, depth: int, total: list[int]) -> None:
+    if depth > MAX_DEPTH:
+        raise LimitError(f"subgraphs nested more than {MAX_DEPTH} deep")
+    total[0] += len(graph.nodes)
+    if total[0] > limits.max_nodes:
+        raise LimitError(f"graph has {total[0]} nodes with those of its subgraphs, over the limit of {limits.max_nodes}")
     if len(graph.nodes) > limits.max_nodes:
         raise LimitError(f"graph has {len(graph.nodes)} nodes, over the limit of {limits.max_nodes}")
     if len(graph.inputs) + len(graph.constants) > limits.max_nodes:
@@ -396,6 +464,13 @@ def validate(graph: Graph, limits: Limits = DEFAULT_LIMITS, internal_names: bool
             if not 0 <= operand < n.id:
                 raise GraphError(f"operand %{operand} is used before it is defined (a cycle or a forward reference) at {where}")
         check_attrs(n.op, n.attrs, where)
+        for key, value in sorted(n.attrs.items()):
+            if is_graphs(value):  # a subgraph's names are the transforms' own: the reserved prefix is allowed
+                for k, g in enumerate(value):
+                    try:
+                        _validate(g, limits, True, depth + 1, total)
+                    except (GraphError, ShapeError) as e:
+                        raise type(e)(f"in subgraph {key}[{k}]: {e}, at {where}") from None
         try:
             dtype, shape = infer(n.op, [graph.aval(i) for i in n.inputs], n.attrs)
         except ShapeError as e:
@@ -435,7 +510,11 @@ class Var(Shaped):
 
 class Builder:
     """Emits nodes with type inference; `build` numbers them canonically and drops dead ones.
-    Values are of `value_type` (the SDK traces with its numpy-style subclass of `Var`)."""
+    Values are of `value_type` (the SDK traces with its numpy-style subclass of `Var`).
+    `depth` > 0: a trace nested in others (the body of a loop), which takes values of the
+    traces around it as its own inputs; an op on values of several traces goes to the innermost."""
+
+    depth = 0
 
     def __init__(self, value_type: type[Var] = Var) -> None:
         self.value_type = value_type
@@ -519,12 +598,22 @@ class Builder:
 
 
 def _attr_value(v: Any) -> Any:
-    """An attribute as nodes hold it: sequences as tuples of ints, a dtype by its IR name."""
+    """An attribute as nodes hold it: subgraphs as a tuple of graphs, other sequences as tuples of
+    ints, a dtype by its IR name."""
     if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
+        return tuple(v) if is_graphs(tuple(v)) else tuple(int(x) for x in v)
     if isinstance(v, (np.dtype, type)):
         return dtype_name(np.dtype(v))
     return v
+
+
+def innermost(values: Iterable[Any]) -> Builder | None:
+    """The innermost trace among the traced values in `values` (None: none is traced)."""
+    b: Builder | None = None
+    for v in values:
+        if isinstance(v, Var) and (b is None or v.builder.depth > b.depth):
+            b = v.builder
+    return b
 
 
 def _user_frame() -> str:

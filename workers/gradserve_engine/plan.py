@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gradserve_engine.errors import Cancelled, GradserveError, GraphError, LimitError
-from gradserve_engine.ir import Graph, Node, Var, replay, type_str
+from gradserve_engine.ir import Graph, Node, Var, innermost, replay, type_str
 
 from . import threads
 from .buffers import MIN_BYTES, RECYCLER
@@ -382,9 +382,8 @@ class Plan:
         """Execute on arrays given in the order of `self.inputs`. Given traced values instead,
         emit the plan's graph into their trace (so transforms nest: a gradient of a gradient).
         On a backend that moves data, inputs are uploaded once and results taken back once."""
-        traced = next((v for v in values if isinstance(v, Var)), None)
-        if traced is not None:
-            b = traced.builder
+        b = innermost(values)
+        if b is not None:
             emitted = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
             replay(self.graph, b, emitted)
             return {name: emitted[vid] for name, vid in self.outputs}
@@ -556,7 +555,8 @@ def _peak_bytes(graph: Graph, steps: Sequence[Step], results: Sequence[tuple[str
     aliases are freed (a view holds its operand's buffer; a result written over a dead buffer
     takes that buffer over); results that alias an input or constant copied at the end. A
     reshape of a value that may not be contiguous counts as a copy (numpy copies it then).
-    Temporaries inside a kernel are not counted."""
+    Temporaries inside a kernel are not counted, except what a kernel declares it holds
+    (`scratch`: the values of the subgraphs a higher-order op runs)."""
     n = graph.n_values
     size = [0] * n  # bytes of the buffer first held by slot v
     buf = list(range(n))  # the buffer (by its first slot) each slot holds
@@ -599,7 +599,8 @@ def _peak_bytes(graph: Graph, steps: Sequence[Step], results: Sequence[tuple[str
                 ins = step.unit.inputs
                 if node is None or PRIMITIVES[node.op].elementwise:  # numpy keeps its operands' layout
                     layout[o] = _OTHER if any(layout[i] == _OTHER for i in ins) else _C
-        peak = max(peak, live)
+        scratch = PRIMITIVES[node.op].scratch if node is not None else None
+        peak = max(peak, live + (scratch(node.attrs) if scratch is not None and node is not None else 0))
         for f in step.frees:
             b = buf[f]
             refs[b] -= 1

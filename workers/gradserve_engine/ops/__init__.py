@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import binary, indexing, linalg, reductions, shape, unary
+from . import binary, control, indexing, linalg, reductions, shape, unary
 from .core import PRIMITIVES, Kernel, Primitive, infer, kernel_table, names_where
 
 KERNELS = kernel_table(np)  # the numpy reference kernels every faster path is tested against
@@ -18,5 +18,5 @@ OUT_CAPABLE = names_where(lambda p: p.out)
 IN_PLACE = names_where(lambda p: p.in_place)
 VIEWS = names_where(lambda p: p.view)
 
-__all__ = ["IN_PLACE", "KERNELS", "OUT_CAPABLE", "PRIMITIVES", "VIEWS", "Kernel", "Primitive", "binary", "indexing",
+__all__ = ["IN_PLACE", "KERNELS", "OUT_CAPABLE", "PRIMITIVES", "VIEWS", "Kernel", "Primitive", "binary", "control", "indexing",
            "infer", "kernel_table", "linalg", "reductions", "shape", "unary"]

@@ -32,7 +32,7 @@ __all__ = ["ATTR_KINDS", "DTYPES", "FLOATS", "INTS", "NP_DTYPES", "NUMERIC", "AV
            "infer", "kernel_table", "names_where", "need", "register", "size_of", "ufunc"]
 
 # attribute kinds: how each attribute is typed on the wire and checked on arrival
-ATTR_KINDS = ("int", "float", "bool", "dtype", "ints")
+ATTR_KINDS = ("int", "float", "bool", "dtype", "ints", "graphs")  # graphs: the subgraphs of a higher-order op
 
 Kernel = Callable[..., Any]
 KernelFactory = Callable[[ModuleType], Kernel]  # the kernel over an array namespace (numpy, CuPy)
@@ -117,6 +117,9 @@ class Primitive:
     shard_sum: SumRule | None = None
     additive: bool = False  # a sum over examples plus an example-independent term: the term is split over shards
     reshard: ReshardRule | None = None
+    # memory: the bytes the kernel holds while it runs besides its operands and result (the
+    # values of the subgraphs a higher-order op runs); None: nothing worth counting
+    scratch: Callable[[Mapping[str, Any]], int] | None = None
 
 
 PRIMITIVES: dict[str, Primitive] = {}

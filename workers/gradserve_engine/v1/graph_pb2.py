@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradserve/v1/graph.proto\x12\x0cgradserve.v1\"V\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03ref\x18\x04 \x01(\t\"X\n\tValueInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1b\n\tFloatList\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\x9a\x01\n\tAttribute\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\x0b\n\x01s\x18\x04 \x01(\tH\x00\x12%\n\x04ints\x18\x05 \x01(\x0b\x32\x15.gradserve.v1.IntListH\x00\x12)\n\x06\x66loats\x18\x06 \x01(\x0b\x32\x17.gradserve.v1.FloatListH\x00\x42\x07\n\x05value\";\n\x08\x43onstant\x12\n\n\x02id\x18\x01 \x01(\r\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"\xd6\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\r\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\r\x12,\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1d.gradserve.v1.Node.AttrsEntry\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x03\x1a\x45\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradserve.v1.Attribute:\x02\x38\x01\"\"\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\xa5\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.gradserve.v1.ValueInfo\x12)\n\tconstants\x18\x02 \x03(\x0b\x32\x16.gradserve.v1.Constant\x12!\n\x05nodes\x18\x03 \x03(\x0b\x32\x12.gradserve.v1.Node\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.gradserve.v1.Output*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42OOL\x10\x01\x12\t\n\x05INT32\x10\x02\x12\t\n\x05INT64\x10\x03\x12\x0b\n\x07\x46LOAT32\x10\x04\x12\x0b\n\x07\x46LOAT64\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradserve/v1/graph.proto\x12\x0cgradserve.v1\"V\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03ref\x18\x04 \x01(\t\"X\n\tValueInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x1b\n\tFloatList\x12\x0e\n\x06values\x18\x01 \x03(\x01\"0\n\tGraphList\x12#\n\x06graphs\x18\x01 \x03(\x0b\x32\x13.gradserve.v1.Graph\"\xc5\x01\n\tAttribute\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x03 \x01(\x08H\x00\x12\x0b\n\x01s\x18\x04 \x01(\tH\x00\x12%\n\x04ints\x18\x05 \x01(\x0b\x32\x15.gradserve.v1.IntListH\x00\x12)\n\x06\x66loats\x18\x06 \x01(\x0b\x32\x17.gradserve.v1.FloatListH\x00\x12)\n\x06graphs\x18\x07 \x01(\x0b\x32\x17.gradserve.v1.GraphListH\x00\x42\x07\n\x05value\";\n\x08\x43onstant\x12\n\n\x02id\x18\x01 \x01(\r\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"\xd6\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\r\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\r\x12,\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1d.gradserve.v1.Node.AttrsEntry\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x06 \x03(\x03\x1a\x45\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradserve.v1.Attribute:\x02\x38\x01\"\"\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\xa5\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.gradserve.v1.ValueInfo\x12)\n\tconstants\x18\x02 \x03(\x0b\x32\x16.gradserve.v1.Constant\x12!\n\x05nodes\x18\x03 \x03(\x0b\x32\x12.gradserve.v1.Node\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.gradserve.v1.Output*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42OOL\x10\x01\x12\t\n\x05INT32\x10\x02\x12\t\n\x05INT64\x10\x03\x12\x0b\n\x07\x46LOAT32\x10\x04\x12\x0b\n\x07\x46LOAT64\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_ATTRSENTRY']._loaded_options = None
   _globals['_NODE_ATTRSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=915
-  _globals['_DTYPE']._serialized_end=1003
+  _globals['_DTYPE']._serialized_start=1008
+  _globals['_DTYPE']._serialized_end=1096
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=128
   _globals['_VALUEINFO']._serialized_start=130
@@ -43,16 +43,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTLIST']._serialized_end=245
   _globals['_FLOATLIST']._serialized_start=247
   _globals['_FLOATLIST']._serialized_end=274
-  _globals['_ATTRIBUTE']._serialized_start=277
-  _globals['_ATTRIBUTE']._serialized_end=431
-  _globals['_CONSTANT']._serialized_start=433
-  _globals['_CONSTANT']._serialized_end=492
-  _globals['_NODE']._serialized_start=495
-  _globals['_NODE']._serialized_end=709
-  _globals['_NODE_ATTRSENTRY']._serialized_start=640
-  _globals['_NODE_ATTRSENTRY']._serialized_end=709
-  _globals['_OUTPUT']._serialized_start=711
-  _globals['_OUTPUT']._serialized_end=745
-  _globals['_GRAPH']._serialized_start=748
-  _globals['_GRAPH']._serialized_end=913
+  _globals['_GRAPHLIST']._serialized_start=276
+  _globals['_GRAPHLIST']._serialized_end=324
+  _globals['_ATTRIBUTE']._serialized_start=327
+  _globals['_ATTRIBUTE']._serialized_end=524
+  _globals['_CONSTANT']._serialized_start=526
+  _globals['_CONSTANT']._serialized_end=585
+  _globals['_NODE']._serialized_start=588
+  _globals['_NODE']._serialized_end=802
+  _globals['_NODE_ATTRSENTRY']._serialized_start=733
+  _globals['_NODE_ATTRSENTRY']._serialized_end=802
+  _globals['_OUTPUT']._serialized_start=804
+  _globals['_OUTPUT']._serialized_end=838
+  _globals['_GRAPH']._serialized_start=841
+  _globals['_GRAPH']._serialized_end=1006
 # @@protoc_insertion_point(module_scope)
