@@ -58,7 +58,7 @@ class _Sub(Builder):
             if v.builder is not self.parent:
                 raise GraphError(f"{v!r} belongs to another trace (a traced value leaked out of its function?)")
             outer = v
-        inner = self.input(f"%capture{len(self.captured)}", v.dtype, v.shape)
+        inner = self.input(f"%capture{len(self.captured)}", v.ir_dtype, v.shape)
         self.captured.append(outer)
         self._lifted[key] = inner
         return inner
@@ -118,7 +118,7 @@ def _widen(t: _Traced, captured: Sequence[Var]) -> Graph:
     env = {i.id: b.input(i.name, i.dtype, i.shape) for i in g.inputs[:t.n_args]}
     position = {_key(v): t.n_args + k for k, v in enumerate(t.captured)}
     for k, v in enumerate(captured):
-        x = b.input(f"%capture{k}", v.dtype, v.shape)
+        x = b.input(f"%capture{k}", v.ir_dtype, v.shape)
         if _key(v) in position:
             env[position[_key(v)]] = x
     replay(g, b, env)
@@ -196,7 +196,7 @@ def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any],
     is a scalar (bool, or a number compared with zero)."""
     if tuple(shape_of(pred)) != ():
         raise ShapeError(f"cond predicate must be a scalar, got shape {tuple(shape_of(pred))}")
-    index = astype(pred if pred.dtype == "bool" else pred != 0, "int32") if isinstance(pred, Var) else np.int32(bool(pred))
+    index = astype(pred if pred.ir_dtype == "bool" else pred != 0, "int32") if isinstance(pred, Var) else np.int32(bool(pred))
     return switch(index, [false_fun, true_fun], *operands)
 
 
