@@ -61,6 +61,12 @@ def test_mlp_smoke():
                 "| peak RSS growth, 3 back-to-back steps, float64, MiB |", "| scalar grad `x*y + sin(x)`, float64, µs/call |")
 
 
+def test_checkpoint_smoke():
+    out = smoke("bench/checkpoint.py", "--block", "2")
+    assert_rows(out, "smoke run: the numbers mean nothing", "| gradserve | ", "| gradserve, checkpoint | ",
+                "| pytorch, checkpoint | ")
+
+
 def test_service_smoke():
     out = smoke("bench/service.py")
     assert_rows(out, "| echo p50 ms |", "| remote scalar grad p50 ms |", "| local scalar grad p50 ms |",
