@@ -64,6 +64,9 @@ def env_var(flag: str) -> str:
 def test_version_comes_from_the_package_metadata(capsys):
     code, out, _ = run_main(capsys, "--version")
     assert code == 0 and out == f"gradserve {importlib.metadata.version('gradserve')}\n"
+    module = subprocess.run([sys.executable, "-m", "gradserve_server", "--version"], capture_output=True, text=True,
+                            timeout=60, env=child_env())
+    assert module.returncode == 0 and module.stdout == out, module  # python -m gradserve_server says the same
 
 
 @pytest.mark.parametrize("command", COMMANDS)

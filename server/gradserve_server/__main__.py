@@ -1,7 +1,8 @@
-"""`python -m gradserve_server [flags]`: the same as `gradserve serve`."""
+"""`python -m gradserve_server [flags]`: the same as `gradserve serve` (and `--version`, as `gradserve --version`)."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main(["serve", *sys.argv[1:]]))
+args = sys.argv[1:]
+sys.exit(main(args if args == ["--version"] else ["serve", *args]))
