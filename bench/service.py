@@ -81,7 +81,7 @@ class ByteCounter:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "gradserve_bytes_total" and sample.labels.get("path") == "client_server":
-                    values[sample.labels["direction"]] = sample.value
+                    values[sample.labels["direction"]] += sample.value  # summed over --processes
         return values["in"], values["out"]
 
     def per_call(self, call, n: int) -> tuple[list[float], float, float]:
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-calls", type=int, default=20, help="calls per MLP latency measurement")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput measurement")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="server processes (gradserve serve --processes; the echo server stays one process)")
     parser.add_argument("--transfer-mib", type=int, default=64, help="MiB moved by the put/get measurement")
     parser.add_argument("--transfer-repeat", type=int, default=7, help="put/get rounds (the median is reported)")
     parser.add_argument("--json", type=Path, default=None)
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     echo = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                              f"import service; service.echo_server({port_file!r})"])
     server, address, metrics_port = start_with_metrics([sys.executable, "-m", "gradserve_server", "--port", "0",
-                                                        "--metrics-port", "0", "--log-level", "warning"])
+                                                        "--metrics-port", "0", "--log-level", "warning",
+                                                        "--processes", str(args.processes)])
     while not Path(port_file).exists() or not Path(port_file).read_text():
         if echo.poll() is not None:
             server.terminate()
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = req.SerializeToString()
 
         def echo_call_factory():
-            channel = grpc.insecure_channel(echo_addr)
+            channel = grpc.insecure_channel(echo_addr, options=[("grpc.use_local_subchannel_pool", 1)])  # as a session's
             stub = channel.unary_unary(f"/{ECHO}", request_serializer=None, response_deserializer=None)
             return lambda: stub(payload, timeout=10)
 

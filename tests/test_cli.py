@@ -93,7 +93,8 @@ SAMPLES = {"--host": "0.0.0.0", "--port": "8123", "--max-message-mib": "64", "--
            "--grace": "3", "--ray": None, "--ray-address": "127.0.0.1:6379", "--workers": "4", "--worker-cpus": "2",
            "--job-runners": "3", "--checkpoint-every": "100", "--checkpoint-seconds": "5", "--job-history": "500",
            "--job-retention-count": "50", "--job-retention-days": "7.5", "--lease-seconds": "30",
-           "--store-busy-seconds": "2", "--kernels": "native", "--log-level": "debug"}
+           "--store-busy-seconds": "2", "--kernels": "native", "--log-level": "debug",
+           "--processes": "4"}
 
 
 def test_every_serve_flag_is_read_from_its_environment_variable(capsys):

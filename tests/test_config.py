@@ -21,8 +21,9 @@ FIELDS = {"--host": "host", "--port": "port", "--max-message-mib": "max_message_
           "--max-concurrent": "max_concurrent", "--threads": "threads", "--grace": "grace",
           "--metrics-host": "metrics_host", "--max-watchers": "max_watchers",
           "--max-health-watchers": "max_health_watchers", "--job-retention-count": "job_retention_count",
-          "--job-retention-days": "job_retention_days"}
-CONFIG_ONLY = {"max_nodes", "max_elements", "max_job_name", "max_optimizer_json"}  # limits of requests' contents
+          "--job-retention-days": "job_retention_days", "--processes": "processes"}
+CONFIG_ONLY = {"max_nodes", "max_elements", "max_job_name", "max_optimizer_json",  # limits of requests' contents
+               "process_tag"}  # set by --processes in each server process it starts
 UNITS = {"--max-message-mib": MiB, "--cache-mib": MiB, "--residual-mib": MiB, "--tensor-store-mib": MiB,
          "--max-call-mib": MiB, "--max-inflight-mib": MiB, "--plan-cache-mib": MiB}
 

@@ -181,8 +181,10 @@ class Session:
         self.address, self.timeout = address, timeout
         # bytes of tensor data per streamed message: the default fits the smallest server message limit (1 MiB)
         self.chunk_bytes = max(min(chunk_bytes, max_message_bytes - HEADER_ROOM), 1)
+        # a connection of its own (gRPC shares one between channels to the same address by default):
+        # sessions are independent clients, and a server run with --processes spreads them over its processes
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), ("grpc.use_local_subchannel_pool", 1)]
         if tls:
             root = None if tls is True else (tls if isinstance(tls, bytes) else Path(tls).read_bytes())
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)

@@ -81,6 +81,8 @@ class Config:
     job_retention_days: float = 0.0  # finished jobs older than this are deleted (0: no bound)
     lease_seconds: float = 15.0  # the term of the job lease of a shared --store
     store_busy_seconds: float = 5.0  # the longest a job store write waits for a lock held elsewhere
+    processes: int = 1  # server processes sharing the port (SO_REUSEPORT); see processes.py
+    process_tag: str = ""  # set in each of those processes: which one it is (residual session handles say it)
 
 
 def start_pool(config: Config) -> tuple[RayPool | None, Policy]:
@@ -182,7 +184,7 @@ class Server:
                         max_call_bytes=config.max_call_bytes, max_inflight_bytes=config.max_inflight_bytes)
         self.registry = GraphRegistry(config.cache_bytes, config.store, limits, self.metrics)
         self.residuals = ResidualStore(config.residual_bytes, config.residual_ttl, metrics=self.metrics,
-                                       max_sessions=config.residual_sessions)
+                                       max_sessions=config.residual_sessions, tag=config.process_tag)
         self.jobs = JobManager(self.engine, self.registry, JobStore(config.store, config.store_busy_seconds), limits,
                                config.job_runners, config.checkpoint_every, config.checkpoint_seconds,
                                history_points=config.job_history, max_waiters=config.max_watchers,
@@ -196,7 +198,7 @@ class Server:
         interceptors = [_TokenAuth(config.token, self.metrics, config.reflection_needs_token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if config.process_tag else 0)]  # one of --processes: the port is shared
         # calls that wait on jobs (at most max_watchers) get threads of their own: the `threads` stay for the others
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads + config.max_watchers,
                                                            thread_name_prefix="gradserve"),

@@ -14,7 +14,7 @@ import math
 import os
 import ssl
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +27,7 @@ from gradserve_engine.ir import type_str
 from gradserve_engine.wire import DTYPE_FROM_PB
 
 from .app import Config, MiB, Server
+from .processes import TAG_VAR, Supervisor
 
 log = logging.getLogger("gradserve_server")
 ENV_PREFIX = "GRADSERVE_"  # GRADSERVE_<FLAG>: --max-call-mib is GRADSERVE_MAX_CALL_MIB
@@ -116,10 +117,19 @@ def demo() -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Start the gRPC service and block until SIGTERM/SIGINT, then drain."""
+def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Start the gRPC service and block until SIGTERM/SIGINT, then drain. With --processes N (in
+    the parent: not in one of its processes), start N servers on the port and watch them."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    if config.processes > 1 and not config.process_tag:
+        try:
+            supervisor = Supervisor(config, argv).start()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"gradserve: cannot start: {e}") from None
+        extra = f", metrics on {config.metrics_host}:{supervisor.metrics_port}/metrics" if supervisor.metrics_port else ""
+        print(f"gradserve listening on {config.host}:{supervisor.port}{extra} ({config.processes} processes)", flush=True)
+        return supervisor.wait_for_signal()
     try:
         server = Server(config).start()
     except (GradserveError, OSError, ValueError, ImportError) as e:  # the configuration's, not a bug: one line
@@ -190,7 +200,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   job_runners=args.job_runners, checkpoint_every=args.checkpoint_every,
                   checkpoint_seconds=args.checkpoint_seconds, job_history=args.job_history,
                   job_retention_count=args.job_retention_count, job_retention_days=args.job_retention_days,
-                  lease_seconds=args.lease_seconds, store_busy_seconds=args.store_busy_seconds, kernels=args.kernels)
+                  lease_seconds=args.lease_seconds, store_busy_seconds=args.store_busy_seconds, kernels=args.kernels,
+                  processes=args.processes, process_tag=os.environ.get(TAG_VAR, ""))
 
 
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
@@ -262,6 +273,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                         "take over when it lapses")
     s.add_argument("--store-busy-seconds", type=POSITIVE, default=d.store_busy_seconds,
                    help="longest a job store write waits for a lock another process holds")
+    s.add_argument("--processes", type=AT_LEAST_ONE, default=d.processes,
+                   help="server processes sharing the port (SO_REUSEPORT), so that calls use more than one core; they "
+                        "share --store (or a temporary one), each keeps its own tensors and vjp sessions")
     s.add_argument("--kernels", default=d.kernels, choices=["numpy", "native", "auto", "gpu"],
                    help="numpy kernels, fused numba kernels (the native extra), auto (native where it wins), or CuPy")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="what is logged")
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":  # parsed again with the environment's defaults: a serve-only concern
         args = build_parser(os.environ).parse_args(argv)
-        return serve(args)
+        return serve(args, argv if argv is not None else sys.argv[1:])
     if args.command == "demo":
         return demo()
     return jobs(args) if args.command == "jobs" else graphs(args)

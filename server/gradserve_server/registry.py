@@ -368,9 +368,12 @@ class ResidualStore:
     together once they outnumber the open sessions."""
 
     def __init__(self, max_bytes: int, default_ttl: float = 300.0, max_ttl: float = 3600.0,
-                 metrics: Metrics | None = None, clock=time.monotonic, max_sessions: int = 10_000):
+                 metrics: Metrics | None = None, clock=time.monotonic, max_sessions: int = 10_000, tag: str = ""):
+        """`tag` names this server process among several on one port (`--processes`): handles
+        begin with it, so a call that reaches another process is told where its session lives."""
         self.max_bytes, self.default_ttl, self.max_ttl = max_bytes, default_ttl, max_ttl
         self.max_sessions = max_sessions
+        self.tag = tag
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
@@ -387,7 +390,7 @@ class ResidualStore:
                              f"residual budget of {self.max_bytes}")
         if self.max_sessions < 1:
             raise LimitError("this server keeps no residual sessions (its session limit is 0)")
-        handle = secrets.token_hex(16)
+        handle = f"p{self.tag}-{secrets.token_hex(16)}" if self.tag else secrets.token_hex(16)
         with self._lock:
             self._expire()
             while self._bytes + nbytes > self.max_bytes and self._sessions:
@@ -408,6 +411,11 @@ class ResidualStore:
             self._expire()
             s = self._sessions.get(handle)
             if s is None:
+                home = handle.partition("-")[0][1:] if handle.startswith("p") and "-" in handle else self.tag
+                if home != self.tag:
+                    raise NotFound(f"residual session {handle} lives in server process {home}, and this call reached "
+                                   f"process {self.tag or 'of a single-process server'}: send a session's calls over the "
+                                   "channel that opened it (the SDK does)")
                 why = self._gone.get(handle, "unknown")
                 raise NotFound(f"residual session {handle} is gone ({why}); call vjp again")
             s.expires = self._clock() + s.ttl  # each use renews the lease (its heap entry moves when due)
