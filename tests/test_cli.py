@@ -270,3 +270,13 @@ def test_jobs_delete(capsys, remote, server):
         endless.cancel()
     code, out, _ = run_main(capsys, "jobs", "delete", endless.id, "--address", server.address)
     assert code == 0 and out == f"job {endless.id} deleted\n"
+
+
+def test_a_switch_from_the_environment_is_turned_off_on_the_command_line_and_clients_read_the_token_file(
+        tmp_path, monkeypatch):
+    assert build_parser({"GRADSERVE_RAY": "1"}).parse_args(["serve", "--no-ray"]).ray is False
+    assert build_parser({"GRADSERVE_RAY": "1"}).parse_args(["serve"]).ray is True
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    monkeypatch.setenv("GRADSERVE_TOKEN_FILE", str(token))
+    assert build_parser().parse_args(["jobs", "list"]).token_file == token

@@ -410,3 +410,42 @@ def test_job_wait_polls_when_the_server_has_no_room_for_another_stream(serve_in_
         finally:
             held.cancel()
             long.cancel()
+
+
+def test_servers_sharing_a_store_follow_each_others_deletes(tmp_path):
+    """Two registries on one store (the processes of --processes): a graph one deletes is no
+    longer served by the other, and registering it again through the other writes its file."""
+    g = gs.trace(lambda x: gs.sum(gs.sin(x)), np.ones(3))
+    wire = g.to_proto().SerializeToString(deterministic=True)
+    a, b = GraphRegistry(1 << 20, store=tmp_path), GraphRegistry(1 << 20, store=tmp_path)
+    a.register(g, wire)
+    assert b.get(g.id).id == g.id  # read from the store, now in b's memory
+    assert a.delete(g.id)
+    with pytest.raises(NotFound):
+        b.get(g.id)
+    assert b.register(g, wire) == (g.id, True)
+    assert (tmp_path / "graphs" / f"{g.id}.pb").is_file()
+    assert a.get(g.id).id == g.id
+
+
+def test_a_listing_ends_on_its_last_listed_graph_and_reads_a_damaged_file_once(tmp_path, monkeypatch):
+    graphs = sorted((gs.trace(lambda x, k=k: gs.sum(x) * float(k), np.ones(2)) for k in range(2)), key=lambda g: g.id)
+    reg = GraphRegistry(1 << 20, store=tmp_path)
+    for g in graphs:
+        reg.register(g, g.to_proto().SerializeToString(deterministic=True))
+    for k in range(3):  # damaged files whose ids sort after both graphs
+        (tmp_path / "graphs" / f"{'f' * 63}{k}.pb").write_bytes(b"\xff not a graph")
+    loads = []
+    original = GraphRegistry._load
+
+    def counted(self, gid):
+        loads.append(gid)
+        return original(self, gid)
+
+    monkeypatch.setattr(GraphRegistry, "_load", counted)
+    fresh = GraphRegistry(1 << 20, store=tmp_path)  # nothing in memory: every entry is read from the store
+    page, more = fresh.list(None, 2)
+    assert [gid for gid, _ in page] == [g.id for g in graphs] and not more  # no empty page after the last graph
+    damaged_reads = len([gid for gid in loads if gid.startswith("f" * 63)])
+    fresh.list(None, 2)
+    assert len([gid for gid in loads if gid.startswith("f" * 63)]) == damaged_reads == 3  # not parsed again

@@ -122,14 +122,14 @@ def test_finished_jobs_hold_nothing_but_their_rows(managers, runs):
     assert wait_until(lambda: all(r() is None for r in runs), timeout=5)
     tracemalloc.start()
     try:
-        before, free_before = tracemalloc.get_traced_memory()[0], RECYCLER.free_bytes
+        before, free_before = tracemalloc.get_traced_memory()[0], RECYCLER.held_bytes
         ids = [manager.submit(big_spec(name=f"big {k}")).job_id for k in range(4)]  # 32 MiB of arguments
         for job_id in ids:
             assert finish(manager, job_id).status == "succeeded"
         # the runners drop a run as they end it: no cycle keeps one for the collector to find
         assert wait_until(lambda: all(r() is None for r in runs), timeout=5), [r() for r in runs]
         after, peak = tracemalloc.get_traced_memory()
-        kept = after - before - (RECYCLER.free_bytes - free_before)
+        kept = after - before - (RECYCLER.held_bytes - free_before)
     finally:
         tracemalloc.stop()
     assert peak - before >= 8 * MiB  # the arguments were traced: a job that kept one would show here

@@ -437,3 +437,11 @@ def test_per_example_matrices_shard_and_mixed_ones_are_refused() -> None:
     mixed = gs.trace(lambda w, x: np.linalg.det(x @ w), w, rng.standard_normal((3, 3)))
     with pytest.raises(ShardError, match="det mixes the rows or columns of a matrix"):
         analyze(mixed, {"x": 0})
+
+
+@pytest.mark.parametrize("ord", [None, 1, 2, 3, 0.5, np.inf])
+def test_vector_norms_have_gradient_zero_at_zero_as_torch(ord):
+    got = gs.grad(lambda x: np.linalg.norm(x, ord=ord))(np.zeros(3))
+    t = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    torch.linalg.vector_norm(t, 2 if ord is None else ord).backward()
+    np.testing.assert_array_equal(got, t.grad.numpy())

@@ -517,3 +517,16 @@ def test_repr_makes_no_call():
     job.info()  # what a call learnt is shown
     session._call = _refuse
     assert repr(job) == "Job('f00d', running at step 0/10 when last seen)"
+
+
+def test_schedules_overflow_to_inf_and_refuse_counts_past_2_53():
+    """A growing schedule gives inf, as torch's float arithmetic does (a job then ends as
+    non-finite), never an OverflowError; counts no float can hold are refused when parsed."""
+    from gradserve.optim import schedules
+
+    assert schedules.from_json({"name": "ExponentialLR", "gamma": 2.0}).lr(0.1, 2000) == float("inf")
+    assert schedules.from_json({"name": "StepLR", "step_size": 1, "gamma": 1e308}).lr(0.1, 3) == float("inf")
+    for spec in ({"name": "CosineAnnealingLR", "T_max": 10**400}, {"name": "LinearLR", "total_iters": 2**53 + 1}):
+        with pytest.raises(ValueError, match="at most 2\\*\\*53") as info:
+            schedules.from_json(spec)
+        assert len(str(info.value)) < 200

@@ -1201,7 +1201,11 @@ def _vector_norm(x: Any, ord: Any, axis: int, keepdims: bool) -> Any:
     if isinstance(ord, str):
         raise ValueError(f"Invalid norm order '{ord}' for vectors")
     p = float(ord)
-    return UFUNCS["power"](sum(UFUNCS["power"](ax, p), axis, keepdims), 1.0 / p)
+    total = sum(UFUNCS["power"](ax, p), axis, keepdims)
+    if p < 0:  # numpy's value (0 where an element is 0); its gradient there is nan as torch's
+        return UFUNCS["power"](total, 1.0 / p)
+    zero = equal(total, 0.0)  # gradient 0 at the zero vector, as torch's p-norm (the root's would be nan)
+    return where(zero, 0.0, UFUNCS["power"](where(zero, 1.0, total), 1.0 / p))
 
 
 def _matrix_norm(x: Any, ord: Any, axes: tuple[int, int], keepdims: bool) -> Any:

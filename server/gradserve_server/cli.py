@@ -239,7 +239,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on this port (0: any; none: no metrics)")
     s.add_argument("--metrics-host", default=d.metrics_host,
                    help="address the metrics port binds (127.0.0.1: this machine only; /metrics has no auth)")
-    s.add_argument("--reflection-needs-token", action="store_true", default=d.reflection_needs_token,
+    s.add_argument("--reflection-needs-token", action=argparse.BooleanOptionalAction, default=d.reflection_needs_token,
                    help="server reflection answers only calls with the token (health stays open for probes)")
     s.add_argument("--max-concurrent", type=AT_LEAST_ONE, default=d.max_concurrent,
                    help="calls served at once; more get RESOURCE_EXHAUSTED")
@@ -250,7 +250,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-health-watchers", type=COUNT, default=d.max_health_watchers,
                    help="health Watch streams open at once (they hold no thread); more get RESOURCE_EXHAUSTED")
     s.add_argument("--grace", type=SECONDS, default=d.grace, help="seconds calls in flight get at shutdown")
-    s.add_argument("--ray", action="store_true", default=d.ray,
+    s.add_argument("--ray", action=argparse.BooleanOptionalAction, default=d.ray,
                    help="start a local Ray and spread large work over its workers")
     s.add_argument("--ray-address", default=d.ray_address, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
     s.add_argument("--workers", type=AT_LEAST_ONE, default=d.workers, help="worker actors (none: the cluster's CPUs)")
@@ -283,7 +283,11 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
 
 def env_name(action: argparse.Action) -> str:
     """The environment variable of a flag: --max-call-mib is GRADSERVE_MAX_CALL_MIB."""
-    return ENV_PREFIX + action.option_strings[0].lstrip("-").upper().replace("-", "_")
+    return env_name_of(action.option_strings[0])
+
+
+def env_name_of(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
 
 
 def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -403,7 +407,9 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     """How `jobs` and `graphs` reach the server."""
     d = Config()
     p.add_argument("--address", default=f"{d.host}:{d.port}", help="the server (host:port)")
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
+    token_file = os.environ.get(env_name_of("--token-file")) or None  # as serve's: one variable for a container
+    p.add_argument("--token-file", type=Path, default=Path(token_file) if token_file else None,
+                   help="file holding the server's bearer token (or GRADSERVE_TOKEN_FILE)")
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of a TLS server (none: plaintext)")
     p.add_argument("--timeout", type=POSITIVE, default=30.0, help="seconds each call may take")
 

@@ -42,6 +42,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gradserve_engine.threads import available_cores
+
 from .app import Config
 
 log = logging.getLogger("gradserve_server.processes")
@@ -51,13 +53,15 @@ RESTART_PAUSE = 1.0  # seconds before a child that died is started again
 
 
 class Child:
-    def __init__(self, tag: int, cmd: list[str]):
-        self.tag, self.cmd = tag, cmd
+    def __init__(self, tag: int, cmd: list[str], threads: int):
+        self.tag, self.cmd, self.threads = tag, cmd, threads
         self.proc: subprocess.Popen[str] | None = None
         self.metrics_port: int | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         env = {**os.environ, TAG_VAR: str(self.tag)}
+        if "OMP_NUM_THREADS" not in env:  # each its share of the cores: its thread pool and BLAS's threads
+            env["OMP_NUM_THREADS"] = str(self.threads)
         proc = self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
         box: list[str] = []
         reader = threading.Thread(target=lambda: box.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
@@ -82,7 +86,8 @@ class Supervisor:
         self.port = config.port or _free_port(config.host)
         cmd = [sys.executable, "-m", "gradserve_server.cli", *argv, "--port", str(self.port), "--processes", "1",
                "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--store", str(self.store)]
-        self.children = [Child(k, cmd) for k in range(config.processes)]
+        threads = max(1, available_cores() // config.processes)
+        self.children = [Child(k, cmd, threads) for k in range(config.processes)]
         self._stopping = threading.Event()
         self._http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None

@@ -74,6 +74,7 @@ class GraphRegistry:
         self._lock = threading.Lock()
         self._id_locks = [threading.Lock() for _ in range(ID_LOCKS)]
         self._warned: set[str] = set()  # entries of the store already reported as skipped
+        self._damaged: dict[str, tuple[int, int, int]] = {}  # ids whose file failed to load, by its stamp then
         self.store = store / "graphs" if store is not None else None
         if self.store is not None:
             self.store.mkdir(parents=True, exist_ok=True)
@@ -85,11 +86,13 @@ class GraphRegistry:
     def register(self, graph: Graph, wire: bytes) -> tuple[str, bool]:
         """Add a validated graph (with its wire bytes, for the store); returns (id, created)."""
         gid = graph.id
-        if self._cached(gid) is not None:
+        if self._cached(gid) is not None and self._on_disk(gid):
             return gid, False
         with self._id_lock(gid):
             if self._cached(gid) is not None:
-                return gid, False
+                if self._on_disk(gid):
+                    return gid, False
+                self._drop(gid)  # deleted by another server on this store: write it again
             created = True
             if self.store is not None:
                 path = self.store / f"{gid}.pb"
@@ -110,9 +113,13 @@ class GraphRegistry:
 
     def get(self, gid: str) -> Graph:
         graph = self._cached(gid)
-        if graph is not None:
+        if graph is not None and self._on_disk(gid):
             self.metrics.inc("gradserve_graph_cache_hits_total")
             return graph
+        if graph is not None:  # another server on this store deleted it: so is it here
+            with self._id_lock(gid):
+                if not self._on_disk(gid):
+                    self._drop(gid)
         self.metrics.inc("gradserve_graph_cache_misses_total")
         with self._id_lock(gid):  # a delete cannot run between the load and the insert
             graph = self._cached(gid)
@@ -187,15 +194,25 @@ class GraphRegistry:
         while len(self._summaries) > SUMMARIES:
             self._summaries.popitem(last=False)
 
+    def _on_disk(self, gid: str) -> bool:
+        """Whether the graph's file is in the store (True without a store). Servers sharing a
+        store (`--processes`) may delete each other's graphs: memory follows the disk."""
+        return self.store is None or os.path.lexists(self.store / f"{gid}.pb")
+
+    def _drop(self, gid: str) -> Entry | None:
+        """Forget a graph in memory (and its listing's summary)."""
+        with self._lock:
+            entry = self._graphs.pop(gid, None)
+            self._summaries.pop(gid, None)
+            if entry is not None:
+                self._bytes -= entry.nbytes
+                self.metrics.set("gradserve_graph_cache_bytes", self._bytes)
+                self.metrics.set("gradserve_graphs", len(self._graphs))
+        return entry
+
     def delete(self, gid: str) -> bool:
         with self._id_lock(gid):
-            with self._lock:
-                entry = self._graphs.pop(gid, None)
-                self._summaries.pop(gid, None)
-                if entry is not None:
-                    self._bytes -= entry.nbytes
-                    self.metrics.set("gradserve_graph_cache_bytes", self._bytes)
-                    self.metrics.set("gradserve_graphs", len(self._graphs))
+            entry = self._drop(gid)
             stored = False
             if self.store is not None and is_graph_id(gid):
                 path = self.store / f"{gid}.pb"
@@ -221,11 +238,12 @@ class GraphRegistry:
             ids.update(self._stored_ids())
         page: list[tuple[str, Summary]] = []
         for gid in sorted(gid for gid in ids if after is None or gid > after):
-            if len(page) == limit:
-                return page, True
             summary = held.get(gid) or self._summary(gid)
-            if summary is not None:
-                page.append((gid, summary))
+            if summary is None:
+                continue
+            if len(page) == limit:  # a listed graph follows: the last page is never empty
+                return page, True
+            page.append((gid, summary))
         return page, False
 
     def _summary(self, gid: str) -> Summary | None:
@@ -235,14 +253,32 @@ class GraphRegistry:
             if summary is not None:
                 self._summaries.move_to_end(gid)
                 return summary
+        seen = self._file_stamp(gid)
+        if seen is not None and self._damaged.get(gid) == seen:  # parsed before and refused: unchanged since
+            return None
         try:
             graph, nbytes = self._load(gid)
         except NotFound:
+            if seen is not None:
+                with self._lock:
+                    self._damaged[gid] = seen
+                    while len(self._damaged) > 10_000:
+                        self._damaged.pop(next(iter(self._damaged)))
             return None
         summary = Summary.of(graph, nbytes)
         with self._lock:
             self._summarise(gid, summary)
         return summary
+
+    def _file_stamp(self, gid: str) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of a graph's file, None when there is none."""
+        if self.store is None:
+            return None
+        try:
+            st = (self.store / f"{gid}.pb").lstat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _stored_ids(self) -> builtins.list[str]:
         """The ids of the store's graph files (regular files named <id>.pb; the rest is skipped)."""

@@ -16,6 +16,7 @@ import ctypes
 import math
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,15 @@ class Recycler:
         self._free: dict[int, list[np.ndarray]] = {}
         self._owners: dict[int, Any] = {}  # nbytes -> the ctypes array type over that many bytes
         self._lock = threading.Lock()
+        # buffers given back, not yet on the free lists: a finalizer may run inside any code (the
+        # cyclic collector), even in this class holding the lock, so giving back takes no lock
+        self._returned: deque[np.ndarray] = deque()
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
         with self._lock:
+            self._file_returned()
             free = self._free.get(nbytes)
             raw = free.pop() if free else None
             if raw is not None:
@@ -60,14 +65,25 @@ class Recycler:
         return np.frombuffer(owner, dtype, count).reshape(shape)
 
     def _give_back(self, raw: np.ndarray) -> None:
-        with self._lock:
+        self._returned.append(raw)  # atomic; filed by the next empty()
+
+    def _file_returned(self) -> None:
+        """Move the buffers given back onto the free lists, up to the bound (the lock is held)."""
+        while self._returned:
+            raw = self._returned.popleft()
             if self.free_bytes + raw.nbytes <= self.max_free_bytes:
                 self._free.setdefault(raw.nbytes, []).append(raw)
                 self.free_bytes += raw.nbytes
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of free buffers kept (filed or just given back)."""
+        return self.free_bytes + sum(raw.nbytes for raw in list(self._returned))
+
     def clear(self) -> None:
         """Let the free buffers go."""
         with self._lock:
+            self._returned.clear()
             self._free.clear()
             self.free_bytes = 0
 

@@ -23,9 +23,13 @@ from typing import Any
 
 @functools.cache
 def available_cores() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit);
-    read once per process."""
+    """CPUs this process may use: its affinity, capped by a cgroup quota (a container's limit)
+    and by OMP_NUM_THREADS when set (what a process's share of a machine is usually given as:
+    Ray sets it for each worker, `gradserve serve --processes` for each server); read once."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        cores = min(cores, int(share))
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
@@ -70,8 +74,9 @@ class _Job:
             idle = self.running == 0
         if not idle:
             self.finished.wait()
-        if self.error is not None:
-            raise self.error
+        error = self.error
+        if error is not None:
+            raise error
 
 
 class Pool:
@@ -101,9 +106,10 @@ class Pool:
         if self.size == 1 or len(bounds) <= 2 or not self._busy.acquire(blocking=False):
             fn(bounds[0], bounds[-1], *args)
             return
+        job = _Job(fn, bounds, args)
         try:
             self.calls += 1
-            job = self._job = _Job(fn, bounds, args)
+            self._job = job
             for _ in range(self.size - 1):
                 self._wake.release()
             job.help()
@@ -111,6 +117,7 @@ class Pool:
         finally:
             self._job = None
             self._busy.release()
+            job.args, job.error = (), None  # no cycle through a traceback keeps the operands alive
 
 
 _pool: Pool | None = None

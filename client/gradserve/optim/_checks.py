@@ -23,12 +23,17 @@ def real(name: str, value: Any, lo: float | None = None, lo_open: bool = False,
     return v
 
 
+MAX_INTEGER = 2**53  # counts beyond it have no float of their own (schedules divide by them)
+
+
 def integer(name: str, value: Any, lo: int) -> int:
-    """`value` as an int >= lo (a bool is not an integer here)."""
+    """`value` as an int from lo to MAX_INTEGER (a bool is not an integer here)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+        raise ValueError(f"{name} must be >= {lo}, got {value!r:.40}")
+    if value > MAX_INTEGER:
+        raise ValueError(f"{name} must be at most 2**53, got {value!r:.40}")
     return int(value)
 
 

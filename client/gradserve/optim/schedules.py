@@ -33,6 +33,14 @@ MAX_DEPTH = 8  # nesting of SequentialLR in a spec
 MAX_PARTS = 64  # schedules in one spec, nested ones included
 
 
+def _power(gamma: float, k: int) -> float:
+    """`gamma ** k`, inf where it overflows (as torch's float arithmetic gives), never an error."""
+    try:
+        return gamma ** k
+    except OverflowError:
+        return math.inf
+
+
 class Schedule:
     """A learning-rate schedule: `lr(base_lr, step)`, and its JSON form."""
 
@@ -60,7 +68,7 @@ class StepLR(Schedule):
         object.__setattr__(self, "gamma", real("StepLR gamma", self.gamma, lo=0.0))
 
     def lr(self, base_lr: float, step: int) -> float:
-        return base_lr * self.gamma ** (step // self.step_size)
+        return base_lr * _power(self.gamma, step // self.step_size)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class ExponentialLR(Schedule):
         object.__setattr__(self, "gamma", real("ExponentialLR gamma", self.gamma, lo=0.0))
 
     def lr(self, base_lr: float, step: int) -> float:
-        return base_lr * self.gamma ** step
+        return base_lr * _power(self.gamma, step)
 
 
 @dataclass(frozen=True)
