@@ -18,7 +18,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import ServerProcess
+from service_fixtures import ServerProcess, metric, parse_metrics, scrape
 
 import gradserve as gs
 from gradserve import optim
@@ -110,12 +110,19 @@ def test_a_hundred_concurrent_gradients(server):
     xs = [rng.standard_normal(8) for _ in range(100)]
     y = rng.standard_normal(8)
 
+    def registrations():
+        return metric(parse_metrics(scrape(server.metrics_port)), "gradserve_requests_total", code="OK",
+                      method="RegisterGraph")
+
+    before = registrations()
+
     async def main():
         async with gs.aconnect(server.address, timeout=60) as r:
             g = r.grad(seed_f, argnums=(0, 1))
             return await asyncio.gather(*(g(x, y) for x in xs))
 
     results = asyncio.run(main())
+    assert registrations() == before + 1  # the first calls, all in flight at once, shared one RegisterGraph
     assert len(results) == 100
     for x, (gx, gy) in zip(xs, results, strict=True):  # d/dx sum(sin(x) y) = cos(x) y; d/dy = sin(x)
         close(gx, np.cos(x) * y)

@@ -63,6 +63,10 @@ async def _chunks(a: np.ndarray, chunk_bytes: int) -> AsyncIterator[bytes]:
         yield raw
 
 
+def _id(graph: Graph | str) -> str:
+    return graph.id if isinstance(graph, Graph) else graph
+
+
 class AsyncSession(_SessionState):
     """A grpc.aio connection to a gradserve server: the sync `Session`'s methods, awaitable.
     Create it inside a running event loop (its channel belongs to that loop); `async with` closes it."""
@@ -207,7 +211,7 @@ class AsyncSession(_SessionState):
     async def evaluate(self, graph: Graph | str, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None,
                        keep: bool = False) -> dict:
         """`Session.evaluate`: the outputs for `inputs` (arrays or TensorRefs)."""
-        req = _evaluate_request(graph.id if isinstance(graph, Graph) else graph, self._graph(graph), inputs, outputs, keep)
+        req = _evaluate_request(_id(graph), self._graph(graph), inputs, outputs, keep)
         gid = await self._graph_id(graph)
         return _tensors((await self._call("Evaluate", req, gid)).outputs)
 
@@ -216,8 +220,7 @@ class AsyncSession(_SessionState):
                        batch_axes: Mapping[str, int] | None = None, keep: bool = False) -> GradientResult:
         """`Session.gradient`: outputs and gradients."""
         g = self._graph(graph)
-        req = _gradient_request(graph.id if isinstance(graph, Graph) else graph, g, inputs, wrt, seeds, outputs,
-                                batch_axes, keep)
+        req = _gradient_request(_id(graph), g, inputs, wrt, seeds, outputs, batch_axes, keep)
         gid = await self._graph_id(graph)
         return _gradient_result(await self._call("Gradient", req, gid), g, wrt, outputs)
 
@@ -226,8 +229,7 @@ class AsyncSession(_SessionState):
                              outputs: Sequence[str] | None = None, keep: bool = False) -> list[GradientResult]:
         """`Session.batch_gradient`: one GradientResult per item, in one call."""
         g = self._graph(graph)
-        req = _batch_gradient_request(graph.id if isinstance(graph, Graph) else graph, g, inputs, wrt, seeds, outputs,
-                                      keep)
+        req = _batch_gradient_request(_id(graph), g, inputs, wrt, seeds, outputs, keep)
         gid = await self._graph_id(graph)
         return [_gradient_result(r, g, wrt, outputs) for r in (await self._call("BatchGradient", req, gid)).results]
 
@@ -312,8 +314,10 @@ class AsyncJob:
         intervals, when the server has no room for another stream)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         info = await self.info()
+        if info.status in FINISHED:
+            return self
         step = info.step
-        while info.status not in FINISHED:
+        while True:  # a stream that ends early (a restarting server) is watched again from the last step
             remaining = _time_left(self.id, deadline, timeout)
             try:
                 async for event in self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=step),
@@ -329,7 +333,6 @@ class AsyncJob:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:  # a restarting server: watch again
                     raise _remote_error(e) from None
                 await asyncio.sleep(0.2)
-        return self
 
     async def _poll(self, deadline: float | None, timeout: float | None) -> AsyncJob:
         delay = POLL_SECONDS[0]
