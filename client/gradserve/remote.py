@@ -9,6 +9,9 @@ Data stays where it is used: `put` uploads arrays once (streamed in chunks) and 
 `TensorRef`s, accepted wherever a call takes an array; `keep=True` leaves results on the server
 as refs. The session holds the arrays it put, so when the server lost one (evicted, expired,
 restarted) a call that names it uploads it again and retries.
+
+The asyncio session (`aio.py`, `gs.aconnect`) builds its requests, reads its results and
+retries with this module's functions and `_SessionState`/`_Attempts`: one policy for both.
 """
 
 from __future__ import annotations
