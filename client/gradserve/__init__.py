@@ -12,6 +12,7 @@ from gradserve_engine.errors import GraphError, LimitError, ShapeError
 from gradserve_engine.ir import Graph, Limits
 
 from . import fft, linalg, numpy_api, optim
+from .aio import AsyncSession, aconnect
 from .api import flatten, register_pytree_node, unflatten
 from .control import checkpoint, cond, custom_jvp, custom_vjp, fori_loop, scan, switch, vmap, while_loop
 from .local import (
@@ -157,9 +158,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
+    "AsyncSession", "GradientResult", "Graph", "GraphError", "LimitError", "Limits", "OptimizeResult", "RemoteError", "Session",
     "ShapeError", "Tensor", "TensorRef",
-    "connect", "fft", "linalg", "minimize", "optim",
+    "aconnect", "connect", "fft", "linalg", "minimize", "optim",
     "checkpoint", "cond", "custom_jvp", "custom_vjp", "fori_loop", "scan", "switch", "vmap", "while_loop",
     "abs", "add", "arctan", "arctan2", "astype", "broadcast_to", "cache_info", "cast", "ceil", "clear_cache", "clip", "config",
     "concatenate", "cos", "cross_entropy", "cumsum", "divide", "dot", "equal", "exp", "expand_dims", "expm1",

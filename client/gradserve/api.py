@@ -15,7 +15,7 @@ import functools
 import inspect
 import operator
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -320,6 +320,11 @@ def _plan_call(run: Callable[[list], dict[str, Any]], feed: Callable[[Sequence, 
     return call
 
 
+async def _finished(pending: Awaitable[tuple[dict, dict]], finish: Callable[[dict, dict], Any]) -> Any:
+    """`finish(outputs, gradients)` of an awaitable backend's result, once it has come."""
+    return finish(*await pending)
+
+
 def trace_function(f: Callable, args: tuple, kwargs: Mapping[str, Any] | None = None, capture: Capture | None = None,
                    captured: list[Any] | None = None) -> TracedFunction:
     """Trace `f(*args, **kwargs)` into a graph: array leaves become inputs named after the
@@ -430,7 +435,12 @@ class _Selection:
 
 
 class Functional:
-    """grad & co. over a backend with the Engine's methods (`evaluate`, `vjp`, `jvp`, ...)."""
+    """grad & co. over a backend with the Engine's methods (`evaluate`, `vjp`, `jvp`, ...).
+
+    A `deferred` backend (the asyncio session) has instead `vjp_outputs(graph, inputs, wrt,
+    loss, others, batch_axes)`, which returns an awaitable of (outputs, gradients): its grad
+    and value_and_grad functions trace and build the request at the call and return an
+    awaitable of the result."""
 
     def __init__(self, backend: Any):
         self.backend = backend
@@ -676,6 +686,21 @@ class Functional:
 
         feed = _feeder(t, example, range(len(t.in_names)))
 
+        def finish(outs: dict[str, Any], grads: dict[str, Any]) -> Any:
+            per_arg = [like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True)]
+            value = unflatten(t.out_treedef, [outs[n] for n in t.out_names])
+            if grad_only:
+                return (sel.pack(per_arg), value[1]) if has_aux else sel.pack(per_arg)
+            return value, sel.pack(per_arg)
+
+        if getattr(self.backend, "deferred", False):
+            # an awaitable backend (the asyncio session): the request is built now, from the
+            # values of now, and the call's value is the awaitable of its finished result
+            def call_deferred(leaves: Sequence, captured: list) -> Any:
+                named = dict(zip(t.in_names, feed(leaves, captured), strict=True))
+                return _finished(self.backend.vjp_outputs(t.graph, named, wrt, loss, t.out_names[1:], axes), finish)
+            return call_deferred
+
         def run(values: list[Any]) -> tuple[dict, dict]:
             named = dict(zip(t.in_names, values, strict=True))
             outs, grads = self.backend.vjp(t.graph, named, wrt, outputs=[loss], **extra)
@@ -684,12 +709,7 @@ class Functional:
             return outs, grads
 
         def call(leaves: Sequence, captured: list) -> Any:
-            outs, grads = run(feed(leaves, captured))
-            per_arg = [like(grads) if grp else None for like, grp in zip(shapes, groups, strict=True)]
-            value = unflatten(t.out_treedef, [outs[n] for n in t.out_names])
-            if grad_only:
-                return (sel.pack(per_arg), value[1]) if has_aux else sel.pack(per_arg)
-            return value, sel.pack(per_arg)
+            return finish(*run(feed(leaves, captured)))
 
         return call
 

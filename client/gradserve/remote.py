@@ -9,6 +9,9 @@ Data stays where it is used: `put` uploads arrays once (streamed in chunks) and 
 `TensorRef`s, accepted wherever a call takes an array; `keep=True` leaves results on the server
 as refs. The session holds the arrays it put, so when the server lost one (evicted, expired,
 restarted) a call that names it uploads it again and retries.
+
+The asyncio session (`aio.py`, `gs.aconnect`) builds its requests, reads its results and
+retries with this module's functions and `_SessionState`/`_Attempts`: one policy for both.
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ def _first_rows(x: Any, n: int) -> Any:
 _DOWNLOAD_LIMITS = Limits(max_elements=1 << 62)  # what the server sends is as large as it holds
 
 
+def _assembled(asm: Assembler) -> np.ndarray:
+    a, _ = asm.finish()
+    a.flags.writeable = True  # a fresh buffer of the caller's
+    return a
+
+
 def _tensor(t: graph_pb2.Tensor, where: str) -> Any:
     """A response tensor: an array, or a TensorRef where the server kept the result."""
     if t.ref:
@@ -170,37 +179,222 @@ def _missing_tensors(e: grpc.RpcError) -> list[str]:
     return []
 
 
-# ---------------------------------------------------------------- the session
+# ---------------------------------------------------------------- what both sessions share
+
+_PUT_TENSOR = "/gradserve.v1.GradientService/PutTensor"
+_GET_TENSOR = "/gradserve.v1.GradientService/GetTensor"
 
 
-class Session:
-    """A connection to a gradserve server with the functional API of the local engine."""
+class _Attempts:
+    """One call's deadline and retry state: UNAVAILABLE is retried with doubling waits (0.02 s
+    up to 1 s) while the deadline allows; a graph is registered again at most once, and each
+    lost tensor is uploaded again at most once. The sync and the async session loop on it."""
 
-    def __init__(self, address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
-                 timeout: float = 60.0, max_message_bytes: int = 256 << 20, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, timeout: float):
+        self.deadline = time.monotonic() + timeout
+        self.delay, self.reregistered = 0.02, False
+        self.uploaded: set[str] = set()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def timeout(self) -> float:
+        """The deadline of the next try, in seconds from now (gRPC's `timeout=`)."""
+        return max(self.remaining(), 0.001)
+
+    def backoff(self, e: grpc.RpcError, idempotent: bool = True) -> float | None:
+        """The wait before trying again after `e`, or None: not an UNAVAILABLE this call may retry."""
+        if e.code() != grpc.StatusCode.UNAVAILABLE or not idempotent or self.remaining() <= self.delay:
+            return None
+        delay, self.delay = self.delay, min(self.delay * 2, 1.0)
+        return delay
+
+
+class _SessionState:
+    """The options and the state a session keeps, sync or async: the graphs it registered (to
+    register again on NOT_FOUND) and the arrays it put (to upload again when the server lost one)."""
+
+    def __init__(self, address: str, token: str | None, tls: bool | str | Path | bytes | None, timeout: float,
+                 max_message_bytes: int, chunk_bytes: int):
         self.address, self.timeout = address, timeout
         # bytes of tensor data per streamed message: the default fits the smallest server message limit (1 MiB)
         self.chunk_bytes = max(min(chunk_bytes, max_message_bytes - HEADER_ROOM), 1)
         # a connection of its own (gRPC shares one between channels to the same address by default):
         # sessions are independent clients, and a server run with --processes spreads them over its processes
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes), ("grpc.use_local_subchannel_pool", 1)]
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes), ("grpc.use_local_subchannel_pool", 1)]
+        self._credentials = None
         if tls:
             root = None if tls is True else (tls if isinstance(tls, bytes) else Path(tls).read_bytes())
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
-        else:
-            self._channel = grpc.insecure_channel(address, options)
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=root)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
-        # the tensor streams move raw chunk bytes: encoded and parsed by gradserve_engine.wire, not protobuf objects
-        self._put = self._channel.stream_unary("/gradserve.v1.GradientService/PutTensor", request_serializer=None,
-                                               response_deserializer=pb.PutTensorResponse.FromString)
-        self._get = self._channel.unary_stream("/gradserve.v1.GradientService/GetTensor",
-                                               request_serializer=pb.GetTensorRequest.SerializeToString,
-                                               response_deserializer=None)
         self._known: dict[str, Graph] = {}  # graphs registered through this session, to re-register
         self._held: dict[str, np.ndarray] = {}  # arrays put through this session, by id, to upload again
         self._lock = threading.Lock()
+
+    def _streams(self, channel: Any) -> tuple[Any, Any]:
+        """PutTensor and GetTensor on `channel` (grpc's or grpc.aio's): they move raw chunk bytes,
+        encoded and parsed by gradserve_engine.wire, not protobuf objects."""
+        put = channel.stream_unary(_PUT_TENSOR, request_serializer=None,
+                                   response_deserializer=pb.PutTensorResponse.FromString)
+        get = channel.unary_stream(_GET_TENSOR, request_serializer=pb.GetTensorRequest.SerializeToString,
+                                   response_deserializer=None)
+        return put, get
+
+    def _graph(self, graph: Graph | str) -> Graph | None:
+        """The graph itself when this session knows it (its input and output dtypes): values are
+        converted to them before they are sent. A graph id registered elsewhere is not known:
+        values travel as they are, and the server applies the same rule to their dtypes."""
+        if isinstance(graph, Graph):
+            return graph
+        with self._lock:
+            return self._known.get(graph)
+
+    def _registered(self, graph: Graph, resp: pb.RegisterGraphResponse) -> str:
+        if resp.graph_id != graph.id:
+            raise GraphError(f"the server hashed the graph to {resp.graph_id}, the client to {graph.id}")
+        with self._lock:
+            self._known[graph.id] = graph
+        return graph.id
+
+    def _reregister(self, e: grpc.RpcError, graph_id: str | None, attempts: _Attempts) -> Graph | None:
+        """The graph to register again after `e`: a NOT_FOUND for a graph this session registered, once per call."""
+        if e.code() != grpc.StatusCode.NOT_FOUND or attempts.reregistered or graph_id not in self._known:
+            return None
+        attempts.reregistered = True
+        return self._known[graph_id]
+
+    def _lost(self, e: grpc.RpcError, attempts: _Attempts, refs: Sequence[str] | None = None) -> list[tuple[str, np.ndarray]]:
+        """The arrays to upload again after `e`: the tensors a NOT_FOUND names (`refs`, or its
+        trailing metadata), each once per call; none when this session does not hold them all."""
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            return []
+        new = [r for r in (_missing_tensors(e) if refs is None else refs) if r not in attempts.uploaded]
+        with self._lock:
+            if not new or any(r not in self._held for r in new):
+                return []
+            attempts.uploaded.update(new)
+            return [(r, self._held[r]) for r in new]
+
+    def _uploaded(self, info: pb.TensorInfo, expect: str | None) -> pb.TensorInfo:
+        """`info` of an upload, checked when it re-uploads the array held under `expect`."""
+        if expect is not None and info.ref != expect:
+            with self._lock:
+                self._held.pop(expect, None)
+            raise RemoteNotFound(f"tensor {expect} is gone from the server, and the array this session put under it has "
+                                 f"changed since (it now hashes to {info.ref}): put it again", grpc.StatusCode.NOT_FOUND)
+        return info
+
+    def _hold(self, a: np.ndarray, info: pb.TensorInfo, hold: bool) -> TensorRef:
+        ref = TensorRef(info.ref, DTYPE_FROM_PB[info.dtype], tuple(info.shape))
+        if hold:
+            with self._lock:
+                self._held[ref.id] = a
+        return ref
+
+    def _let_go(self, refs: Any) -> list[str]:
+        """The ids of the refs in `refs`, no longer held here."""
+        ids = [x.id for x in tree_flatten(refs)[0] if type(x) is TensorRef]
+        with self._lock:
+            for r in ids:
+                self._held.pop(r, None)
+        return ids
+
+    def _forget(self, graph_id: str) -> None:
+        with self._lock:
+            self._known.pop(graph_id, None)
+
+
+def _uploads(tree: Any) -> tuple[list[Any], Any, list[tuple[int, np.ndarray]]]:
+    """`tree`'s leaves and spec, and the arrays to put: (position among the leaves, the leaf as a
+    contiguous array) for each array leaf that is not a TensorRef already."""
+    leaves, spec = tree_flatten(tree)
+    todo = [(i, contiguous(_as_array(x))) for i, x in enumerate(leaves) if type(x) is not TensorRef and _is_array_leaf(x)]
+    return leaves, spec, todo
+
+
+def _merge_pages(listing: pb.ListTensorsResponse, page: pb.ListTensorsResponse) -> None:
+    listing.tensors.extend(page.tensors)
+    listing.bytes, listing.max_bytes, listing.ttl_seconds = page.bytes, page.max_bytes, page.ttl_seconds
+
+
+def _evaluate_request(gid: str, g: Graph | None, inputs: Mapping[str, Any], outputs: Sequence[str] | None,
+                      keep: bool) -> pb.EvaluateRequest:
+    req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()), keep=keep)
+    _fill(req.inputs, inputs, _input_types(g))
+    return req
+
+
+def _gradient_request(gid: str, g: Graph | None, inputs: Mapping[str, Any], wrt: Sequence[str],
+                      seeds: Mapping[str, Any] | None, outputs: Sequence[str] | None,
+                      batch_axes: Mapping[str, int] | None, keep: bool) -> pb.GradientRequest:
+    req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}),
+                             keep=keep)
+    _fill(req.inputs, inputs, _input_types(g))
+    _fill(req.seeds, seeds or {}, _output_types(g), "seed for output")
+    return req
+
+
+def _gradient_result(resp: pb.GradientResponse, g: Graph | None, wrt: Sequence[str],
+                     outputs: Sequence[str] | None) -> GradientResult:
+    order = list(outputs or (g.output_names() if g is not None else ()))
+    return GradientResult(_in_order(_tensors(resp.outputs), order), _in_order(_tensors(resp.grads), wrt))
+
+
+def _batch_gradient_request(gid: str, g: Graph | None, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
+                            seeds: Sequence[Mapping[str, Any]] | None, outputs: Sequence[str] | None,
+                            keep: bool) -> pb.BatchGradientRequest:
+    req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), keep=keep)
+    in_types, out_types = _input_types(g), _output_types(g)
+    for k, item in enumerate(inputs):
+        entry = req.items.add()
+        _fill(entry.inputs, item, in_types)
+        _fill(entry.seeds, seeds[k] if seeds is not None else {}, out_types, "seed for output")
+    return req
+
+
+def _job_spec(fn: Functional, fun: Callable, params0: Any, args: tuple | Any, optimizer: Any, steps: int,
+              tol: float | None, batch_size: int | None, seed: int, batch_axes: Mapping[str, int] | None, name: str,
+              checkpoint_every: int) -> tuple[pb.JobSpec, list[str]]:
+    """The SubmitJob spec of `minimize(fun, params0, args, ...)` (traced by `fn`) and the names of params0's leaves."""
+    if optimizer is None:
+        optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
+    spec_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.spec()
+    args = args if isinstance(args, tuple) else (args,)
+    traced_args = args
+    if batch_size:  # the graph takes one minibatch; the server cuts them from the full args
+        traced_args = tuple(unflatten(flatten(a, "")[1], [_first_rows(x, batch_size) for _, x in flatten(a, "")[0]])
+                            for a in args)
+    # a job runs on the values of now: captured arrays are constants of its graph
+    t, _ = fn.prepare(fun, (params0, *traced_args), constants=True)
+    param_names = t.in_names[:len(flatten(params0, "")[0])]  # the first argument's leaves come first
+    spec = pb.JobSpec(graph_id=t.graph.id, loss=t.out_names[0], optimizer_json=json.dumps(spec_dict), steps=steps,
+                      tol=tol or 0.0, batch_size=batch_size or 0, seed=seed, batch_axes=dict(batch_axes or {}),
+                      checkpoint_every=checkpoint_every, name=name)
+    spec.graph.CopyFrom(t.graph.to_proto())
+    leaves = [x for a in (params0, *args) for _, x in flatten(a, "")[0]]
+    for n, x in zip(t.in_names, leaves, strict=True):
+        target = spec.params0 if n in param_names else spec.args
+        _fill_one(target[n], x)
+    spec.arg_order.extend(n for n in t.in_names if n not in param_names)
+    return spec, param_names
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session(_SessionState):
+    """A connection to a gradserve server with the functional API of the local engine."""
+
+    def __init__(self, address: str, token: str | None = None, tls: bool | str | Path | bytes | None = None,
+                 timeout: float = 60.0, max_message_bytes: int = 256 << 20, chunk_bytes: int = CHUNK_BYTES):
+        super().__init__(address, token, tls, timeout, max_message_bytes, chunk_bytes)
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(address, self._credentials, self._options)
+        else:
+            self._channel = grpc.insecure_channel(address, self._options)
+        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        self._put, self._get = self._streams(self._channel)
         self._fn = Functional(_RemoteBackend(self))
         self._fn_keep = Functional(_RemoteBackend(self, keep=True))
 
@@ -218,68 +412,48 @@ class Session:
     def _call(self, method: str, request: Any, graph_id: str | None = None, idempotent: bool = True,
               timeout: float | None = None) -> Any:
         """Call with a deadline; retry UNAVAILABLE with backoff inside it; on NOT_FOUND for a
-        graph this session registered, register it again and retry once."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        delay, reregistered = 0.02, False
-        uploaded: set[str] = set()
+        graph this session registered, register it again and retry once; upload again the
+        tensors this session put that the server lost."""
+        attempts = _Attempts(self.timeout if timeout is None else timeout)
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                return getattr(self._stub, method)(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+                return getattr(self._stub, method)(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and idempotent and remaining > delay:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                if code == grpc.StatusCode.NOT_FOUND and self._reupload(_missing_tensors(e), uploaded, deadline):
-                    continue
-                if code == grpc.StatusCode.NOT_FOUND and graph_id in self._known and not reregistered:
-                    reregistered = True
-                    self._register(self._known[graph_id], deadline - time.monotonic())
-                    continue
-                raise _remote_error(e) from None
+                self._recover(e, attempts, graph_id, idempotent)
 
-    def _reupload(self, missing: Sequence[str], uploaded: set[str], deadline: float) -> bool:
-        """Upload again the arrays this session put under `missing` (the server lost them);
-        False when there is nothing new to upload or the session does not hold them all."""
-        new = [r for r in missing if r not in uploaded]
-        if not new or any(r not in self._held for r in new):
-            return False
-        for r in new:
-            self._upload(self._held[r], deadline - time.monotonic(), expect=r)
-            uploaded.add(r)
-        return True
+    def _recover(self, e: grpc.RpcError, attempts: _Attempts, graph_id: str | None = None, idempotent: bool = True,
+                 refs: Sequence[str] | None = None) -> None:
+        """Make the next try of a failed call possible, or raise `e` as a RemoteError."""
+        delay = attempts.backoff(e, idempotent)
+        if delay is not None:
+            time.sleep(delay)
+            return
+        lost = self._lost(e, attempts, refs)
+        if lost:
+            for r, a in lost:
+                self._upload(a, attempts.remaining(), expect=r)
+            return
+        graph = self._reregister(e, graph_id, attempts)
+        if graph is None:
+            raise _remote_error(e) from None
+        self._register(graph, attempts.remaining())
 
     def _upload(self, a: np.ndarray, timeout: float | None = None, expect: str | None = None) -> pb.TensorInfo:
         """One PutTensor stream (retried on UNAVAILABLE inside the deadline: it is idempotent)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        delay = 0.02
+        attempts = _Attempts(self.timeout if timeout is None else timeout)
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                info = self._put(chunks(a, self.chunk_bytes), timeout=max(remaining, 0.001), metadata=self._metadata).tensor
-                break
+                info = self._put(chunks(a, self.chunk_bytes), timeout=attempts.timeout(), metadata=self._metadata).tensor
+                return self._uploaded(info, expect)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and remaining > delay:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                raise _remote_error(e) from None
-        if expect is not None and info.ref != expect:
-            with self._lock:
-                self._held.pop(expect, None)
-            raise RemoteNotFound(f"tensor {expect} is gone from the server, and the array this session put under it has "
-                                 f"changed since (it now hashes to {info.ref}): put it again", grpc.StatusCode.NOT_FOUND)
-        return info
+                delay = attempts.backoff(e)
+                if delay is None:
+                    raise _remote_error(e) from None
+                time.sleep(delay)
 
     def _register(self, graph: Graph, timeout: float | None = None) -> str:
-        resp = self._call("RegisterGraph", pb.RegisterGraphRequest(graph=graph.to_proto()), timeout=timeout)
-        if resp.graph_id != graph.id:
-            raise GraphError(f"the server hashed the graph to {resp.graph_id}, the client to {graph.id}")
-        with self._lock:
-            self._known[graph.id] = graph
-        return graph.id
+        return self._registered(graph, self._call("RegisterGraph", pb.RegisterGraphRequest(graph=graph.to_proto()),
+                                                  timeout=timeout))
 
     def _ensure(self, graph: Graph) -> str:
         if graph.id not in self._known:
@@ -295,20 +469,10 @@ class Session:
         fine); returns the same tree with a `gs.TensorRef` for each array (refs and static leaves
         stay as they are). With `hold` (the default) the session keeps each array, so a server
         that lost one gets it again when a call names it; `release` lets go."""
-        leaves, spec = tree_flatten(tree)
-        out = []
-        for x in leaves:
-            if type(x) is TensorRef or not _is_array_leaf(x):
-                out.append(x)
-                continue
-            a = contiguous(_as_array(x))
-            info = self._upload(a)
-            ref = TensorRef(info.ref, DTYPE_FROM_PB[info.dtype], tuple(info.shape))
-            if hold:
-                with self._lock:
-                    self._held[ref.id] = a
-            out.append(ref)
-        return unflatten(spec, out)
+        leaves, spec, todo = _uploads(tree)
+        for i, a in todo:
+            leaves[i] = self._hold(a, self._upload(a), hold)
+        return unflatten(spec, leaves)
 
     def get(self, refs: Any) -> Any:
         """Download the tensors of a tree of refs (streamed); returns the same tree of arrays."""
@@ -318,10 +482,7 @@ class Session:
     def release(self, refs: Any) -> int:
         """Let the server drop these tensors now (a job or vjp session using one keeps it until
         it is done) and stop holding their arrays here; returns how many the server held."""
-        ids = [x.id for x in tree_flatten(refs)[0] if type(x) is TensorRef]
-        with self._lock:
-            for r in ids:
-                self._held.pop(r, None)
+        ids = self._let_go(refs)
         return int(self._call("ReleaseTensor", pb.ReleaseTensorRequest(refs=ids)).released) if ids else 0
 
     def tensors(self) -> pb.ListTensorsResponse:
@@ -329,8 +490,7 @@ class Session:
         idle_seconds each; every page of the listing), `.bytes`, `.max_bytes`, `.ttl_seconds`."""
         listing = pb.ListTensorsResponse()
         for page in self._pages("ListTensors", pb.ListTensorsRequest):
-            listing.tensors.extend(page.tensors)
-            listing.bytes, listing.max_bytes, listing.ttl_seconds = page.bytes, page.max_bytes, page.ttl_seconds
+            _merge_pages(listing, page)
         return listing
 
     def _pages(self, method: str, request: Callable[..., Any]) -> Iterator[Any]:
@@ -344,37 +504,17 @@ class Session:
                 return
 
     def _download(self, ref: TensorRef) -> np.ndarray:
-        deadline = time.monotonic() + self.timeout
-        delay = 0.02
-        uploaded: set[str] = set()
+        attempts = _Attempts(self.timeout)
         while True:
-            remaining = deadline - time.monotonic()
             asm = Assembler(_DOWNLOAD_LIMITS, where=f"GetTensor {ref.id}")
             try:
                 for raw in self._get(pb.GetTensorRequest(ref=ref.id, chunk_bytes=self.chunk_bytes),
-                                     timeout=max(remaining, 0.001), metadata=self._metadata):
+                                     timeout=attempts.timeout(), metadata=self._metadata):
                     asm.add(raw)
             except grpc.RpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and remaining > delay:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                if code == grpc.StatusCode.NOT_FOUND and self._reupload([ref.id], uploaded, deadline):
-                    continue
-                raise _remote_error(e) from None
-            a, _ = asm.finish()
-            a.flags.writeable = True  # a fresh buffer of the caller's
-            return a
-
-    def _graph(self, graph: Graph | str) -> Graph | None:
-        """The graph itself when this session knows it (its input and output dtypes): values are
-        converted to them before they are sent. A graph id registered elsewhere is not known:
-        values travel as they are, and the server applies the same rule to their dtypes."""
-        if isinstance(graph, Graph):
-            return graph
-        with self._lock:
-            return self._known.get(graph)
+                self._recover(e, attempts, refs=[ref.id])
+                continue
+            return _assembled(asm)
 
     # ---- graph-level API
     def register(self, graph: Graph) -> str:
@@ -386,8 +526,7 @@ class Session:
         """The outputs for `inputs` (arrays or TensorRefs); with `keep` they stay on the server
         and come back as TensorRefs."""
         gid = self._graph_id(graph)
-        req = pb.EvaluateRequest(graph_id=gid, outputs=list(outputs or ()), keep=keep)
-        _fill(req.inputs, inputs, _input_types(self._graph(graph)))
+        req = _evaluate_request(gid, self._graph(graph), inputs, outputs, keep)
         return _tensors(self._call("Evaluate", req, gid).outputs)
 
     def gradient(self, graph: Graph | str, inputs: Mapping[str, Any], wrt: Sequence[str],
@@ -397,29 +536,17 @@ class Session:
         Inputs and seeds may be TensorRefs; with `keep` the gradients stay on the server and
         come back as TensorRefs."""
         gid = self._graph_id(graph)
-        req = pb.GradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), batch_axes=dict(batch_axes or {}),
-                                 keep=keep)
         g = self._graph(graph)
-        _fill(req.inputs, inputs, _input_types(g))
-        _fill(req.seeds, seeds or {}, _output_types(g), "seed for output")
-        resp = self._call("Gradient", req, gid)
-        order = list(outputs or (g.output_names() if g is not None else ()))
-        return GradientResult(_in_order(_tensors(resp.outputs), order), _in_order(_tensors(resp.grads), wrt))
+        req = _gradient_request(gid, g, inputs, wrt, seeds, outputs, batch_axes, keep)
+        return _gradient_result(self._call("Gradient", req, gid), g, wrt, outputs)
 
     def batch_gradient(self, graph: Graph | str, inputs: Sequence[Mapping[str, Any]], wrt: Sequence[str],
                        seeds: Sequence[Mapping[str, Any]] | None = None,
                        outputs: Sequence[str] | None = None, keep: bool = False) -> list[GradientResult]:
         gid = self._graph_id(graph)
-        req = pb.BatchGradientRequest(graph_id=gid, wrt=list(wrt), outputs=list(outputs or ()), keep=keep)
         g = self._graph(graph)
-        in_types, out_types = _input_types(g), _output_types(g)
-        for k, item in enumerate(inputs):
-            entry = req.items.add()
-            _fill(entry.inputs, item, in_types)
-            _fill(entry.seeds, seeds[k] if seeds is not None else {}, out_types, "seed for output")
-        resp = self._call("BatchGradient", req, gid)
-        order = list(outputs or (g.output_names() if g is not None else ()))
-        return [GradientResult(_in_order(_tensors(r.outputs), order), _in_order(_tensors(r.grads), wrt)) for r in resp.results]
+        req = _batch_gradient_request(gid, g, inputs, wrt, seeds, outputs, keep)
+        return [_gradient_result(r, g, wrt, outputs) for r in self._call("BatchGradient", req, gid).results]
 
     def graphs(self) -> list[pb.GraphInfo]:
         """A summary of every registered graph (graph_id, nodes, bytes, input_count, output_count), by id."""
@@ -432,8 +559,7 @@ class Session:
 
     def delete(self, graph_id: str) -> bool:
         """Delete a registered graph (and the server's plans of it); False: it was not registered."""
-        with self._lock:
-            self._known.pop(graph_id, None)
+        self._forget(graph_id)
         return self._call("DeleteGraph", pb.DeleteGraphRequest(graph_id=graph_id)).deleted
 
     # ---- the functional API, executed remotely
@@ -474,28 +600,8 @@ class Session:
         """Submit `gs.minimize(fun, params0, args, ...)` as a server-side job; returns the Job.
         `params0` and `args` may hold TensorRefs: the server keeps their values with the job (and
         the stored tensors while it runs), so only the refs travel."""
-        import json
-
-        if optimizer is None:
-            optimizer = optim.LBFGS() if batch_size is None else optim.Adam()
-        spec_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.spec()
-        args = args if isinstance(args, tuple) else (args,)
-        traced_args = args
-        if batch_size:  # the graph takes one minibatch; the server cuts them from the full args
-            traced_args = tuple(unflatten(flatten(a, "")[1], [_first_rows(x, batch_size) for _, x in flatten(a, "")[0]])
-                                for a in args)
-        # a job runs on the values of now: captured arrays are constants of its graph
-        t, _ = self._fn.prepare(fun, (params0, *traced_args), constants=True)
-        param_names = t.in_names[:len(flatten(params0, "")[0])]  # the first argument's leaves come first
-        spec = pb.JobSpec(graph_id=t.graph.id, loss=t.out_names[0], optimizer_json=json.dumps(spec_dict), steps=steps,
-                          tol=tol or 0.0, batch_size=batch_size or 0, seed=seed, batch_axes=dict(batch_axes or {}),
-                          checkpoint_every=checkpoint_every, name=name)
-        spec.graph.CopyFrom(t.graph.to_proto())
-        leaves = [x for a in (params0, *args) for _, x in flatten(a, "")[0]]
-        for n, x in zip(t.in_names, leaves, strict=True):
-            target = spec.params0 if n in param_names else spec.args
-            _fill_one(target[n], x)
-        spec.arg_order.extend(n for n in t.in_names if n not in param_names)
+        spec, param_names = _job_spec(self._fn, fun, params0, args, optimizer, steps, tol, batch_size, seed, batch_axes,
+                                      name, checkpoint_every)
         job = self._call("SubmitJob", pb.SubmitJobRequest(spec=spec), idempotent=False).job
         return Job(self, job.job_id, params0, param_names)
 
@@ -534,7 +640,51 @@ class Session:
         return unflatten(t.out_treedef, [outs[n] for n in t.out_names]), RemoteVjp(self, resp.handle, t, shapes, groups)
 
 
-_FINISHED = ("succeeded", "failed", "cancelled")
+def _result_request(job_id: str) -> pb.GetJobRequest:
+    return pb.GetJobRequest(job_id=job_id, with_params=True, with_history=True)
+
+
+def _job_result(resp: pb.GetJobResponse, like: Any, names: Sequence[str]) -> OptimizeResult:
+    """A job's OptimizeResult from its GetJob (with params and history)."""
+    job = resp.job
+    x = _shaped(_tensors(resp.params), like, names)
+    jac_flat = _tensors(resp.jac)
+    jac = _shaped(jac_flat, like, names) if jac_flat else None
+    counts = resp.counts
+    status = counts.status if counts.HasField("status") and job.status in FINISHED else None
+    return OptimizeResult(x=x, fun=resp.fun, jac=jac, grad_norm=None if jac is None else tree_norm(jac),
+                          nit=counts.nit, nfev=counts.nfev, njev=counts.nfev, nstep=job.step, status=status,
+                          success=job.status == "succeeded", message=job.message,
+                          history=_history(resp), optimizer=json.loads(job.optimizer_json or "null"),
+                          opt_state=None)
+
+
+def _shaped(flat: dict[str, Any], like: Any, names: Sequence[str]) -> Any:
+    """Values by input name, shaped like params0 when it is known (`like`, its leaves' `names`)."""
+    if like is not None and names and all(n in flat for n in names):
+        return unflatten(flatten(like, "")[1], [flat[n] for n in names])
+    return flat
+
+
+def _history(resp: pb.GetJobResponse) -> dict[str, list]:
+    # the kept points are at the multiples of a power-of-two stride (the server's History): step // points
+    n, last = len(resp.loss), resp.job.step
+    stride = 1 << max((last // n).bit_length() - 1, 0) if n else 1
+    return {"step": [stride * (i + 1) for i in range(n)], "loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+
+
+def _time_left(job_id: str, deadline: float | None, timeout: float | None) -> float | None:
+    """Seconds left of a job's wait (None: no limit); RemoteDeadlineExceeded when none are."""
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise RemoteDeadlineExceeded(f"job {job_id} did not finish within {timeout} s")
+    return remaining
+
+
+def _job_repr(job_id: str, seen: pb.Job | None) -> str:
+    if seen is None:
+        return f"Job({job_id!r})"
+    return f"Job({job_id!r}, {seen.status} at step {seen.step}/{seen.steps} when last seen)"
 
 
 class Job:
@@ -547,10 +697,7 @@ class Job:
 
     def __repr__(self) -> str:
         """What this object knows, without a call (the server may be slow, or gone)."""
-        seen = self._seen
-        if seen is None:
-            return f"Job({self.id!r})"
-        return f"Job({self.id!r}, {seen.status} at step {seen.step}/{seen.steps} when last seen)"
+        return _job_repr(self.id, self._seen)
 
     def info(self) -> pb.Job:
         self._seen = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id)).job
@@ -578,7 +725,7 @@ class Job:
         bar = _Progress(progress_bar, info.step)  # follow the events from here on
         try:
             while True:
-                remaining = self._remaining(deadline, timeout)
+                remaining = _time_left(self.id, deadline, timeout)
                 try:
                     stream = self.session._stub.WatchJob(pb.WatchJobRequest(job_id=self.id, from_step=bar.step),
                                                          timeout=remaining, metadata=self.session._metadata)
@@ -598,17 +745,11 @@ class Job:
             if progress_bar is not None:
                 progress_bar.close()
 
-    def _remaining(self, deadline: float | None, timeout: float | None) -> float | None:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise RemoteDeadlineExceeded(f"job {self.id} did not finish within {timeout} s")
-        return remaining
-
     def _poll(self, deadline: float | None, timeout: float | None, bar: _Progress) -> Job:
         """Wait by GetJob calls, each wait between them twice the last (up to POLL_SECONDS[1])."""
         delay = POLL_SECONDS[0]
         while True:
-            remaining = self._remaining(deadline, timeout)
+            remaining = _time_left(self.id, deadline, timeout)
             call_timeout = self.session.timeout if remaining is None else min(self.session.timeout, remaining)
             info = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id), timeout=call_timeout).job
             bar.advance(info.step, info.loss)
@@ -624,38 +765,16 @@ class Job:
         iterations), nfev, njev, nstep, status (scipy-style, None until the job finishes; 3 a job
         that failed with an error, 99 a cancelled one), success, message, history (the kept points:
         `history()`), optimizer (its spec) and opt_state (None: it stays on the server)."""
-        resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_params=True, with_history=True))
-        job = self._seen = resp.job
-        x = self._shaped(_tensors(resp.params))
-        jac_flat = _tensors(resp.jac)
-        jac = self._shaped(jac_flat) if jac_flat else None
-        counts = resp.counts
-        status = counts.status if counts.HasField("status") and job.status in _FINISHED else None
-        return OptimizeResult(x=x, fun=resp.fun, jac=jac, grad_norm=None if jac is None else tree_norm(jac),
-                              nit=counts.nit, nfev=counts.nfev, njev=counts.nfev, nstep=job.step, status=status,
-                              success=job.status == "succeeded", message=job.message,
-                              history=self._history(resp), optimizer=json.loads(job.optimizer_json or "null"),
-                              opt_state=None)
-
-    def _shaped(self, flat: dict[str, Any]) -> Any:
-        """Values by input name, shaped like params0 when this object knows it."""
-        if self._like is not None and self._names and all(n in flat for n in self._names):
-            return unflatten(flatten(self._like, "")[1], [flat[n] for n in self._names])
-        return flat
-
-    @staticmethod
-    def _history(resp: pb.GetJobResponse) -> dict[str, list]:
-        # the kept points are at the multiples of a power-of-two stride (the server's History): step // points
-        n, last = len(resp.loss), resp.job.step
-        stride = 1 << max((last // n).bit_length() - 1, 0) if n else 1
-        return {"step": [stride * (i + 1) for i in range(n)], "loss": list(resp.loss), "grad_norm": list(resp.grad_norm)}
+        resp = self.session._call("GetJob", _result_request(self.id))
+        self._seen = resp.job
+        return _job_result(resp, self._like, self._names)
 
     def history(self) -> dict[str, list]:
         """The job's kept progress points: `{"step", "loss", "grad_norm"}` (every step up to the
         server's `--job-history` points, then evenly spaced)."""
         resp = self.session._call("GetJob", pb.GetJobRequest(job_id=self.id, with_history=True))
         self._seen = resp.job
-        return self._history(resp)
+        return _history(resp)
 
     def cancel(self) -> Job:
         self.session._call("CancelJob", pb.CancelJobRequest(job_id=self.id))
