@@ -21,6 +21,14 @@ stored. A long chain of dependent transcendentals is latency-bound inside one lo
 such groups are cut into *stages* (`stages`) run one after the other over blocks of `BLOCK`
 elements, values crossing stages passing through small scratch rows that stay in L1.
 
+Epilogues. A group's last-axis sums (`Group.epilogue`) keep the last axis a collapsed dim of its
+own, so a row of the iteration space is one sum, and a tile is always a whole row (threads share
+out rows, and no sum is split between them). The group then always runs over blocks: after the
+block's stages, each sum adds the block's values (from the output block when the value is an
+output, else from a scratch row, still in L1) into 8 partial sums in float64, unrolled, so the
+adds are independent; the row's sum is their pairwise total, stored once per row (without
+fast-math one running sum would be bound by the latency of each add).
+
 The generated source (one function per group signature: ops, dtypes, wiring and which dims
 broadcast, not the sizes) is written to ``$GRADSERVE_KERNEL_CACHE`` (default
 ``~/.cache/gradserve/kernels``; a private temp directory when that is not writable) as
@@ -206,6 +214,15 @@ def collapse(shape: tuple[int, ...], aligned: Sequence[tuple[int, ...]]) -> tupl
     return tuple(dims), [tuple(s) for s in spans]
 
 
+def collapse_group(group: Group) -> tuple[tuple[int, ...], list[tuple[bool, ...]]]:
+    """`collapse` of the group's iteration space. With an epilogue (sums over the last axis)
+    the last axis stays a dim of its own, so that a row of the collapsed space is one sum."""
+    if not group.epilogue:
+        return collapse(group.shape, group.aligned)
+    dims, spans = collapse(group.shape, [*group.aligned, (*group.shape[:-1], 1)])
+    return dims, spans[:-1]
+
+
 # ---------------------------------------------------------------- code generation
 
 
@@ -262,22 +279,26 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     of the (rows, L) iteration space, C tiles per row of B columns; m0.. are the outer merged
     dims (rows = their product). Arrays are flat: input k holds (the rows it spans) x (L, or 1
     when it broadcasts along the row), outputs rows x L."""
-    dims, spans = collapse(group.shape, group.aligned)
+    dims, spans = collapse_group(group)
     q = len(dims) - 1
-    n_in, n_out = len(group.inputs), len(group.outputs)
+    n_in, n_out, n_red = len(group.inputs), len(group.outputs), len(group.epilogue)
     members = group.members
     params = ["t0", "t1", "C", "B", "L", *(f"m{d}" for d in range(q)), *(f"in{k}" for k in range(n_in)),
-              *(f"out{k}" for k in range(n_out))]
+              *(f"out{k}" for k in range(n_out)), *(f"red{e}" for e in range(n_red))]
     stage_of = stages(group)
     n_stages = stage_of[-1] + 1
+    blocked = n_stages > 1 or n_red > 0  # run over blocks of BLOCK elements (stages, or an epilogue after them)
     out_of = {j: k for k, j in enumerate(group.outputs)}
     # values read in a later stage than their own: outputs are read back from the output block,
-    # the others go through scratch rows (one flat scratch array per dtype, rows reused)
+    # the others go through scratch rows (one flat scratch array per dtype, rows reused); a value
+    # the epilogue sums is read after the last stage
     last_use = {j: stage_of[j] for j in range(len(members))}
     for k, ops in enumerate(group.operands):
         for o in ops:
             if o >= 0:
                 last_use[o] = max(last_use[o], stage_of[k])
+    for j in group.reduced:
+        last_use[j] = n_stages
     slot: dict[int, str] = {}
     rows: dict[str, int] = {}
     free: dict[str, list[int]] = {}
@@ -329,7 +350,9 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
             full.append(k)
         else:
             body.append(f"        x{k} = in{k}[{index}]")
-    if n_stages == 1:
+    for e in range(n_red):  # 8 partial sums per epilogue (independent adds), in float64, combined at the row's end
+        body.append(f"        {' = '.join(f'a{e}_{u}' for u in range(8))} = np.float64(0.0)")
+    if not blocked:
         ind = "            "
         body.append("        for j in range(n):")
         body.extend(f"{ind}x{k} = in{k}[p{k} + j]" for k in full)
@@ -343,7 +366,7 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
         base = "obb"
     for st in range(n_stages):
         mine = [j for j in range(len(members)) if stage_of[j] == st]
-        if n_stages > 1:
+        if blocked:
             body.append("            for j in range(m):")
             used_in = {-1 - o for j in mine for o in group.operands[j] if o < 0}
             body.extend(f"{ind}x{k} = in{k}[q{k} + j]" for k in full if k in used_in)
@@ -362,6 +385,19 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
                 body.append(f"{ind}out{out_of[j]}[{base} + j] = v{j}")
             elif j in slot:
                 body.append(f"{ind}scr_{members[j].dtype}[{slot[j]} + j] = v{j}")
+    if n_red:
+        body.append("            m8 = m - m % np.uint64(8)")
+    for e, j in enumerate(group.reduced):
+        src = f"out{out_of[j]}" if j in out_of else f"scr_{members[j].dtype}"
+        at = "obb" if j in out_of else slot[j]
+        body.append("            for i in range(np.uint64(0), m8, np.uint64(8)):")
+        body.append(f"                w = {at} + i")
+        body.extend(f"                a{e}_{u} += {src}[w + np.uint64({u})]" for u in range(8))
+        body.append("            for i in range(m8, m):")
+        body.append(f"                a{e}_0 += {src}[{at} + i]")
+    for e in range(n_red):
+        a = [f"a{e}_{u}" for u in range(8)]
+        body.append(f"        red{e}[r] = ((({a[0]} + {a[1]}) + ({a[2]} + {a[3]})) + (({a[4]} + {a[5]}) + ({a[6]} + {a[7]})))")
     header = [
         "# generated by gradserve_engine.native for the fused group:",
         *("#   " + line for line in group.signature().splitlines()),
@@ -450,7 +486,7 @@ def load_kernel(source: str, signature: tuple, cache_dir: Path) -> Any:
 
 def work_per_element(group: Group) -> float:
     """A rough compute cost per element (see PARALLEL_MIN_WORK)."""
-    return sum((WORK[_cost(n.op)] for n in group.members), 0.0)
+    return sum((WORK[_cost(n.op)] for n in group.members), 0.0) + WORK[Cost.CHEAP] * len(group.epilogue)
 
 
 def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable[..., tuple[Any, ...]]:
@@ -460,7 +496,7 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
     q = len(dims) - 1
     n_in = len(group.inputs)
     in_types = [_numba_array(dt, True) for dt in group.input_dtypes]
-    out_dtypes = [group.members[j].dtype for j in group.outputs]
+    out_dtypes = [dt for dt, _ in group.result_types]
     out_types = [_numba_array(dt, False) for dt in out_dtypes]
     signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types)
     kernel = load_kernel(source, signature, cache_dir)
@@ -468,12 +504,12 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
     rows = math.prod(dims[:q])
     L = dims[q]
     size = group.size
-    shape = group.shape
-    np_out = [np.dtype(dt) for dt in out_dtypes]
+    np_out = [(np.dtype(dt), sh) for dt, sh in group.result_types]
     parallel = threads > 1 and size * work_per_element(group) >= PARALLEL_MIN_WORK
     # tiles: whole rows when there are enough of them, else rows cut into pieces of >= 4096
     want = 4 * threads if parallel else 1
-    C = 1 if rows >= want else max(1, min(-(-want // rows), L // 4096))
+    # an epilogue sums whole rows: a tile is one row, the rows are shared out among the threads
+    C = 1 if rows >= want or group.epilogue else max(1, min(-(-want // rows), L // 4096))
     B = -(-L // C)
     C = -(-L // B) if L else 1
     T = rows * C
@@ -488,9 +524,9 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
             a = np.asarray(a)
             ins.append(a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1))
         res = []
-        for buf, dt in zip(outs, np_out, strict=True):
+        for buf, (dt, sh) in zip(outs, np_out, strict=True):
             if buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
-                buf = np.empty(shape, dt)
+                buf = np.empty(sh, dt)
             res.append(buf)
         if size:
             args = (*fixed, *ins, *(b.reshape(-1) for b in res))
