@@ -14,8 +14,9 @@ grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with 
 stays *convex*: no path leaves the group and comes back into it, so the group can run as one
 step at a point where all its inputs exist.
 
-A sum over the last axis of a member (`reduce_sum` of a float member, the softmax's row
-sums, cross-entropy's per-example losses) can become the group's *epilogue* when the backend
+A float `reduce_sum` of a member over its last axis (the softmax's row sums, cross-entropy's
+per-example losses), over every axis but the last (a bias gradient's sum over the batch) or
+over every axis (a loss) can become the group's *epilogue* when the backend
 supports it (`KernelSet.epilogues`): the group computes it in the same pass over the elements,
 so the member is written to memory only when something else reads it, and is read back never.
 The reduction leaves the group as one more output; it reads only a member, so the group stays
@@ -57,9 +58,9 @@ class Group:
     alignments. `operands[j]` wires member j: an operand `>= 0` is member position, `< 0`
     is input `-1 - operand`. `outputs` are member positions whose values leave the group.
     `absorbed` are view nodes that only the group read; the plan does not run them.
-    `epilogue` are reductions computed in the group's pass (last-axis float sums, see
-    `epilogue_ok`); `reduced[e]` is the member position epilogue node e reads. The group's
-    results are its outputs' values, then the epilogue's.
+    `epilogue` are reductions computed in the group's pass (float sums, see `epilogue_kind`);
+    `reduced[e]` is the member position epilogue node e reads. The group's results are its
+    outputs' values, then the epilogue's.
     """
 
     shape: Shape
@@ -163,14 +164,22 @@ def _align(shape: Shape, target: Shape) -> Shape:
     return tuple(a if a == d else 1 for a, d in zip(aligned, target, strict=True))
 
 
+def epilogue_kind(shape: Shape, node: Node) -> str | None:
+    """How a reduction `node` of a value of `shape` can run in the pass making the value:
+    "row" (a sum over the last axis, the only axis included), "col" (over every axis but the
+    last: a bias gradient's sum over the batch), "all" (over every axis, rank >= 2), or None."""
+    if node.op != "reduce_sum" or not shape or shape[-1] == 1:
+        return None
+    axes, rank = tuple(node.attrs["axes"]), len(shape)
+    return ("row" if axes == (rank - 1,) else "col" if axes == tuple(range(rank - 1))
+            else "all" if axes == tuple(range(rank)) else None)
+
+
 def epilogue_ok(graph: Graph, node: Node) -> bool:
     """Whether `node` may be computed in the pass of the group making its operand: a float
-    `reduce_sum` over the operand's last axis (its only axis included), that axis not of size 1."""
-    if node.op != "reduce_sum":
-        return False
+    `reduce_sum` of an `epilogue_kind`, the operand's last axis not of size 1."""
     dtype, shape = graph.aval(node.inputs[0])
-    return (dtype in ("float32", "float64") and node.dtype == dtype and len(shape) >= 1
-            and tuple(node.attrs["axes"]) == (len(shape) - 1,) and shape[-1] != 1)
+    return dtype in ("float32", "float64") and node.dtype == dtype and epilogue_kind(shape, node) is not None
 
 
 def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None,
@@ -443,7 +452,7 @@ class KernelSet:
 
     name = "numpy"
     in_place = False  # whether a runner may write an output over an input that dies at the step
-    epilogues = True  # whether runners compute a group's epilogue (last-axis sums in the same pass)
+    epilogues = True  # whether runners compute a group's epilogue (sums in the same pass)
 
     def __init__(self, table: Mapping[str, Kernel] = KERNELS, fuse: bool = False):
         self.table = table

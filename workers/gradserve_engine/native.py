@@ -21,13 +21,15 @@ stored. A long chain of dependent transcendentals is latency-bound inside one lo
 such groups are cut into *stages* (`stages`) run one after the other over blocks of `BLOCK`
 elements, values crossing stages passing through small scratch rows that stay in L1.
 
-Epilogues. A group's last-axis sums (`Group.epilogue`) keep the last axis a collapsed dim of its
-own, so a row of the iteration space is one sum, and a tile is always a whole row (threads share
-out rows, and no sum is split between them). The group then always runs over blocks: after the
-block's stages, each sum adds the block's values (from the output block when the value is an
-output, else from a scratch row, still in L1) into 8 partial sums in float64, unrolled, so the
-adds are independent; the row's sum is their pairwise total, stored once per row (without
-fast-math one running sum would be bound by the latency of each add).
+Epilogues. A group's sums (`Group.epilogue`) keep the last axis a collapsed dim of its own, and
+the group always runs over blocks: after the block's stages, each sum reads the block's values
+back (from the output block when the value is an output, else from a scratch row, still in L1).
+A "row" sum (over the last axis) adds them into 8 float64 partial sums, unrolled so that the adds
+are independent (without fast-math one running sum is bound by the latency of each add), whose
+pairwise total is stored once per row; tiles are then whole rows, so threads share out rows and
+no row sum is split between them. "col" sums (every axis but the last) and "all" sums add the
+values into a float64 row of partial column sums per chunk of tiles (each call finds its chunk
+in `cuts`), which the runner adds up after the kernel (and totals, for "all").
 
 The generated source (one function per group signature: ops, dtypes, wiring and which dims
 broadcast, not the sizes) is written to ``$GRADSERVE_KERNEL_CACHE`` (default
@@ -75,7 +77,7 @@ from typing import Any
 import numpy as np
 
 from . import threads as threads_
-from .fusion import Group, KernelSet, numpy_group_runner
+from .fusion import Group, KernelSet, epilogue_kind, numpy_group_runner
 from .gpu import GpuKernels
 from .ir import Node
 from .ops import KERNELS, PRIMITIVES
@@ -214,13 +216,23 @@ def collapse(shape: tuple[int, ...], aligned: Sequence[tuple[int, ...]]) -> tupl
     return tuple(dims), [tuple(s) for s in spans]
 
 
+def epilogue_kinds(group: Group) -> list[str]:
+    """Each epilogue's `fusion.epilogue_kind`: "row", "col" or "all"."""
+    kinds = [epilogue_kind(group.shape, n) for n in group.epilogue]
+    if None in kinds:
+        raise ValueError(f"an epilogue the native kernels cannot compute: {group.text()}")
+    return [k for k in kinds if k is not None]
+
+
 def collapse_group(group: Group) -> tuple[tuple[int, ...], list[tuple[bool, ...]]]:
-    """`collapse` of the group's iteration space. With an epilogue (sums over the last axis)
-    the last axis stays a dim of its own, so that a row of the collapsed space is one sum."""
+    """`collapse` of the group's iteration space. With an epilogue the last axis stays a dim
+    of its own: a row of the collapsed space is one "row" sum, a column one "col" sum."""
     if not group.epilogue:
         return collapse(group.shape, group.aligned)
-    dims, spans = collapse(group.shape, [*group.aligned, (*group.shape[:-1], 1)])
-    return dims, spans[:-1]
+    patterns = {(*group.shape[:-1], 1) if k == "row" else (1,) * (len(group.shape) - 1) + group.shape[-1:]
+                for k in epilogue_kinds(group)}
+    dims, spans = collapse(group.shape, [*group.aligned, *sorted(patterns)])
+    return dims, spans[:len(group.aligned)]
 
 
 # ---------------------------------------------------------------- code generation
@@ -282,9 +294,12 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     dims, spans = collapse_group(group)
     q = len(dims) - 1
     n_in, n_out, n_red = len(group.inputs), len(group.outputs), len(group.epilogue)
+    kinds = epilogue_kinds(group)
     members = group.members
     params = ["t0", "t1", "C", "B", "L", *(f"m{d}" for d in range(q)), *(f"in{k}" for k in range(n_in)),
               *(f"out{k}" for k in range(n_out)), *(f"red{e}" for e in range(n_red))]
+    if any(k != "row" for k in kinds):
+        params.append("cuts")
     stage_of = stages(group)
     n_stages = stage_of[-1] + 1
     blocked = n_stages > 1 or n_red > 0  # run over blocks of BLOCK elements (stages, or an epilogue after them)
@@ -319,6 +334,11 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     # arrays are flat; element indices are uint64 so that numba emits no negative-index
     # wraparound, which would stop LLVM from vectorising (and slicing per tile costs compile time)
     body = [f"def kernel({', '.join(params)}):"]
+    if "cuts" in params:  # "col" and "all" sums: this call's row of float64 partial column sums
+        body += ["    c = 0",
+                 "    while cuts[c + 1] <= t0:",
+                 "        c += 1",
+                 "    cb = np.uint64(c * L)"]
     for dt, n_rows in rows.items():
         body.append(f"    scr_{dt} = np.empty({n_rows * BLOCK}, {NUMBA_TYPES[dt]})")
     for sl in sorted(set(slot.values())):
@@ -350,8 +370,11 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
             full.append(k)
         else:
             body.append(f"        x{k} = in{k}[{index}]")
-    for e in range(n_red):  # 8 partial sums per epilogue (independent adds), in float64, combined at the row's end
-        body.append(f"        {' = '.join(f'a{e}_{u}' for u in range(8))} = np.float64(0.0)")
+    for e in range(n_red):  # 8 partial sums per "row" epilogue (independent adds), in float64, combined at the row's end
+        if kinds[e] == "row":
+            body.append(f"        {' = '.join(f'a{e}_{u}' for u in range(8))} = np.float64(0.0)")
+    if "cuts" in params:
+        body.append("        pc = cb + np.uint64(j0)")
     if not blocked:
         ind = "            "
         body.append("        for j in range(n):")
@@ -385,17 +408,21 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
                 body.append(f"{ind}out{out_of[j]}[{base} + j] = v{j}")
             elif j in slot:
                 body.append(f"{ind}scr_{members[j].dtype}[{slot[j]} + j] = v{j}")
-    if n_red:
+    if "row" in kinds:
         body.append("            m8 = m - m % np.uint64(8)")
     for e, j in enumerate(group.reduced):
         src = f"out{out_of[j]}" if j in out_of else f"scr_{members[j].dtype}"
         at = "obb" if j in out_of else slot[j]
+        if kinds[e] != "row":  # column sums: this block's values added to the partial sums of their columns
+            body.append("            for i in range(m):")
+            body.append(f"                red{e}[pc + blk + i] += {src}[{at} + i]")
+            continue
         body.append("            for i in range(np.uint64(0), m8, np.uint64(8)):")
         body.append(f"                w = {at} + i")
         body.extend(f"                a{e}_{u} += {src}[w + np.uint64({u})]" for u in range(8))
         body.append("            for i in range(m8, m):")
         body.append(f"                a{e}_0 += {src}[{at} + i]")
-    for e in range(n_red):
+    for e in (e for e in range(n_red) if kinds[e] == "row"):
         a = [f"a{e}_{u}" for u in range(8)]
         body.append(f"        red{e}[r] = ((({a[0]} + {a[1]}) + ({a[2]} + {a[3]})) + (({a[4]} + {a[5]}) + ({a[6]} + {a[7]})))")
     header = [
@@ -494,11 +521,16 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
 
     source, dims, _ = generate(group)
     q = len(dims) - 1
-    n_in = len(group.inputs)
     in_types = [_numba_array(dt, True) for dt in group.input_dtypes]
-    out_dtypes = [dt for dt, _ in group.result_types]
+    kinds = epilogue_kinds(group)
+    n_out = len(group.outputs)
+    # "col" and "all" sums are made as float64 partial column sums, one row per chunk of tiles
+    out_dtypes = [dt for dt, _ in group.result_types[:n_out]] + [
+        n.dtype if k == "row" else "float64" for n, k in zip(group.epilogue, kinds, strict=True)]
     out_types = [_numba_array(dt, False) for dt in out_dtypes]
-    signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types)
+    partial = [n_out + e for e, k in enumerate(kinds) if k != "row"]
+    signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types) + (
+        (_numba_array("int64", True),) if partial else ())
     kernel = load_kernel(source, signature, cache_dir)
 
     rows = math.prod(dims[:q])
@@ -508,15 +540,16 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
     parallel = threads > 1 and size * work_per_element(group) >= PARALLEL_MIN_WORK
     # tiles: whole rows when there are enough of them, else rows cut into pieces of >= 4096
     want = 4 * threads if parallel else 1
-    # an epilogue sums whole rows: a tile is one row, the rows are shared out among the threads
-    C = 1 if rows >= want or group.epilogue else max(1, min(-(-want // rows), L // 4096))
+    # a "row" epilogue sums whole rows: a tile is one row, the rows are shared out among the threads
+    C = 1 if rows >= want or "row" in kinds else max(1, min(-(-want // rows), L // 4096))
     B = -(-L // C)
     C = -(-L // B) if L else 1
     T = rows * C
     fixed = (C, B, L, *dims[:q])
     chunks = min(T, 4 * threads)
     cuts = [T * i // chunks for i in range(chunks + 1)] if parallel else [0, T]
-    assert len(group.inputs) == n_in
+    extra = (np.array(cuts, np.int64),) if partial else ()
+    n_parts = len(cuts) - 1
 
     def run(arrays: Sequence[Any], outs: Sequence[Any]) -> tuple[Any, ...]:
         ins = []
@@ -524,16 +557,22 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
             a = np.asarray(a)
             ins.append(a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1))
         res = []
-        for buf, (dt, sh) in zip(outs, np_out, strict=True):
-            if buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
+        for k, (buf, (dt, sh)) in enumerate(zip(outs, np_out, strict=True)):
+            if k in partial:
+                buf = np.zeros(n_parts * L)
+            elif buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
                 buf = np.empty(sh, dt)
             res.append(buf)
         if size:
-            args = (*fixed, *ins, *(b.reshape(-1) for b in res))
+            args = (*fixed, *ins, *(b.reshape(-1) for b in res), *extra)
             if parallel:
                 threads_.pool().run(kernel, cuts, args)
             else:
                 kernel(0, T, *args)
+        for k in partial:  # the chunks' partial column sums, added up (and over the columns for "all")
+            cols = res[k].reshape(n_parts, L).sum(axis=0)
+            dt, sh = np_out[k]
+            res[k] = np.asarray(cols.sum() if kinds[k - n_out] == "all" else cols, dt).reshape(sh)
         return tuple(res)
 
     return run
