@@ -290,7 +290,9 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     The kernel is `kernel(t0, t1, C, B, L, m0, .., m{q-1}, in0, .., out0, ..)`: tiles t0..t1
     of the (rows, L) iteration space, C tiles per row of B columns; m0.. are the outer merged
     dims (rows = their product). Arrays are flat: input k holds (the rows it spans) x (L, or 1
-    when it broadcasts along the row), outputs rows x L."""
+    when it broadcasts along the row), outputs rows x L. Each epilogue e adds `red{e}`: for a
+    "row" sum one value per row, for a "col" or "all" sum (chunks of tiles) x L float64 partial
+    column sums, a call's chunk found in `cuts` (each chunk's first tile, then T), passed last."""
     dims, spans = collapse_group(group)
     q = len(dims) - 1
     n_in, n_out, n_red = len(group.inputs), len(group.outputs), len(group.epilogue)
