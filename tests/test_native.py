@@ -388,6 +388,106 @@ def test_transposed_operand_and_stashed_buffers(native_kernels) -> None:
     assert_close(plan.run(feed)["u"], Plan(graph).run(feed)["u"])
 
 
+def _written(plan: Plan) -> set[int]:
+    """The values a plan's steps write to memory (a fused step: its results only)."""
+    return {o for step in plan.steps for o in step.outs}
+
+
+def test_reductions_join_their_producer_as_epilogues() -> None:
+    """The MLP gradient's sums run in the pass of the group making their operand: 3 over the
+    last axis (the softmax's row sums, cross-entropy's per-example losses and their cotangent's
+    row sums) and the 3 bias gradients (over the batch): 6 steps fewer, and the 2 operands
+    nothing else reads are never written. Same bits."""
+    graph, feed = mlp_grad_graph("float64")
+    without = KernelSet(KERNELS, fuse=True)
+    without.epilogues = False
+    before, after = Plan(graph, kernels=without), Plan(graph, fusion=True)
+    tails = [n for g in after.groups for n in g.epilogue]
+    assert sorted(n.attrs["axes"] for n in tails) == [(0,)] * 3 + [(1,)] * 3
+    assert len(before.steps) - len(after.steps) == 6
+    assert len(_written(before)) - len(_written(after)) == 2
+    first = graph.first_node_id
+    users = {v: [n.id for n in graph.nodes if v in n.inputs] for v in (t.inputs[0] for t in tails)}
+    assert _written(before) - _written(after) == {v for v, us in users.items() if len(us) == 1}
+    assert all(graph.nodes[v - first].op != "reduce_sum" for v in _written(before) - _written(after))
+    assert "in the same pass: " in str(after) and after.kernel_info()["fused_reductions"] == 6
+    plain = Plan(graph).run(feed)
+    for name, value in after.run(feed).items():
+        np.testing.assert_array_equal(value, plain[name], err_msg=name)
+
+
+# (x's shape, v's shape, whether tanh's values are a result too); e = exp(x - v), y = tanh(e * v),
+# results: sum(e) over the last axis with keepdims, sum(y) without; from rank 2, sum(y) over every
+# axis but the last, and sum(e) over every axis with keepdims
+EPILOGUE_LAYOUTS = [((5, 7), (7,), True), ((5, 7), (5, 1), False), ((2, 3, 600), (1, 3, 1), True),
+                    ((9,), (), False), ((3, 1), (1,), True), ((3, 0), (3, 1), True), ((0, 5), (5,), False)]
+
+
+def _epilogue_graph(dtype: str, full: tuple[int, ...], small: tuple[int, ...], keep_y: bool, rows: bool = True) -> Graph:
+    b = Builder()
+    x = b.input("x", dtype, full)
+    v = b.input("v", dtype, small)
+    e = b.bind("exp", b.bind("sub", x, v))
+    y = b.bind("tanh", b.bind("mul", e, v))
+    rank = len(full)
+    outs = []
+    if rows:
+        outs += [("se", b.bind("reduce_sum", e, axes=(rank - 1,), keepdims=True)),
+                 ("sy", b.bind("reduce_sum", y, axes=(rank - 1,), keepdims=False))]
+    if rank >= 2:
+        outs += [("cy", b.bind("reduce_sum", y, axes=tuple(range(rank - 1)), keepdims=False)),
+                 ("ae", b.bind("reduce_sum", e, axes=tuple(range(rank)), keepdims=True))]
+    return b.build(outs + [("y", y)] * keep_y)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_epilogue_sums_native_match_numpy(native_kernels, dtype) -> None:
+    """Sums over the last axis, every axis but the last, and every axis, in the pass of their
+    producer (values from scratch rows and from an output, rows longer than a block, row and
+    column broadcasts, rank 1 to 3, keepdims or not, nan and inf in a row, empty axes, a size-1
+    last axis left alone), against the unfused numpy plan."""
+    rng = np.random.default_rng(8)
+    for full, small, keep_y in EPILOGUE_LAYOUTS:
+        graph = _epilogue_graph(dtype, full, small, keep_y)
+        plan = Plan(graph, kernels=native_kernels)
+        (g,) = plan.groups
+        sums = len(graph.outputs) - keep_y
+        assert len(g.epilogue) == (0 if full[-1] == 1 else sums), f"{full}: {g.text()}"
+        assert len(plan.steps) == (1 if g.epilogue else 1 + sums)
+        x = rng.standard_normal(full).astype(dtype)
+        if x.ndim == 2 and x.shape[0] >= 2 and x.shape[1] >= 2:
+            x[0, 1], x[1, 0] = np.nan, np.inf
+        feed = {"x": x, "v": rng.uniform(0.5, 1.5, small).astype(dtype)}
+        want = Plan(graph).run(feed)
+        got = plan.run(feed)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert_close(got[name], want[name], f"{full} with {small}: {name}")
+
+
+@needs_numba
+def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
+    """Groups with epilogues large enough for the pool, against numpy: with row sums, tiles
+    are whole rows (each row summed by one thread), column sums and the total add up one row
+    of partial column sums per chunk of tiles; without row sums, few long rows are cut into
+    pieces (float32 only: the compiles are what takes time)."""
+    monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 1)
+    kernels = native.NativeKernels(min_elements=0, threads=2)
+    rng = np.random.default_rng(9)
+    for dtype, full, rows in (("float64", (64, 300), True), ("float32", (64, 300), True), ("float32", (3, 9001), False)):
+        graph = _epilogue_graph(dtype, full, full[1:], True, rows)
+        plan = Plan(graph, kernels=kernels)
+        (g,) = plan.groups
+        assert len(g.epilogue) == len(graph.outputs) - 1
+        calls = threads_.pool().calls
+        feed = {"x": rng.standard_normal(full).astype(dtype), "v": rng.uniform(0.5, 1.5, full[1:]).astype(dtype)}
+        got, want = plan.run(feed), Plan(graph).run(feed)
+        assert threads_.pool().calls > calls, "the group did not run on the thread pool"
+        for name in want:
+            assert_close(got[name], want[name], f"{dtype}: {name}")
+
+
 @needs_numba
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_mlp_gradient_native_matches_numpy(native_kernels, dtype) -> None:

@@ -14,6 +14,14 @@ grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with 
 stays *convex*: no path leaves the group and comes back into it, so the group can run as one
 step at a point where all its inputs exist.
 
+A float `reduce_sum` of a member over its last axis (the softmax's row sums, cross-entropy's
+per-example losses), over every axis but the last (a bias gradient's sum over the batch) or
+over every axis (a loss) can become the group's *epilogue* when the backend
+supports it (`KernelSet.epilogues`): the group computes it in the same pass over the elements,
+so the member is written to memory only when something else reads it, and is read back never.
+The reduction leaves the group as one more output; it reads only a member, so the group stays
+convex.
+
 Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
 member by member with the reference kernels (same bits as unfused; used to test the planner),
 the native backend compiles it with numba (`native.py`), the GPU backend with CuPy
@@ -50,6 +58,9 @@ class Group:
     alignments. `operands[j]` wires member j: an operand `>= 0` is member position, `< 0`
     is input `-1 - operand`. `outputs` are member positions whose values leave the group.
     `absorbed` are view nodes that only the group read; the plan does not run them.
+    `epilogue` are reductions computed in the group's pass (float sums, see `epilogue_kind`);
+    `reduced[e]` is the member position epilogue node e reads. The group's results are its
+    outputs' values, then the epilogue's.
     """
 
     shape: Shape
@@ -60,6 +71,8 @@ class Group:
     operands: tuple[tuple[int, ...], ...]
     outputs: tuple[int, ...]
     absorbed: tuple[int, ...]
+    epilogue: tuple[Node, ...] = ()
+    reduced: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -67,7 +80,12 @@ class Group:
 
     @property
     def output_ids(self) -> tuple[int, ...]:
-        return tuple(self.members[j].id for j in self.outputs)
+        return tuple(self.members[j].id for j in self.outputs) + tuple(n.id for n in self.epilogue)
+
+    @property
+    def result_types(self) -> list[tuple[str, Shape]]:
+        """(dtype, shape) of each result, in the order of `output_ids`."""
+        return [(self.members[j].dtype, self.shape) for j in self.outputs] + [(n.dtype, n.shape) for n in self.epilogue]
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -84,13 +102,18 @@ class Group:
             attrs = ",".join(f"{k}={v}" for k, v in sorted(n.attrs.items()))
             parts.append(f"m{j} {n.op}[{attrs}] {n.dtype} {self.operands[j]}")
         parts.append(f"out {self.outputs}")
+        for n, j in zip(self.epilogue, self.reduced, strict=True):
+            parts.append(f"epilogue {n.op}[{','.join(f'{k}={v}' for k, v in sorted(n.attrs.items()))}] {n.dtype} m{j}")
         return "\n".join(parts)
 
     def text(self) -> str:
         """`%15,%16 = fused[add,tanh] %14 %1 -> %16:f32[256,1024]` (members, ops, inputs, outputs)."""
         ins = " ".join(f"%{v}" for v in dict.fromkeys(self.inputs))
-        outs = ",".join(f"%{n.id}:{type_str(n.dtype, n.shape)}" for n in (self.members[j] for j in self.outputs))
+        results = [self.members[j] for j in self.outputs] + list(self.epilogue)
+        outs = ",".join(f"%{n.id}:{type_str(n.dtype, n.shape)}" for n in results)
         head = f"{','.join(f'%{n.id}' for n in self.members)} = fused[{','.join(self.ops)}] {ins} -> {outs}"
+        if self.epilogue:
+            head += f"  (in the same pass: {', '.join(f'%{n.id}={n.op} %{n.inputs[0]}' for n in self.epilogue)})"
         if self.absorbed:
             head += f"  (views read through: {' '.join(f'%{v}' for v in self.absorbed)})"
         return head
@@ -141,8 +164,28 @@ def _align(shape: Shape, target: Shape) -> Shape:
     return tuple(a if a == d else 1 for a, d in zip(aligned, target, strict=True))
 
 
-def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None) -> list[Group]:
+def epilogue_kind(shape: Shape, node: Node) -> str | None:
+    """How a reduction `node` of a value of `shape` can run in the pass making the value:
+    "row" (a sum over the last axis, the only axis included), "col" (over every axis but the
+    last: a bias gradient's sum over the batch), "all" (over every axis, rank >= 2), or None."""
+    if node.op != "reduce_sum" or not shape or shape[-1] == 1:
+        return None
+    axes, rank = tuple(node.attrs["axes"]), len(shape)
+    return ("row" if axes == (rank - 1,) else "col" if axes == tuple(range(rank - 1))
+            else "all" if axes == tuple(range(rank)) else None)
+
+
+def epilogue_ok(graph: Graph, node: Node) -> bool:
+    """Whether `node` may be computed in the pass of the group making its operand: a float
+    `reduce_sum` of an `epilogue_kind`, the operand's last axis not of size 1."""
+    dtype, shape = graph.aval(node.inputs[0])
+    return dtype in ("float32", "float64") and node.dtype == dtype and epilogue_kind(shape, node) is not None
+
+
+def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None,
+                epilogues: bool = False) -> list[Group]:
     """Groups of at least `min_members` elementwise nodes; `accept(node)` may refuse nodes.
+    With `epilogues`, the reductions of members that `epilogue_ok` allows join as epilogues.
     Groups are disjoint and convex; the result is in order of each group's first member."""
     first = graph.first_node_id
     nodes = graph.nodes
@@ -295,12 +338,14 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
     groups = []
     for ids in raw:
         if len(ids) >= min_members:
-            groups.append(_make_group(graph, sorted(ids), users, returned))
+            tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
+            groups.append(_make_group(graph, sorted(ids), users, returned, tail))
     groups.sort(key=lambda g: g.members[0].id)
     return groups
 
 
-def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int]) -> Group:
+def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int],
+                epilogue: Sequence[int] = ()) -> Group:
     first = graph.first_node_id
     members = [graph.nodes[i - first] for i in ids]
     shape = members[0].shape
@@ -332,7 +377,7 @@ def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: 
             ops.append(-1 - index[key])
         operands.append(tuple(ops))
     # views that only this group reads (directly or through other such views) are not run
-    inside = set(ids)
+    inside = set(ids) | set(epilogue)
     absorbed: list[int] = []
     changed = True
     candidates = {v for chain in chains.values() for v in chain}
@@ -344,8 +389,9 @@ def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: 
                 inside.add(v)
                 changed = True
     outputs = tuple(j for j, n in enumerate(members) if n.id in returned or any(u not in inside for u in users[n.id]))
+    tail = tuple(graph.nodes[i - first] for i in epilogue)
     return Group(shape, tuple(members), tuple(inputs), tuple(aligned), tuple(graph.aval(v)[0] for v in inputs),
-                 tuple(operands), outputs, tuple(sorted(absorbed)))
+                 tuple(operands), outputs, tuple(sorted(absorbed)), tail, tuple(pos[n.inputs[0]] for n in tail))
 
 
 def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
@@ -356,7 +402,7 @@ def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
     units: list[Node | Group] = []
     skipped = {v for g in groups for v in g.absorbed}
     for g in groups:
-        for n in g.members:
+        for n in (*g.members, *g.epilogue):
             unit_of[n.id] = len(units)
         units.append(g)
     for n in graph.nodes:
@@ -406,6 +452,7 @@ class KernelSet:
 
     name = "numpy"
     in_place = False  # whether a runner may write an output over an input that dies at the step
+    epilogues = True  # whether runners compute a group's epilogue (sums in the same pass)
 
     def __init__(self, table: Mapping[str, Kernel] = KERNELS, fuse: bool = False):
         self.table = table
@@ -445,6 +492,8 @@ def numpy_group_runner(group: Group, table: Mapping[str, Kernel]) -> Callable[..
         for o in ops:
             if o >= 0:
                 last[o] = j
+    for j in group.reduced:  # read by the epilogue, after every member
+        last[j] = m
     is_out = [False] * m
     for j in group.outputs:
         is_out[j] = True
@@ -468,6 +517,7 @@ def numpy_group_runner(group: Group, table: Mapping[str, Kernel]) -> Callable[..
         steps.append((table[n.op], ops, dict(n.attrs), can_out, reuse, tuple(dying), later, slot))
     aligned = group.aligned
     outputs = [(j, shapes[j] != shape) for j in group.outputs]
+    tail = [(table[n.op], j, dict(n.attrs), shapes[j] != shape) for n, j in zip(group.epilogue, group.reduced, strict=True)]
 
     def run(arrays: Sequence[Any], outs: Sequence[Any]) -> tuple[Any, ...]:
         ins = [np.reshape(a, al) for a, al in zip(arrays, aligned, strict=True)]
@@ -483,6 +533,8 @@ def numpy_group_runner(group: Group, table: Mapping[str, Kernel]) -> Callable[..
             for o in dying:
                 if o != j:
                     env[o] = None
-        return tuple(np.broadcast_to(env[j], shape).copy() if small else env[j] for j, small in outputs)
+        res = [np.broadcast_to(env[j], shape).copy() if small else env[j] for j, small in outputs]
+        res += [kernel(np.broadcast_to(env[j], shape) if small else env[j], **attrs) for kernel, j, attrs, small in tail]
+        return tuple(res)
 
     return run

@@ -49,6 +49,7 @@ class GpuKernels(KernelSet):
 
     name = "gpu"
     in_place = True  # an elementwise CUDA thread reads its element before it writes it
+    epilogues = False  # an ElementwiseKernel computes no reductions: sums stay separate steps
 
     def __init__(self, fuse: bool = True, to_host: bool = True):
         cp, why = cupy_status()

@@ -21,6 +21,16 @@ stored. A long chain of dependent transcendentals is latency-bound inside one lo
 such groups are cut into *stages* (`stages`) run one after the other over blocks of `BLOCK`
 elements, values crossing stages passing through small scratch rows that stay in L1.
 
+Epilogues. A group's sums (`Group.epilogue`) keep the last axis a collapsed dim of its own, and
+the group always runs over blocks: after the block's stages, each sum reads the block's values
+back (from the output block when the value is an output, else from a scratch row, still in L1).
+A "row" sum (over the last axis) adds them into 8 float64 partial sums, unrolled so that the adds
+are independent (without fast-math one running sum is bound by the latency of each add), whose
+pairwise total is stored once per row; tiles are then whole rows, so threads share out rows and
+no row sum is split between them. "col" sums (every axis but the last) and "all" sums add the
+values into a float64 row of partial column sums per chunk of tiles (each call finds its chunk
+in `cuts`), which the runner adds up after the kernel (and totals, for "all").
+
 The generated source (one function per group signature: ops, dtypes, wiring and which dims
 broadcast, not the sizes) is written to ``$GRADSERVE_KERNEL_CACHE`` (default
 ``~/.cache/gradserve/kernels``; a private temp directory when that is not writable) as
@@ -67,7 +77,7 @@ from typing import Any
 import numpy as np
 
 from . import threads as threads_
-from .fusion import Group, KernelSet, numpy_group_runner
+from .fusion import Group, KernelSet, epilogue_kind, numpy_group_runner
 from .gpu import GpuKernels
 from .ir import Node
 from .ops import KERNELS, PRIMITIVES
@@ -206,6 +216,25 @@ def collapse(shape: tuple[int, ...], aligned: Sequence[tuple[int, ...]]) -> tupl
     return tuple(dims), [tuple(s) for s in spans]
 
 
+def epilogue_kinds(group: Group) -> list[str]:
+    """Each epilogue's `fusion.epilogue_kind`: "row", "col" or "all"."""
+    kinds = [epilogue_kind(group.shape, n) for n in group.epilogue]
+    if None in kinds:
+        raise ValueError(f"an epilogue the native kernels cannot compute: {group.text()}")
+    return [k for k in kinds if k is not None]
+
+
+def collapse_group(group: Group) -> tuple[tuple[int, ...], list[tuple[bool, ...]]]:
+    """`collapse` of the group's iteration space. With an epilogue the last axis stays a dim
+    of its own: a row of the collapsed space is one "row" sum, a column one "col" sum."""
+    if not group.epilogue:
+        return collapse(group.shape, group.aligned)
+    patterns = {(*group.shape[:-1], 1) if k == "row" else (1,) * (len(group.shape) - 1) + group.shape[-1:]
+                for k in epilogue_kinds(group)}
+    dims, spans = collapse(group.shape, [*group.aligned, *sorted(patterns)])
+    return dims, spans[:len(group.aligned)]
+
+
 # ---------------------------------------------------------------- code generation
 
 
@@ -261,23 +290,32 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     The kernel is `kernel(t0, t1, C, B, L, m0, .., m{q-1}, in0, .., out0, ..)`: tiles t0..t1
     of the (rows, L) iteration space, C tiles per row of B columns; m0.. are the outer merged
     dims (rows = their product). Arrays are flat: input k holds (the rows it spans) x (L, or 1
-    when it broadcasts along the row), outputs rows x L."""
-    dims, spans = collapse(group.shape, group.aligned)
+    when it broadcasts along the row), outputs rows x L. Each epilogue e adds `red{e}`: for a
+    "row" sum one value per row, for a "col" or "all" sum (chunks of tiles) x L float64 partial
+    column sums, a call's chunk found in `cuts` (each chunk's first tile, then T), passed last."""
+    dims, spans = collapse_group(group)
     q = len(dims) - 1
-    n_in, n_out = len(group.inputs), len(group.outputs)
+    n_in, n_out, n_red = len(group.inputs), len(group.outputs), len(group.epilogue)
+    kinds = epilogue_kinds(group)
     members = group.members
     params = ["t0", "t1", "C", "B", "L", *(f"m{d}" for d in range(q)), *(f"in{k}" for k in range(n_in)),
-              *(f"out{k}" for k in range(n_out))]
+              *(f"out{k}" for k in range(n_out)), *(f"red{e}" for e in range(n_red))]
+    if any(k != "row" for k in kinds):
+        params.append("cuts")
     stage_of = stages(group)
     n_stages = stage_of[-1] + 1
+    blocked = n_stages > 1 or n_red > 0  # run over blocks of BLOCK elements (stages, or an epilogue after them)
     out_of = {j: k for k, j in enumerate(group.outputs)}
     # values read in a later stage than their own: outputs are read back from the output block,
-    # the others go through scratch rows (one flat scratch array per dtype, rows reused)
+    # the others go through scratch rows (one flat scratch array per dtype, rows reused); a value
+    # the epilogue sums is read after the last stage
     last_use = {j: stage_of[j] for j in range(len(members))}
     for k, ops in enumerate(group.operands):
         for o in ops:
             if o >= 0:
                 last_use[o] = max(last_use[o], stage_of[k])
+    for j in group.reduced:
+        last_use[j] = n_stages
     slot: dict[int, str] = {}
     rows: dict[str, int] = {}
     free: dict[str, list[int]] = {}
@@ -298,6 +336,11 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     # arrays are flat; element indices are uint64 so that numba emits no negative-index
     # wraparound, which would stop LLVM from vectorising (and slicing per tile costs compile time)
     body = [f"def kernel({', '.join(params)}):"]
+    if "cuts" in params:  # "col" and "all" sums: this call's row of float64 partial column sums
+        body += ["    c = 0",
+                 "    while cuts[c + 1] <= t0:",
+                 "        c += 1",
+                 "    cb = np.uint64(c * L)"]
     for dt, n_rows in rows.items():
         body.append(f"    scr_{dt} = np.empty({n_rows * BLOCK}, {NUMBA_TYPES[dt]})")
     for sl in sorted(set(slot.values())):
@@ -329,7 +372,12 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
             full.append(k)
         else:
             body.append(f"        x{k} = in{k}[{index}]")
-    if n_stages == 1:
+    for e in range(n_red):  # 8 partial sums per "row" epilogue (independent adds), in float64, combined at the row's end
+        if kinds[e] == "row":
+            body.append(f"        {' = '.join(f'a{e}_{u}' for u in range(8))} = np.float64(0.0)")
+    if "cuts" in params:
+        body.append("        pc = cb + np.uint64(j0)")
+    if not blocked:
         ind = "            "
         body.append("        for j in range(n):")
         body.extend(f"{ind}x{k} = in{k}[p{k} + j]" for k in full)
@@ -343,7 +391,7 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
         base = "obb"
     for st in range(n_stages):
         mine = [j for j in range(len(members)) if stage_of[j] == st]
-        if n_stages > 1:
+        if blocked:
             body.append("            for j in range(m):")
             used_in = {-1 - o for j in mine for o in group.operands[j] if o < 0}
             body.extend(f"{ind}x{k} = in{k}[q{k} + j]" for k in full if k in used_in)
@@ -362,6 +410,23 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
                 body.append(f"{ind}out{out_of[j]}[{base} + j] = v{j}")
             elif j in slot:
                 body.append(f"{ind}scr_{members[j].dtype}[{slot[j]} + j] = v{j}")
+    if "row" in kinds:
+        body.append("            m8 = m - m % np.uint64(8)")
+    for e, j in enumerate(group.reduced):
+        src = f"out{out_of[j]}" if j in out_of else f"scr_{members[j].dtype}"
+        at = "obb" if j in out_of else slot[j]
+        if kinds[e] != "row":  # column sums: this block's values added to the partial sums of their columns
+            body.append("            for i in range(m):")
+            body.append(f"                red{e}[pc + blk + i] += {src}[{at} + i]")
+            continue
+        body.append("            for i in range(np.uint64(0), m8, np.uint64(8)):")
+        body.append(f"                w = {at} + i")
+        body.extend(f"                a{e}_{u} += {src}[w + np.uint64({u})]" for u in range(8))
+        body.append("            for i in range(m8, m):")
+        body.append(f"                a{e}_0 += {src}[{at} + i]")
+    for e in (e for e in range(n_red) if kinds[e] == "row"):
+        a = [f"a{e}_{u}" for u in range(8)]
+        body.append(f"        red{e}[r] = ((({a[0]} + {a[1]}) + ({a[2]} + {a[3]})) + (({a[4]} + {a[5]}) + ({a[6]} + {a[7]})))")
     header = [
         "# generated by gradserve_engine.native for the fused group:",
         *("#   " + line for line in group.signature().splitlines()),
@@ -450,7 +515,7 @@ def load_kernel(source: str, signature: tuple, cache_dir: Path) -> Any:
 
 def work_per_element(group: Group) -> float:
     """A rough compute cost per element (see PARALLEL_MIN_WORK)."""
-    return sum((WORK[_cost(n.op)] for n in group.members), 0.0)
+    return sum((WORK[_cost(n.op)] for n in group.members), 0.0) + WORK[Cost.CHEAP] * len(group.epilogue)
 
 
 def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable[..., tuple[Any, ...]]:
@@ -458,29 +523,35 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
 
     source, dims, _ = generate(group)
     q = len(dims) - 1
-    n_in = len(group.inputs)
     in_types = [_numba_array(dt, True) for dt in group.input_dtypes]
-    out_dtypes = [group.members[j].dtype for j in group.outputs]
+    kinds = epilogue_kinds(group)
+    n_out = len(group.outputs)
+    # "col" and "all" sums are made as float64 partial column sums, one row per chunk of tiles
+    out_dtypes = [dt for dt, _ in group.result_types[:n_out]] + [
+        n.dtype if k == "row" else "float64" for n, k in zip(group.epilogue, kinds, strict=True)]
     out_types = [_numba_array(dt, False) for dt in out_dtypes]
-    signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types)
+    partial = [n_out + e for e, k in enumerate(kinds) if k != "row"]
+    signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types) + (
+        (_numba_array("int64", True),) if partial else ())
     kernel = load_kernel(source, signature, cache_dir)
 
     rows = math.prod(dims[:q])
     L = dims[q]
     size = group.size
-    shape = group.shape
-    np_out = [np.dtype(dt) for dt in out_dtypes]
+    np_out = [(np.dtype(dt), sh) for dt, sh in group.result_types]
     parallel = threads > 1 and size * work_per_element(group) >= PARALLEL_MIN_WORK
     # tiles: whole rows when there are enough of them, else rows cut into pieces of >= 4096
     want = 4 * threads if parallel else 1
-    C = 1 if rows >= want else max(1, min(-(-want // rows), L // 4096))
+    # a "row" epilogue sums whole rows: a tile is one row, the rows are shared out among the threads
+    C = 1 if rows >= want or "row" in kinds else max(1, min(-(-want // rows), L // 4096))
     B = -(-L // C)
     C = -(-L // B) if L else 1
     T = rows * C
     fixed = (C, B, L, *dims[:q])
     chunks = min(T, 4 * threads)
     cuts = [T * i // chunks for i in range(chunks + 1)] if parallel else [0, T]
-    assert len(group.inputs) == n_in
+    extra = (np.array(cuts, np.int64),) if partial else ()
+    n_parts = len(cuts) - 1
 
     def run(arrays: Sequence[Any], outs: Sequence[Any]) -> tuple[Any, ...]:
         ins = []
@@ -488,16 +559,22 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
             a = np.asarray(a)
             ins.append(a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1))
         res = []
-        for buf, dt in zip(outs, np_out, strict=True):
-            if buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
-                buf = np.empty(shape, dt)
+        for k, (buf, (dt, sh)) in enumerate(zip(outs, np_out, strict=True)):
+            if k in partial:
+                buf = np.zeros(n_parts * L)
+            elif buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
+                buf = np.empty(sh, dt)
             res.append(buf)
         if size:
-            args = (*fixed, *ins, *(b.reshape(-1) for b in res))
+            args = (*fixed, *ins, *(b.reshape(-1) for b in res), *extra)
             if parallel:
                 threads_.pool().run(kernel, cuts, args)
             else:
                 kernel(0, T, *args)
+        for k in partial:  # the chunks' partial column sums, added up (and over the columns for "all")
+            cols = res[k].reshape(n_parts, L).sum(axis=0)
+            dt, sh = np_out[k]
+            res[k] = np.asarray(cols.sum() if kinds[k - n_out] == "all" else cols, dt).reshape(sh)
         return tuple(res)
 
     return run

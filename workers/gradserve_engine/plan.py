@@ -220,7 +220,7 @@ class FusedStep(Step):
         assert isinstance(group, Group)
         reused = [f"%{o}=%{s}" for o, s in zip(self.outs, self.srcs, strict=True) if s >= 0]
         extra = f"  # {kernel_mode}" + (f"  out {' '.join(reused)}" if reused else "")
-        return [group.text() + extra + _free_text(self.frees), *("    | " + m.text() for m in group.members)]
+        return [group.text() + extra + _free_text(self.frees), *("    | " + m.text() for m in (*group.members, *group.epilogue))]
 
 
 def _free_text(frees: tuple[int, ...]) -> str:
@@ -261,7 +261,7 @@ class Plan:
         units: Sequence[Node | Group] = graph.nodes
         if fuse and kset is not None:
             t0 = time.perf_counter()
-            for g in find_groups(graph, accept=kset.accept):
+            for g in find_groups(graph, accept=kset.accept, epilogues=kset.epilogues):
                 run = kset.compile_group(g)
                 if run is not None:
                     runners[id(g)] = run
@@ -306,7 +306,7 @@ class Plan:
         into: list[bool] = []
         for n in units:
             if isinstance(n, Group):
-                results.append([(n.members[j].dtype, n.shape) for j in n.outputs])
+                results.append(n.result_types)
                 over.append(in_place_groups and bool(n.shape))
                 into.append(bool(n.shape))
             else:
@@ -439,11 +439,13 @@ class Plan:
         return f"{self._describe()}: the tensor {what} ({type_str(dtype, shape)})"
 
     def kernel_info(self) -> dict[str, Any]:
-        """What runs this plan: the backend, fused groups and their members, compile time, and
-        the elementwise steps that may run in slices on threads (decided by measuring)."""
+        """What runs this plan: the backend, fused groups, their members and the reductions
+        computed in their pass, compile time, and the elementwise steps that may run in slices
+        on threads (decided by measuring)."""
         chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
-                "fused_nodes": sum(len(g.members) for g in self.groups), "steps": len(self.steps),
+                "fused_nodes": sum(len(g.members) for g in self.groups),
+                "fused_reductions": sum(len(g.epilogue) for g in self.groups), "steps": len(self.steps),
                 "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
                 "threads": threads.available_cores(), "sliceable_steps": len(chunked),
                 "sliced_steps": sum(step.sliced is True for step in chunked)}
