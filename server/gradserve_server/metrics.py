@@ -140,26 +140,31 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> ThreadingHTTPServer:
         """Serve /metrics on (host, port) from a daemon thread; returns the HTTP server."""
-        metrics = self
+        return serve_exposition(host, port, self.render)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body, content_type = metrics.render(self.headers.get("Accept", ""))
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:
-                pass
+def serve_exposition(host: str, port: int, render: Callable[[str], tuple[bytes, str]]) -> ThreadingHTTPServer:
+    """Serve `render(accept header)` -> (body, content type) at /metrics on (host, port) from a
+    daemon thread (404 elsewhere); returns the HTTP server."""
 
-        httpd = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=httpd.serve_forever, name="gradserve-metrics", daemon=True).start()
-        return httpd
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body, content_type = render(self.headers.get("Accept", ""))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=httpd.serve_forever, name="gradserve-metrics", daemon=True).start()
+    return httpd
 
 
 class _Values(Collector):

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from gradserve_engine.threads import available_cores
 
 from .app import Config
+from .metrics import serve_exposition
 
 log = logging.getLogger("gradserve_server.processes")
 TAG_VAR = "GRADSERVE_PROCESS_TAG"  # set in each child: its index (not a flag: the parent sets it)
@@ -181,25 +182,11 @@ def _serve_metrics(supervisor: Supervisor, host: str, port: int) -> ThreadingHTT
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Children(supervisor))
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def render(accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=httpd.serve_forever, name="gradserve-metrics", daemon=True).start()
-    return httpd
+    return serve_exposition(host, port, render)
 
 
 def _free_port(host: str) -> int:
