@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import builtins
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -398,6 +399,7 @@ class JobManager:
         self.shared = store.path is not None  # a store on disk may be shared: only the lease holder runs jobs
         self.leader = False
         self._runs: dict[str, Run] = {}
+        self._ended = 0  # jobs ended so far (a runner trims the heap after a turn that ended one)
         self._queue: deque[str] = deque()
         self._ready = threading.Condition()  # guards _runs, _queue, in_turn
         self._stopping = False
@@ -1001,7 +1003,11 @@ class JobManager:
 
     # ---- running
     def _runner(self) -> None:
+        ended = self._ended
         while (backoff := self._next_turn()) is not None:
+            if self._ended != ended:  # a job ended in that turn, its memory freed: give it back to the OS
+                ended = self._ended
+                _trim_heap()
             if backoff:
                 self._stopped.wait(backoff)
 
@@ -1207,9 +1213,23 @@ class JobManager:
         with self._ready:
             if self._runs.get(run.job_id) is run:
                 del self._runs[run.job_id]
+            self._ended += 1
         self._forget_plans(run)
 
     def _finish_row(self, job_id: str, status: str, message: str) -> None:
         with self.store.tx() as db:
             db.execute("UPDATE jobs SET status = ?, message = ?, updated = ? WHERE id = ?",
                        (status, _cut(message), time.time(), job_id))
+
+
+def _trim_heap() -> None:
+    """glibc: hand the free memory of every malloc arena back to the OS (a finished job's
+    arguments and state are tens of MiB that the arenas would otherwise keep). No-op elsewhere."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:
+    _LIBC = None
