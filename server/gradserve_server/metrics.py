@@ -70,6 +70,8 @@ class Metrics:
         self._values: dict[Key, float] = {}
         self._fns: dict[Key, Callable[[], float]] = {}
         self._lock = threading.Lock()
+        self._checked: set[Key] = set()  # series whose name and labels were checked against SPECS
+        self._request_timers: dict[str, Histogram] = {}  # method -> its child of gradserve_request_seconds
         self.registry = CollectorRegistry(auto_describe=True)
         self._histograms = {name: Histogram(name, text, labels, registry=self.registry, buckets=LATENCY_BUCKETS)
                             for name, (kind, text, labels) in SPECS.items() if kind == "histogram"}
@@ -77,10 +79,13 @@ class Metrics:
         ProcessCollector(registry=self.registry)
 
     def _key(self, name: str, labels: dict[str, str]) -> Key:
-        kind, _, names = SPECS[name]  # a KeyError here is a name missing from SPECS
-        if kind == "histogram" or set(labels) != set(names):
-            raise ValueError(f"metric {name} is a {kind} with labels {names}, given {sorted(labels)}")
-        return name, tuple(sorted(labels.items()))
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._checked:  # each series is checked against SPECS once: this runs on every RPC
+            kind, _, names = SPECS[name]  # a KeyError here is a name missing from SPECS
+            if kind == "histogram" or set(labels) != set(names):
+                raise ValueError(f"metric {name} is a {kind} with labels {names}, given {sorted(labels)}")
+            self._checked.add(key)
+        return key
 
     def gauge_fn(self, name: str, fn: Callable[[], float], **labels: str) -> None:
         """A value read when the metrics are scraped (nothing to update on the hot path)."""
@@ -94,7 +99,10 @@ class Metrics:
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Count one answered (or refused) RPC and its time."""
         self.inc("gradserve_requests_total", method=method, code=code)
-        self._histograms["gradserve_request_seconds"].labels(method=method).observe(seconds)
+        timer = self._request_timers.get(method)
+        if timer is None:  # labels() takes a lock and builds a key: once per method
+            timer = self._request_timers[method] = self._histograms["gradserve_request_seconds"].labels(method=method)
+        timer.observe(seconds)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = self._key(name, labels)
