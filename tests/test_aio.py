@@ -18,6 +18,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from numeric import close, tree_close
 from service_fixtures import ServerProcess, metric, parse_metrics, scrape
 
 import gradserve as gs
@@ -51,17 +52,6 @@ def heavy(x, w):
 
 def quadratic(p, target):
     return gs.sum((p - target) ** 2)
-
-
-def close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
-
-
-def tree_close(a, b):
-    la, lb = gs.flatten(a, "")[0], gs.flatten(b, "")[0]
-    assert [n for n, _ in la] == [n for n, _ in lb]
-    for (_, x), (_, y) in zip(la, lb, strict=True):
-        close(x, y)
 
 
 def test_values_equal_the_sync_sessions(server, remote):

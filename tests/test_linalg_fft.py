@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from numeric import EPS, assert_close, fd_gradient
 
 import gradserve as gs
 from gradserve_engine.errors import LinAlgError
@@ -24,7 +25,6 @@ from gradserve_engine.shard import ShardError, analyze
 FLT = ("float32", "float64")
 VALUE_TOL = {"float32": (2e-5, 2e-5), "float64": (1e-11, 1e-12)}
 TORCH_TOL = {"float32": (2e-4, 2e-5), "float64": (1e-9, 1e-11)}
-EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -200,36 +200,12 @@ def reference(case: Case, arrays: list[np.ndarray]) -> np.ndarray:
     return np.asarray(want).astype(arrays[0].dtype)  # numpy's FFT is float64 (complex128) whatever the input
 
 
-def assert_close(got: Any, want: Any, dtype: str, tol: dict[str, tuple[float, float]], what: str) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
-    rtol, atol = tol[dtype]
-    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
-
-
 @pytest.mark.parametrize("dtype", FLT)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_value_matches_numpy(case: Case, dtype: str) -> None:
     arrays = sample(case.name, dtype, case.shapes, case.domain)
     got, _ = gs.vjp(case.f, *arrays)
     assert_close(got, reference(case, arrays), dtype, VALUE_TOL, case.name)
-
-
-def fd_gradient(f: Callable[..., Any], arrays: list[np.ndarray], ct: np.ndarray) -> list[np.ndarray]:
-    grads = []
-    for p, x in enumerate(arrays):
-        g = np.zeros_like(x)
-        for i in range(x.size):
-            plus, minus = x.copy(), x.copy()
-            plus.flat[i] += EPS
-            minus.flat[i] -= EPS
-            hi = f(*arrays[:p], plus, *arrays[p + 1:])
-            lo = f(*arrays[:p], minus, *arrays[p + 1:])
-            g.flat[i] = np.sum(ct * (np.asarray(hi) - np.asarray(lo))) / (2 * EPS)
-        grads.append(g)
-    return grads
 
 
 def _symmetric_part_reader(case: Case) -> bool:

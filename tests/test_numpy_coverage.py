@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from numeric import EPS, fd_gradient
 
 import gradserve as gs
 from gradserve.numpy_api import FUNCTIONS, UFUNCS
@@ -25,7 +26,6 @@ from gradserve.numpy_api import FUNCTIONS, UFUNCS
 FLT = ("float32", "float64")
 VALUE_TOL = {"float32": (2e-6, 2e-6), "float64": (1e-12, 1e-13)}
 TORCH_TOL = {"float32": (1e-4, 1e-5), "float64": (1e-10, 1e-12)}
-EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -212,22 +212,6 @@ def test_value_matches_numpy(case: Case, dtype: str) -> None:
         want = case.f(*arrays)
     got, _ = gs.vjp(case.f, *arrays)
     assert_close(got, want, dtype, VALUE_TOL, case.name)
-
-
-def fd_gradient(f: Callable[..., Any], arrays: list[np.ndarray], ct: np.ndarray) -> list[np.ndarray]:
-    """d <ct, f(arrays)> / d arrays by central differences."""
-    grads = []
-    for p, x in enumerate(arrays):
-        g = np.zeros_like(x)
-        for i in range(x.size):
-            plus, minus = x.copy(), x.copy()
-            plus.flat[i] += EPS
-            minus.flat[i] -= EPS
-            hi = f(*arrays[:p], plus, *arrays[p + 1:])
-            lo = f(*arrays[:p], minus, *arrays[p + 1:])
-            g.flat[i] = np.sum(ct * (np.asarray(hi) - np.asarray(lo))) / (2 * EPS)
-        grads.append(g)
-    return grads
 
 
 GRAD_CASES = [c for c in CASES if c.grad]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from numeric import assert_close
 
 from gradserve_engine.autodiff import vjp_graph, vjp_names
 from gradserve_engine.engine import Engine
@@ -758,15 +759,6 @@ def kernel(s: Spec) -> Callable[[list[np.ndarray]], np.ndarray]:
             return np.asarray(KERNELS[s.op](*arrays, **s.attrs))
 
     return f
-
-
-def assert_close(got: Any, want: Any, dtype: str, tol: dict[str, tuple[float, float]], what: str) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
-    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
-    rtol, atol = tol[dtype]
-    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
 
 
 def assert_fd(got: Any, want: Any, what: str) -> None:

@@ -28,6 +28,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from numeric import close, tree_close
 from service_fixtures import ServerProcess, metric, parse_metrics, rpc_error, scrape, wait_until
 
 import gradserve as gs
@@ -57,17 +58,6 @@ def loss(params, x):
 
 def vec(x, w):
     return gs.tanh(x @ w) * 2.0
-
-
-def close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
-
-
-def tree_close(a, b):
-    la, lb = gs.flatten(a, "")[0], gs.flatten(b, "")[0]
-    assert [n for n, _ in la] == [n for n, _ in lb]
-    for (_, x), (_, y) in zip(la, lb, strict=True):
-        close(x, y)
 
 
 def bytes_in(server) -> float:
