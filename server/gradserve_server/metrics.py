@@ -75,7 +75,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._histograms = {name: Histogram(name, text, labels, registry=self.registry, buckets=LATENCY_BUCKETS)
                             for name, (kind, text, labels) in SPECS.items() if kind == "histogram"}
-        self.registry.register(_Values(self))
+        self.registry.register(Families(self._families))
         ProcessCollector(registry=self.registry)
 
     def _key(self, name: str, labels: dict[str, str]) -> Key:
@@ -175,14 +175,15 @@ def serve_exposition(host: str, port: int, render: Callable[[str], tuple[bytes, 
     return httpd
 
 
-class _Values(Collector):
-    """The counters and gauges of a `Metrics`, collected at scrape time."""
+class Families(Collector):
+    """A collector of the metric families `families()` gives at scrape time (series appear as
+    they are first counted: nothing to describe up front)."""
 
-    def __init__(self, metrics: Metrics):
-        self._metrics = metrics
+    def __init__(self, families: Callable[[], Iterator[Metric]]):
+        self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        return self._metrics._families()
+        return self._families()
 
     def describe(self) -> Iterator[Metric]:
-        return iter(())  # series appear as they are first counted
+        return iter(())

@@ -40,12 +40,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from gradserve_engine.threads import available_cores
 
 from .app import Config
-from .metrics import serve_exposition
+from .metrics import Families, serve_exposition
 
 log = logging.getLogger("gradserve_server.processes")
 TAG_VAR = "GRADSERVE_PROCESS_TAG"  # set in each child: its index (not a flag: the parent sets it)
@@ -167,20 +166,9 @@ class Supervisor:
         return iter(merged.values())
 
 
-class _Children(Collector):
-    def __init__(self, supervisor: Supervisor):
-        self._supervisor = supervisor
-
-    def collect(self) -> Iterator[Metric]:
-        return self._supervisor.families()
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())
-
-
 def _serve_metrics(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Children(supervisor))
+    registry.register(Families(supervisor.families))
 
     def render(accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)
