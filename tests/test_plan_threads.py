@@ -63,6 +63,26 @@ def test_each_step_measures_then_keeps_one_way():
     np.testing.assert_array_equal(plan.run(feed)["y"], want)
 
 
+@pytest.mark.skipif(threads.available_cores() < 2, reason="one core: no step is sliceable")
+def test_cache_info_reports_the_threads_the_threshold_and_what_kept_plans_decided():
+    from gradserve_engine.engine import Engine
+    from gradserve_engine.plan import PARALLEL_MIN_WORK
+
+    engine = Engine()
+    b = Builder()
+    x = b.input("x", "float64", (512, 1024))  # tanh over 2**19 elements: above the threshold
+    graph = b.build([("y", b.bind("tanh", x))])
+    feed = {"x": np.random.default_rng(0).standard_normal((512, 1024))}
+    engine.evaluate(graph, feed)
+    info = engine.cache_info()
+    assert (info.threads, info.parallel_min_work) == (threads.available_cores(), PARALLEL_MIN_WORK)
+    assert info.sliced_steps == info.whole_steps == 0  # still measuring
+    for _ in range(2 * ChunkedStep.TRIALS):
+        engine.evaluate(graph, feed)
+    info = engine.cache_info()
+    assert info.sliced_steps + info.whole_steps == 1
+
+
 def test_small_steps_and_unsliceable_ones_stay_whole():
     b = Builder()
     x = b.input("x", "float32", (4, 8))

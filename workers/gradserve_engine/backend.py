@@ -29,6 +29,13 @@ class CacheInfo:
     kernels: str = "numpy"  # which kernels run the plans, and why
     nbytes: int = 0  # the estimated memory of everything kept: plans, derived graphs, a scheduler's analyses
     max_bytes: int = 0
+    # parallel work: the cores of the process's thread pool, the size (elements x the op's work) from
+    # which a numpy elementwise step measures whether running in slices on them pays, and what the
+    # kept plans' steps decided: in slices, or whole (slices did not pay on this machine)
+    threads: int = 1
+    parallel_min_work: int = 0
+    sliced_steps: int = 0
+    whole_steps: int = 0
 
     def __str__(self) -> str:
         return (f"CacheInfo(hits={self.hits}, misses={self.misses}, size={self.size}/{self.maxsize}, "

@@ -19,14 +19,14 @@ import numpy as np
 from gradserve_engine.errors import GraphError, ShapeError
 from gradserve_engine.ir import Graph, Var, duplicates, type_str
 
-from . import autodiff
+from . import autodiff, threads
 from .backend import Backend, CacheInfo, Residuals
 from .footprint import graph_bytes, plan_bytes
 from .guard import check_derived
 from .native import resolve_kernels
 from .ops.core import FLOATS, NP_DTYPES
 from .passes import optimize
-from .plan import Plan
+from .plan import PARALLEL_MIN_WORK, Plan
 from .shard import analyze
 
 CACHE_BYTES = 1 << 30  # what an Engine keeps between calls, by default
@@ -142,8 +142,11 @@ class Engine(Backend):
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
+            plans = [plan.kernel_info() for plan in self._plans.values()]
             return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
-                             self.kernels.describe(), self._bytes, self._max_bytes)
+                             self.kernels.describe(), self._bytes, self._max_bytes, threads.available_cores(),
+                             PARALLEL_MIN_WORK, sum(k["sliced_steps"] for k in plans),
+                             sum(k["whole_steps"] for k in plans))
 
     def forget(self, graph_id: str) -> int:
         with self._lock:

@@ -441,14 +441,15 @@ class Plan:
     def kernel_info(self) -> dict[str, Any]:
         """What runs this plan: the backend, fused groups, their members and the reductions
         computed in their pass, compile time, and the elementwise steps that may run in slices
-        on threads (decided by measuring)."""
+        on threads (decided by measuring: in slices, whole, or still measuring)."""
         chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
                 "fused_nodes": sum(len(g.members) for g in self.groups),
                 "fused_reductions": sum(len(g.epilogue) for g in self.groups), "steps": len(self.steps),
                 "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
                 "threads": threads.available_cores(), "sliceable_steps": len(chunked),
-                "sliced_steps": sum(step.sliced is True for step in chunked)}
+                "sliced_steps": sum(step.sliced is True for step in chunked),
+                "whole_steps": sum(step.sliced is False for step in chunked)}
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
