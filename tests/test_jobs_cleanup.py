@@ -26,7 +26,7 @@ from gradserve_engine.engine import Engine
 from gradserve_engine.errors import FailedPrecondition, NotFound
 from gradserve_engine.ir import Limits, tensor_to_proto
 from gradserve_engine.v1 import service_pb2 as pb
-from gradserve_server import jobs as jobs_module
+from gradserve_server import heap
 from gradserve_server.jobs import DAY, FINISHED, JobManager, JobStore
 from gradserve_server.registry import GraphRegistry
 
@@ -272,7 +272,7 @@ def test_the_heap_is_trimmed_after_a_turn_that_ended_a_job(managers, monkeypatch
     arenas, which keep freed memory per thread (the server's RSS grew by hundreds of MiB over a
     hundred jobs): a runner trims the heap after each turn in which a job ended."""
     trims = []
-    monkeypatch.setattr(jobs_module, "_trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(1))
     manager = managers(runners=1)
     for k in range(3):
         run_one(manager, big_spec(name=f"trimmed {k}"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import builtins
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
@@ -58,6 +57,7 @@ from gradserve_engine.ops.core import FLOATS
 from gradserve_engine.plan import stop_when
 from gradserve_engine.v1 import service_pb2 as pb
 
+from . import heap
 from .bounds import Slots
 from .registry import GraphRegistry, is_graph_id
 
@@ -1007,7 +1007,7 @@ class JobManager:
         while (backoff := self._next_turn()) is not None:
             if self._ended != ended:  # a job ended in that turn, its memory freed: give it back to the OS
                 ended = self._ended
-                _trim_heap()
+                heap.trim()
             if backoff:
                 self._stopped.wait(backoff)
 
@@ -1220,16 +1220,3 @@ class JobManager:
         with self.store.tx() as db:
             db.execute("UPDATE jobs SET status = ?, message = ?, updated = ? WHERE id = ?",
                        (status, _cut(message), time.time(), job_id))
-
-
-def _trim_heap() -> None:
-    """glibc: hand the free memory of every malloc arena back to the OS (a finished job's
-    arguments and state are tens of MiB that the arenas would otherwise keep). No-op elsewhere."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-except OSError:
-    _LIBC = None
