@@ -205,6 +205,31 @@ def test_killed_worker_is_replaced_and_the_batch_still_correct(ray_pool):
     assert ray_pool.replaced > before and victim not in ray_pool.pids()
 
 
+@pytest.mark.ray
+def test_a_worker_holds_graphs_up_to_its_budget_and_gets_an_evicted_one_again(ray_pool):
+    """Each graph a task needs is sent to its worker once; past `graph_cache_bytes` the worker
+    drops its least recently used graph (and the plans of it), and a later task sends it again."""
+    from gradserve_engine.footprint import graph_bytes
+    from gradserve_engine.pool import RayPool
+
+    graphs = [gs.trace(lambda x, k=k: gs.sum(gs.tanh(x * (k + 1.0))), X) for k in range(3)]
+    small = RayPool(1, cpus=0, blas_threads=1, graph_cache_bytes=graph_bytes(graphs[0]) + 1)  # room for one graph
+    try:
+        for graph in (*graphs, graphs[0]):  # the last one was dropped by the next: sent again
+            (got,) = small.get([small.submit(Task(graph, "evaluate", {"x": X}, {}))])
+            assert_same(got, Engine().evaluate(graph, {"x": X}))
+            assert small.graph_ids(0) == [graph.id]
+        wide = RayPool(1, cpus=0, blas_threads=1)  # the default budget holds all of them
+        try:
+            for graph in (*graphs, graphs[0]):
+                wide.get([wide.submit(Task(graph, "evaluate", {"x": X}, {}))])
+            assert sorted(wide.graph_ids(0)) == sorted(g.id for g in graphs)
+        finally:
+            wide.shutdown()
+    finally:
+        small.shutdown()
+
+
 def _start(cmd: list[str], env: dict, log) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 

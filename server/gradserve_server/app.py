@@ -97,7 +97,8 @@ def start_pool(config: Config) -> tuple[RayPool | None, Policy]:
         ray.init(address="local", num_cpus=config.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cores = float(ray.cluster_resources().get("CPU", 1))
     size = config.workers or max(int(cores // config.worker_cpus), 1)
-    pool = RayPool(size, cpus=config.worker_cpus, blas_threads=max(int(config.worker_cpus), 1), kernels=config.kernels)
+    pool = RayPool(size, cpus=config.worker_cpus, blas_threads=max(int(config.worker_cpus), 1), kernels=config.kernels,
+                   plan_cache_bytes=config.plan_cache_bytes)
     log.info("%d Ray workers (%s CPUs each) over %.0f cluster CPUs", size, config.worker_cpus, cores)
     return pool, Policy(cluster_cores=min(size * config.worker_cpus, cores))
 

@@ -1,8 +1,9 @@
 """Worker pools: where the scheduler's tasks run, and how their arrays get there.
 
 A task is (graph, method, inputs, options): a plain Engine call (`evaluate` or `vjp`, or `add`
-of two tasks' outputs) on a worker that caches the graph and its plans by hash. Failures come
-back as values and are raised here.
+of two tasks' outputs) on a worker that caches the graph and its plans by hash, both bounded in
+bytes (a Ray worker's least recently used graph is dropped with its plans and sent again when a
+task needs it). Failures come back as values and are raised here.
 
 Arrays move once. The driver puts an array into the store (`put`) once per content version and
 tasks carry references to it: a key the caller vouches for (a content id, or a read-only
@@ -45,7 +46,9 @@ from gradserve_engine.errors import BY_NAME, GraphError, WorkersUnavailable
 from gradserve_engine.ir import Graph
 from gradserve_engine.v1 import graph_pb2
 
+from .engine import CACHE_BYTES as ENGINE_CACHE_BYTES
 from .engine import Engine
+from .footprint import graph_bytes
 
 log = logging.getLogger("gradserve_engine")
 
@@ -53,6 +56,7 @@ ROUTES = (("driver_workers", "out"), ("driver_workers", "in"), ("worker_fetch", 
 INLINE_BYTES = 64 * 1024  # an array used by one task and smaller than this travels inside the task
 STORE_BYTES = 1 << 30  # the driver's references kept across calls (content ids, read-only arrays)
 CACHE_BYTES = 1 << 30  # each worker's cache of fetched arrays
+GRAPH_BYTES = 256 << 20  # each Ray worker's graphs (estimated, footprint.graph_bytes): the least recently used go
 
 
 def byte_counter() -> Counter[tuple[str, str]]:
@@ -458,12 +462,13 @@ def _worker_class() -> Any:
         """A worker slot: caches graphs (and, through its Engine, plans) by hash, and the arrays
         it fetched by content key."""
 
-        def __init__(self, blas_threads: int, kernels: str = "numpy", cache_bytes: int = CACHE_BYTES):
+        def __init__(self, blas_threads: int, kernels: str = "numpy", cache_bytes: int = CACHE_BYTES,
+                     plan_cache_bytes: int = ENGINE_CACHE_BYTES):
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(blas_threads)  # this worker's share of the cores: no oversubscription
-            self.engine = Engine(kernels=kernels)
-            self.graphs: dict[str, Graph] = {}
+            self.engine = Engine(kernels=kernels, max_cache_bytes=plan_cache_bytes)
+            self.graphs: dict[str, Graph] = {}  # exactly the pool's record of this worker (RayPool._loaded)
             self.cache = ArrayCache(cache_bytes)
 
         def ping(self) -> int:
@@ -471,6 +476,14 @@ def _worker_class() -> Any:
 
         def cached(self) -> list[Hashable]:
             return list(self.cache._items)
+
+        def graph_ids(self) -> list[str]:
+            return list(self.graphs)
+
+        def drop_graph(self, gid: str) -> None:
+            """The pool evicted the graph: it and its plans go."""
+            if self.graphs.pop(gid, None) is not None:
+                self.engine.forget(gid)
 
         def put_graph(self, gid: str, wire: bytes) -> None:
             # the server's own graphs (stages of a partition carry transforms' names)
@@ -499,20 +512,26 @@ class RayPool(_StoreMixin):
 
     def __init__(self, size: int, cpus: float = 1.0, blas_threads: int = 1, start_timeout: float = 60.0,
                  kernels: str = "numpy", inline_bytes: int = INLINE_BYTES, store_bytes: int = STORE_BYTES,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, plan_cache_bytes: int = ENGINE_CACHE_BYTES,
+                 graph_cache_bytes: int = GRAPH_BYTES):
+        """`cache_bytes`: each worker's fetched arrays; `plan_cache_bytes`: its engine's plans
+        (`Engine(max_cache_bytes=)`); `graph_cache_bytes`: the graphs it holds (the least recently used
+        are dropped, with their plans, and sent again when a task needs them)."""
         import ray
 
         self._ray = ray
         self._died = tuple(getattr(ray.exceptions, name) for name in _DIED if hasattr(ray.exceptions, name))
         self._cls = _worker_class().options(num_cpus=cpus)
         self._blas, self._kernels, self._cache_bytes = blas_threads, kernels, cache_bytes
+        self._plan_cache_bytes, self._graph_cache_bytes = plan_cache_bytes, graph_cache_bytes
         self.size = size
         self.inline_bytes = inline_bytes
         self.bytes_moved = byte_counter()
         self.puts = PutCache(store_bytes)
         self._count_lock = threading.Lock()
         self._actors = [self._new_actor() for _ in range(size)]
-        self._loaded: list[set[str]] = [set() for _ in range(size)]
+        # per worker, the graphs it holds and their estimated bytes, least recently used first
+        self._loaded: list[OrderedDict[str, int]] = [OrderedDict() for _ in range(size)]
         self._next = 0
         self._lock = threading.Lock()
         self.replaced = 0
@@ -522,7 +541,7 @@ class RayPool(_StoreMixin):
             raise WorkersUnavailable(f"{size} workers did not start within {start_timeout:.0f} s") from None
 
     def _new_actor(self) -> Any:
-        return self._cls.remote(self._blas, self._kernels, self._cache_bytes)
+        return self._cls.remote(self._blas, self._kernels, self._cache_bytes, self._plan_cache_bytes)
 
     def pids(self) -> list[int]:
         return self._ray.get([a.ping.remote() for a in self._actors], timeout=30)
@@ -530,6 +549,10 @@ class RayPool(_StoreMixin):
     def cached(self, k: int) -> list[Hashable]:
         """The keys of the arrays worker `k` holds (for tests and debugging)."""
         return self._ray.get(self._actors[k].cached.remote(), timeout=30)
+
+    def graph_ids(self, k: int) -> list[str]:
+        """The ids of the graphs worker `k` holds (for tests and debugging)."""
+        return self._ray.get(self._actors[k].graph_ids.remote(), timeout=30)
 
     def _store(self, value: np.ndarray) -> Any:
         return self._ray.put(value)
@@ -542,22 +565,37 @@ class RayPool(_StoreMixin):
             if self._actors[k] is dead:
                 log.warning("worker %d died; starting a replacement", k)
                 self._actors[k] = self._new_actor()
-                self._loaded[k] = set()
+                self._loaded[k] = OrderedDict()
                 self.replaced += 1
 
     def _send(self, h: _RayHandle) -> None:
+        """Submit the task to its worker, the graph first when the worker does not hold it. An
+        actor runs one caller's tasks in the order they were submitted, so the submissions happen
+        under the lock: a graph is always sent before any task that needs it, and dropped (the
+        worker's least recently used, past `graph_cache_bytes`) only after every task submitted for it."""
         task = h.task
-        gid = task.graph.id if task.graph is not None else None
+        graph = task.graph
+        n = 1 if task.returns is None else 1 + len(task.returns)
+        returns = None if task.returns is None else list(task.returns)
+        wire = None
+        if graph is not None and graph.id not in self._loaded[h.worker]:  # serialised outside the lock
+            wire = graph.to_proto().SerializeToString()
         with self._lock:
             actor = h.actor = self._actors[h.worker]
-            load = gid is not None and gid not in self._loaded[h.worker]
-            if gid is not None:
-                self._loaded[h.worker].add(gid)
-        if load and task.graph is not None:
-            actor.put_graph.remote(gid, task.graph.to_proto().SerializeToString())  # ordered before run
-        n = 1 if task.returns is None else 1 + len(task.returns)
-        refs = actor.run.options(num_returns=n).remote(gid, task.method, task.options, h.names, h.specs,
-                                                       None if task.returns is None else list(task.returns))
+            if graph is not None:
+                loaded = self._loaded[h.worker]
+                if graph.id in loaded:
+                    loaded.move_to_end(graph.id)
+                else:
+                    actor.put_graph.remote(graph.id, wire if wire is not None else graph.to_proto().SerializeToString())
+                    loaded[graph.id] = graph_bytes(graph)
+                    held = sum(loaded.values())
+                    while held > self._graph_cache_bytes and len(loaded) > 1:
+                        old, size = loaded.popitem(last=False)
+                        actor.drop_graph.remote(old)
+                        held -= size
+            refs = actor.run.options(num_returns=n).remote(graph.id if graph is not None else None, task.method,
+                                                           task.options, h.names, h.specs, returns)
         h.refs = [refs] if n == 1 else list(refs)
 
     def submit(self, task: Task) -> Any:
