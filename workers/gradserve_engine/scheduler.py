@@ -194,6 +194,7 @@ class DistributedEngine(Backend):
         with self._lock:
             for k in [k for k in self._choices if graph_id in k]:
                 del self._choices[k]
+            self._flops_by_id.pop(graph_id, None)
         return self.engine.forget(graph_id)
 
     def evaluate(self, graph: Graph, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
