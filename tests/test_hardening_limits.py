@@ -1,5 +1,5 @@
 """Single requests that would take a server's memory, sent to a server running under an
-address-space limit (RLIMIT_AS, 2.5 GiB: about 1.6 GiB above what it maps idle), as a hostile
+address-space limit (RLIMIT_AS, 2 GiB: about 1.65 GiB above what it maps idle), as a hostile
 client would: each is refused or fails cleanly, the process lives on, health stays SERVING and
 an ordinary call still answers."""
 
@@ -22,7 +22,7 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 @pytest.fixture(scope="module")
 def limited():
-    with ServerProcess(address_space=5 * GiB // 2) as s:
+    with ServerProcess(address_space=2 * GiB) as s:
         yield s
 
 

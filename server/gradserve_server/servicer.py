@@ -482,10 +482,11 @@ class Servicer:
                 request = _parse(request_cls, raw)
                 with stop_when(lambda: not context.is_active()), within(self.budget):
                     response = fn(request, context)
-                if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
-                    raise LimitError(f"the answer is {response.ByteSize()} bytes, over the server's message limit of "
+                data = response.SerializeToString()  # once: upb's ByteSize() would encode the answer a second time
+                if self.max_response_bytes is not None and len(data) > self.max_response_bytes:
+                    raise LimitError(f"the answer is {len(data)} bytes, over the server's message limit of "
                                      f"{self.max_response_bytes} bytes")
-                return self._serialize(response)
+                return self._serialize(data)
             except Exception as e:
                 code, message = _status(e, context)
                 self._missing_refs(e, request, context)

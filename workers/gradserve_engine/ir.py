@@ -219,10 +219,11 @@ class Graph:
             vid = len(inputs) + k
             if c.id != vid:
                 raise GraphError(f"constant has id {c.id}, expected {vid} (constants follow the inputs, in order)")
-            const_bytes += len(c.value.data)
+            data = c.value.data
+            const_bytes += len(data)
             if const_bytes > limits.max_constant_bytes:
                 raise LimitError(f"constant %{vid}: constants exceed the limit of {limits.max_constant_bytes} bytes")
-            constants.append(tensor_from_proto(c.value, limits, f"constant %{vid}"))
+            constants.append(tensor_from_proto(c.value, limits, f"constant %{vid}", data))
         nodes = []
         for k, n in enumerate(msg.nodes):
             vid = len(inputs) + len(constants) + k
@@ -330,18 +331,22 @@ def tensor_to_proto(a: np.ndarray, msg=None):
     return msg
 
 
-def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor") -> np.ndarray:
+def tensor_from_proto(msg, limits: Limits = DEFAULT_LIMITS, where: str = "tensor", data: bytes | None = None) -> np.ndarray:
+    """The array of a wire tensor: a read-only view of its bytes. `data`: `msg.data` when the
+    caller read it already (each read of a bytes field copies it out of the message)."""
     if msg.ref:  # only the service resolves references, and only in request tensors: never a graph constant
         raise GraphError(f"{where}: a reference to a stored tensor ({msg.ref[:64]!r}) is not accepted here; "
                          "references stand for request tensors only, never for values inside a graph")
     dtype = _dtype_from_pb(msg.dtype, where)
     shape = check_shape(msg.shape, limits, where)
     want = math.prod(shape) * np.dtype(dtype).itemsize
-    if len(msg.data) != want:
-        raise GraphError(f"{where}: {type_str(dtype, shape)} needs {want} bytes, got {len(msg.data)}")
-    if dtype == "bool" and msg.data.strip(b"\x00\x01"):
+    if data is None:
+        data = msg.data
+    if len(data) != want:
+        raise GraphError(f"{where}: {type_str(dtype, shape)} needs {want} bytes, got {len(data)}")
+    if dtype == "bool" and data.strip(b"\x00\x01"):
         raise GraphError(f"{where}: bool data holds bytes other than 0 and 1")
-    return np.frombuffer(msg.data, dtype=_WIRE_DTYPES[dtype]).astype(NP_DTYPES[dtype], copy=False).reshape(shape)
+    return np.frombuffer(data, dtype=_WIRE_DTYPES[dtype]).astype(NP_DTYPES[dtype], copy=False).reshape(shape)
 
 
 def _set_attr(msg, v: Any) -> None:
