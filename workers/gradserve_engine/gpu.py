@@ -172,11 +172,12 @@ class _Outside:
     their own (`outs`) that the following graphs read. An out-capable kernel writes its result
     there directly; otherwise it is copied."""
 
-    __slots__ = ("index", "kept", "outs", "reason", "steps")
+    __slots__ = ("held", "index", "kept", "outs", "reason", "steps")
 
     def __init__(self, index: int, steps: list[Step], kept: list[tuple[int, Any]], outs: list[tuple[int, Any]],
-                 reason: str):
+                 reason: str, held: int):
         self.index, self.steps, self.kept, self.outs, self.reason = index, steps, kept, outs, reason
+        self.held = held  # bytes of the static buffers it allocated
 
     def run(self, plan: Plan, scratch: list[Any], cp: Any) -> None:
         for slot, a in self.kept:
@@ -390,7 +391,7 @@ class CudaGraphs:
         self.graphs, self.recorded_steps = graphs, recorded
         self.outside = [(_op(steps[item.index]), item.reason) for item in program if isinstance(item, _Outside)]
         self.held_bytes = self._pool.total_bytes() + sum(a.nbytes for a in self._statics) + sum(
-            static.nbytes for item in program if isinstance(item, _Outside) for _, static in item.outs)
+            item.held for item in program if isinstance(item, _Outside))
         self.replayed = 1
         return out
 
@@ -420,6 +421,7 @@ class CudaGraphs:
         if failed is not None:
             plan.raise_failure(index, failed[1])
         outs = [(o, env[o]) for o in step.outs]
+        fresh = sum(a.nbytes for _, a in outs if all(a is not b for _, b in kept))  # not written over an operand
         node = step.unit
         runs: list[Step] = [step]
         if (isinstance(step, KernelStep) and isinstance(node, Node) and step.src < 0 and node.op in OUT_CAPABLE
@@ -427,7 +429,7 @@ class CudaGraphs:
             # the same kernel writing its result straight into the static buffer (no copy per call)
             runs = [KernelStep.of(plan.kernel_set.table[node.op], node, node.id, ())]
             kept.append(outs[0])
-        return _Outside(index, runs, kept, outs, reason)
+        return _Outside(index, runs, kept, outs, reason, fresh)
 
     def _forget(self) -> None:
         self._stream = self._pool = self._events = None
