@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The MLP on a GPU: gradserve's CuPy kernels vs PyTorch CUDA, float32, one forward + backward.
+"""The MLP on a GPU: gradserve's CuPy kernels, step by step and replayed from CUDA graphs, vs
+PyTorch CUDA, eager and replayed from a CUDA graph; float32, one forward + backward.
 
     python bench/gpu_mlp.py                  # about a minute; needs cupy + a CUDA device (torch CUDA for the comparison)
     python bench/gpu_mlp.py --batch 4096 --repeat 10 --json out.json
@@ -8,18 +9,27 @@
 Batch 4096, 784 -> 1024 -> 1024 -> 10, tanh, softmax cross-entropy (mean), gradients of all six
 weights and biases (bench/mlp.py's model at a GPU-sized batch). No network access is needed.
 
-* gradserve: the gradient graph planned once with `GpuKernels(to_host=False)` (the kernel table
-  over CuPy arrays, elementwise groups fused into `cupy.ElementwiseKernel`s); inputs uploaded
-  once, each call `plan.run_values(device arrays)`, then a device synchronize.
-* PyTorch: the same model on CUDA tensors, `torch.autograd.grad`, `torch.cuda.synchronize()`.
-  TF32 is off in both (PyTorch's default for matmul; CuPy's unless CUPY_TF32=1).
-* "with transfers": both again with the inputs coming from host numpy arrays and the gradients
-  going back to host numpy arrays every call (gradserve: `GpuKernels()` with numpy in and out).
+Contenders (each timed call ends with a device synchronize):
+* gradserve eager: the gradient graph planned once with `GpuKernels(to_host=False, graphs=False)`
+  (the kernel table over CuPy arrays, elementwise groups fused into `cupy.ElementwiseKernel`s),
+  each call `plan.run_values(device arrays)`: every kernel launched from Python.
+* gradserve graphs: the same with `GpuKernels(to_host=False)`: from the second call on, the
+  inputs copied into static buffers and the plan's CUDA graphs launched, the matmuls (cuBLAS,
+  which CuPy refuses to capture) between them; the results copied out of the static buffers.
+* PyTorch eager: the same model on CUDA tensors, `torch.autograd.grad`.
+* PyTorch graphs: that call captured once with `torch.cuda.graph` over static inputs and
+  replayed (`CUDAGraph.replay`), gradients read from its static outputs.
+TF32 is off everywhere (PyTorch's default for matmul; CuPy's unless CUPY_TF32=1).
 
-Gradients are checked against each other (and against gradserve's CPU numpy plan) before
-timing. Contenders take turns round-robin (--repeat rounds of --block calls); medians are
-printed, and the ratio gradserve / PyTorch. Exit status: 0 ok, 1 gradients differ, 2 CuPy or
-a CUDA device is missing (the message says which).
+"device-resident": inputs already on the device, gradients left there. "with transfers": every
+call takes numpy arrays from the host and brings the gradients back as numpy arrays (gradserve:
+`GpuKernels()` / `GpuKernels(graphs=False)`, numpy in and out; PyTorch: `.to(device)` and
+`.cpu()`, into and out of the graph's static tensors for its graph).
+
+Gradients are checked against gradserve's CPU numpy plan (and PyTorch's) before timing, the
+replayed ones included. Contenders take turns round-robin (--repeat rounds of --block calls);
+medians are printed with the ratios, and a table at the end. Exit status: 0 ok, 1 gradients
+differ, 2 CuPy or a CUDA device is missing (the message says which).
 
 --smoke (for the tests): batch 32 and a few calls, the same code. Without CuPy or a device it
 runs what needs neither (the gradient graph, the CPU plan that is the reference, the CUDA
@@ -175,92 +185,158 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# device: {device} ({n_dev} visible); cupy {cp.__version__}; {torch_note}; numpy {np.__version__}", flush=True)
     if not have_torch:
-        print("# PyTorch CUDA is missing: gradserve's numbers only, no ratio", flush=True)
+        print("# PyTorch CUDA is missing: gradserve's numbers only, no ratio to PyTorch", flush=True)
 
     graph, feed = grad_graph(args.batch)
     params = {k: feed[f"params.{k}"] for k in NAMES}
     x, y = feed["x"], feed["y"]
+    sync = cp.cuda.runtime.deviceSynchronize
 
     t0 = time.perf_counter()
-    plan = Plan(graph, kernels=GpuKernels(to_host=False))
+    first = Plan(graph, kernels=GpuKernels(to_host=False, graphs=False))
     build_s = time.perf_counter() - t0
-    print(f"# gradserve GPU plan: {plan.kernel_info()}, built in {build_s:.2f} s (NVRTC compiles included)", flush=True)
-    dev_values = [cp.asarray(feed[name]) for name, _ in plan.inputs]  # uploaded once
+    plans = {"gradserve eager": first, "gradserve graphs": Plan(graph, kernels=GpuKernels(to_host=False))}
+    host_plans = {"gradserve eager": Plan(graph, kernels=GpuKernels(graphs=False)),
+                  "gradserve graphs": Plan(graph, kernels=GpuKernels())}
+    print(f"# gradserve GPU plan: {plans['gradserve eager'].kernel_info()}, built in {build_s:.2f} s (NVRTC compiles "
+          "included)", flush=True)
+    dev_values = [cp.asarray(feed[name]) for name, _ in plans["gradserve eager"].inputs]  # uploaded once
+    host_values = [feed[name] for name, _ in plans["gradserve eager"].inputs]
 
-    def gs_step():
-        out = plan.run_values(dev_values)
-        cp.cuda.Stream.null.synchronize()
-        return out
+    def resident(plan: Any) -> Any:
+        def step() -> Any:
+            out = plan.run_values(dev_values)
+            sync()
+            return out
 
-    host_plan = Plan(graph, kernels=GpuKernels(to_host=True))
-    host_values = [feed[name] for name, _ in host_plan.inputs]
+        return step
 
-    def gs_step_transfers():
-        return host_plan.run_values(host_values)  # numpy in (uploaded once per call), numpy out
+    def transfers(plan: Any) -> Any:
+        return lambda: plan.run_values(host_values)  # numpy in (uploaded every call), numpy out
 
-    steps: dict[str, Any] = {"gradserve": gs_step}
-    transfer_steps: dict[str, Any] = {"gradserve": gs_step_transfers}
+    steps: dict[str, Any] = {name: resident(plan) for name, plan in plans.items()}
+    transfer_steps: dict[str, Any] = {name: transfers(plan) for name, plan in host_plans.items()}
+    torch_grads: list[np.ndarray] | None = None
     if have_torch:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        dev = torch.device("cuda")
-        tp = [torch.tensor(params[k], device=dev, requires_grad=True) for k in NAMES]
-        tx, ty = torch.tensor(x, device=dev), torch.tensor(y, device=dev)
+        torch_grads = add_torch(torch, params, x, y, steps, transfer_steps)
 
-        def torch_loss(ps, xx, yy):
-            w1, b1, w2, b2, w3, b3 = ps
-            h = torch.tanh(xx @ w1 + b1)
-            h = torch.tanh(h @ w2 + b2)
-            return torch.nn.functional.cross_entropy(h @ w3 + b3, yy)
-
-        def torch_step():
-            grads = torch.autograd.grad(torch_loss(tp, tx, ty), tp)
-            torch.cuda.synchronize()
-            return grads
-
-        def torch_step_transfers():
-            ps = [torch.from_numpy(params[k]).to(dev).requires_grad_(True) for k in NAMES]
-            grads = torch.autograd.grad(torch_loss(ps, torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)), ps)
-            return [g.cpu().numpy() for g in grads]
-
-        steps["pytorch"] = torch_step
-        transfer_steps["pytorch"] = torch_step_transfers
-
-    # gradients: gradserve GPU vs gradserve CPU (numpy) vs PyTorch CUDA
-    got = {k: cp.asnumpy(v) for k, v in gs_step().items()}
+    # gradients: every gradserve contender (its graphs recorded and replayed) vs gradserve's CPU plan, and PyTorch's
     cpu = Plan(graph).run(feed)
     scale = {n: float(np.max(np.abs(cpu[GRAD + f"params.{n}"]))) for n in NAMES}
-    diffs = {"gradserve GPU vs CPU": max(float(np.max(np.abs(got[GRAD + f"params.{n}"] - cpu[GRAD + f"params.{n}"]))) / scale[n]
-                                         for n in NAMES)}
-    if have_torch:
-        tg = [g.detach().cpu().numpy() for g in torch_step()]
-        diffs["gradserve GPU vs PyTorch CUDA"] = max(
-            float(np.max(np.abs(got[GRAD + f"params.{n}"] - t))) / scale[n] for n, t in zip(NAMES, tg, strict=True))
+
+    def worst(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+        return max(float(np.max(np.abs(got[n] - ref[n]))) / scale[n] for n in NAMES)
+
+    ref = {n: cpu[GRAD + f"params.{n}"] for n in NAMES}
+    diffs: dict[str, float] = {}
+    for label, group in (("", steps), (" with transfers", transfer_steps)):
+        for name in plans:
+            for _ in range(3):  # step by step, recorded, replayed
+                out = group[name]()
+            got = {n: cp.asnumpy(out[GRAD + f"params.{n}"]) for n in NAMES}
+            diffs[f"{name}{label} vs CPU"] = worst(got, ref)
+            if torch_grads is not None:
+                diffs[f"{name}{label} vs PyTorch CUDA"] = worst(got, dict(zip(NAMES, torch_grads, strict=True)))
     tol = 1e-3
     ok = all(v <= tol for v in diffs.values())
-    print("# max |grad difference| / max |grad|: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+    print("# gradserve GPU vs CPU, max |grad difference| / max |grad|: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
           + (" OK" if ok else f" MISMATCH (tolerance {tol:g})"), flush=True)
+    for label, plan in (("", plans["gradserve graphs"]), (" (with transfers)", host_plans["gradserve graphs"])):
+        info = plan.kernel_info()
+        print(f"# gradserve CUDA graphs{label}: {info['cuda_graph']}; {info['cuda_graph_bytes'] / 2**20:.1f} MiB held",
+              flush=True)
 
     for fn in (*steps.values(), *transfer_steps.values()):  # warm-up: cuBLAS handles, allocator pools, kernels
         for _ in range(3):
             fn()
     results: dict[str, Any] = {"device": device, "batch": args.batch, "grad_check": diffs, "ok": ok, "plan_build_s": build_s,
-                               "plan": plan.kernel_info()}
+                               "plans": {name: plan.kernel_info() for name, plan in plans.items()}}
+    table: list[tuple[str, dict[str, float]]] = []
     for label, group in (("device-resident", steps), ("with transfers", transfer_steps)):
         rounds = args.repeat if label == "device-resident" else max(2, args.repeat // 3)
         samples = interleaved(group, rounds, args.block, deadline)
         med = {n: statistics.median(s) * 1e3 for n, s in samples.items() if s}
         results[label] = {n: {"median_ms": m, "n": len(samples[n])} for n, m in med.items()}
-        line = f"# {label}: median ms: " + ", ".join(f"{n} {m:.3f}" for n, m in med.items())
-        if "pytorch" in med and "gradserve" in med:
-            line += f"; gradserve / PyTorch = {med['gradserve'] / med['pytorch']:.2f}"
-            results[label]["ratio"] = med["gradserve"] / med["pytorch"]
-        print(line, flush=True)
+        ratios = {f"{a} / {b}": med[a] / med[b] for a, b in (("gradserve graphs", "gradserve eager"),
+                                                              ("gradserve graphs", "pytorch eager"),
+                                                              ("gradserve graphs", "pytorch graphs"),
+                                                              ("pytorch graphs", "pytorch eager")) if a in med and b in med}
+        results[label + " ratios"] = ratios
+        print(f"# {label}: median ms: " + ", ".join(f"{n} {m:.3f}" for n, m in med.items())
+              + "".join(f"; {k} = {v:.2f}" for k, v in ratios.items()), flush=True)
+        table.append((label, med))
+    names = [n for n in ("gradserve eager", "gradserve graphs", "pytorch eager", "pytorch graphs") if n in table[0][1]]
+    print(f"\n| batch {args.batch}, float32, median ms | " + " | ".join(names) + " |")
+    print("|---|" + "--:|" * len(names))
+    for label, med in table:
+        print(f"| {label} | " + " | ".join(f"{med[n]:.3f}" if n in med else "-" for n in names) + " |")
     results["wall_s"] = time.perf_counter() - t_start
     print(f"# {results['wall_s']:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0 if ok else 1
+
+
+def add_torch(torch: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, steps: dict[str, Any],
+              transfer_steps: dict[str, Any]) -> list[np.ndarray]:
+    """PyTorch's contenders added to `steps` (device-resident) and `transfer_steps`: eager, and
+    (when capture works) one call captured with `torch.cuda.graph` and replayed. Returns
+    PyTorch's gradients (numpy), from an eager call."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    tp = [torch.tensor(params[k], device=dev, requires_grad=True) for k in NAMES]
+    tx, ty = torch.tensor(x, device=dev), torch.tensor(y, device=dev)
+
+    def torch_loss(ps: Any, xx: Any, yy: Any) -> Any:
+        w1, b1, w2, b2, w3, b3 = ps
+        h = torch.tanh(xx @ w1 + b1)
+        h = torch.tanh(h @ w2 + b2)
+        return torch.nn.functional.cross_entropy(h @ w3 + b3, yy)
+
+    def torch_step() -> Any:
+        grads = torch.autograd.grad(torch_loss(tp, tx, ty), tp)
+        torch.cuda.synchronize()
+        return grads
+
+    def torch_step_transfers() -> Any:
+        ps = [torch.from_numpy(params[k]).to(dev).requires_grad_(True) for k in NAMES]
+        grads = torch.autograd.grad(torch_loss(ps, torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)), ps)
+        return [g.cpu().numpy() for g in grads]
+
+    steps["pytorch eager"] = torch_step
+    transfer_steps["pytorch eager"] = torch_step_transfers
+    try:  # PyTorch's recipe: warm up on a side stream, then capture
+        static_x, static_y = tx.clone(), ty.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                torch.autograd.grad(torch_loss(tp, static_x, static_y), tp)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_grads = torch.autograd.grad(torch_loss(tp, static_x, static_y), tp)
+    except Exception as e:
+        print(f"# PyTorch CUDA graph: capture failed ({type(e).__name__}: {e}); PyTorch eager only", flush=True)
+    else:
+        def graph_step() -> Any:
+            graph.replay()
+            torch.cuda.synchronize()
+            return static_grads
+
+        def graph_step_transfers() -> Any:
+            with torch.no_grad():
+                for p, k in zip(tp, NAMES, strict=True):
+                    p.copy_(torch.from_numpy(params[k]))
+                static_x.copy_(torch.from_numpy(x))
+                static_y.copy_(torch.from_numpy(y))
+            graph.replay()
+            return [g.cpu().numpy() for g in static_grads]
+
+        steps["pytorch graphs"] = graph_step
+        transfer_steps["pytorch graphs"] = graph_step_transfers
+    return [g.detach().cpu().numpy() for g in torch_step()]
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ the same liveness and buffer reuse apply to a group's inputs and outputs. Withou
 default, a plain kernel table) the plan is exactly the unfused one.
 
 A step is a `KernelStep` (one node, one result) or a `FusedStep` (one group, a result per
-output); each has `run(env)`, and one loop runs them all. A backend that moves data (the GPU)
-differs only at the plan's edges: inputs go through its `upload` once per call, results through
-its `result`.
+output); each has `run(env)`, and one loop (`run_steps`) runs them all. A backend that moves
+data (the GPU) differs only at the plan's edges: inputs go through its `upload` once per call,
+results through its `result`. A backend may also record that loop's work once and replay it per
+call (`replays`: the GPU's CUDA graphs, `gpu.CudaGraphs`).
 
 A plan knows what a run holds at its peak (`peak_bytes`, from the same liveness) and its
 largest tensor; inside the service (`guard.within`) it is admitted against the server's memory
@@ -29,7 +30,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -223,8 +224,36 @@ class FusedStep(Step):
         return [group.text() + extra + _free_text(self.frees), *("    | " + m.text() for m in (*group.members, *group.epilogue))]
 
 
+def run_steps(steps: Sequence[Step], env: list[Any], stop: Callable[[], bool] | None) -> tuple[int, Exception] | None:
+    """Run `steps` in order over `env`, clearing each step's `frees` after it, checking `stop`
+    before each: the one loop of every plan run (eager, and recorded into CUDA graphs by
+    `gpu.CudaGraphs`). Returns None, or (the position in `steps` of the step that raised, the
+    error) for the caller to name (`Plan.raise_failure`) or to act on (a step that cannot be
+    recorded runs outside the graph)."""
+    for k, step in enumerate(steps):
+        try:
+            if stop is not None and stop():
+                raise Cancelled(f"stopped before {step.text()}")
+            step.run(env)
+        except Exception as e:
+            return k, e
+        for f in step.frees:
+            env[f] = None
+    return None
+
+
 def _free_text(frees: tuple[int, ...]) -> str:
     return f"  free {' '.join(f'%{f}' for f in frees)}" if frees else ""
+
+
+class Replays(Protocol):
+    """What a kernel set's `replays(plan)` gives (when it has that method and the result is not
+    None): calls of the plan run through `run`, which may run `plan.run_eager` or replay work it
+    recorded from the plan's steps (`gpu.CudaGraphs`)."""
+
+    def run(self, values: list[Any], stop: Callable[[], bool] | None) -> dict[str, Any]: ...
+
+    def info(self) -> dict[str, Any]: ...
 
 
 class Plan:
@@ -365,14 +394,17 @@ class Plan:
             for k, n in enumerate(units)
         ]
         self.parallel_min_work = parallel_min_work
-        # 0-d results come back as numpy scalars (as numpy's own ufuncs give them); results that
-        # would alias an input or a constant are copied
-        self._results = [(name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0)
-                         for name, vid in graph.outputs]
+        # (name, slot, mode) of each result: 0-d results come back as numpy scalars (as numpy's own
+        # ufuncs give them), mode 2; results that would alias an input or a constant are copied, mode 1
+        self.returns: list[tuple[str, int, int]] = [
+            (name, vid, 2 if not graph.aval(vid)[1] else 1 if root[vid] < first else 0) for name, vid in graph.outputs]
         # what a run holds at its peak (bytes, inputs and constants included), and the largest
         # tensor it makes: checked against the service's budget before the plan runs
-        self.peak_bytes = _peak_bytes(graph, self.steps, self._results, first)
+        self.peak_bytes = _peak_bytes(graph, self.steps, self.returns, first)
         self.largest = max(range(self.n_slots), key=lambda v: math.prod(graph.aval(v)[1]), default=-1)
+        # a backend that records a call's work and replays it (the GPU's CUDA graphs): calls go through it
+        make = getattr(kset, "replays", None)
+        self.replays: Replays | None = make(self) if make is not None else None
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Execute on arrays keyed by input name (see `run_values`)."""
@@ -381,19 +413,13 @@ class Plan:
     def run_values(self, values: list[Any]) -> dict[str, Any]:
         """Execute on arrays given in the order of `self.inputs`. Given traced values instead,
         emit the plan's graph into their trace (so transforms nest: a gradient of a gradient).
-        On a backend that moves data, inputs are uploaded once and results taken back once."""
+        On a backend that moves data, inputs are uploaded once and results taken back once; on
+        one that replays recorded work (`replays`), the call goes through it."""
         b = innermost(values)
         if b is not None:
             emitted = {slot: v if isinstance(v, Var) else b.const(v) for (_, slot), v in zip(self.inputs, values, strict=True)}
             replay(self.graph, b, emitted)
             return {name: emitted[vid] for name, vid in self.outputs}
-        env: list[Any] = [None] * self.n_slots
-        upload = self._upload
-        for (_, slot), v in zip(self.inputs, values, strict=True):
-            env[slot] = v if upload is None else upload(v)
-        for slot, c in self.constants:
-            env[slot] = c
-        step = None
         stop = _stop()
         budget = _budget()
         if budget is not None:  # the service's limits: admitted before anything is computed
@@ -401,31 +427,50 @@ class Plan:
                 budget.check_elements(self.graph.aval(self.largest)[1], self._describe_largest)
             budget.acquire(self.peak_bytes, self._describe)
         try:
-            with np.errstate(all="ignore"):
-                for step in self.steps:
-                    if stop is not None and stop():
-                        raise Cancelled(f"stopped before {step.text()}")
-                    step.run(env)
-                    for f in step.frees:
-                        env[f] = None
-            step = None
-            result = self._result
-            if result is not None:
-                return {name: result(env[vid], mode) for name, vid, mode in self._results}
-            return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
-                    for name, vid, mode in self._results}
+            if self.replays is not None:
+                return self.replays.run(values, stop)
+            return self.run_eager(values, stop)
         except MemoryError as e:
-            where = step.text() if step is not None else "the plan's start or results"
-            raise LimitError(f"out of memory while running {where} (the plan needs {self.peak_bytes} bytes at its "
-                             f"peak): {e}") from e
+            raise LimitError(f"out of memory while running the plan's start or results (the plan needs "
+                             f"{self.peak_bytes} bytes at its peak): {e}") from e
         except (IndexError, ValueError, TypeError) as e:
-            if isinstance(e, GradserveError):  # a kernel's own error of the family (a singular matrix): as it is
+            if isinstance(e, GradserveError):  # a step's error, already named; a kernel's own (a singular matrix)
                 raise
-            where = step.text() if step is not None else "the plan's start or results"
-            raise GraphError(f"{type(e).__name__} while running {where}: {e}") from e
+            raise GraphError(f"{type(e).__name__} while running the plan's start or results: {e}") from e
         finally:
             if budget is not None:
                 budget.release(self.peak_bytes)
+
+    def run_eager(self, values: list[Any], stop: Callable[[], bool] | None) -> dict[str, Any]:
+        """One call, step by step (the budget already admitted): inputs through the backend's
+        `upload`, the steps, results through its `result`."""
+        env: list[Any] = [None] * self.n_slots
+        upload = self._upload
+        for (_, slot), v in zip(self.inputs, values, strict=True):
+            env[slot] = v if upload is None else upload(v)
+        for slot, c in self.constants:
+            env[slot] = c
+        with np.errstate(all="ignore"):
+            failed = run_steps(self.steps, env, stop)
+        if failed is not None:
+            self.raise_failure(*failed)
+        result = self._result
+        if result is not None:
+            return {name: result(env[vid], mode) for name, vid, mode in self.returns}
+        return {name: env[vid] if mode == 0 else np.array(env[vid]) if mode == 1 else env[vid][()]
+                for name, vid, mode in self.returns}
+
+    def raise_failure(self, index: int, error: Exception) -> NoReturn:
+        """Raise what `run_steps` caught at `self.steps[index]`, in the engine's error family:
+        out of memory as a LimitError, a kernel's IndexError/ValueError/TypeError as a GraphError
+        naming the step; the family's own errors (a singular matrix, a stop) and others as they are."""
+        where = self.steps[index].text()
+        if isinstance(error, MemoryError):
+            raise LimitError(f"out of memory while running {where} (the plan needs {self.peak_bytes} bytes at its "
+                             f"peak): {error}") from error
+        if isinstance(error, (IndexError, ValueError, TypeError)) and not isinstance(error, GradserveError):
+            raise GraphError(f"{type(error).__name__} while running {where}: {error}") from error
+        raise error
 
     def _describe(self) -> str:
         outs = ", ".join(repr(name) for name, _ in self.outputs[:4]) + (", ..." if len(self.outputs) > 4 else "")
@@ -440,8 +485,9 @@ class Plan:
 
     def kernel_info(self) -> dict[str, Any]:
         """What runs this plan: the backend, fused groups, their members and the reductions
-        computed in their pass, compile time, and the elementwise steps that may run in slices
-        on threads (decided by measuring: in slices, whole, or still measuring)."""
+        computed in their pass, compile time, the elementwise steps that may run in slices on
+        threads (decided by measuring: in slices, whole, or still measuring), and whether calls
+        replay CUDA graphs (`cuda_graph`)."""
         chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
                 "fused_nodes": sum(len(g.members) for g in self.groups),
@@ -449,7 +495,8 @@ class Plan:
                 "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
                 "threads": threads.available_cores(), "sliceable_steps": len(chunked),
                 "sliced_steps": sum(step.sliced is True for step in chunked),
-                "whole_steps": sum(step.sliced is False for step in chunked)}
+                "whole_steps": sum(step.sliced is False for step in chunked),
+                **(self.replays.info() if self.replays is not None else {"cuda_graph": "off"})}
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))

@@ -1,0 +1,476 @@
+"""The GPU backend (CuPy): generated CUDA bodies, plans on the device, and calls replayed from
+CUDA graphs.
+
+Without a device, `fake_cupy` stands in for CuPy: numpy kernels over device memory that is real
+bytes handed out by per-stream pools, streams whose capture records kernels instead of running
+them, graphs that replay them at the recorded addresses, the refusals CUDA and CuPy make during
+a capture (host reads and writes, cuBLAS), and a sanitizer for memory a live graph uses being
+handed out again. The tests below that need a real device run where CuPy finds one (and
+bench/gpu_mlp.py measures there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+from pathlib import Path
+
+import fake_cupy
+import numpy as np
+import pytest
+from test_native import FLOATS, TABLE_CASES, TABLE_IDS, assert_close, elementwise_table_graph, mlp_grad_graph
+
+import gradserve as gs
+from gradserve_engine import gpu, native
+from gradserve_engine.engine import Engine
+from gradserve_engine.errors import Cancelled, GraphError, LimitError
+from gradserve_engine.fusion import find_groups
+from gradserve_engine.guard import Budget, stop_when, within
+from gradserve_engine.ir import Builder
+from gradserve_engine.passes import optimize
+from gradserve_engine.plan import Plan
+
+needs_device = pytest.mark.skipif(gpu.cupy_status()[0] is None, reason="needs CuPy and a CUDA device: " + gpu.cupy_status()[1])
+
+
+@pytest.fixture
+def emulated_cupy(monkeypatch):
+    """The stand-in as `cupy` and `cupyx`, a fresh device per test; fails the test if memory a
+    live graph uses was handed out again."""
+    cp, cpx = fake_cupy.make()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setitem(sys.modules, "cupyx", cpx)
+    monkeypatch.setattr(gpu, "cupy_status", lambda: (cp, "numpy standing in for cupy"))
+    yield cp
+    assert not fake_cupy.violations, fake_cupy.violations
+
+
+def counted(fn, *args):
+    """fn(*args) and what it did on the stand-in: kernels outside graphs, recorded, copies, launches."""
+    before = dict(fake_cupy.stats)
+    out = fn(*args)
+    return out, {k: fake_cupy.stats[k] - before.get(k, 0) for k in ("kernels", "recorded", "copies", "launches")}
+
+
+def varied(feed: dict, k: int) -> dict:
+    """The feed with its float inputs moved (a different call each k)."""
+    rng = np.random.default_rng(100 + k)
+    return {n: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+            for n, v in feed.items()}
+
+
+def host(cp, value):
+    return cp.asnumpy(value) if isinstance(value, cp.ndarray) else value
+
+
+def check(cp, got: dict, want: dict, what: str = "") -> None:
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = host(cp, got[name])
+        assert np.asarray(g).dtype == np.asarray(w).dtype, (what, name)
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14, err_msg=f"{what} {name}")
+
+
+def while_graph():
+    """A while_loop between elementwise steps: its condition is read on the host (and its
+    subgraph's constants uploaded) every call, so it cannot be recorded."""
+    def f(x, w):
+        v = gs.tanh(x) * 2.0 + 1.0
+
+        def body(c):
+            i, u = c
+            return i + 1, u * w + 0.1
+
+        u = gs.while_loop(lambda c: gs.sum(c[1]) < 50.0, body, (np.int32(0), v))[1]
+        return gs.exp(-u) * gs.sum(u * u)
+
+    x, w = np.linspace(0.1, 0.9, 16), np.full(16, 1.3)
+    return optimize(gs.trace(f, x, w)), {"x": x, "w": w}
+
+
+def softmax_graph():
+    """Elementwise groups and reductions only: nothing a capture refuses."""
+    b = Builder()
+    x = b.input("x", "float64", (8, 5))
+    e = b.bind("exp", b.bind("sub", x, b.bind("broadcast_to", b.bind("reduce_max", x, axes=(1,), keepdims=True), shape=(8, 5))))
+    s = b.bind("reduce_sum", e, axes=(1,), keepdims=True)
+    p = b.bind("div", e, b.bind("broadcast_to", s, shape=(8, 5)))
+    graph = b.build([("p", p), ("total", b.bind("reduce_sum", b.bind("mul", p, x), axes=(0, 1), keepdims=False))])
+    return graph, {"x": np.random.default_rng(3).standard_normal((8, 5))}
+
+
+# ---------------------------------------------------------------- kernels and plans
+
+
+def test_gpu_kernels_need_cupy() -> None:
+    if gpu.cupy_status()[0] is not None:
+        pytest.skip("cupy and a device are present")
+    with pytest.raises(RuntimeError, match="CuPy"):
+        gpu.GpuKernels()
+    with pytest.raises(RuntimeError, match="CuPy"):
+        native.resolve_kernels("gpu")
+
+
+def test_gpu_elementwise_source() -> None:
+    """The CUDA body of a fused group: one typed statement per member, outputs assigned."""
+    graph, _ = mlp_grad_graph("float32")
+    groups = {g.ops: g for g in find_groups(graph)}
+    ins, outs, body = gpu.elementwise_source(groups[("mul", "sub", "mul_no_nan")])
+    assert ins == "float32 x0, float32 x1, float32 x2" and outs == "float32 o0"
+    assert body.splitlines() == ["const float v0 = (float)(x0 * x0);", "const float v1 = (float)(x1 - v0);",
+                                 "const float v2 = (x2 == 0 ? (float)0 : v1 * x2);", "o0 = v2;"]
+    for g in groups.values():  # every member has a CUDA form
+        gpu.elementwise_source(g)
+
+
+def test_gpu_plan_path_on_the_stand_in(emulated_cupy) -> None:
+    """Without graphs: constants uploaded when the plan is built, inputs once per call, results
+    back once, as numpy values of the same types; fused (elementwise kernels) and unfused; every
+    call launches its kernels."""
+    graph, feed = mlp_grad_graph("float64")
+    want = Plan(graph).run(feed)
+    for fuse in (False, True):
+        plan, built = counted(Plan, graph, gpu.GpuKernels(fuse=fuse, graphs=False))
+        assert plan.kernel_mode == "gpu" and bool(plan.groups) == fuse and plan.kernel_info()["cuda_graph"] == "off"
+        assert built["copies"] >= len(graph.constants)
+        for _ in range(2):
+            got, did = counted(plan.run, feed)
+            assert did["copies"] == len(graph.inputs) + len(graph.outputs) and did["launches"] == did["recorded"] == 0
+            assert did["kernels"] >= len(plan.steps)
+            for name, value in got.items():
+                assert type(value) is type(want[name])
+                np.testing.assert_allclose(value, want[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "shape"), TABLE_CASES, ids=TABLE_IDS)
+def test_gpu_elementwise_bodies_on_the_stand_in(emulated_cupy, dtype, shape) -> None:
+    """Every elementwise primitive's CUDA form, evaluated by the stand-in, against numpy: run
+    step by step, then replayed from the graph."""
+    graph, feed, cases = elementwise_table_graph(dtype, shape)
+    if not cases:
+        pytest.skip(f"no elementwise spec of dtype {dtype} with result shape {shape}")
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    assert len(plan.groups) == 1
+    want = Plan(graph).run(feed)
+    for call in ("eager", "recording", "replay"):
+        got = plan.run(feed)
+        for s, name, _ in cases:
+            assert_close(got[name], want[name], f"{s.name} {dtype} ({call})")
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: 1 graph(s)")
+
+
+# ---------------------------------------------------------------- CUDA graphs
+
+
+@pytest.mark.parametrize("to_host", [True, False], ids=["host", "device"])
+def test_replayed_calls_match_numpy(emulated_cupy, to_host) -> None:
+    """The MLP gradient: the first call step by step, the second recorded, then replays; each
+    call's inputs differ and every result equals numpy's. Matmuls (cuBLAS, which CuPy refuses
+    in a capture) run between the graphs, writing into their static buffers: per replayed call
+    one kernel each outside the graphs, one launch per graph, a copy per input and per result."""
+    cp = emulated_cupy
+    graph, feed = mlp_grad_graph("float64")
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
+    assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+    n_matmuls = sum(n.op == "matmul" for n in graph.nodes)
+    for k in range(5):
+        f = varied(feed, k)
+        values = [f[name] if to_host or k % 2 else cp.asarray(f[name]) for name, _ in plan.inputs]  # host and device inputs
+        got, did = counted(plan.run_values, values)
+        check(cp, got, Plan(graph).run(f), f"call {k}")
+        assert all(isinstance(v, cp.ndarray) != to_host for v in got.values())
+        info = plan.kernel_info()
+        if k == 0:
+            assert did["recorded"] == did["launches"] == 0 and info["cuda_graph"].startswith("not recorded yet")
+            continue
+        assert info["cuda_graph"].startswith("captured: ") and "matmul x" in info["cuda_graph"]
+        assert "cuBLAS API during stream capture" in info["cuda_graph"]
+        assert info["steps_outside_graphs"] == n_matmuls and info["cuda_graphs"] >= 2 and info["cuda_graph_bytes"] > 0
+        assert info["cuda_graph_calls"] == k
+        if k >= 2:
+            assert did == {"kernels": n_matmuls, "recorded": 0, "launches": info["cuda_graphs"],
+                           "copies": len(graph.inputs) + len(graph.outputs)}
+
+
+def test_a_plan_without_library_calls_is_one_graph(emulated_cupy) -> None:
+    """Elementwise groups and reductions record into one graph: a replayed call launches it and
+    copies, and runs no kernel outside it."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    for k in range(4):
+        f = varied(feed, k)
+        got, did = counted(plan.run, f)
+        check(cp, got, Plan(graph).run(f), f"call {k}")
+    assert plan.kernel_info()["cuda_graph"] == f"captured: 1 graph(s) of {len(plan.steps)} steps"
+    assert did == {"kernels": 0, "recorded": 0, "launches": 1, "copies": 1 + 2}
+
+
+def test_device_resident_results_survive_the_next_call(emulated_cupy) -> None:
+    """The graphs write every call's results into the same static buffers: what a call returns
+    on the device is a copy the next call leaves alone."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=False))
+    feeds = [varied(feed, k) for k in range(4)]
+    kept = [plan.run({"x": cp.asarray(f["x"])}) for f in feeds]
+    assert plan.kernel_info()["cuda_graph_calls"] == 3
+    for f, got in zip(feeds, kept, strict=True):
+        check(cp, got, Plan(graph).run(f))
+
+
+@pytest.mark.parametrize("to_host", [True, False], ids=["host", "device"])
+def test_recorded_memory_is_never_handed_out_again(emulated_cupy, to_host) -> None:
+    """Buffers a capture allocated come from the graphs' own pool: the sanitizer sees none of
+    them handed out again while the graphs live, though the while_loop between the graphs
+    allocates on the same stream every call. Recording with the shared pool instead is caught:
+    the sanitizer reports it (and a device-resident result comes out wrong)."""
+    cp = emulated_cupy
+    graph, feed = while_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
+    for k in range(4):
+        f = {"x": feed["x"] + 0.02 * k, "w": feed["w"]}
+        check(cp, plan.run(f), Plan(graph).run(f), f"call {k}")
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: 2 graph(s)")
+    assert not fake_cupy.violations
+    # the control: captures allocating from the default pool, whose blocks go back to the stream's arena
+    cp.cuda.MemoryPool = cp.get_default_memory_pool
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
+    for k in range(4):
+        plan.run({"x": feed["x"] + 0.02 * k, "w": feed["w"]})
+    assert fake_cupy.violations and "a live CUDA graph uses" in fake_cupy.violations[0]
+    fake_cupy.violations.clear()
+
+
+def _syncing(cp, how: str):
+    """An exp kernel that first reads the device on the host or synchronizes its stream."""
+    def exp(x, out=None):
+        if how == "item":
+            assert np.isfinite(float(x.ravel()[0]))
+        else:
+            cp.cuda.get_current_stream().synchronize()
+        return cp.exp(x, out=out)
+
+    return exp
+
+
+@pytest.mark.parametrize("how", ["item", "synchronize", "while_loop"])
+def test_steps_that_need_the_host_run_between_the_graphs(emulated_cupy, how) -> None:
+    """A step that reads device values on the host (refused before it does anything), one that
+    synchronizes its stream (which spoils the whole capture), and a while_loop: each runs
+    outside the graphs, the rest is recorded around it, results stay right, and kernel_info
+    names the step and why."""
+    cp = emulated_cupy
+    if how == "while_loop":
+        graph, feed = while_graph()
+        kernels = gpu.GpuKernels()
+        op = "while"
+    else:
+        graph, feed = softmax_graph()
+        kernels = gpu.GpuKernels(fuse=False)
+        kernels.table["exp"] = _syncing(cp, how)
+        op = "exp"
+    plan = Plan(graph, kernels=kernels)
+    for k in range(4):
+        f = {n: v + 0.01 * k for n, v in feed.items()}
+        check(cp, plan.run(f), Plan(graph).run(f), f"call {k}")
+    info = plan.kernel_info()
+    assert info["cuda_graph"].startswith("captured: ") and f"1 step(s) outside: {op} x1 (RuntimeError: " in info["cuda_graph"]
+    assert info["cuda_graphs"] == 2 and info["steps_outside_graphs"] == 1
+
+
+def test_a_plan_nothing_of_which_records_runs_eagerly_for_good(emulated_cupy) -> None:
+    cp = emulated_cupy
+    b = Builder()
+    graph = b.build([("y", b.bind("matmul", b.input("a", "float64", (3, 4)), b.input("b", "float64", (4, 2))))])
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        f = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal((4, 2))}
+        got, did = counted(plan.run, f)
+        check(cp, got, Plan(graph).run(f))
+    assert plan.kernel_info()["cuda_graph"] == ("eager: no step could be recorded (NotImplementedError: calling cuBLAS API "
+                                                "during stream capture is currently unsupported)")
+    assert did["recorded"] == did["launches"] == 0 and did["kernels"] >= 1
+
+
+def test_graphs_off_and_the_kernel_line(emulated_cupy) -> None:
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(graphs=False))
+    for _ in range(3):
+        _, did = counted(plan.run, feed)
+        assert did["recorded"] == did["launches"] == 0 and did["kernels"] >= len(plan.steps)
+    assert plan.kernel_info()["cuda_graph"] == "off" and plan.replays is None
+    assert gpu.GpuKernels(graphs=False).describe().endswith("CUDA graphs off")
+    assert gpu.GpuKernels().describe().endswith("calls replay CUDA graphs")
+    assert Plan(graph).kernel_info()["cuda_graph"] == "off"
+
+
+def test_inputs_of_another_type_are_refused(emulated_cupy) -> None:
+    """Static buffers have the plan's input types: anything else is refused, naming the input."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    for bad in (feed["x"].astype("float32"), feed["x"][:4], cp.asarray(feed["x"][:, :2])):
+        with pytest.raises(GraphError, match=r"input 'x' is float\d\d\[\d, \d\]; this plan runs float64\[8, 5\]"):
+            plan.run({"x": bad})
+    for _ in range(3):
+        check(cp, plan.run(feed), Plan(graph).run(feed))
+    with pytest.raises(GraphError, match="input 'x' is float32"):
+        plan.run({"x": feed["x"].astype("float32")})
+    transposed = cp.asarray(np.ascontiguousarray(feed["x"].T)).T  # right type, not contiguous: copied on the device
+    check(cp, plan.run({"x": transposed}), Plan(graph).run(feed))
+
+
+def test_stop_and_budget_apply_to_each_call(emulated_cupy) -> None:
+    """A stop checked while recording and between the graphs of a replay (a stopped recording
+    is tried again at the next call); each call admitted against the memory budget."""
+    cp = emulated_cupy
+    graph, feed = while_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    want = Plan(graph).run(feed)
+    check(cp, plan.run(feed), want)
+    with stop_when(lambda: True), pytest.raises(Cancelled, match="stopped before"):
+        plan.run(feed)  # stopped while recording
+    assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+    check(cp, plan.run(feed), want)  # recorded now
+    checks = iter([False, True])
+    with stop_when(lambda: next(checks)), pytest.raises(Cancelled, match="between the CUDA graphs"):
+        plan.run(feed)
+    check(cp, plan.run(feed), want)
+
+    class Counting(Budget):
+        def __init__(self, **limits):
+            super().__init__(**limits)
+            self.held: list[int] = []
+
+        def acquire(self, nbytes, what):
+            super().acquire(nbytes, what)
+            self.held.append(nbytes)
+
+    budget = Counting(max_inflight_bytes=1 << 30)
+    with within(budget):
+        for _ in range(2):
+            check(cp, plan.run(feed), want)
+    assert budget.held == [plan.peak_bytes] * 2 and budget.inflight == 0
+    with within(Budget(max_call_bytes=plan.peak_bytes - 1)), pytest.raises(LimitError, match="at its peak"):
+        plan.run(feed)
+
+
+def test_threads_calling_one_plan(emulated_cupy) -> None:
+    """Calls of one plan from several threads (a server's): serialised on the plan's graphs,
+    each gets its own inputs' results."""
+    cp = emulated_cupy
+    graph, feed = mlp_grad_graph("float64")
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    feeds = [varied(feed, k) for k in range(12)]
+    wants = [Plan(graph).run(f) for f in feeds]
+    got: dict[int, dict] = {}
+
+    def worker(ks):
+        for k in ks:
+            got[k] = plan.run(feeds[k])
+
+    workers = [threading.Thread(target=worker, args=(range(t, 12, 4),)) for t in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for k in range(12):
+        check(cp, got[k], wants[k], f"call {k}")
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
+
+
+def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_process) -> None:
+    """`gradserve serve --kernels gpu`: the server's engine plans with GpuKernels, graphs on, and
+    its calls after the first two replay them."""
+    cp = emulated_cupy
+    server = serve_in_process(kernels="gpu")
+    engine = server.engine.engine  # the in-process Engine under the server's scheduler
+    assert engine.kernels.name == "gpu" and engine.kernels.graphs
+    assert engine.cache_info().kernels.endswith("calls replay CUDA graphs")
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal(6), rng.standard_normal((4, 6))
+    g = gs.trace(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2) + gs.sum(gs.exp(-x)), x, w)
+    with gs.connect(f"127.0.0.1:{server.port}") as remote:
+        gid = remote.register(g)
+        for k in range(4):
+            inputs = {"x": x, "w": w + 0.1 * k}
+            want_out, want_grads = Engine().vjp(g, inputs, ["x", "w"])
+            got = remote.gradient(gid, inputs, wrt=["x", "w"])
+            check(cp, got.grads, want_grads, f"call {k}")
+            check(cp, got.outputs, want_out, f"call {k}")
+    infos = [p.kernel_info() for p in engine._plans.values()]
+    assert any(i["cuda_graph"].startswith("captured: ") and i["cuda_graph_calls"] == 3 for i in infos), infos
+
+
+def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
+    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve's
+    contenders only, step by step and replayed)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_mlp.py"
+    spec = importlib.util.spec_from_file_location("gpu_mlp", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rc = script.main(["--batch", "64", "--repeat", "2", "--block", "2", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for row in ("gradserve GPU vs CPU", "# gradserve CUDA graphs: captured: ", "# device-resident: median ms:",
+                "# with transfers: median ms:"):
+        assert row in out, out
+    assert "gradserve eager" in out and "gradserve graphs" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["device-resident"]) == set(result["with transfers"]) == {"gradserve eager", "gradserve graphs"}
+
+
+# ---------------------------------------------------------------- on a device
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_mlp_gradient_matches_numpy(dtype) -> None:
+    graph, feed = mlp_grad_graph(dtype)
+    plan = Plan(graph, kernels=gpu.GpuKernels(graphs=False))
+    assert plan.groups
+    want = Plan(graph).run(feed)
+    tol = {"float32": 1e-4, "float64": 1e-10}[dtype]
+    for name, value in plan.run(feed).items():
+        np.testing.assert_allclose(value, want[name], rtol=tol, atol=tol, err_msg=name)
+
+
+@needs_device
+def test_gpu_every_elementwise_primitive() -> None:
+    ks = gpu.GpuKernels(graphs=False)
+    for dtype, shape in TABLE_CASES:
+        graph, feed, cases = elementwise_table_graph(dtype, shape)
+        if not cases:
+            continue
+        got = Plan(graph, kernels=ks).run(feed)
+        want = Plan(graph).run(feed)
+        for s, name, _ in cases:
+            w = np.asarray(want[name])
+            tol = 1e-4 if w.dtype == np.float32 else 1e-11
+            if w.dtype.kind == "f":
+                np.testing.assert_allclose(got[name], w, rtol=tol, atol=tol, err_msg=f"{s.name} {dtype}")
+            else:
+                np.testing.assert_array_equal(got[name], w, err_msg=f"{s.name} {dtype}")
+
+
+@needs_device
+@pytest.mark.parametrize("to_host", [True, False], ids=["host", "device"])
+def test_gpu_cuda_graphs_replay_on_the_device(to_host) -> None:
+    """The MLP gradient replayed from real CUDA graphs: results of calls with different inputs
+    against numpy, device-resident results kept across calls, matmuls outside the graphs."""
+    import cupy as cp
+
+    graph, feed = mlp_grad_graph("float64")
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
+    feeds = [varied(feed, k) for k in range(5)]
+    got = [plan.run(f) for f in feeds]
+    info = plan.kernel_info()
+    assert info["cuda_graph"].startswith("captured: ") and info["cuda_graph_calls"] == 4, info
+    for k, (f, g) in enumerate(zip(feeds, got, strict=True)):
+        want = Plan(graph).run(f)
+        for name, w in want.items():
+            np.testing.assert_allclose(host(cp, g[name]), w, rtol=1e-10, atol=1e-10, err_msg=f"call {k} {name}")
