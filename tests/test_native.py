@@ -394,31 +394,34 @@ def _written(plan: Plan) -> set[int]:
 
 
 def test_reductions_join_their_producer_as_epilogues() -> None:
-    """The MLP gradient's sums run in the pass of the group making their operand: 3 over the
-    last axis (the softmax's row sums, cross-entropy's per-example losses and their cotangent's
-    row sums) and the 3 bias gradients (over the batch): 6 steps fewer, and the 2 operands
-    nothing else reads are never written. Same bits."""
+    """The MLP gradient's reductions run in the pass of the group making their operand: 4 over
+    the last axis (the softmax's row max and row sums, cross-entropy's per-example losses and
+    their cotangent's row sums) and the 3 bias gradients (over the batch). 7 steps fewer: the 6
+    sums, and the logits' bias-add (one node, no group without an epilogue) runs with its row
+    max as one step instead of two. The 2 operands nothing else reads are never written. Same bits."""
     graph, feed = mlp_grad_graph("float64")
     without = KernelSet(KERNELS, fuse=True)
     without.epilogues = False
     before, after = Plan(graph, kernels=without), Plan(graph, fusion=True)
     tails = [n for g in after.groups for n in g.epilogue]
-    assert sorted(n.attrs["axes"] for n in tails) == [(0,)] * 3 + [(1,)] * 3
-    assert len(before.steps) - len(after.steps) == 6
+    assert sorted((n.op, n.attrs["axes"]) for n in tails) == [("reduce_max", (1,))] + [("reduce_sum", (0,))] * 3 + [
+        ("reduce_sum", (1,))] * 3
+    assert len(before.steps) - len(after.steps) == 7
     assert len(_written(before)) - len(_written(after)) == 2
     first = graph.first_node_id
     users = {v: [n.id for n in graph.nodes if v in n.inputs] for v in (t.inputs[0] for t in tails)}
     assert _written(before) - _written(after) == {v for v, us in users.items() if len(us) == 1}
     assert all(graph.nodes[v - first].op != "reduce_sum" for v in _written(before) - _written(after))
-    assert "in the same pass: " in str(after) and after.kernel_info()["fused_reductions"] == 6
+    assert "in the same pass: " in str(after) and after.kernel_info()["fused_reductions"] == 7
     plain = Plan(graph).run(feed)
     for name, value in after.run(feed).items():
         np.testing.assert_array_equal(value, plain[name], err_msg=name)
 
 
-# (x's shape, v's shape, whether tanh's values are a result too); e = exp(x - v), y = tanh(e * v),
-# results: sum(e) over the last axis with keepdims, sum(y) without; from rank 2, sum(y) over every
-# axis but the last, and sum(e) over every axis with keepdims
+# (x's shape, v's shape, whether tanh's values are a result too); d = x - v, e = exp(d), y = tanh(e * v),
+# results: over the last axis sum(e) with keepdims, sum(y) without, max(d) without, min(y) with; from
+# rank 2, over every axis but the last sum(y) and min(d), over every axis sum(e) with keepdims and max(d)
+# without (d is exact in both backends: its max and min are compared bit for bit)
 EPILOGUE_LAYOUTS = [((5, 7), (7,), True), ((5, 7), (5, 1), False), ((2, 3, 600), (1, 3, 1), True),
                     ((9,), (), False), ((3, 1), (1,), True), ((3, 0), (3, 1), True), ((0, 5), (5,), False)]
 
@@ -427,51 +430,72 @@ def _epilogue_graph(dtype: str, full: tuple[int, ...], small: tuple[int, ...], k
     b = Builder()
     x = b.input("x", dtype, full)
     v = b.input("v", dtype, small)
-    e = b.bind("exp", b.bind("sub", x, v))
+    d = b.bind("sub", x, v)
+    e = b.bind("exp", d)
     y = b.bind("tanh", b.bind("mul", e, v))
     rank = len(full)
+    last, but_last, every = (rank - 1,), tuple(range(rank - 1)), tuple(range(rank))
     outs = []
+
+    def extrema(*cases):  # (name, op, operand, axes, keepdims); none over an empty axis (an error)
+        return [(name, b.bind(op, val, axes=axes, keepdims=keep)) for name, op, val, axes, keep in cases
+                if all(full[a] for a in axes)]
+
     if rows:
-        outs += [("se", b.bind("reduce_sum", e, axes=(rank - 1,), keepdims=True)),
-                 ("sy", b.bind("reduce_sum", y, axes=(rank - 1,), keepdims=False))]
+        outs += [("se", b.bind("reduce_sum", e, axes=last, keepdims=True)),
+                 ("sy", b.bind("reduce_sum", y, axes=last, keepdims=False)),
+                 *extrema(("xd", "reduce_max", d, last, False), ("ny", "reduce_min", y, last, True))]
     if rank >= 2:
-        outs += [("cy", b.bind("reduce_sum", y, axes=tuple(range(rank - 1)), keepdims=False)),
-                 ("ae", b.bind("reduce_sum", e, axes=tuple(range(rank)), keepdims=True))]
+        outs += [("cy", b.bind("reduce_sum", y, axes=but_last, keepdims=False)),
+                 ("ae", b.bind("reduce_sum", e, axes=every, keepdims=True)),
+                 *extrema(("cd", "reduce_min", d, but_last, False), ("ad", "reduce_max", d, every, False))]
     return b.build(outs + [("y", y)] * keep_y)
+
+
+def _assert_epilogues_match(got: dict, want: dict, what: str) -> None:
+    """Sums to the tolerances; the max and min of d (exact in both backends) bit for bit,
+    nan and infinities where numpy's np.max and np.min have them."""
+    assert got.keys() == want.keys()
+    for name in want:
+        if name.endswith("d"):
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, f"{what}: {name}"
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
+        else:
+            assert_close(got[name], want[name], f"{what}: {name}")
 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_epilogue_sums_native_match_numpy(native_kernels, dtype) -> None:
-    """Sums over the last axis, every axis but the last, and every axis, in the pass of their
-    producer (values from scratch rows and from an output, rows longer than a block, row and
-    column broadcasts, rank 1 to 3, keepdims or not, nan and inf in a row, empty axes, a size-1
-    last axis left alone), against the unfused numpy plan."""
+def test_epilogue_reductions_native_match_numpy(native_kernels, dtype) -> None:
+    """Sums, max and min over the last axis, every axis but the last, and every axis, in the
+    pass of their producer (values from scratch rows and from an output, rows longer than a
+    block, row and column broadcasts, rank 1 to 3, keepdims or not, empty axes, a size-1 last
+    axis left alone), against the unfused numpy plan; then again with nan and inf in a row, a
+    row of -inf and a row of +inf (a max starts from -inf, a min from +inf, nan wins)."""
     rng = np.random.default_rng(8)
     for full, small, keep_y in EPILOGUE_LAYOUTS:
         graph = _epilogue_graph(dtype, full, small, keep_y)
         plan = Plan(graph, kernels=native_kernels)
         (g,) = plan.groups
-        sums = len(graph.outputs) - keep_y
-        assert len(g.epilogue) == (0 if full[-1] == 1 else sums), f"{full}: {g.text()}"
-        assert len(plan.steps) == (1 if g.epilogue else 1 + sums)
+        reductions = len(graph.outputs) - keep_y
+        assert len(g.epilogue) == (0 if full[-1] == 1 else reductions), f"{full}: {g.text()}"
+        assert len(plan.steps) == (1 if g.epilogue else 1 + reductions)
         x = rng.standard_normal(full).astype(dtype)
-        if x.ndim == 2 and x.shape[0] >= 2 and x.shape[1] >= 2:
-            x[0, 1], x[1, 0] = np.nan, np.inf
         feed = {"x": x, "v": rng.uniform(0.5, 1.5, small).astype(dtype)}
-        want = Plan(graph).run(feed)
-        got = plan.run(feed)
-        assert got.keys() == want.keys()
-        for name in want:
-            assert_close(got[name], want[name], f"{full} with {small}: {name}")
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{full} with {small}")
+        if x.ndim == 2 and x.shape[0] >= 4 and x.shape[1] >= 2:
+            x = x.copy()
+            x[0, 1], x[1, 0], x[2], x[3] = np.nan, np.inf, -np.inf, np.inf
+            feed["x"] = x
+            _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{full} with {small}, special values")
 
 
 @needs_numba
 def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
-    """Groups with epilogues large enough for the pool, against numpy: with row sums, tiles
-    are whole rows (each row summed by one thread), column sums and the total add up one row
-    of partial column sums per chunk of tiles; without row sums, few long rows are cut into
-    pieces (float32 only: the compiles are what takes time)."""
+    """Groups with epilogues large enough for the pool, against numpy: with row reductions,
+    tiles are whole rows (each row reduced by one thread), column reductions and the totals
+    combine one row of partial column results per chunk of tiles; without row reductions, few
+    long rows are cut into pieces (float32 only: the compiles are what takes time)."""
     monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 1)
     kernels = native.NativeKernels(min_elements=0, threads=2)
     rng = np.random.default_rng(9)
@@ -481,11 +505,13 @@ def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
         (g,) = plan.groups
         assert len(g.epilogue) == len(graph.outputs) - 1
         calls = threads_.pool().calls
-        feed = {"x": rng.standard_normal(full).astype(dtype), "v": rng.uniform(0.5, 1.5, full[1:]).astype(dtype)}
-        got, want = plan.run(feed), Plan(graph).run(feed)
+        x = rng.standard_normal(full).astype(dtype)
+        feed = {"x": x, "v": rng.uniform(0.5, 1.5, full[1:]).astype(dtype)}
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{dtype} {full}")
         assert threads_.pool().calls > calls, "the group did not run on the thread pool"
-        for name in want:
-            assert_close(got[name], want[name], f"{dtype}: {name}")
+        feed["x"] = x.copy()
+        feed["x"][-1, -1] = np.nan  # in the last chunk of tiles: the chunks' partial results keep it
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{dtype} {full} with a nan")
 
 
 @needs_numba

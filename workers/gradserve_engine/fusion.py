@@ -14,13 +14,14 @@ grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with 
 stays *convex*: no path leaves the group and comes back into it, so the group can run as one
 step at a point where all its inputs exist.
 
-A float `reduce_sum` of a member over its last axis (the softmax's row sums, cross-entropy's
-per-example losses), over every axis but the last (a bias gradient's sum over the batch) or
-over every axis (a loss) can become the group's *epilogue* when the backend
-supports it (`KernelSet.epilogues`): the group computes it in the same pass over the elements,
-so the member is written to memory only when something else reads it, and is read back never.
-The reduction leaves the group as one more output; it reads only a member, so the group stays
-convex.
+A float sum, max or min (`EPILOGUE_OPS`) of a member over its last axis (the softmax's row max
+and row sums, cross-entropy's per-example losses), over every axis but the last (a bias
+gradient's sum over the batch) or over every axis (a loss) can become the group's *epilogue*
+when the backend supports it (`KernelSet.epilogues`): the group computes it in the same pass
+over the elements, so the member is written to memory only when something else reads it, and
+is read back never. The reduction leaves the group as one more output; it reads only a member,
+so the group stays convex. One elementwise node with an epilogue is a group too (the logits'
+bias-add and their row max: one pass instead of two).
 
 Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
 member by member with the reference kernels (same bits as unfused; used to test the planner),
@@ -58,7 +59,7 @@ class Group:
     alignments. `operands[j]` wires member j: an operand `>= 0` is member position, `< 0`
     is input `-1 - operand`. `outputs` are member positions whose values leave the group.
     `absorbed` are view nodes that only the group read; the plan does not run them.
-    `epilogue` are reductions computed in the group's pass (float sums, see `epilogue_kind`);
+    `epilogue` are reductions computed in the group's pass (float sums, max, min: `epilogue_kind`);
     `reduced[e]` is the member position epilogue node e reads. The group's results are its
     outputs' values, then the epilogue's.
     """
@@ -164,11 +165,16 @@ def _align(shape: Shape, target: Shape) -> Shape:
     return tuple(a if a == d else 1 for a, d in zip(aligned, target, strict=True))
 
 
+# the reductions a group can compute in its own pass (its epilogue)
+EPILOGUE_OPS = ("reduce_sum", "reduce_max", "reduce_min")
+
+
 def epilogue_kind(shape: Shape, node: Node) -> str | None:
-    """How a reduction `node` of a value of `shape` can run in the pass making the value:
-    "row" (a sum over the last axis, the only axis included), "col" (over every axis but the
-    last: a bias gradient's sum over the batch), "all" (over every axis, rank >= 2), or None."""
-    if node.op != "reduce_sum" or not shape or shape[-1] == 1:
+    """How a reduction `node` (one of `EPILOGUE_OPS`) of a value of `shape` can run in the pass
+    making the value: "row" (over the last axis, the only axis included: the softmax's row max
+    and row sums), "col" (over every axis but the last: a bias gradient's sum over the batch),
+    "all" (over every axis, rank >= 2), or None."""
+    if node.op not in EPILOGUE_OPS or not shape or shape[-1] == 1:
         return None
     axes, rank = tuple(node.attrs["axes"]), len(shape)
     return ("row" if axes == (rank - 1,) else "col" if axes == tuple(range(rank - 1))
@@ -177,15 +183,16 @@ def epilogue_kind(shape: Shape, node: Node) -> str | None:
 
 def epilogue_ok(graph: Graph, node: Node) -> bool:
     """Whether `node` may be computed in the pass of the group making its operand: a float
-    `reduce_sum` of an `epilogue_kind`, the operand's last axis not of size 1."""
+    sum, max or min of an `epilogue_kind`, the operand's last axis not of size 1."""
     dtype, shape = graph.aval(node.inputs[0])
     return dtype in ("float32", "float64") and node.dtype == dtype and epilogue_kind(shape, node) is not None
 
 
 def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None,
                 epilogues: bool = False) -> list[Group]:
-    """Groups of at least `min_members` elementwise nodes; `accept(node)` may refuse nodes.
-    With `epilogues`, the reductions of members that `epilogue_ok` allows join as epilogues.
+    """Groups of at least `min_members` nodes (elementwise members and epilogue reductions);
+    `accept(node)` may refuse nodes. With `epilogues`, the reductions of members that
+    `epilogue_ok` allows join as epilogues.
     Groups are disjoint and convex; the result is in order of each group's first member."""
     first = graph.first_node_id
     nodes = graph.nodes
@@ -337,8 +344,8 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
 
     groups = []
     for ids in raw:
-        if len(ids) >= min_members:
-            tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
+        tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
+        if ids and len(ids) + len(tail) >= min_members:  # one elementwise node and its reduction: one pass, not two
             groups.append(_make_group(graph, sorted(ids), users, returned, tail))
     groups.sort(key=lambda g: g.members[0].id)
     return groups
@@ -452,7 +459,7 @@ class KernelSet:
 
     name = "numpy"
     in_place = False  # whether a runner may write an output over an input that dies at the step
-    epilogues = True  # whether runners compute a group's epilogue (sums in the same pass)
+    epilogues = True  # whether runners compute a group's epilogue (sums, max, min in the same pass)
 
     def __init__(self, table: Mapping[str, Kernel] = KERNELS, fuse: bool = False):
         self.table = table
