@@ -25,14 +25,14 @@ import torch
 from test_primitives import SPECS, arg_dtype, make_inputs, out_dtype
 
 from gradserve.api import Functional
-from gradserve_engine import autodiff, gpu, native
+from gradserve_engine import autodiff, fusion, gpu, native
 from gradserve_engine import threads as threads_
 from gradserve_engine.engine import Engine
 from gradserve_engine.fusion import KernelSet, find_groups, schedule
 from gradserve_engine.ir import Builder, Graph
-from gradserve_engine.ops import KERNELS, PRIMITIVES
+from gradserve_engine.ops import KERNELS, PRIMITIVES, VIEWS
 from gradserve_engine.passes import optimize
-from gradserve_engine.plan import KernelStep, Plan
+from gradserve_engine.plan import FusedStep, KernelStep, Plan
 
 TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # rtol, atol relative to max(1, |want|)
 FLOATS = ("float32", "float64")
@@ -45,7 +45,8 @@ def assert_close(got, want, what: str = "") -> None:
     assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
     if want.dtype.name in TOL:
         rtol, atol = TOL[want.dtype.name]
-        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        finite = np.abs(want[np.isfinite(want)])  # nan and inf must match where they are, not widen atol
+        scale = max(1.0, float(np.max(finite))) if finite.size else 1.0
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
     else:
         np.testing.assert_array_equal(got, want, err_msg=what)
@@ -86,6 +87,32 @@ def mlp_grad_graph(dtype: str, **sizes) -> tuple[Graph, dict]:
     wrt = [f"params.{k}" for k in params]
     graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
     return graph, {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+
+
+CE_SHAPE = (512, 1000)
+
+
+def ce_loss(x, w, b, y):
+    """Cross-entropy of logits x * w + b (a per-class affine map: the logits come from a fused group)."""
+    import gradserve as gs
+
+    return gs.cross_entropy(x * w + b, y)
+
+
+def ce_grad_graph(dtype: str) -> tuple[Graph, dict]:
+    """The loss and its gradients for x, w and b at CE_SHAPE. Classes 0-2 share w and b, and
+    rows 5-7 reach their maximum at two or three of them (ties)."""
+    import gradserve as gs
+
+    n, c = CE_SHAPE
+    rng = np.random.default_rng(11)
+    x = (3 * rng.standard_normal((n, c))).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, c).astype(dtype), (rng.standard_normal(c) / 10).astype(dtype)
+    w[:3], b[:3] = w[0], b[0]
+    x[5, :3] = x[6, 1:3] = x[7, ::2][:2] = 20
+    feed = {"x": x, "w": w, "b": b, "y": rng.integers(0, c, n)}
+    traced = gs.trace(ce_loss, *feed.values())
+    return optimize(autodiff.grad_only(traced, ["x", "w", "b"], "out", keep_outputs=True)), feed
 
 
 def torch_mlp_grads(params, x, y) -> dict:
@@ -162,21 +189,26 @@ def test_groups_of_the_mlp_gradient_and_printing() -> None:
 
 
 def test_groups_are_disjoint_convex_and_scheduled_in_order() -> None:
+    """Groups share only recomputed members (the backward's one-hot of the labels, recomputed
+    where the logits' gradient is made), which are never their outputs."""
     graph, _ = mlp_grad_graph("float32")
     groups = find_groups(graph)
     seen: set[int] = set()
     first = graph.first_node_id
     for g in groups:
         ids = {n.id for n in g.members}
-        assert not ids & seen
-        seen |= ids
+        own = ids - set(g.recomputed)
+        assert not own & seen
+        seen |= own
+        assert not {g.members[j].id for j in g.outputs} & set(g.recomputed)
         assert all(n.shape == g.shape for n in g.members)
-        # convex: no member's operand outside the group depends on a member
+        # convex: no member's operand outside the group depends on a member the group owns (the
+        # operands may depend on a recomputed one: what they read is its owner's copy)
         external = {i for n in g.members for i in n.inputs if i not in ids}
         stack, visited = list(external), set()
         while stack:
             v = stack.pop()
-            assert v not in ids, f"group {g.text()} is not convex"
+            assert v not in own, f"group {g.text()} is not convex"
             if v >= first and v not in visited:
                 visited.add(v)
                 stack.extend(graph.nodes[v - first].inputs)
@@ -393,16 +425,29 @@ def _written(plan: Plan) -> set[int]:
     return {o for step in plan.steps for o in step.outs}
 
 
-def test_reductions_join_their_producer_as_epilogues() -> None:
+def _passes(plan: Plan, shape: tuple[int, ...]) -> int:
+    """How many arrays of `shape` the plan's steps read or write (views, which copy nothing, aside)."""
+    aval = plan.graph.aval
+    return sum(sum(aval(v)[1] == shape for v in (*step.ins, *step.outs)) for step in plan.steps
+               if isinstance(step, FusedStep) or step.unit.op not in VIEWS)
+
+
+def _fused_kernels(epilogues: bool) -> KernelSet:
+    kernels = KernelSet(KERNELS, fuse=True)
+    kernels.epilogues = epilogues
+    return kernels
+
+
+def test_reductions_join_their_producer_as_epilogues(monkeypatch) -> None:
     """The MLP gradient's reductions run in the pass of the group making their operand: 4 over
     the last axis (the softmax's row max and row sums, cross-entropy's per-example losses and
     their cotangent's row sums) and the 3 bias gradients (over the batch). 7 steps fewer: the 6
     sums, and the logits' bias-add (one node, no group without an epilogue) runs with its row
-    max as one step instead of two. The 2 operands nothing else reads are never written. Same bits."""
+    max as one step instead of two. The 2 operands nothing else reads are never written (with
+    no recomputation, whose gains the next test counts). Same bits."""
     graph, feed = mlp_grad_graph("float64")
-    without = KernelSet(KERNELS, fuse=True)
-    without.epilogues = False
-    before, after = Plan(graph, kernels=without), Plan(graph, fusion=True)
+    monkeypatch.setattr(fusion, "MAX_RECOMPUTED", 0)
+    before, after = Plan(graph, kernels=_fused_kernels(False)), Plan(graph, fusion=True)
     tails = [n for g in after.groups for n in g.epilogue]
     assert sorted((n.op, n.attrs["axes"]) for n in tails) == [("reduce_max", (1,))] + [("reduce_sum", (0,))] * 3 + [
         ("reduce_sum", (1,))] * 3
@@ -416,6 +461,45 @@ def test_reductions_join_their_producer_as_epilogues() -> None:
     plain = Plan(graph).run(feed)
     for name, value in after.run(feed).items():
         np.testing.assert_array_equal(value, plain[name], err_msg=name)
+
+
+def test_cheap_values_are_recomputed_where_read(monkeypatch) -> None:
+    """In the MLP gradient, the group making the logits' gradient recomputes the one-hot
+    cotangent (labels == classes, cast, times the loss's cotangent: from a column and a row)
+    instead of reading it, and the softmax's two groups recompute the logits' bias-add from the
+    matmul's result, which they read instead: neither is written any more (2 arrays), in as
+    many steps, and the steps read or write 3 arrays of the logits' shape fewer (12 -> 9).
+    Same bits. A backend declining the groups that recompute gets the values from steps of
+    their own (the bias-add's owner, which runs, does not write it)."""
+    graph, feed = mlp_grad_graph("float64")
+    first = graph.first_node_id
+    logits = graph.aval(graph.first_node_id + 6)[1]  # %20 = h @ w3
+    assert logits == (32, 6) and graph.nodes[6].op == "matmul"
+    plain = Plan(graph).run(feed)
+    after = Plan(graph, fusion=True)
+    recomputed = sorted(tuple(graph.nodes[v - first].op for v in g.recomputed) for g in after.groups if g.recomputed)
+    assert recomputed == [("add",), ("add",), ("eq", "cast", "mul_no_nan")]
+    assert all(not {g.members[j].id for j in g.outputs} & set(g.recomputed) for g in after.groups)
+    assert "(recomputed: " in str(after)
+
+    class Declining(KernelSet):
+        def compile_group(self, group):
+            return None if group.recomputed else super().compile_group(group)
+
+    declined = Plan(graph, kernels=Declining(KERNELS, fuse=True))
+    (owner,) = [g for g in declined.groups if any(n.op == "reduce_max" for n in g.epilogue)]
+    assert not owner.outputs and owner.members[0].id in _written(declined)  # the bias-add, run again alone
+    for plan in (after, declined):
+        for name, value in plan.run(feed).items():
+            np.testing.assert_array_equal(value, plain[name], err_msg=name)
+
+    monkeypatch.setattr(fusion, "MAX_RECOMPUTED", 0)
+    before = Plan(graph, fusion=True)
+    assert not any(g.recomputed for g in before.groups)
+    assert len(before.steps) == len(after.steps)
+    gone = _written(before) - _written(after)
+    assert sorted(graph.nodes[v - first].op for v in gone) == ["add", "mul_no_nan"] and _written(after) < _written(before)
+    assert (_passes(before, logits), _passes(after, logits)) == (12, 9)
 
 
 # (x's shape, v's shape, whether tanh's values are a result too); d = x - v, e = exp(d), y = tanh(e * v),
@@ -517,12 +601,65 @@ def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
 @needs_numba
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_mlp_gradient_native_matches_numpy(native_kernels, dtype) -> None:
+    """The MLP gradient's native plan: 27 steps (56 unfused); 24 of the unfused plan's 56
+    arrays never written; 9 reads or writes of a (32, 6) array, the logits' shape. (28, 22 and
+    13 when only sums were epilogues and nothing was recomputed: the row max joined the logits'
+    bias-add, which with the one-hot cotangent is now recomputed where read; see the two tests
+    above.) Values as numpy's."""
     graph, feed = mlp_grad_graph(dtype)
     plan = Plan(graph, kernels=native_kernels)
+    unfused = Plan(graph)
     assert plan.kernel_mode == "native" and len(plan.groups) >= 5
-    want = Plan(graph).run(feed)
+    assert (len(plan.steps), len(unfused.steps), len(_written(unfused) - _written(plan))) == (27, 56, 24)
+    assert _passes(plan, (32, 6)) == 9
+    want = unfused.run(feed)
     for name, value in plan.run(feed).items():
         assert_close(value, want[name], name)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_softmax_cross_entropy_native(native_kernels, dtype) -> None:
+    """Cross-entropy of 512 x 1000 logits, forward and backward: the logits' row max is an
+    epilogue of the group making them (x * w + b), which writes nothing else: the softmax's
+    groups recompute the logits from x, and the gradient's group the one-hot. The plan reads
+    or writes 7 arrays of the logits' shape (20 with no epilogue and no recomputation, 10 with
+    epilogues alone, 11 when only sums were epilogues). Values as the numpy plan's, with a nan,
+    +inf, -inf, an all -inf row, two +inf in a row and ties; gradients as PyTorch's."""
+    graph, feed = ce_grad_graph(dtype)
+    plan = Plan(graph, kernels=native_kernels)
+    (g,) = [g for g in plan.groups if any(n.op == "reduce_max" for n in g.epilogue)]
+    (m,) = g.epilogue
+    assert g.ops == ("mul", "add") and not g.outputs and m.attrs["axes"] == (1,)
+    assert f"in the same pass: %{m.id}=reduce_max %{m.inputs[0]}" in str(plan)
+    assert _passes(plan, CE_SHAPE) == 7
+    assert _passes(Plan(graph, kernels=_fused_kernels(True)), CE_SHAPE) == 7
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusion, "MAX_RECOMPUTED", 0)
+        assert _passes(Plan(graph, kernels=_fused_kernels(False)), CE_SHAPE) == 20
+        assert _passes(Plan(graph, kernels=_fused_kernels(True)), CE_SHAPE) == 10
+
+    unfused = Plan(graph)
+    got = plan.run(feed)
+    want = unfused.run(feed)
+    for name in want:
+        assert_close(got[name], want[name], name)
+    tx, tw, tb = (torch.tensor(feed[k], requires_grad=True) for k in "xwb")
+    loss = torch.nn.functional.cross_entropy(tx * tw + tb, torch.tensor(feed["y"]))
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose(got["out"], loss.detach().numpy(), rtol=rtol)
+    for k, t in zip("xwb", torch.autograd.grad(loss, [tx, tw, tb]), strict=True):
+        t = t.numpy()
+        np.testing.assert_allclose(got[f"%grad:{k}"], t, rtol=rtol, atol=rtol * float(np.max(np.abs(t))), err_msg=k)
+
+    infinite, nan = feed["x"].copy(), feed["x"].copy()
+    infinite[1, 4], infinite[2, 10:20], infinite[4, [7, 9]] = np.inf, -np.inf, np.inf
+    nan[0, 3], nan[3] = np.nan, -np.inf  # the gradients of w and b are all nan then
+    for what, x in (("inf", infinite), ("nan", nan)):
+        special = {**feed, "x": x}
+        got, want = plan.run(special), unfused.run(special)
+        for name in want:
+            assert_close(got[name], want[name], f"{name}, {what} rows")
 
 
 @needs_numba

@@ -23,6 +23,15 @@ is read back never. The reduction leaves the group as one more output; it reads 
 so the group stays convex. One elementwise node with an epilogue is a group too (the logits'
 bias-add and their row max: one pass instead of two).
 
+A group *recomputes* a value it reads, instead of reading it from memory, when cheap ops make
+it from operands smaller than the group and at most one array of the group's size that is in
+memory anyway (`Group.recomputed`): the backward's one-hot of the labels (a column compared with
+a row) in the group making the logits' gradient, the logits' bias-add (from the matmul's
+result) in the softmax's groups. The value's owner writes it only if some step still reads it
+from memory; recomputing from an array of the group's size is done only when that write goes.
+Such members are the only ones two groups share. Should a backend decline a group that
+recomputes, `schedule` runs the nodes its steps read but no step writes as steps of their own.
+
 Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
 member by member with the reference kernels (same bits as unfused; used to test the planner),
 the native backend compiles it with numba (`native.py`), the GPU backend with CuPy
@@ -41,12 +50,14 @@ import numpy as np
 
 from .ir import Graph, Node, type_str
 from .ops import KERNELS, OUT_CAPABLE, PRIMITIVES, Kernel
+from .ops.core import Cost
 
 Shape = tuple[int, ...]
 
 MAX_VISITS = 20_000  # one cycle check gives up (and refuses the merge) beyond this many nodes visited
 MAX_TOTAL_VISITS = 1_000_000  # and all of a graph's checks together (huge graphs: planning stays fast, fusion stops)
 MERGE_PASSES = 4  # passes merging producer groups into consumer groups
+MAX_RECOMPUTED = 8  # nodes a group may recompute for one value it would otherwise read (see find_groups)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,10 @@ class Group:
     `absorbed` are view nodes that only the group read; the plan does not run them.
     `epilogue` are reductions computed in the group's pass (float sums, max, min: `epilogue_kind`);
     `reduced[e]` is the member position epilogue node e reads. The group's results are its
-    outputs' values, then the epilogue's.
+    outputs' values, then the epilogue's. `recomputed` are the ids of members the group
+    computes for itself though another step owns them (cheap values made from operands smaller
+    than the group, see `find_groups`); they are never outputs, and only they may be members
+    of two groups.
     """
 
     shape: Shape
@@ -74,6 +88,7 @@ class Group:
     absorbed: tuple[int, ...]
     epilogue: tuple[Node, ...] = ()
     reduced: tuple[int, ...] = ()
+    recomputed: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -115,6 +130,8 @@ class Group:
         head = f"{','.join(f'%{n.id}' for n in self.members)} = fused[{','.join(self.ops)}] {ins} -> {outs}"
         if self.epilogue:
             head += f"  (in the same pass: {', '.join(f'%{n.id}={n.op} %{n.inputs[0]}' for n in self.epilogue)})"
+        if self.recomputed:
+            head += f"  (recomputed: {' '.join(f'%{v}' for v in self.recomputed)})"
         if self.absorbed:
             head += f"  (views read through: {' '.join(f'%{v}' for v in self.absorbed)})"
         return head
@@ -342,18 +359,90 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
         if not changed:
             break
 
-    groups = []
-    for ids in raw:
+    tails: dict[int, list[int]] = {}
+    for gid, ids in enumerate(raw):
         tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
         if ids and len(ids) + len(tail) >= min_members:  # one elementwise node and its reduction: one pass, not two
-            groups.append(_make_group(graph, sorted(ids), users, returned, tail))
+            tails[gid] = tail
+
+    def small(vid: int, size: int) -> bool:
+        """Whether `vid`, read through broadcasting views, has fewer elements than a group of `size`."""
+        src = _view_source(graph, vid)
+        return math.prod(graph.aval(src[0] if src is not None else vid)[1]) < size
+
+    def cheap_cone(vid: int, shape: Shape) -> tuple[set[int], set[int]] | None:
+        """(the nodes, the arrays of the group's size they read): how cheap elementwise ops (at
+        most MAX_RECOMPUTED) make `vid` from smaller operands and from arrays written anyway
+        (no group's members), or None."""
+        size = math.prod(shape)
+        cone: set[int] = set()
+        leaves: set[int] = set()
+        stack = [vid]
+        while stack:
+            c = stack.pop()
+            if c in cone or c in leaves:
+                continue
+            if fusible(c, shape) and PRIMITIVES[nodes[c - first].op].cost == Cost.CHEAP:
+                if len(cone) == MAX_RECOMPUTED:
+                    return None
+                cone.add(c)
+                stack.extend(i for i in nodes[c - first].inputs if not small(i, size))
+            elif c != vid and group_of.get(c, -1) not in tails:
+                leaves.add(c)
+            else:
+                return None
+        return cone, leaves
+
+    # A group recomputes a value it reads when cheap elementwise ops make it from operands smaller
+    # than the group (a one-hot of the labels: a column and a row) and at most one array of the
+    # group's size that is in memory anyway (the logits' bias-add: the matmul's result): from
+    # smaller operands only, the group reads less; from one array, the group reads that array
+    # instead, so this is done only when no step is left that reads the value (its owner need not
+    # write it). Groups stay convex: the cone's operands are ancestors of a value the group read,
+    # so they cannot depend on the group.
+    cones: dict[int, tuple[set[int], set[int]] | None] = {}
+    for gid in tails:
+        shape = nodes[min(raw[gid]) - first].shape
+        for i in sorted({i for v in raw[gid] for i in nodes[v - first].inputs} - raw[gid]):
+            if i not in cones:
+                cones[i] = cheap_cone(i, shape) if fusible(i, shape) else None
+
+    def recomputed_by_all(vid: int) -> bool:
+        """Whether every step reading `vid` is in its owner group or a group of its shape."""
+        owner = group_of.get(vid, -1)
+        shape = nodes[vid - first].shape
+        return vid not in returned and all(
+            (owner in tails and (u in raw[owner] or u in tails[owner]))
+            or (group_of.get(u, -1) in tails and nodes[u - first].shape == shape) for u in users[vid])
+
+    chosen = {i for i, c in cones.items() if c is not None and (not c[1] or (len(c[1]) == 1 and recomputed_by_all(i)))}
+    extra: dict[int, set[int]] = {}
+    for gid in tails:
+        extra[gid] = set()
+        for i in sorted({i for v in raw[gid] for i in nodes[v - first].inputs} & chosen - raw[gid]):
+            cone = cones[i]
+            assert cone is not None
+            extra[gid] |= cone[0]
+
+    def read_by(u: int, v: int) -> bool:
+        """Whether node `u`, outside the group owning `v`, reads `v` from memory."""
+        gid = group_of.get(u, -1)
+        return not (gid in extra and v in extra[gid])
+
+    groups = [_make_group(graph, sorted(raw[gid]), users, returned, tail, sorted(extra[gid]), read_by)
+              for gid, tail in tails.items()]
     groups.sort(key=lambda g: g.members[0].id)
     return groups
 
 
 def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int],
-                epilogue: Sequence[int] = ()) -> Group:
+                epilogue: Sequence[int] = (), recomputed: Sequence[int] = (),
+                read_by: Callable[[int, int], bool] = lambda u, v: True) -> Group:
+    """The group of nodes `ids` and the `recomputed` ones (see `Group`); `read_by(u, v)`: whether
+    user `u` outside the group reads member `v` from memory (False: `u`'s group recomputes it)."""
     first = graph.first_node_id
+    own = set(ids)
+    ids = sorted(own | set(recomputed))
     members = [graph.nodes[i - first] for i in ids]
     shape = members[0].shape
     pos = {n.id: j for j, n in enumerate(members)}
@@ -395,45 +484,57 @@ def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: 
                 absorbed.append(v)
                 inside.add(v)
                 changed = True
-    outputs = tuple(j for j, n in enumerate(members) if n.id in returned or any(u not in inside for u in users[n.id]))
+    outputs = tuple(j for j, n in enumerate(members) if n.id in own and (
+        n.id in returned or any(u not in inside and read_by(u, n.id) for u in users[n.id])))
     tail = tuple(graph.nodes[i - first] for i in epilogue)
     return Group(shape, tuple(members), tuple(inputs), tuple(aligned), tuple(graph.aval(v)[0] for v in inputs),
-                 tuple(operands), outputs, tuple(sorted(absorbed)), tail, tuple(pos[n.inputs[0]] for n in tail))
+                 tuple(operands), outputs, tuple(sorted(absorbed)), tail, tuple(pos[n.inputs[0]] for n in tail),
+                 tuple(sorted(recomputed)))
 
 
 def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
-    """The steps in a valid order: each group runs as one step, absorbed views not at all.
-    Kahn's algorithm, preferring the earliest original position (a group's first member)."""
+    """The steps in a valid order: each group (those the backend compiled) runs as one step,
+    absorbed views not at all, nodes only groups recompute only where a step reads them (the
+    group owning such a value did not write it because a group recomputes it, and the backend
+    declined that group: the node runs as a step of its own). Kahn's algorithm, preferring the
+    earliest original position (a group's first member of its own)."""
     first = graph.first_node_id
-    unit_of: dict[int, int] = {}
+    producer: dict[int, int] = {}  # value id -> the unit writing it
     units: list[Node | Group] = []
-    skipped = {v for g in groups for v in g.absorbed}
+    keys: list[int] = []
+    inside: set[int] = set()  # members and epilogues owned by a group
     for g in groups:
-        for n in (*g.members, *g.epilogue):
-            unit_of[n.id] = len(units)
+        mine = [n.id for n in g.members if n.id not in g.recomputed]
+        inside.update(mine, (n.id for n in g.epilogue))
+        for v in g.output_ids:
+            producer[v] = len(units)
         units.append(g)
+        keys.append(min(mine))
+    skipped = {v for g in groups for v in g.absorbed} | {v for g in groups for v in g.recomputed}
     for n in graph.nodes:
-        if n.id not in unit_of and n.id not in skipped:
-            unit_of[n.id] = len(units)
+        if n.id not in inside and n.id not in skipped:
+            producer[n.id] = len(units)
             units.append(n)
-
-    def reads(u: Node | Group) -> tuple[int, ...]:
-        return u.inputs
-
-    def key(u: Node | Group) -> int:
-        return u.members[0].id if isinstance(u, Group) else u.id
+            keys.append(n.id)
+    wanted = [i for u in units for i in u.inputs] + [vid for _, vid in graph.outputs]
+    while wanted:  # a value some step reads that no step writes: its node runs as a step of its own
+        v = wanted.pop()
+        if v >= first and v not in producer:
+            n = graph.nodes[v - first]
+            producer[v] = len(units)
+            units.append(n)
+            keys.append(n.id)
+            wanted.extend(n.inputs)
 
     deps: list[set[int]] = []
-    for u in units:
-        d = {unit_of[i] for i in reads(u) if i >= first and i in unit_of}
-        d.discard(unit_of[key(u)])
-        deps.append(d)
+    for k, u in enumerate(units):
+        deps.append({producer[i] for i in u.inputs if i >= first} - {k})
     waiting = [len(d) for d in deps]
     dependents: list[list[int]] = [[] for _ in units]
     for k, d in enumerate(deps):
         for j in d:
             dependents[j].append(k)
-    ready = [(key(u), k) for k, u in enumerate(units) if waiting[k] == 0]
+    ready = [(keys[k], k) for k in range(len(units)) if waiting[k] == 0]
     heapq.heapify(ready)
     order: list[Node | Group] = []
     while ready:
@@ -442,7 +543,7 @@ def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
         for j in dependents[k]:
             waiting[j] -= 1
             if waiting[j] == 0:
-                heapq.heappush(ready, (key(units[j]), j))
+                heapq.heappush(ready, (keys[j], j))
     if len(order) != len(units):
         raise AssertionError("fusion made a cycle (a group is not convex): this is a planner bug")
     return order
