@@ -237,6 +237,31 @@ def test_no_group_through_a_non_elementwise_node() -> None:
     np.testing.assert_array_equal(Plan(graph, fusion=True).run(feed)["c"], Plan(graph).run(feed)["c"])
 
 
+def test_no_two_groups_need_each_other() -> None:
+    """p = x*k, a = x + k, s = sum(p) over the batch; o2 = select(y > a, y, p) grows a group
+    {p, y > a, o2} that needs a, and o1 = a + (p - s) a group {a, p - s, o1} that needs p (through
+    s): each is convex, but as single steps neither could run first. The smaller one is taken
+    apart (a is returned, so no group recomputes it), with and without epilogues."""
+    b = Builder()
+    x, y, k = b.input("x", "float64", (4, 3)), b.input("y", "float64", (4, 3)), b.input("k", "float64", ())
+    p = b.bind("mul", x, k)
+    s = b.bind("reduce_sum", p, axes=(0,), keepdims=True)
+    a = b.bind("add", x, k)
+    r = b.bind("sub", p, s)
+    o2 = b.bind("select", b.bind("gt", y, a), y, p)
+    graph = b.build([("o1", b.bind("add", a, r)), ("o2", o2), ("a", a)])
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.standard_normal((4, 3)), "y": rng.standard_normal((4, 3)), "k": np.float64(0.5)}
+    want = Plan(graph).run(feed)
+    for epilogues in (False, True):
+        groups = find_groups(graph, epilogues=epilogues)
+        assert [len(g.members) for g in groups] == [3]
+        schedule(graph, groups)
+        got = Plan(graph, kernels=_fused_kernels(epilogues)).run(feed)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_broadcasting_views_are_read_through_and_not_run() -> None:
     b = Builder()
     x = b.input("x", "float64", (5, 3))

@@ -12,7 +12,8 @@ Grouping is a pure planner decision: the graph, its id and the results do not ch
 grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with its own
 `y*y` and not with the forward pass that made `y`), and a producer joins only if the group
 stays *convex*: no path leaves the group and comes back into it, so the group can run as one
-step at a point where all its inputs exist.
+step at a point where all its inputs exist. Two convex groups can still need each other (each
+reads, through nodes outside both, a value of the other): the smaller is then taken apart.
 
 A float sum, max or min (`EPILOGUE_OPS`) of a member over its last axis (the softmax's row max
 and row sums, cross-entropy's per-example losses), over every axis but the last (a bias
@@ -359,6 +360,20 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
         if not changed:
             break
 
+    # Each group is convex, but two groups can still need each other: one reads, through a node
+    # outside both, what the other makes, and the other way round. As single steps neither could
+    # run first; the smallest group of each such cycle is taken apart until there is none.
+    while True:
+        cycles = _cycles(graph, raw, group_of)
+        if not cycles:
+            break
+        for cycle in cycles:
+            gid = min(cycle, key=lambda g: (len(raw[g]), g))
+            for v in raw[gid]:
+                group_of[v] = len(raw)
+                raw.append({v})
+            raw[gid] = set()
+
     tails: dict[int, list[int]] = {}
     for gid, ids in enumerate(raw):
         tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
@@ -433,6 +448,63 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
               for gid, tail in tails.items()]
     groups.sort(key=lambda g: g.members[0].id)
     return groups
+
+
+def _cycles(graph: Graph, raw: list[set[int]], group_of: dict[int, int]) -> list[list[int]]:
+    """The groups (of two or more members) on each cycle of the graph of steps, where each such
+    group is one step: the strongly connected components with more than one step (Tarjan's
+    algorithm, iterative)."""
+    first = graph.first_node_id
+    n_groups = len(raw)
+
+    def unit(v: int) -> int:
+        gid = group_of.get(v, -1)
+        return gid if gid >= 0 and len(raw[gid]) > 1 else n_groups + v - first
+
+    succ: list[set[int]] = [set() for _ in range(n_groups + len(graph.nodes))]
+    for n in graph.nodes:
+        u = unit(n.id)
+        for i in n.inputs:
+            if i >= first and unit(i) != u:
+                succ[unit(i)].add(u)
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    found: list[list[int]] = []
+    for root in [g for g in range(n_groups) if len(raw[g]) > 1]:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(succ[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            u, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(succ[w]))))
+                elif w in on_stack:
+                    low[u] = min(low[u], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[u])
+            if low[u] == index[u]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == u:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(g for g in component if g < n_groups))
+    return found
 
 
 def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int],
