@@ -211,7 +211,8 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
     """Groups of at least `min_members` nodes (elementwise members and epilogue reductions);
     `accept(node)` may refuse nodes. With `epilogues`, the reductions of members that
     `epilogue_ok` allows join as epilogues.
-    Groups are disjoint and convex; the result is in order of each group's first member."""
+    Groups are convex and share only recomputed members; the result is in order of each
+    group's first member of its own."""
     first = graph.first_node_id
     nodes = graph.nodes
     users: list[list[int]] = [[] for _ in range(graph.n_values)]
@@ -430,23 +431,23 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
             (owner in tails and (u in raw[owner] or u in tails[owner]))
             or (group_of.get(u, -1) in tails and nodes[u - first].shape == shape) for u in users[vid])
 
-    chosen = {i for i, c in cones.items() if c is not None and (not c[1] or (len(c[1]) == 1 and recomputed_by_all(i)))}
-    extra: dict[int, set[int]] = {}
+    worth = {i for i, c in cones.items() if c is not None and (not c[1] or (len(c[1]) == 1 and recomputed_by_all(i)))}
+    recomputed: dict[int, set[int]] = {}
     for gid in tails:
-        extra[gid] = set()
-        for i in sorted({i for v in raw[gid] for i in nodes[v - first].inputs} & chosen - raw[gid]):
+        recomputed[gid] = set()
+        for i in {i for v in raw[gid] for i in nodes[v - first].inputs} & worth - raw[gid]:
             cone = cones[i]
             assert cone is not None
-            extra[gid] |= cone[0]
+            recomputed[gid] |= cone[0]
 
     def read_by(u: int, v: int) -> bool:
         """Whether node `u`, outside the group owning `v`, reads `v` from memory."""
         gid = group_of.get(u, -1)
-        return not (gid in extra and v in extra[gid])
+        return not (gid in recomputed and v in recomputed[gid])
 
-    groups = [_make_group(graph, sorted(raw[gid]), users, returned, tail, sorted(extra[gid]), read_by)
+    groups = [_make_group(graph, sorted(raw[gid]), users, returned, tail, sorted(recomputed[gid]), read_by)
               for gid, tail in tails.items()]
-    groups.sort(key=lambda g: g.members[0].id)
+    groups.sort(key=lambda g: min(n.id for n in g.members if n.id not in g.recomputed))
     return groups
 
 
