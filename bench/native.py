@@ -4,6 +4,7 @@
     python bench/native.py                    # both workloads and the threshold sweep (about 1-2 minutes on 2 cores)
     python bench/native.py --dtype float32 --repeat 6 --json out.json
     python bench/native.py --only threshold   # only the sweep behind native.AUTO_MIN_ELEMENTS and plan.PARALLEL_MIN_WORK
+    python bench/native.py --only softmax --repeat 30   # the softmax cross-entropy's plans before and after max epilogues
     python bench/native.py --smoke            # every part at tiny sizes, seconds once numba's cache is warm (the tests)
 
 Workloads, each forward + backward, gradients checked against each other before timing:
@@ -27,6 +28,12 @@ kernel cache) and warm (numba's disk cache).
 
 3. Threshold sweep: two small fused groups (bias-add + tanh; tanh's VJP `g * (1 - y*y)`) at
    1 Ki .. 1 Mi elements, numpy vs native, one thread and the pool: where native starts to win.
+4. Softmax cross-entropy (`--only softmax`): `cross_entropy(h @ w + b, y)` and its gradients
+   for w and b, logits 4096 x 1000 float32 (h 4096 x 256), three native plans of the same graph
+   taking turns: as fusion planned it before max/min epilogues and recomputation (sums the only
+   epilogues, `fusion.EPILOGUE_OPS`; nothing recomputed, `fusion.MAX_RECOMPUTED` 0), with max/min
+   epilogues, and with both (today's plan). Whole plans (bench/mlp.py's turns) and their steps
+   other than matmuls (step by step, interleaved rounds, each round's calls summed step by step).
 """
 
 from __future__ import annotations
@@ -57,10 +64,11 @@ CHAIN_BLOCKS = 5  # 10 elementwise ops each
 SWEEP_SIZES = (1 << 10, 1 << 12, 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 20)
 SWEEP_REPEAT, SWEEP_ELEMENTS = 7, 200_000  # best of 7 samples, each about SWEEP_ELEMENTS elements' worth of calls
 # --smoke: every part with the same code at sizes that run in seconds (numba's compiles aside)
+SOFTMAX_SHAPE = (4096, 256, 1000)  # batch, features, classes
 SMOKE = {"shape": mlpbench.SMOKE_SHAPE, "chain_shape": (64, 32), "chain_blocks": 1, "sweep_sizes": (1 << 10, 1 << 12),
-         "sweep_repeat": 2, "sweep_elements": 4096}
+         "sweep_repeat": 2, "sweep_elements": 4096, "softmax_shape": (64, 16, 10)}
 FULL = {"shape": mlpbench.MLP_SHAPE, "chain_shape": CHAIN_SHAPE, "chain_blocks": CHAIN_BLOCKS, "sweep_sizes": SWEEP_SIZES,
-        "sweep_repeat": SWEEP_REPEAT, "sweep_elements": SWEEP_ELEMENTS}
+        "sweep_repeat": SWEEP_REPEAT, "sweep_elements": SWEEP_ELEMENTS, "softmax_shape": SOFTMAX_SHAPE}
 MODES = ("numpy", "native", "auto")
 
 
@@ -324,6 +332,93 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows_out
 
 
+def softmax_loss(h, w, b, y):
+    import gradserve as gs
+
+    return gs.cross_entropy(h @ w + b, y)
+
+
+def non_matmul_seconds(plan: Any, feed: dict[str, Any]) -> float:
+    """One run of `plan`, step by step: the seconds its steps other than matmuls took."""
+    env: list[Any] = [None] * plan.n_slots
+    for name, slot in plan.inputs:
+        env[slot] = feed[name]
+    for slot, c in plan.constants:
+        env[slot] = c
+    spent = 0.0
+    with np.errstate(all="ignore"):
+        for step in plan.steps:
+            t0 = time.perf_counter()
+            step.run(env)
+            if isinstance(step, FusedStep) or step.unit.op != "matmul":
+                spent += time.perf_counter() - t0
+            for f in step.frees:
+                env[f] = None
+    return spent
+
+
+def softmax_workload(args: argparse.Namespace) -> dict[str, Any]:
+    import gradserve as gs
+    from gradserve_engine import autodiff, fusion, native
+    from gradserve_engine.ops import VIEWS
+    from gradserve_engine.passes import optimize
+    from gradserve_engine.plan import Plan
+
+    n, d, c = args.sizes["softmax_shape"]
+    rng = np.random.default_rng(mlpbench.SEED)
+    feed = {"h": rng.standard_normal((n, d)).astype(np.float32),
+            "w": (rng.standard_normal((d, c)) / np.sqrt(d)).astype(np.float32),
+            "b": (0.01 * rng.standard_normal(c)).astype(np.float32), "y": rng.integers(0, c, n)}
+    graph = optimize(autodiff.grad_only(gs.trace(softmax_loss, *feed.values()), ["w", "b"], "out", keep_outputs=True))
+    variants = {"before": (("reduce_sum",), 0), "max/min epilogues": (fusion.EPILOGUE_OPS, 0),
+                "+ recomputation (now)": (fusion.EPILOGUE_OPS, fusion.MAX_RECOMPUTED)}
+    plans = {}
+    saved = fusion.EPILOGUE_OPS, fusion.MAX_RECOMPUTED
+    try:
+        for name, (ops, most) in variants.items():
+            fusion.EPILOGUE_OPS, fusion.MAX_RECOMPUTED = ops, most
+            plans[name] = Plan(graph, kernels=native.NativeKernels())
+    finally:
+        fusion.EPILOGUE_OPS, fusion.MAX_RECOMPUTED = saved
+
+    def passes(plan: Any) -> int:  # arrays of the logits' shape read or written by a step (views aside)
+        return sum(sum(graph.aval(v)[1] == (n, c) for v in (*st.ins, *st.outs)) for st in plan.steps
+                   if isinstance(st, FusedStep) or st.unit.op not in VIEWS)
+
+    want = plans["before"].run(feed)
+    got = {k: p.run(feed) for k, p in plans.items()}
+    worst = max(float(np.max(np.abs(g[k] - want[k])) / max(float(np.max(np.abs(want[k]))), 1e-30))
+                for g in got.values() for k in want)
+    ok = worst <= 1e-5
+    print(f"# softmax cross-entropy: logits {n}x{c} float32 (h {n}x{d}), gradients of w and b; results vs the "
+          f"first plan, max relative |diff| {worst:.2g}" + (" OK" if ok else " MISMATCH"))
+    for k, p in plans.items():
+        print(f"#   {k}: {len(p.steps)} steps, {passes(p)} reads or writes of a {n}x{c} array")
+    whole, _ = mlpbench.time_interleaved({k: (lambda p=p: p.run(feed)) for k, p in plans.items()}, args.repeat,
+                                         args.block, args.settle, args.warmup)
+    names = list(plans)
+    other: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.repeat):  # the steps other than matmuls: the same turns, timed step by step
+        for i in range(len(names)):
+            k = names[(r + i) % len(names)]
+            if args.settle > 0:
+                time.sleep(args.settle)
+            non_matmul_seconds(plans[k], feed)
+            other[k] += [non_matmul_seconds(plans[k], feed) for _ in range(args.block)]
+    out: dict[str, Any] = {"ok": ok, "max_rel_diff": worst, "steps": {k: len(p.steps) for k, p in plans.items()},
+                           "passes": {k: passes(p) for k, p in plans.items()}}
+    for label, samples in (("whole plan", whole), ("steps other than matmuls", other)):
+        tm = {k: mlpbench.summarize(v, 1e3) for k, v in samples.items()}
+        best = {k: min(v) * 1e3 for k, v in samples.items()}
+        first, last = names[0], names[-1]
+        print(f"# softmax cross-entropy, {label}: median [p25-p75] (best) ms: " + ", ".join(
+            f"{k} {tm[k]['median']:.2f} [{tm[k]['p25']:.2f}-{tm[k]['p75']:.2f}] ({best[k]:.2f})" for k in names)
+            + f"; {first} / {last}: median {tm[first]['median'] / tm[last]['median']:.2f}x, "
+            f"best {best[first] / best[last]:.2f}x", flush=True)
+        out[label] = {"time_ms": tm, "best_ms": best}
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -348,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.25, help="sleep before each turn, s (default 0.25; see bench/mlp.py)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each contender first (default 2)")
     ap.add_argument("--dtype", default="float32,float64", help="MLP dtypes (default float32,float64)")
-    ap.add_argument("--only", choices=("mlp", "chain", "threshold", "compile"), action="append",
+    ap.add_argument("--only", choices=("mlp", "chain", "threshold", "compile", "softmax"), action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--json", metavar="PATH", help="also write every number here")
     ap.add_argument("--smoke", action="store_true",
@@ -360,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.set_defaults(repeat=2, block=2, settle=0.0, warmup=1)
     args = ap.parse_args(argv)
     args.sizes = SMOKE if args.smoke else FULL
-    parts = set(args.only or ("mlp", "chain", "threshold", "compile"))
+    parts = set(args.only or ("mlp", "chain", "threshold", "compile", "softmax"))
 
     from gradserve_engine import native
 
@@ -389,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"][label] = chain_workload(args)
     if "threshold" in parts:
         results["threshold"] = threshold_sweep(args)
+    if "softmax" in parts:
+        results["softmax"] = softmax_workload(args)
 
     results["wall_s"] = time.perf_counter() - t_start
     if results["workloads"]:
@@ -402,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=2, default=str)
             f.write("\n")
     bad = [k for k, r in results["workloads"].items() if not r["ok"]]
+    if "softmax" in results and not results["softmax"]["ok"]:
+        bad.append("softmax cross-entropy")
     if bad:
         print(f"# ERROR: gradients differ for {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0

@@ -111,14 +111,16 @@ def test_jobs_smoke(tmp_path):
 
 
 def test_native_smoke():
-    """Every part (each choice of --only): the MLP and chain workloads, the threshold sweep and the
-    compile times. The first run on a machine fills numba's kernel cache (a minute or so)."""
+    """Every part (each choice of --only): the MLP and chain workloads, the threshold sweep, the
+    compile times and the softmax cross-entropy's plans. The first run on a machine fills numba's
+    kernel cache (a minute or so)."""
     pytest.importorskip("numba")
     out = smoke("bench/native.py", timeout=300)
     assert_rows(out, "# MLP float32: gradients vs PyTorch", "# chain: native plan:", "as fast as on 1 thread",
                 "# native compile seconds",
                 "#   float64 tanh-vjp:", "| MLP fwd+bwd float32, median ms |", "| MLP fwd+bwd float64, median ms |",
-                "| 10-op elementwise chain fwd+bwd float32, median ms |")
+                "| 10-op elementwise chain fwd+bwd float32, median ms |", "# softmax cross-entropy, whole plan:",
+                "# softmax cross-entropy, steps other than matmuls:")
     assert "MISMATCH" not in out
 
 

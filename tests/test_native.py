@@ -26,14 +26,14 @@ import torch
 from test_primitives import SPECS, arg_dtype, make_inputs, out_dtype
 
 from gradserve.api import Functional
-from gradserve_engine import autodiff, native
+from gradserve_engine import autodiff, fusion, native
 from gradserve_engine import threads as threads_
 from gradserve_engine.engine import Engine
 from gradserve_engine.fusion import KernelSet, find_groups, schedule
 from gradserve_engine.ir import Builder, Graph
-from gradserve_engine.ops import KERNELS, PRIMITIVES
+from gradserve_engine.ops import KERNELS, PRIMITIVES, VIEWS
 from gradserve_engine.passes import optimize
-from gradserve_engine.plan import KernelStep, Plan
+from gradserve_engine.plan import FusedStep, KernelStep, Plan
 
 TOL = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-13)}  # rtol, atol relative to max(1, |want|)
 FLOATS = ("float32", "float64")
@@ -46,7 +46,8 @@ def assert_close(got, want, what: str = "") -> None:
     assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
     if want.dtype.name in TOL:
         rtol, atol = TOL[want.dtype.name]
-        scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+        finite = np.abs(want[np.isfinite(want)])  # nan and inf must match where they are, not widen atol
+        scale = max(1.0, float(np.max(finite))) if finite.size else 1.0
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)
     else:
         np.testing.assert_array_equal(got, want, err_msg=what)
@@ -87,6 +88,32 @@ def mlp_grad_graph(dtype: str, **sizes) -> tuple[Graph, dict]:
     wrt = [f"params.{k}" for k in params]
     graph = optimize(autodiff.grad_only(traced, wrt, "out", keep_outputs=True))
     return graph, {"x": x, "y": y, **{f"params.{k}": v for k, v in params.items()}}
+
+
+CE_SHAPE = (512, 1000)
+
+
+def ce_loss(x, w, b, y):
+    """Cross-entropy of logits x * w + b (a per-class affine map: the logits come from a fused group)."""
+    import gradserve as gs
+
+    return gs.cross_entropy(x * w + b, y)
+
+
+def ce_grad_graph(dtype: str) -> tuple[Graph, dict]:
+    """The loss and its gradients for x, w and b at CE_SHAPE. Classes 0-2 share w and b, and
+    rows 5-7 reach their maximum at two or three of them (ties)."""
+    import gradserve as gs
+
+    n, c = CE_SHAPE
+    rng = np.random.default_rng(11)
+    x = (3 * rng.standard_normal((n, c))).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, c).astype(dtype), (rng.standard_normal(c) / 10).astype(dtype)
+    w[:3], b[:3] = w[0], b[0]
+    x[5, :3] = x[6, 1:3] = x[7, ::2][:2] = 20
+    feed = {"x": x, "w": w, "b": b, "y": rng.integers(0, c, n)}
+    traced = gs.trace(ce_loss, *feed.values())
+    return optimize(autodiff.grad_only(traced, ["x", "w", "b"], "out", keep_outputs=True)), feed
 
 
 def torch_mlp_grads(params, x, y) -> dict:
@@ -163,21 +190,26 @@ def test_groups_of_the_mlp_gradient_and_printing() -> None:
 
 
 def test_groups_are_disjoint_convex_and_scheduled_in_order() -> None:
+    """Groups share only recomputed members (the backward's one-hot of the labels, recomputed
+    where the logits' gradient is made), which are never their outputs."""
     graph, _ = mlp_grad_graph("float32")
     groups = find_groups(graph)
     seen: set[int] = set()
     first = graph.first_node_id
     for g in groups:
         ids = {n.id for n in g.members}
-        assert not ids & seen
-        seen |= ids
+        own = ids - set(g.recomputed)
+        assert not own & seen
+        seen |= own
+        assert not {g.members[j].id for j in g.outputs} & set(g.recomputed)
         assert all(n.shape == g.shape for n in g.members)
-        # convex: no member's operand outside the group depends on a member
+        # convex: no member's operand outside the group depends on a member the group owns (the
+        # operands may depend on a recomputed one: what they read is its owner's copy)
         external = {i for n in g.members for i in n.inputs if i not in ids}
         stack, visited = list(external), set()
         while stack:
             v = stack.pop()
-            assert v not in ids, f"group {g.text()} is not convex"
+            assert v not in own, f"group {g.text()} is not convex"
             if v >= first and v not in visited:
                 visited.add(v)
                 stack.extend(graph.nodes[v - first].inputs)
@@ -204,6 +236,31 @@ def test_no_group_through_a_non_elementwise_node() -> None:
     rng = np.random.default_rng(0)
     feed = {"x": rng.standard_normal((4, 4)), "w": rng.standard_normal((4, 4))}
     np.testing.assert_array_equal(Plan(graph, fusion=True).run(feed)["c"], Plan(graph).run(feed)["c"])
+
+
+def test_no_two_groups_need_each_other() -> None:
+    """p = x*k, a = x + k, s = sum(p) over the batch; o2 = select(y > a, y, p) grows a group
+    {p, y > a, o2} that needs a, and o1 = a + (p - s) a group {a, p - s, o1} that needs p (through
+    s): each is convex, but as single steps neither could run first. The smaller one is taken
+    apart (a is returned, so no group recomputes it), with and without epilogues."""
+    b = Builder()
+    x, y, k = b.input("x", "float64", (4, 3)), b.input("y", "float64", (4, 3)), b.input("k", "float64", ())
+    p = b.bind("mul", x, k)
+    s = b.bind("reduce_sum", p, axes=(0,), keepdims=True)
+    a = b.bind("add", x, k)
+    r = b.bind("sub", p, s)
+    o2 = b.bind("select", b.bind("gt", y, a), y, p)
+    graph = b.build([("o1", b.bind("add", a, r)), ("o2", o2), ("a", a)])
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.standard_normal((4, 3)), "y": rng.standard_normal((4, 3)), "k": np.float64(0.5)}
+    want = Plan(graph).run(feed)
+    for epilogues in (False, True):
+        groups = find_groups(graph, epilogues=epilogues)
+        assert [len(g.members) for g in groups] == [3]
+        schedule(graph, groups)
+        got = Plan(graph, kernels=_fused_kernels(epilogues)).run(feed)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_broadcasting_views_are_read_through_and_not_run() -> None:
@@ -394,32 +451,87 @@ def _written(plan: Plan) -> set[int]:
     return {o for step in plan.steps for o in step.outs}
 
 
-def test_reductions_join_their_producer_as_epilogues() -> None:
-    """The MLP gradient's sums run in the pass of the group making their operand: 3 over the
-    last axis (the softmax's row sums, cross-entropy's per-example losses and their cotangent's
-    row sums) and the 3 bias gradients (over the batch): 6 steps fewer, and the 2 operands
-    nothing else reads are never written. Same bits."""
+def _passes(plan: Plan, shape: tuple[int, ...]) -> int:
+    """How many arrays of `shape` the plan's steps read or write (views, which copy nothing, aside)."""
+    aval = plan.graph.aval
+    return sum(sum(aval(v)[1] == shape for v in (*step.ins, *step.outs)) for step in plan.steps
+               if isinstance(step, FusedStep) or step.unit.op not in VIEWS)
+
+
+def _fused_kernels(epilogues: bool) -> KernelSet:
+    kernels = KernelSet(KERNELS, fuse=True)
+    kernels.epilogues = epilogues
+    return kernels
+
+
+def test_reductions_join_their_producer_as_epilogues(monkeypatch) -> None:
+    """The MLP gradient's reductions run in the pass of the group making their operand: 4 over
+    the last axis (the softmax's row max and row sums, cross-entropy's per-example losses and
+    their cotangent's row sums) and the 3 bias gradients (over the batch). 7 steps fewer: the 6
+    sums, and the logits' bias-add (one node, no group without an epilogue) runs with its row
+    max as one step instead of two. The 2 operands nothing else reads are never written (with
+    no recomputation, whose gains the next test counts). Same bits."""
     graph, feed = mlp_grad_graph("float64")
-    without = KernelSet(KERNELS, fuse=True)
-    without.epilogues = False
-    before, after = Plan(graph, kernels=without), Plan(graph, fusion=True)
+    monkeypatch.setattr(fusion, "MAX_RECOMPUTED", 0)
+    before, after = Plan(graph, kernels=_fused_kernels(False)), Plan(graph, fusion=True)
     tails = [n for g in after.groups for n in g.epilogue]
-    assert sorted(n.attrs["axes"] for n in tails) == [(0,)] * 3 + [(1,)] * 3
-    assert len(before.steps) - len(after.steps) == 6
+    assert sorted((n.op, n.attrs["axes"]) for n in tails) == [("reduce_max", (1,))] + [("reduce_sum", (0,))] * 3 + [
+        ("reduce_sum", (1,))] * 3
+    assert len(before.steps) - len(after.steps) == 7
     assert len(_written(before)) - len(_written(after)) == 2
     first = graph.first_node_id
     users = {v: [n.id for n in graph.nodes if v in n.inputs] for v in (t.inputs[0] for t in tails)}
     assert _written(before) - _written(after) == {v for v, us in users.items() if len(us) == 1}
     assert all(graph.nodes[v - first].op != "reduce_sum" for v in _written(before) - _written(after))
-    assert "in the same pass: " in str(after) and after.kernel_info()["fused_reductions"] == 6
+    assert "in the same pass: " in str(after) and after.kernel_info()["fused_reductions"] == 7
     plain = Plan(graph).run(feed)
     for name, value in after.run(feed).items():
         np.testing.assert_array_equal(value, plain[name], err_msg=name)
 
 
-# (x's shape, v's shape, whether tanh's values are a result too); e = exp(x - v), y = tanh(e * v),
-# results: sum(e) over the last axis with keepdims, sum(y) without; from rank 2, sum(y) over every
-# axis but the last, and sum(e) over every axis with keepdims
+def test_cheap_values_are_recomputed_where_read(monkeypatch) -> None:
+    """In the MLP gradient, the group making the logits' gradient recomputes the one-hot
+    cotangent (labels == classes, cast, times the loss's cotangent: from a column and a row)
+    instead of reading it, and the softmax's two groups recompute the logits' bias-add from the
+    matmul's result, which they read instead: neither is written any more (2 arrays), in as
+    many steps, and the steps read or write 3 arrays of the logits' shape fewer (12 -> 9).
+    Same bits. A backend declining the groups that recompute gets the values from steps of
+    their own (the bias-add's owner, which runs, does not write it)."""
+    graph, feed = mlp_grad_graph("float64")
+    first = graph.first_node_id
+    logits = graph.aval(graph.first_node_id + 6)[1]  # %20 = h @ w3
+    assert logits == (32, 6) and graph.nodes[6].op == "matmul"
+    plain = Plan(graph).run(feed)
+    after = Plan(graph, fusion=True)
+    recomputed = sorted(tuple(graph.nodes[v - first].op for v in g.recomputed) for g in after.groups if g.recomputed)
+    assert recomputed == [("add",), ("add",), ("eq", "cast", "mul_no_nan")]
+    assert all(not {g.members[j].id for j in g.outputs} & set(g.recomputed) for g in after.groups)
+    assert "(recomputed: " in str(after)
+
+    class Declining(KernelSet):
+        def compile_group(self, group):
+            return None if group.recomputed else super().compile_group(group)
+
+    declined = Plan(graph, kernels=Declining(KERNELS, fuse=True))
+    (owner,) = [g for g in declined.groups if any(n.op == "reduce_max" for n in g.epilogue)]
+    assert not owner.outputs and owner.members[0].id in _written(declined)  # the bias-add, run again alone
+    for plan in (after, declined):
+        for name, value in plan.run(feed).items():
+            np.testing.assert_array_equal(value, plain[name], err_msg=name)
+
+    monkeypatch.setattr(fusion, "MAX_RECOMPUTED", 0)
+    before = Plan(graph, fusion=True)
+    assert not any(g.recomputed for g in before.groups)
+    assert len(before.steps) == len(after.steps)
+    gone = _written(before) - _written(after)
+    assert sorted(graph.nodes[v - first].op for v in gone) == ["add", "mul_no_nan"] and _written(after) < _written(before)
+    assert (_passes(before, logits), _passes(after, logits)) == (12, 9)
+
+
+# (x's shape, v's shape, whether tanh's values are a result too); d = x - v, e = exp(d), y = tanh(e * v),
+# results: over the last axis sum(e) with keepdims, sum(y) without, max(d) without, min(y) with; from
+# rank 2, over every axis but the last sum(y) and min(d), over every axis sum(e) with keepdims and max(d)
+# without (d is exact in both backends: its max and min are compared bit for bit)
 EPILOGUE_LAYOUTS = [((5, 7), (7,), True), ((5, 7), (5, 1), False), ((2, 3, 600), (1, 3, 1), True),
                     ((9,), (), False), ((3, 1), (1,), True), ((3, 0), (3, 1), True), ((0, 5), (5,), False)]
 
@@ -428,51 +540,72 @@ def _epilogue_graph(dtype: str, full: tuple[int, ...], small: tuple[int, ...], k
     b = Builder()
     x = b.input("x", dtype, full)
     v = b.input("v", dtype, small)
-    e = b.bind("exp", b.bind("sub", x, v))
+    d = b.bind("sub", x, v)
+    e = b.bind("exp", d)
     y = b.bind("tanh", b.bind("mul", e, v))
     rank = len(full)
+    last, but_last, every = (rank - 1,), tuple(range(rank - 1)), tuple(range(rank))
     outs = []
+
+    def extrema(*cases):  # (name, op, operand, axes, keepdims); none over an empty axis (an error)
+        return [(name, b.bind(op, val, axes=axes, keepdims=keep)) for name, op, val, axes, keep in cases
+                if all(full[a] for a in axes)]
+
     if rows:
-        outs += [("se", b.bind("reduce_sum", e, axes=(rank - 1,), keepdims=True)),
-                 ("sy", b.bind("reduce_sum", y, axes=(rank - 1,), keepdims=False))]
+        outs += [("se", b.bind("reduce_sum", e, axes=last, keepdims=True)),
+                 ("sy", b.bind("reduce_sum", y, axes=last, keepdims=False)),
+                 *extrema(("xd", "reduce_max", d, last, False), ("ny", "reduce_min", y, last, True))]
     if rank >= 2:
-        outs += [("cy", b.bind("reduce_sum", y, axes=tuple(range(rank - 1)), keepdims=False)),
-                 ("ae", b.bind("reduce_sum", e, axes=tuple(range(rank)), keepdims=True))]
+        outs += [("cy", b.bind("reduce_sum", y, axes=but_last, keepdims=False)),
+                 ("ae", b.bind("reduce_sum", e, axes=every, keepdims=True)),
+                 *extrema(("cd", "reduce_min", d, but_last, False), ("ad", "reduce_max", d, every, False))]
     return b.build(outs + [("y", y)] * keep_y)
+
+
+def _assert_epilogues_match(got: dict, want: dict, what: str) -> None:
+    """Sums to the tolerances; the max and min of d (exact in both backends) bit for bit,
+    nan and infinities where numpy's np.max and np.min have them."""
+    assert got.keys() == want.keys()
+    for name in want:
+        if name.endswith("d"):
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, f"{what}: {name}"
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
+        else:
+            assert_close(got[name], want[name], f"{what}: {name}")
 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_epilogue_sums_native_match_numpy(native_kernels, dtype) -> None:
-    """Sums over the last axis, every axis but the last, and every axis, in the pass of their
-    producer (values from scratch rows and from an output, rows longer than a block, row and
-    column broadcasts, rank 1 to 3, keepdims or not, nan and inf in a row, empty axes, a size-1
-    last axis left alone), against the unfused numpy plan."""
+def test_epilogue_reductions_native_match_numpy(native_kernels, dtype) -> None:
+    """Sums, max and min over the last axis, every axis but the last, and every axis, in the
+    pass of their producer (values from scratch rows and from an output, rows longer than a
+    block, row and column broadcasts, rank 1 to 3, keepdims or not, empty axes, a size-1 last
+    axis left alone), against the unfused numpy plan; then again with nan and inf in a row, a
+    row of -inf and a row of +inf (a max starts from -inf, a min from +inf, nan wins)."""
     rng = np.random.default_rng(8)
     for full, small, keep_y in EPILOGUE_LAYOUTS:
         graph = _epilogue_graph(dtype, full, small, keep_y)
         plan = Plan(graph, kernels=native_kernels)
         (g,) = plan.groups
-        sums = len(graph.outputs) - keep_y
-        assert len(g.epilogue) == (0 if full[-1] == 1 else sums), f"{full}: {g.text()}"
-        assert len(plan.steps) == (1 if g.epilogue else 1 + sums)
+        reductions = len(graph.outputs) - keep_y
+        assert len(g.epilogue) == (0 if full[-1] == 1 else reductions), f"{full}: {g.text()}"
+        assert len(plan.steps) == (1 if g.epilogue else 1 + reductions)
         x = rng.standard_normal(full).astype(dtype)
-        if x.ndim == 2 and x.shape[0] >= 2 and x.shape[1] >= 2:
-            x[0, 1], x[1, 0] = np.nan, np.inf
         feed = {"x": x, "v": rng.uniform(0.5, 1.5, small).astype(dtype)}
-        want = Plan(graph).run(feed)
-        got = plan.run(feed)
-        assert got.keys() == want.keys()
-        for name in want:
-            assert_close(got[name], want[name], f"{full} with {small}: {name}")
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{full} with {small}")
+        if x.ndim == 2 and x.shape[0] >= 4 and x.shape[1] >= 2:
+            x = x.copy()
+            x[0, 1], x[1, 0], x[2], x[3] = np.nan, np.inf, -np.inf, np.inf
+            feed["x"] = x
+            _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{full} with {small}, special values")
 
 
 @needs_numba
 def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
-    """Groups with epilogues large enough for the pool, against numpy: with row sums, tiles
-    are whole rows (each row summed by one thread), column sums and the total add up one row
-    of partial column sums per chunk of tiles; without row sums, few long rows are cut into
-    pieces (float32 only: the compiles are what takes time)."""
+    """Groups with epilogues large enough for the pool, against numpy: with row reductions,
+    tiles are whole rows (each row reduced by one thread), column reductions and the totals
+    combine one row of partial column results per chunk of tiles; without row reductions, few
+    long rows are cut into pieces (float32 only: the compiles are what takes time)."""
     monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 1)
     kernels = native.NativeKernels(min_elements=0, threads=2)
     rng = np.random.default_rng(9)
@@ -482,22 +615,77 @@ def test_epilogue_rows_on_the_thread_pool(monkeypatch) -> None:
         (g,) = plan.groups
         assert len(g.epilogue) == len(graph.outputs) - 1
         calls = threads_.pool().calls
-        feed = {"x": rng.standard_normal(full).astype(dtype), "v": rng.uniform(0.5, 1.5, full[1:]).astype(dtype)}
-        got, want = plan.run(feed), Plan(graph).run(feed)
+        x = rng.standard_normal(full).astype(dtype)
+        feed = {"x": x, "v": rng.uniform(0.5, 1.5, full[1:]).astype(dtype)}
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{dtype} {full}")
         assert threads_.pool().calls > calls, "the group did not run on the thread pool"
-        for name in want:
-            assert_close(got[name], want[name], f"{dtype}: {name}")
+        feed["x"] = x.copy()
+        feed["x"][-1, -1] = np.nan  # in the last chunk of tiles: the chunks' partial results keep it
+        _assert_epilogues_match(plan.run(feed), Plan(graph).run(feed), f"{dtype} {full} with a nan")
 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_mlp_gradient_native_matches_numpy(native_kernels, dtype) -> None:
+    """The MLP gradient's native plan: 27 steps (56 unfused); 24 of the unfused plan's 56
+    arrays never written; 9 reads or writes of a (32, 6) array, the logits' shape. (28, 22 and
+    13 when only sums were epilogues and nothing was recomputed: the row max joined the logits'
+    bias-add, which with the one-hot cotangent is now recomputed where read; see the two tests
+    above.) Values as numpy's."""
     graph, feed = mlp_grad_graph(dtype)
     plan = Plan(graph, kernels=native_kernels)
+    unfused = Plan(graph)
     assert plan.kernel_mode == "native" and len(plan.groups) >= 5
-    want = Plan(graph).run(feed)
+    assert (len(plan.steps), len(unfused.steps), len(_written(unfused) - _written(plan))) == (27, 56, 24)
+    assert _passes(plan, (32, 6)) == 9
+    want = unfused.run(feed)
     for name, value in plan.run(feed).items():
         assert_close(value, want[name], name)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_softmax_cross_entropy_native(native_kernels, dtype) -> None:
+    """Cross-entropy of 512 x 1000 logits, forward and backward: the logits' row max is an
+    epilogue of the group making them (x * w + b), which writes nothing else: the softmax's
+    groups recompute the logits from x, and the gradient's group the one-hot. The plan reads
+    or writes 7 arrays of the logits' shape (20 with no epilogue and no recomputation, 10 with
+    epilogues alone, 11 when only sums were epilogues). Values as the numpy plan's, with a nan,
+    +inf, -inf, an all -inf row, two +inf in a row and ties; gradients as PyTorch's."""
+    graph, feed = ce_grad_graph(dtype)
+    plan = Plan(graph, kernels=native_kernels)
+    (g,) = [g for g in plan.groups if any(n.op == "reduce_max" for n in g.epilogue)]
+    (m,) = g.epilogue
+    assert g.ops == ("mul", "add") and not g.outputs and m.attrs["axes"] == (1,)
+    assert f"in the same pass: %{m.id}=reduce_max %{m.inputs[0]}" in str(plan)
+    assert _passes(plan, CE_SHAPE) == 7
+    assert _passes(Plan(graph, kernels=_fused_kernels(True)), CE_SHAPE) == 7
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusion, "MAX_RECOMPUTED", 0)
+        assert _passes(Plan(graph, kernels=_fused_kernels(False)), CE_SHAPE) == 20
+        assert _passes(Plan(graph, kernels=_fused_kernels(True)), CE_SHAPE) == 10
+
+    unfused = Plan(graph)
+    got = plan.run(feed)
+    want = unfused.run(feed)
+    for name in want:
+        assert_close(got[name], want[name], name)
+    tx, tw, tb = (torch.tensor(feed[k], requires_grad=True) for k in "xwb")
+    loss = torch.nn.functional.cross_entropy(tx * tw + tb, torch.tensor(feed["y"]))
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose(got["out"], loss.detach().numpy(), rtol=rtol)
+    for k, t in zip("xwb", torch.autograd.grad(loss, [tx, tw, tb]), strict=True):
+        t = t.numpy()
+        np.testing.assert_allclose(got[f"%grad:{k}"], t, rtol=rtol, atol=rtol * float(np.max(np.abs(t))), err_msg=k)
+
+    infinite, nan = feed["x"].copy(), feed["x"].copy()
+    infinite[1, 4], infinite[2, 10:20], infinite[4, [7, 9]] = np.inf, -np.inf, np.inf
+    nan[0, 3], nan[3] = np.nan, -np.inf  # the gradients of w and b are all nan then
+    for what, x in (("inf", infinite), ("nan", nan)):
+        special = {**feed, "x": x}
+        got, want = plan.run(special), unfused.run(special)
+        for name in want:
+            assert_close(got[name], want[name], f"{name}, {what} rows")
 
 
 @needs_numba

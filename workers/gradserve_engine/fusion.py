@@ -12,15 +12,26 @@ Grouping is a pure planner decision: the graph, its id and the results do not ch
 grow from consumers towards producers (so a VJP like `g * (1 - y*y)` fuses with its own
 `y*y` and not with the forward pass that made `y`), and a producer joins only if the group
 stays *convex*: no path leaves the group and comes back into it, so the group can run as one
-step at a point where all its inputs exist.
+step at a point where all its inputs exist. Two convex groups can still need each other (each
+reads, through nodes outside both, a value of the other): the smaller is then taken apart.
 
-A float `reduce_sum` of a member over its last axis (the softmax's row sums, cross-entropy's
-per-example losses), over every axis but the last (a bias gradient's sum over the batch) or
-over every axis (a loss) can become the group's *epilogue* when the backend
-supports it (`KernelSet.epilogues`): the group computes it in the same pass over the elements,
-so the member is written to memory only when something else reads it, and is read back never.
-The reduction leaves the group as one more output; it reads only a member, so the group stays
-convex.
+A float sum, max or min (`EPILOGUE_OPS`) of a member over its last axis (the softmax's row max
+and row sums, cross-entropy's per-example losses), over every axis but the last (a bias
+gradient's sum over the batch) or over every axis (a loss) can become the group's *epilogue*
+when the backend supports it (`KernelSet.epilogues`): the group computes it in the same pass
+over the elements, so the member is written to memory only when something else reads it, and
+is read back never. The reduction leaves the group as one more output; it reads only a member,
+so the group stays convex. One elementwise node with an epilogue is a group too (the logits'
+bias-add and their row max: one pass instead of two).
+
+A group *recomputes* a value it reads, instead of reading it from memory, when cheap ops make
+it from operands smaller than the group and at most one array of the group's size that is in
+memory anyway (`Group.recomputed`): the backward's one-hot of the labels (a column compared with
+a row) in the group making the logits' gradient, the logits' bias-add (from the matmul's
+result) in the softmax's groups. The value's owner writes it only if some step still reads it
+from memory; recomputing from an array of the group's size is done only when that write goes.
+Such members are the only ones two groups share. Should a backend decline a group that
+recomputes, `schedule` runs the nodes its steps read but no step writes as steps of their own.
 
 Backends (`KernelSet`) decide which groups they compile: the numpy backend interprets a group
 member by member with the reference kernels (same bits as unfused; used to test the planner),
@@ -40,12 +51,14 @@ import numpy as np
 
 from .ir import Graph, Node, type_str
 from .ops import KERNELS, OUT_CAPABLE, PRIMITIVES, Kernel
+from .ops.core import Cost
 
 Shape = tuple[int, ...]
 
 MAX_VISITS = 20_000  # one cycle check gives up (and refuses the merge) beyond this many nodes visited
 MAX_TOTAL_VISITS = 1_000_000  # and all of a graph's checks together (huge graphs: planning stays fast, fusion stops)
 MERGE_PASSES = 4  # passes merging producer groups into consumer groups
+MAX_RECOMPUTED = 8  # nodes a group may recompute for one value it would otherwise read (see find_groups)
 
 
 @dataclass(frozen=True)
@@ -58,9 +71,12 @@ class Group:
     alignments. `operands[j]` wires member j: an operand `>= 0` is member position, `< 0`
     is input `-1 - operand`. `outputs` are member positions whose values leave the group.
     `absorbed` are view nodes that only the group read; the plan does not run them.
-    `epilogue` are reductions computed in the group's pass (float sums, see `epilogue_kind`);
+    `epilogue` are reductions computed in the group's pass (float sums, max, min: `epilogue_kind`);
     `reduced[e]` is the member position epilogue node e reads. The group's results are its
-    outputs' values, then the epilogue's.
+    outputs' values, then the epilogue's. `recomputed` are the ids of members the group
+    computes for itself though another step owns them (cheap values made from operands smaller
+    than the group, see `find_groups`); they are never outputs, and only they may be members
+    of two groups.
     """
 
     shape: Shape
@@ -73,6 +89,7 @@ class Group:
     absorbed: tuple[int, ...]
     epilogue: tuple[Node, ...] = ()
     reduced: tuple[int, ...] = ()
+    recomputed: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -114,6 +131,8 @@ class Group:
         head = f"{','.join(f'%{n.id}' for n in self.members)} = fused[{','.join(self.ops)}] {ins} -> {outs}"
         if self.epilogue:
             head += f"  (in the same pass: {', '.join(f'%{n.id}={n.op} %{n.inputs[0]}' for n in self.epilogue)})"
+        if self.recomputed:
+            head += f"  (recomputed: {' '.join(f'%{v}' for v in self.recomputed)})"
         if self.absorbed:
             head += f"  (views read through: {' '.join(f'%{v}' for v in self.absorbed)})"
         return head
@@ -164,11 +183,16 @@ def _align(shape: Shape, target: Shape) -> Shape:
     return tuple(a if a == d else 1 for a, d in zip(aligned, target, strict=True))
 
 
+# the reductions a group can compute in its own pass (its epilogue)
+EPILOGUE_OPS = ("reduce_sum", "reduce_max", "reduce_min")
+
+
 def epilogue_kind(shape: Shape, node: Node) -> str | None:
-    """How a reduction `node` of a value of `shape` can run in the pass making the value:
-    "row" (a sum over the last axis, the only axis included), "col" (over every axis but the
-    last: a bias gradient's sum over the batch), "all" (over every axis, rank >= 2), or None."""
-    if node.op != "reduce_sum" or not shape or shape[-1] == 1:
+    """How a reduction `node` (one of `EPILOGUE_OPS`) of a value of `shape` can run in the pass
+    making the value: "row" (over the last axis, the only axis included: the softmax's row max
+    and row sums), "col" (over every axis but the last: a bias gradient's sum over the batch),
+    "all" (over every axis, rank >= 2), or None."""
+    if node.op not in EPILOGUE_OPS or not shape or shape[-1] == 1:
         return None
     axes, rank = tuple(node.attrs["axes"]), len(shape)
     return ("row" if axes == (rank - 1,) else "col" if axes == tuple(range(rank - 1))
@@ -177,16 +201,18 @@ def epilogue_kind(shape: Shape, node: Node) -> str | None:
 
 def epilogue_ok(graph: Graph, node: Node) -> bool:
     """Whether `node` may be computed in the pass of the group making its operand: a float
-    `reduce_sum` of an `epilogue_kind`, the operand's last axis not of size 1."""
+    sum, max or min of an `epilogue_kind`, the operand's last axis not of size 1."""
     dtype, shape = graph.aval(node.inputs[0])
     return dtype in ("float32", "float64") and node.dtype == dtype and epilogue_kind(shape, node) is not None
 
 
 def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], bool] | None = None,
                 epilogues: bool = False) -> list[Group]:
-    """Groups of at least `min_members` elementwise nodes; `accept(node)` may refuse nodes.
-    With `epilogues`, the reductions of members that `epilogue_ok` allows join as epilogues.
-    Groups are disjoint and convex; the result is in order of each group's first member."""
+    """Groups of at least `min_members` nodes (elementwise members and epilogue reductions);
+    `accept(node)` may refuse nodes. With `epilogues`, the reductions of members that
+    `epilogue_ok` allows join as epilogues.
+    Groups are convex and share only recomputed members; the result is in order of each
+    group's first member of its own."""
     first = graph.first_node_id
     nodes = graph.nodes
     users: list[list[int]] = [[] for _ in range(graph.n_values)]
@@ -335,18 +361,161 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
         if not changed:
             break
 
-    groups = []
-    for ids in raw:
-        if len(ids) >= min_members:
-            tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
-            groups.append(_make_group(graph, sorted(ids), users, returned, tail))
-    groups.sort(key=lambda g: g.members[0].id)
+    # Each group is convex, but two groups can still need each other: one reads, through a node
+    # outside both, what the other makes, and the other way round. As single steps neither could
+    # run first; the smallest group of each such cycle is taken apart until there is none.
+    while True:
+        cycles = _cycles(graph, raw, group_of)
+        if not cycles:
+            break
+        for cycle in cycles:
+            gid = min(cycle, key=lambda g: (len(raw[g]), g))
+            for v in raw[gid]:
+                group_of[v] = len(raw)
+                raw.append({v})
+            raw[gid] = set()
+
+    tails: dict[int, list[int]] = {}
+    for gid, ids in enumerate(raw):
+        tail = sorted(u for v in ids for u in users[v] if epilogue_ok(graph, nodes[u - first])) if epilogues else []
+        if ids and len(ids) + len(tail) >= min_members:  # one elementwise node and its reduction: one pass, not two
+            tails[gid] = tail
+
+    def small(vid: int, size: int) -> bool:
+        """Whether `vid`, read through broadcasting views, has fewer elements than a group of `size`."""
+        src = _view_source(graph, vid)
+        return math.prod(graph.aval(src[0] if src is not None else vid)[1]) < size
+
+    def cheap_cone(vid: int, shape: Shape) -> tuple[set[int], set[int]] | None:
+        """(the nodes, the arrays of the group's size they read): how cheap elementwise ops (at
+        most MAX_RECOMPUTED) make `vid` from smaller operands and from arrays written anyway
+        (no group's members), or None."""
+        size = math.prod(shape)
+        cone: set[int] = set()
+        leaves: set[int] = set()
+        stack = [vid]
+        while stack:
+            c = stack.pop()
+            if c in cone or c in leaves:
+                continue
+            if fusible(c, shape) and PRIMITIVES[nodes[c - first].op].cost == Cost.CHEAP:
+                if len(cone) == MAX_RECOMPUTED:
+                    return None
+                cone.add(c)
+                stack.extend(i for i in nodes[c - first].inputs if not small(i, size))
+            elif c != vid and group_of.get(c, -1) not in tails:
+                leaves.add(c)
+            else:
+                return None
+        return cone, leaves
+
+    # A group recomputes a value it reads when cheap elementwise ops make it from operands smaller
+    # than the group (a one-hot of the labels: a column and a row) and at most one array of the
+    # group's size that is in memory anyway (the logits' bias-add: the matmul's result): from
+    # smaller operands only, the group reads less; from one array, the group reads that array
+    # instead, so this is done only when no step is left that reads the value (its owner need not
+    # write it). Groups stay convex: the cone's operands are ancestors of a value the group read,
+    # so they cannot depend on the group.
+    cones: dict[int, tuple[set[int], set[int]] | None] = {}
+    for gid in tails:
+        shape = nodes[min(raw[gid]) - first].shape
+        for i in sorted({i for v in raw[gid] for i in nodes[v - first].inputs} - raw[gid]):
+            if i not in cones:
+                cones[i] = cheap_cone(i, shape) if fusible(i, shape) else None
+
+    def recomputed_by_all(vid: int) -> bool:
+        """Whether every step reading `vid` is in its owner group or a group of its shape."""
+        owner = group_of.get(vid, -1)
+        shape = nodes[vid - first].shape
+        return vid not in returned and all(
+            (owner in tails and (u in raw[owner] or u in tails[owner]))
+            or (group_of.get(u, -1) in tails and nodes[u - first].shape == shape) for u in users[vid])
+
+    worth = {i for i, c in cones.items() if c is not None and (not c[1] or (len(c[1]) == 1 and recomputed_by_all(i)))}
+    recomputed: dict[int, set[int]] = {}
+    for gid in tails:
+        recomputed[gid] = set()
+        for i in {i for v in raw[gid] for i in nodes[v - first].inputs} & worth - raw[gid]:
+            cone = cones[i]
+            assert cone is not None
+            recomputed[gid] |= cone[0]
+
+    def read_by(u: int, v: int) -> bool:
+        """Whether node `u`, outside the group owning `v`, reads `v` from memory."""
+        gid = group_of.get(u, -1)
+        return not (gid in recomputed and v in recomputed[gid])
+
+    groups = [_make_group(graph, sorted(raw[gid]), users, returned, tail, sorted(recomputed[gid]), read_by)
+              for gid, tail in tails.items()]
+    groups.sort(key=lambda g: min(n.id for n in g.members if n.id not in g.recomputed))
     return groups
 
 
-def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int],
-                epilogue: Sequence[int] = ()) -> Group:
+def _cycles(graph: Graph, raw: list[set[int]], group_of: dict[int, int]) -> list[list[int]]:
+    """The groups (of two or more members) on each cycle of the graph of steps, where each such
+    group is one step: the strongly connected components with more than one step (Tarjan's
+    algorithm, iterative)."""
     first = graph.first_node_id
+    n_groups = len(raw)
+
+    def unit(v: int) -> int:
+        gid = group_of.get(v, -1)
+        return gid if gid >= 0 and len(raw[gid]) > 1 else n_groups + v - first
+
+    succ: list[set[int]] = [set() for _ in range(n_groups + len(graph.nodes))]
+    for n in graph.nodes:
+        u = unit(n.id)
+        for i in n.inputs:
+            if i >= first and unit(i) != u:
+                succ[unit(i)].add(u)
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    found: list[list[int]] = []
+    for root in [g for g in range(n_groups) if len(raw[g]) > 1]:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(succ[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            u, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(succ[w]))))
+                elif w in on_stack:
+                    low[u] = min(low[u], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[u])
+            if low[u] == index[u]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == u:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(g for g in component if g < n_groups))
+    return found
+
+
+def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: set[int],
+                epilogue: Sequence[int] = (), recomputed: Sequence[int] = (),
+                read_by: Callable[[int, int], bool] = lambda u, v: True) -> Group:
+    """The group of nodes `ids` and the `recomputed` ones (see `Group`); `read_by(u, v)`: whether
+    user `u` outside the group reads member `v` from memory (False: `u`'s group recomputes it)."""
+    first = graph.first_node_id
+    own = set(ids)
+    ids = sorted(own | set(recomputed))
     members = [graph.nodes[i - first] for i in ids]
     shape = members[0].shape
     pos = {n.id: j for j, n in enumerate(members)}
@@ -388,45 +557,57 @@ def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: 
                 absorbed.append(v)
                 inside.add(v)
                 changed = True
-    outputs = tuple(j for j, n in enumerate(members) if n.id in returned or any(u not in inside for u in users[n.id]))
+    outputs = tuple(j for j, n in enumerate(members) if n.id in own and (
+        n.id in returned or any(u not in inside and read_by(u, n.id) for u in users[n.id])))
     tail = tuple(graph.nodes[i - first] for i in epilogue)
     return Group(shape, tuple(members), tuple(inputs), tuple(aligned), tuple(graph.aval(v)[0] for v in inputs),
-                 tuple(operands), outputs, tuple(sorted(absorbed)), tail, tuple(pos[n.inputs[0]] for n in tail))
+                 tuple(operands), outputs, tuple(sorted(absorbed)), tail, tuple(pos[n.inputs[0]] for n in tail),
+                 tuple(sorted(recomputed)))
 
 
 def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
-    """The steps in a valid order: each group runs as one step, absorbed views not at all.
-    Kahn's algorithm, preferring the earliest original position (a group's first member)."""
+    """The steps in a valid order: each group (those the backend compiled) runs as one step,
+    absorbed views not at all, nodes only groups recompute only where a step reads them (the
+    group owning such a value did not write it because a group recomputes it, and the backend
+    declined that group: the node runs as a step of its own). Kahn's algorithm, preferring the
+    earliest original position (a group's first member of its own)."""
     first = graph.first_node_id
-    unit_of: dict[int, int] = {}
+    producer: dict[int, int] = {}  # value id -> the unit writing it
     units: list[Node | Group] = []
-    skipped = {v for g in groups for v in g.absorbed}
+    keys: list[int] = []
+    inside: set[int] = set()  # members and epilogues owned by a group
     for g in groups:
-        for n in (*g.members, *g.epilogue):
-            unit_of[n.id] = len(units)
+        mine = [n.id for n in g.members if n.id not in g.recomputed]
+        inside.update(mine, (n.id for n in g.epilogue))
+        for v in g.output_ids:
+            producer[v] = len(units)
         units.append(g)
+        keys.append(min(mine))
+    skipped = {v for g in groups for v in g.absorbed} | {v for g in groups for v in g.recomputed}
     for n in graph.nodes:
-        if n.id not in unit_of and n.id not in skipped:
-            unit_of[n.id] = len(units)
+        if n.id not in inside and n.id not in skipped:
+            producer[n.id] = len(units)
             units.append(n)
-
-    def reads(u: Node | Group) -> tuple[int, ...]:
-        return u.inputs
-
-    def key(u: Node | Group) -> int:
-        return u.members[0].id if isinstance(u, Group) else u.id
+            keys.append(n.id)
+    wanted = [i for u in units for i in u.inputs] + [vid for _, vid in graph.outputs]
+    while wanted:  # a value some step reads that no step writes: its node runs as a step of its own
+        v = wanted.pop()
+        if v >= first and v not in producer:
+            n = graph.nodes[v - first]
+            producer[v] = len(units)
+            units.append(n)
+            keys.append(n.id)
+            wanted.extend(n.inputs)
 
     deps: list[set[int]] = []
-    for u in units:
-        d = {unit_of[i] for i in reads(u) if i >= first and i in unit_of}
-        d.discard(unit_of[key(u)])
-        deps.append(d)
+    for k, u in enumerate(units):
+        deps.append({producer[i] for i in u.inputs if i >= first} - {k})
     waiting = [len(d) for d in deps]
     dependents: list[list[int]] = [[] for _ in units]
     for k, d in enumerate(deps):
         for j in d:
             dependents[j].append(k)
-    ready = [(key(u), k) for k, u in enumerate(units) if waiting[k] == 0]
+    ready = [(keys[k], k) for k in range(len(units)) if waiting[k] == 0]
     heapq.heapify(ready)
     order: list[Node | Group] = []
     while ready:
@@ -435,7 +616,7 @@ def schedule(graph: Graph, groups: Sequence[Group]) -> list[Node | Group]:
         for j in dependents[k]:
             waiting[j] -= 1
             if waiting[j] == 0:
-                heapq.heappush(ready, (key(units[j]), j))
+                heapq.heappush(ready, (keys[j], j))
     if len(order) != len(units):
         raise AssertionError("fusion made a cycle (a group is not convex): this is a planner bug")
     return order
@@ -452,7 +633,7 @@ class KernelSet:
 
     name = "numpy"
     in_place = False  # whether a runner may write an output over an input that dies at the step
-    epilogues = True  # whether runners compute a group's epilogue (sums in the same pass)
+    epilogues = True  # whether runners compute a group's epilogue (sums, max, min in the same pass)
 
     def __init__(self, table: Mapping[str, Kernel] = KERNELS, fuse: bool = False):
         self.table = table

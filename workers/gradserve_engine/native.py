@@ -21,15 +21,24 @@ stored. A long chain of dependent transcendentals is latency-bound inside one lo
 such groups are cut into *stages* (`stages`) run one after the other over blocks of `BLOCK`
 elements, values crossing stages passing through small scratch rows that stay in L1.
 
-Epilogues. A group's sums (`Group.epilogue`) keep the last axis a collapsed dim of its own, and
-the group always runs over blocks: after the block's stages, each sum reads the block's values
-back (from the output block when the value is an output, else from a scratch row, still in L1).
-A "row" sum (over the last axis) adds them into 8 float64 partial sums, unrolled so that the adds
-are independent (without fast-math one running sum is bound by the latency of each add), whose
-pairwise total is stored once per row; tiles are then whole rows, so threads share out rows and
-no row sum is split between them. "col" sums (every axis but the last) and "all" sums add the
-values into a float64 row of partial column sums per chunk of tiles (each call finds its chunk
-in `cuts`), which the runner adds up after the kernel (and totals, for "all").
+Epilogues. A group's reductions (`Group.epilogue`: sums, max, min) keep the last axis a collapsed
+dim of its own, and the group always runs over blocks: after the block's stages, each reduction
+reads the block's values back (from the output block when the value is an output, else from a
+scratch row, still in L1). A "row" reduction (over the last axis) keeps partial results that
+are combined and stored once per row: a sum adds the values into 8 float64 partial sums,
+unrolled so that the adds are independent (without fast-math one running sum is bound by the
+latency of each add); a max or min folds them into a row of `LANES` partial results, lane u
+taking the values at u modulo LANES (a loop with no running value in a variable, which LLVM
+would leave scalar and latency-bound: 3.0 -> 2.0 ms for a 4096 x 1000 float32 bias-add with its
+row max, as fast as with its row sum). Tiles are then whole rows, so threads share out rows and
+no row is split between them. "col" reductions
+(every axis but the last) and "all" ones fold the values into a row of partial column results
+per chunk of tiles (each call finds its chunk in `cuts`), which the runner combines after the
+kernel (and over the columns, for "all"). Partial sums are float64; a max or min is kept in its
+dtype, starts from -inf or +inf and folds with the `maximum` or `minimum` primitive's native
+form, which keeps a nan as numpy's np.max does: a nan anywhere in the reduced values gives nan,
+and every other result is the same element numpy finds (of two equal zeros, either sign may
+come out, as numpy's own SIMD order decides).
 
 The generated source (one function per group signature: ops, dtypes, wiring and which dims
 broadcast, not the sizes) is written to ``$GRADSERVE_KERNEL_CACHE`` (default
@@ -81,7 +90,7 @@ from .fusion import Group, KernelSet, epilogue_kind, numpy_group_runner
 from .gpu import GpuKernels
 from .ir import Node
 from .ops import KERNELS, PRIMITIVES
-from .ops.core import WORK, Cost
+from .ops.core import WORK, Cost, Primitive
 from .ops.dtypes import NUMBA_TYPES
 
 MODES = ("numpy", "native", "auto", "gpu")
@@ -216,6 +225,22 @@ def collapse(shape: tuple[int, ...], aligned: Sequence[tuple[int, ...]]) -> tupl
     return tuple(dims), [tuple(s) for s in spans]
 
 
+# a max or min epilogue: the elementwise primitive folding a value into a running result (whose
+# native form propagates NaN as numpy's np.max does), the result's start, numpy's reduction
+# that combines the partial results of the chunks of tiles
+EXTREMA = {"reduce_max": ("maximum", -math.inf, np.max), "reduce_min": ("minimum", math.inf, np.min)}
+
+
+def _fold(op: str, x: str, acc: str, dtype: str) -> str:
+    """The expression folding value `x` into the running result `acc` of extremum epilogue `op`."""
+    return _expr(PRIMITIVES[EXTREMA[op][0]], [x, acc], dtype, [dtype, dtype])
+
+
+def _start(op: str, dtype: str) -> str:
+    """The start of extremum epilogue `op`'s running result, in the kernel's source."""
+    return f"{NUMBA_TYPES[dtype]}({'-' if EXTREMA[op][1] < 0 else ''}np.inf)"
+
+
 def epilogue_kinds(group: Group) -> list[str]:
     """Each epilogue's `fusion.epilogue_kind`: "row", "col" or "all"."""
     kinds = [epilogue_kind(group.shape, n) for n in group.epilogue]
@@ -226,7 +251,7 @@ def epilogue_kinds(group: Group) -> list[str]:
 
 def collapse_group(group: Group) -> tuple[tuple[int, ...], list[tuple[bool, ...]]]:
     """`collapse` of the group's iteration space. With an epilogue the last axis stays a dim
-    of its own: a row of the collapsed space is one "row" sum, a column one "col" sum."""
+    of its own: a row of the collapsed space is one "row" reduction, a column one "col" reduction."""
     if not group.epilogue:
         return collapse(group.shape, group.aligned)
     patterns = {(*group.shape[:-1], 1) if k == "row" else (1,) * (len(group.shape) - 1) + group.shape[-1:]
@@ -238,15 +263,14 @@ def collapse_group(group: Group) -> tuple[tuple[int, ...], list[tuple[bool, ...]
 # ---------------------------------------------------------------- code generation
 
 
-def _expr(n: Node, args: list[str], in_dtypes: list[str]) -> str:
-    """One member's value as a numba scalar expression over its operands' variables, from its
-    primitive's `native` form. Each result has the member's dtype: numba keeps float32 op float32
+def _expr(prim: Primitive, args: list[str], dtype: str, in_dtypes: list[str]) -> str:
+    """A value of `prim` as a numba scalar expression over its operands' variables, from the
+    primitive's `native` form. Each result has the node's dtype: numba keeps float32 op float32
     in float32, int64 in int64; int32 results (numba computes them in int64) are wrapped back to
     int32, so that they wrap around as numpy's do."""
-    native = PRIMITIVES[n.op].native
-    if native is None:
-        raise NotImplementedError(f"no native form for {n.op}")
-    return native(args, n.dtype, in_dtypes)
+    if prim.native is None:
+        raise NotImplementedError(f"no native form for {prim.name}")
+    return prim.native(args, dtype, in_dtypes)
 
 
 # latency estimates (cycles) for splitting a group into stages; see `stages`
@@ -261,6 +285,7 @@ def _cost(op: str) -> Cost:
         raise ValueError(f"{op} joined a fused group but has no cost class")
     return cost
 BLOCK = 256  # elements per block when a group runs in stages (values between stages stay in L1)
+LANES = 16  # partial results of a "row" max or min epilogue (a vector register or two of float32)
 
 
 def stages(group: Group) -> list[int]:
@@ -291,8 +316,9 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     of the (rows, L) iteration space, C tiles per row of B columns; m0.. are the outer merged
     dims (rows = their product). Arrays are flat: input k holds (the rows it spans) x (L, or 1
     when it broadcasts along the row), outputs rows x L. Each epilogue e adds `red{e}`: for a
-    "row" sum one value per row, for a "col" or "all" sum (chunks of tiles) x L float64 partial
-    column sums, a call's chunk found in `cuts` (each chunk's first tile, then T), passed last."""
+    "row" reduction one value per row, for a "col" or "all" one (chunks of tiles) x L partial
+    column results (float64 for sums), a call's chunk found in `cuts` (each chunk's first tile,
+    then T), passed last."""
     dims, spans = collapse_group(group)
     q = len(dims) - 1
     n_in, n_out, n_red = len(group.inputs), len(group.outputs), len(group.epilogue)
@@ -308,7 +334,7 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     out_of = {j: k for k, j in enumerate(group.outputs)}
     # values read in a later stage than their own: outputs are read back from the output block,
     # the others go through scratch rows (one flat scratch array per dtype, rows reused); a value
-    # the epilogue sums is read after the last stage
+    # an epilogue reduces is read after the last stage
     last_use = {j: stage_of[j] for j in range(len(members))}
     for k, ops in enumerate(group.operands):
         for o in ops:
@@ -336,7 +362,7 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
     # arrays are flat; element indices are uint64 so that numba emits no negative-index
     # wraparound, which would stop LLVM from vectorising (and slicing per tile costs compile time)
     body = [f"def kernel({', '.join(params)}):"]
-    if "cuts" in params:  # "col" and "all" sums: this call's row of float64 partial column sums
+    if "cuts" in params:  # "col" and "all" epilogues: this call's row of partial column results
         body += ["    c = 0",
                  "    while cuts[c + 1] <= t0:",
                  "        c += 1",
@@ -345,6 +371,9 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
         body.append(f"    scr_{dt} = np.empty({n_rows * BLOCK}, {NUMBA_TYPES[dt]})")
     for sl in sorted(set(slot.values())):
         body.append(f"    {sl} = np.uint64({int(sl.rsplit('_', 1)[1]) * BLOCK})")
+    for e, n in enumerate(group.epilogue):
+        if kinds[e] == "row" and n.op != "reduce_sum":
+            body.append(f"    pm{e} = np.empty({LANES}, {NUMBA_TYPES[n.dtype]})")
     body += ["    for t in range(t0, t1):",
              "        r = t // C",
              "        j0 = (t - r * C) * B",
@@ -372,9 +401,16 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
             full.append(k)
         else:
             body.append(f"        x{k} = in{k}[{index}]")
-    for e in range(n_red):  # 8 partial sums per "row" epilogue (independent adds), in float64, combined at the row's end
-        if kinds[e] == "row":
+    red_ops = [n.op for n in group.epilogue]
+    red_dt = [n.dtype for n in group.epilogue]
+    # partial results per "row" epilogue, combined at the row's end: a sum in 8 float64 variables
+    # (independent adds), a max or min in a row of LANES of its dtype from -inf or +inf
+    for e in range(n_red):
+        if kinds[e] == "row" and red_ops[e] == "reduce_sum":
             body.append(f"        {' = '.join(f'a{e}_{u}' for u in range(8))} = np.float64(0.0)")
+        elif kinds[e] == "row":
+            body.append(f"        for u in range(np.uint64({LANES})):")
+            body.append(f"            pm{e}[u] = {_start(red_ops[e], red_dt[e])}")
     if "cuts" in params:
         body.append("        pc = cb + np.uint64(j0)")
     if not blocked:
@@ -404,29 +440,57 @@ def generate(group: Group) -> tuple[str, tuple[int, ...], list[tuple[bool, ...]]
         for j in mine:
             args = [f"v{o}" if o >= 0 else f"x{-1 - o}" for o in group.operands[j]]
             in_dt = [members[o].dtype if o >= 0 else group.input_dtypes[-1 - o] for o in group.operands[j]]
-            body.append(f"{ind}v{j} = {_expr(members[j], args, in_dt)}")
+            body.append(f"{ind}v{j} = {_expr(PRIMITIVES[members[j].op], args, members[j].dtype, in_dt)}")
         for j in mine:
             if j in out_of:
                 body.append(f"{ind}out{out_of[j]}[{base} + j] = v{j}")
             elif j in slot:
                 body.append(f"{ind}scr_{members[j].dtype}[{slot[j]} + j] = v{j}")
-    if "row" in kinds:
+    if any(k == "row" and op == "reduce_sum" for k, op in zip(kinds, red_ops, strict=True)):
         body.append("            m8 = m - m % np.uint64(8)")
+    if any(k == "row" and op != "reduce_sum" for k, op in zip(kinds, red_ops, strict=True)):
+        body.append(f"            mv = m - m % np.uint64({LANES})")
     for e, j in enumerate(group.reduced):
         src = f"out{out_of[j]}" if j in out_of else f"scr_{members[j].dtype}"
         at = "obb" if j in out_of else slot[j]
-        if kinds[e] != "row":  # column sums: this block's values added to the partial sums of their columns
+        op, dt = red_ops[e], red_dt[e]
+        if kinds[e] != "row":  # column sums (or max, min): this block's values folded into their columns' partials
             body.append("            for i in range(m):")
-            body.append(f"                red{e}[pc + blk + i] += {src}[{at} + i]")
+            if op == "reduce_sum":
+                body.append(f"                red{e}[pc + blk + i] += {src}[{at} + i]")
+            else:
+                body.append(f"                z = {src}[{at} + i]")
+                body.append(f"                red{e}[pc + blk + i] = {_fold(op, 'z', f'red{e}[pc + blk + i]', dt)}")
             continue
-        body.append("            for i in range(np.uint64(0), m8, np.uint64(8)):")
+        if op == "reduce_sum":
+            body.append("            for i in range(np.uint64(0), m8, np.uint64(8)):")
+            body.append(f"                w = {at} + i")
+            body.extend(f"                a{e}_{u} += {src}[w + np.uint64({u})]" for u in range(8))
+            body.append("            for i in range(m8, m):")
+            body.append(f"                a{e}_0 += {src}[{at} + i]")
+            continue
+        # a max or min: lane u of the partials takes the values at u modulo LANES, a loop without
+        # a reduction in it that LLVM vectorises (a running max in a variable it leaves scalar
+        # unless fast-math allows it to drop nan)
+        body.append(f"            for i in range(np.uint64(0), mv, np.uint64({LANES})):")
         body.append(f"                w = {at} + i")
-        body.extend(f"                a{e}_{u} += {src}[w + np.uint64({u})]" for u in range(8))
-        body.append("            for i in range(m8, m):")
-        body.append(f"                a{e}_0 += {src}[{at} + i]")
+        body.append(f"                for u in range(np.uint64({LANES})):")
+        body.append(f"                    z = {src}[w + u]")
+        body.append(f"                    pm{e}[u] = {_fold(op, 'z', f'pm{e}[u]', dt)}")
+        body.append("            for i in range(mv, m):")
+        body.append(f"                z = {src}[{at} + i]")
+        body.append(f"                pm{e}[0] = {_fold(op, 'z', f'pm{e}[0]', dt)}")
     for e in (e for e in range(n_red) if kinds[e] == "row"):
-        a = [f"a{e}_{u}" for u in range(8)]
-        body.append(f"        red{e}[r] = ((({a[0]} + {a[1]}) + ({a[2]} + {a[3]})) + (({a[4]} + {a[5]}) + ({a[6]} + {a[7]})))")
+        if red_ops[e] == "reduce_sum":
+            a = [f"a{e}_{u}" for u in range(8)]
+            pairs = f"(({a[0]} + {a[1]}) + ({a[2]} + {a[3]})) + (({a[4]} + {a[5]}) + ({a[6]} + {a[7]}))"
+            body.append(f"        red{e}[r] = ({pairs})")
+            continue
+        body.append(f"        acc = pm{e}[0]")
+        body.append(f"        for u in range(np.uint64(1), np.uint64({LANES})):")
+        body.append(f"            z = pm{e}[u]")
+        body.append(f"            acc = {_fold(red_ops[e], 'z', 'acc', red_dt[e])}")
+        body.append(f"        red{e}[r] = acc")
     header = [
         "# generated by gradserve_engine.native for the fused group:",
         *("#   " + line for line in group.signature().splitlines()),
@@ -526,9 +590,12 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
     in_types = [_numba_array(dt, True) for dt in group.input_dtypes]
     kinds = epilogue_kinds(group)
     n_out = len(group.outputs)
-    # "col" and "all" sums are made as float64 partial column sums, one row per chunk of tiles
+    # "col" and "all" epilogues are made as partial column results, one row per chunk of tiles:
+    # sums in float64, a max or min in its dtype
+    ops = [n.op for n in group.epilogue]
     out_dtypes = [dt for dt, _ in group.result_types[:n_out]] + [
-        n.dtype if k == "row" else "float64" for n, k in zip(group.epilogue, kinds, strict=True)]
+        "float64" if k != "row" and op == "reduce_sum" else n.dtype
+        for n, k, op in zip(group.epilogue, kinds, ops, strict=True)]
     out_types = [_numba_array(dt, False) for dt in out_dtypes]
     partial = [n_out + e for e, k in enumerate(kinds) if k != "row"]
     signature = (types.int64,) * (5 + q) + tuple(in_types) + tuple(out_types) + (
@@ -542,7 +609,7 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
     parallel = threads > 1 and size * work_per_element(group) >= PARALLEL_MIN_WORK
     # tiles: whole rows when there are enough of them, else rows cut into pieces of >= 4096
     want = 4 * threads if parallel else 1
-    # a "row" epilogue sums whole rows: a tile is one row, the rows are shared out among the threads
+    # a "row" epilogue reduces whole rows: a tile is one row, the rows are shared out among the threads
     C = 1 if rows >= want or "row" in kinds else max(1, min(-(-want // rows), L // 4096))
     B = -(-L // C)
     C = -(-L // B) if L else 1
@@ -561,7 +628,8 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
         res = []
         for k, (buf, (dt, sh)) in enumerate(zip(outs, np_out, strict=True)):
             if k in partial:
-                buf = np.zeros(n_parts * L)
+                op = ops[k - n_out]
+                buf = np.zeros(n_parts * L) if op == "reduce_sum" else np.full(n_parts * L, EXTREMA[op][1], dt)
             elif buf is None or not (buf.flags.c_contiguous and buf.flags.writeable):
                 buf = np.empty(sh, dt)
             res.append(buf)
@@ -571,10 +639,11 @@ def native_group_runner(group: Group, cache_dir: Path, threads: int) -> Callable
                 threads_.pool().run(kernel, cuts, args)
             else:
                 kernel(0, T, *args)
-        for k in partial:  # the chunks' partial column sums, added up (and over the columns for "all")
-            cols = res[k].reshape(n_parts, L).sum(axis=0)
+        for k in partial:  # the chunks' partial column results, combined (and over the columns for "all")
+            combine = np.sum if ops[k - n_out] == "reduce_sum" else EXTREMA[ops[k - n_out]][2]
+            cols = combine(res[k].reshape(n_parts, L), axis=0)
             dt, sh = np_out[k]
-            res[k] = np.asarray(cols.sum() if kinds[k - n_out] == "all" else cols, dt).reshape(sh)
+            res[k] = np.asarray(combine(cols) if kinds[k - n_out] == "all" else cols, dt).reshape(sh)
         return tuple(res)
 
     return run
