@@ -217,7 +217,6 @@ def mlp_workload(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def chain_workload(args: argparse.Namespace) -> dict[str, Any]:
     from gradserve_engine.native import NativeKernels
-    from gradserve_engine.plan import Plan
 
     x, w = chain_problem(args.sizes["chain_shape"])
     chain_loss = chain_loss_of(args.sizes["chain_blocks"])
@@ -236,16 +235,17 @@ def chain_workload(args: argparse.Namespace) -> dict[str, Any]:
     print(f"# chain: {nodes - 1} elementwise ops forward + the sum; float32 {x.shape}; gradients vs PyTorch, "
           "max relative |diff|: " + ", ".join(f"{k} {v:.2g}" for k, v in check.items()) + (" OK" if ok else " MISMATCH"))
     print(f"# chain: native plan: {native_plan.kernel_info()}")
-    # the same native plan with its fused loops on one thread: what the pool's threads buy
-    one_thread = Plan(native_plan.graph, kernels=NativeKernels(threads=1))
-    feed = {"x": x, "w": w}
-    one = one_thread.run(feed)
-    for name, value in native_plan.run(feed).items():
-        np.testing.assert_allclose(one[name], value, rtol=1e-5, atol=1e-6, err_msg=f"chain, native 1 thread: {name}")
+    # the same gradient with the native kernels' loops on one thread: what the pool's threads buy
+    one_api = functional("native")
+    one_api.backend.kernels = NativeKernels(threads=1)
+    one_grad = one_api.grad(chain_loss, argnums=(0, 1))
+    for name, a, b in zip("xw", one_grad(x, w), got["native"].values(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"chain, native 1 thread: {name}")
     steps = {"numpy": lambda: grads["numpy"](x, w), "native": lambda: grads["native"](x, w),
-             "native 1 thread": lambda: one_thread.run(feed), "auto": lambda: grads["auto"](x, w), "pytorch": torch_step}
-    plans = {k: plans_of(api)[0] for k, api in apis.items()} | {"native 1 thread": one_thread}
-    r = run_workload("chain", steps, plans, feed, args)
+             "native 1 thread": lambda: one_grad(x, w), "auto": lambda: grads["auto"](x, w), "pytorch": torch_step}
+    plans = {k: plans_of(api)[0] for k, api in apis.items()} | {"native 1 thread": plans_of(one_api)[0]}
+    assert plans["native 1 thread"].kernel_set.threads == 1
+    r = run_workload("chain", steps, plans, {"x": x, "w": w}, args)
     tm = r["time_ms"]
     speedup = tm["native 1 thread"]["median"] / tm["native"]["median"]
     print(f"# chain: native on {native_plan.kernel_set.threads} threads is {speedup:.2f}x as fast as on 1 thread")

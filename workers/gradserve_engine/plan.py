@@ -230,15 +230,16 @@ def run_steps(steps: Sequence[Step], env: list[Any], stop: Callable[[], bool] | 
     `gpu.CudaGraphs`). Returns None, or (the position in `steps` of the step that raised, the
     error) for the caller to name (`Plan.raise_failure`) or to act on (a step that cannot be
     recorded runs outside the graph)."""
-    for k, step in enumerate(steps):
-        try:
+    step = None
+    try:  # one try around the loop, none per step: the hot path of a cached call
+        for step in steps:
             if stop is not None and stop():
                 raise Cancelled(f"stopped before {step.text()}")
             step.run(env)
-        except Exception as e:
-            return k, e
-        for f in step.frees:
-            env[f] = None
+            for f in step.frees:
+                env[f] = None
+    except Exception as e:
+        return steps.index(step), e
     return None
 
 

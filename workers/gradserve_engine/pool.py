@@ -578,8 +578,8 @@ class RayPool(_StoreMixin):
         n = 1 if task.returns is None else 1 + len(task.returns)
         returns = None if task.returns is None else list(task.returns)
         wire = None
-        if graph is not None and graph.id not in self._loaded[h.worker]:  # serialised outside the lock
-            wire = graph.to_proto().SerializeToString()
+        if graph is not None and graph.id not in self._loaded[h.worker]:  # serialised and stored outside the lock
+            wire = self._ray.put(graph.to_proto().SerializeToString())
         with self._lock:
             actor = h.actor = self._actors[h.worker]
             if graph is not None:
