@@ -528,6 +528,37 @@ def test_cheap_values_are_recomputed_where_read(monkeypatch) -> None:
     assert (_passes(before, logits), _passes(after, logits)) == (12, 9)
 
 
+@pytest.mark.parametrize(("shapes", "big"), [(((5, 1), (1, 5), (5, 5)), (3, 5, 5)),
+                                             (((2, 1, 1), (1, 1, 3), (2, 1, 3)), (2, 4, 3))], ids=["ranks", "same rank"])
+def test_a_value_is_recomputed_only_in_groups_of_its_own_shape(shapes, big) -> None:
+    """A cheap value read by a group of its own shape and, through broadcasting, by a larger one:
+    the first may recompute it, the second reads it (the planner used to hand both the cone)."""
+    import gradserve as gs
+
+    def f(x1, x2, x4, x3):
+        v = x1 * x2  # cheap, from operands smaller than v
+        c = gs.tanh(x3 * v)  # a group of the larger shape reads v
+        a = gs.tanh(v + gs.exp(v * x4) @ x4.swapaxes(-1, -2))  # groups of v's shape read it
+        return gs.sum(c) + gs.sum(a)
+
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal(s) for s in (*shapes, big)]
+    graph = optimize(gs.trace(f, *args))
+    feed = dict(zip([i.name for i in graph.inputs], args, strict=True))
+    want = Plan(graph).run(feed)
+    for plan in (Plan(graph, fusion=True), Plan(graph, kernels=native.NativeKernels())):
+        for g in plan.groups:
+            assert all(graph.aval(v)[1] == g.shape for v in g.recomputed), g.text()
+        for name, value in plan.run(feed).items():
+            np.testing.assert_allclose(value, want[name], rtol=1e-12, err_msg=name)
+    plan = Plan(graph, fusion=True)  # each node counted once: fused, reduced in a group's pass, absorbed, or a step
+    info = plan.kernel_info()
+    absorbed = len({v for g in plan.groups for v in g.absorbed})
+    kernel_steps = sum(not isinstance(step, FusedStep) for step in plan.steps)
+    assert info["recomputed_nodes"] > 0
+    assert info["fused_nodes"] + info["fused_reductions"] + absorbed + kernel_steps == len(graph.nodes)
+
+
 # (x's shape, v's shape, whether tanh's values are a result too); d = x - v, e = exp(d), y = tanh(e * v),
 # results: over the last axis sum(e) with keepdims, sum(y) without, max(d) without, min(y) with; from
 # rank 2, over every axis but the last sum(y) and min(d), over every axis sum(e) with keepdims and max(d)

@@ -416,12 +416,14 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
     # instead, so this is done only when no step is left that reads the value (its owner need not
     # write it). Groups stay convex: the cone's operands are ancestors of a value the group read,
     # so they cannot depend on the group.
+    # A value is recomputed only in groups of its own shape (a group may read a smaller value
+    # through broadcasting: that one stays an input), so its cone is worked out at that shape.
     cones: dict[int, tuple[set[int], set[int]] | None] = {}
     for gid in tails:
-        shape = nodes[min(raw[gid]) - first].shape
         for i in sorted({i for v in raw[gid] for i in nodes[v - first].inputs} - raw[gid]):
             if i not in cones:
-                cones[i] = cheap_cone(i, shape) if fusible(i, shape) else None
+                own = graph.aval(i)[1]
+                cones[i] = cheap_cone(i, own) if fusible(i, own) else None
 
     def recomputed_by_all(vid: int) -> bool:
         """Whether every step reading `vid` is in its owner group or a group of its shape."""
@@ -435,10 +437,12 @@ def find_groups(graph: Graph, min_members: int = 2, accept: Callable[[Node], boo
     recomputed: dict[int, set[int]] = {}
     for gid in tails:
         recomputed[gid] = set()
+        shape = nodes[min(raw[gid]) - first].shape
         for i in {i for v in raw[gid] for i in nodes[v - first].inputs} & worth - raw[gid]:
             cone = cones[i]
             assert cone is not None
-            recomputed[gid] |= cone[0]
+            if nodes[i - first].shape == shape:
+                recomputed[gid] |= cone[0]
 
     def read_by(u: int, v: int) -> bool:
         """Whether node `u`, outside the group owning `v`, reads `v` from memory."""
@@ -517,7 +521,7 @@ def _make_group(graph: Graph, ids: list[int], users: list[list[int]], returned: 
     own = set(ids)
     ids = sorted(own | set(recomputed))
     members = [graph.nodes[i - first] for i in ids]
-    shape = members[0].shape
+    shape = graph.nodes[min(own) - first].shape  # an owned member's: recomputed ones have the same
     pos = {n.id: j for j, n in enumerate(members)}
     inputs: list[int] = []
     aligned: list[Shape] = []

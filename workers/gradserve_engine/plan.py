@@ -491,7 +491,8 @@ class Plan:
         replay CUDA graphs (`cuda_graph`)."""
         chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
-                "fused_nodes": sum(len(g.members) for g in self.groups),
+                "fused_nodes": len({n.id for g in self.groups for n in g.members if n.id not in g.recomputed}),
+                "recomputed_nodes": sum(len(g.recomputed) for g in self.groups),
                 "fused_reductions": sum(len(g.epilogue) for g in self.groups), "steps": len(self.steps),
                 "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
                 "threads": threads.available_cores(), "sliceable_steps": len(chunked),
