@@ -456,8 +456,8 @@ def test_out_of_memory_anywhere_is_resource_exhausted_over_the_wire(serve_in_pro
         elif where == "encode":
             monkeypatch.setattr(servicer_module, "tensor_to_proto", _out_of_memory)
         else:
-            original = servicer_module.Servicer._serialize
-            monkeypatch.setattr(servicer_module.Servicer, "_serialize",
+            original = servicer_module.Servicer._answer
+            monkeypatch.setattr(servicer_module.Servicer, "_answer",
                                 lambda self, m: _out_of_memory() if isinstance(m, pb.GradientResponse) else original(self, m))
         err = rpc_error(st.Gradient, req, timeout=10)
         assert err.code() == RESOURCE_EXHAUSTED and "out of memory" in err.details(), (where, err.code(), err.details())

@@ -402,6 +402,15 @@ class Servicer:
         self.metrics.inc("gradserve_bytes_total", len(data), path="client_server", direction="out")
         return data
 
+    def _answer(self, response: Message) -> bytes:
+        """A unary answer as bytes, within the server's message limit, counted. Encoded once:
+        upb's ByteSize() would encode the whole answer a second time to measure it."""
+        data = response.SerializeToString()
+        if self.max_response_bytes is not None and len(data) > self.max_response_bytes:
+            raise LimitError(f"the answer is {len(data)} bytes, over the server's message limit of "
+                             f"{self.max_response_bytes} bytes")
+        return self._serialize(data)
+
     def _count_in(self, n: int) -> None:
         self.metrics.inc("gradserve_bytes_total", n, path="client_server", direction="in")
 
@@ -482,11 +491,7 @@ class Servicer:
                 request = _parse(request_cls, raw)
                 with stop_when(lambda: not context.is_active()), within(self.budget):
                     response = fn(request, context)
-                data = response.SerializeToString()  # once: upb's ByteSize() would encode the answer a second time
-                if self.max_response_bytes is not None and len(data) > self.max_response_bytes:
-                    raise LimitError(f"the answer is {len(data)} bytes, over the server's message limit of "
-                                     f"{self.max_response_bytes} bytes")
-                return self._serialize(data)
+                return self._answer(response)
             except Exception as e:
                 code, message = _status(e, context)
                 self._missing_refs(e, request, context)
