@@ -2,11 +2,13 @@
 CUDA graphs.
 
 Without a device, `fake_cupy` stands in for CuPy: numpy kernels over device memory that is real
-bytes handed out by per-stream pools, streams whose capture records kernels instead of running
-them, graphs that replay them at the recorded addresses, the refusals CUDA and CuPy make during
-a capture (host reads and writes, cuBLAS), and a sanitizer for memory a live graph uses being
-handed out again. The tests below that need a real device run where CuPy finds one (and
-bench/gpu_mlp.py measures there).
+bytes handed out by per-stream pools (which free their free blocks when cudaMalloc fails, on a
+device of bounded memory that hands freed addresses out again), streams whose capture records
+kernels instead of running them, graphs that replay them at the recorded addresses, the
+refusals CUDA and CuPy make during a capture (host reads and writes, cuBLAS), and a sanitizer
+for memory a live graph uses being handed out again, and for memory one stream uses being
+reused or written on another before that stream waited for the use. The tests below that need
+a real device run where CuPy finds one (and bench/gpu_mlp.py measures there).
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def test_recorded_memory_is_never_handed_out_again(emulated_cupy, to_host) -> No
     assert plan.kernel_info()["cuda_graph"].startswith("captured: 2 graph(s)")
     assert not fake_cupy.violations
     # the control: captures allocating from the default pool, whose blocks go back to the stream's arena
-    cp.cuda.MemoryPool = cp.get_default_memory_pool
+    cp.cuda.MemoryPool = lambda allocator=None: cp.get_default_memory_pool()
     plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
     for k in range(4):
         plan.run({"x": feed["x"] + 0.02 * k, "w": feed["w"]})
@@ -383,6 +385,169 @@ def test_threads_calling_one_plan(emulated_cupy) -> None:
     assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
 
 
+def pressure_graph():
+    """exp(x) summed over its rows (its buffer dies inside the first graph, back to the graphs'
+    pool), a matmul (outside the graphs), then a result larger than anything before it: the
+    second graph needs memory the pool does not have."""
+    b = Builder()
+    x, w = b.input("x", "float64", (16, 32)), b.input("w", "float64", (32, 64))
+    t = b.bind("reduce_sum", b.bind("exp", x), axes=(0,), keepdims=True)
+    m = b.bind("matmul", t, w)
+    graph = b.build([("y", b.bind("exp", b.bind("broadcast_to", m, shape=(16, 64))))])
+    rng = np.random.default_rng(11)
+    return graph, {"x": 0.1 * rng.standard_normal((16, 32)), "w": 0.1 * rng.standard_normal((32, 64))}
+
+
+@pytest.mark.parametrize("slack", [0, 4096], ids=["pool-shrinks", "pool-grows"])
+def test_memory_running_short_while_recording_stops_it(emulated_cupy, slack) -> None:
+    """cudaMalloc failing during a capture makes CuPy's pool free all its free blocks, among
+    them an intermediate the first graph of the same recording writes at every replay, and the
+    device then gives that address to anything. The recording notices (its pool holds less than
+    it got from the device, also when it grew again after) and the plan runs step by step for
+    good: no replay writes into memory another array owns."""
+    cp = emulated_cupy
+    dev = fake_cupy.device()
+    graph, feed = pressure_graph()
+    kernels = gpu.GpuKernels(fuse=False)
+    squeezed = []
+
+    def matmul(a, b, out=None):  # between the two graphs of the recording: the device fills up
+        result = cp.matmul(a, b, out=out)
+        s = cp.cuda.get_current_stream()
+        if s is not cp.cuda.Stream.null and not s.is_capturing() and not squeezed:
+            dev.capacity = dev.in_use + slack
+            squeezed.append(dev.capacity)
+        return result
+
+    kernels.table["matmul"] = matmul
+    plan = Plan(graph, kernels=kernels)
+    want = Plan(graph).run(feed)
+    for call in ("eager", "recording"):
+        check(cp, plan.run(feed), want, call)
+    assert squeezed
+    dev.capacity = None
+    mine = cp.cuda.Stream(non_blocking=True)
+    with mine:  # new arrays, each on memory the device had freed while it had any
+        others = []
+        while dev.released:
+            others.append(cp.zeros(64))
+    mine.synchronize()
+    for call in range(2):
+        check(cp, plan.run(feed), want, f"call {call}")
+    with mine:
+        assert all(not np.any(cp.asnumpy(o)) for o in others), "a replay wrote into another array"
+    info = plan.kernel_info()
+    assert info["cuda_graph"].startswith("eager: device memory ran short while recording"), info
+    assert info["cuda_graphs"] == info["cuda_graph_bytes"] == 0
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["replayed", "eager"])
+def test_device_results_belong_to_the_callers_stream(emulated_cupy, graphs) -> None:
+    """Device-resident results are made on the caller's stream, as an eager call makes them:
+    a caller that reads one on its stream and drops it before that work ran leaves its memory
+    to its own stream's next allocations, not to the next call's on the graphs' stream. And a
+    call from another stream does not write the graphs' static buffers before the copies of the
+    last call's results out of them ran."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=False, graphs=graphs))
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    feeds = [varied(feed, k) for k in range(6)]
+    kept = []
+    for k, f in enumerate(feeds):
+        with streams[k % 2]:
+            got = plan.run({"x": cp.asarray(f["x"])})
+            kept.append({name: v * 2.0 for name, v in got.items()})  # work on the caller's stream reading the results
+            del got  # dropped before that work ran
+    assert plan.kernel_info().get("cuda_graph_calls", 0) == (len(feeds) - 1 if graphs else 0)  # all but the first
+    for s in streams:
+        s.synchronize()
+    for f, doubled in zip(feeds, kept, strict=True):
+        check(cp, {name: cp.asnumpy(v) / 2.0 for name, v in doubled.items()}, Plan(graph).run(f))
+
+
+def test_errors_of_the_graph_machinery_make_the_plan_run_eagerly(emulated_cupy, monkeypatch) -> None:
+    """A capture that cannot begin, or a graph that cannot be launched, is the machinery's
+    failure, not the plan's: the call runs step by step, and so does every later one, saying
+    why. A step's own error still reaches the caller (recorded again at the next call)."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    want = Plan(graph).run(feed)
+
+    def refused(self, mode=None):
+        raise RuntimeError("cudaErrorNotSupported: operation not supported")
+
+    with monkeypatch.context() as m:
+        m.setattr(fake_cupy.Stream, "begin_capture", refused)
+        plan = Plan(graph, kernels=gpu.GpuKernels())
+        for k in range(3):
+            got, did = counted(plan.run, feed)
+            check(cp, got, want, f"call {k}")
+        assert did["recorded"] == did["launches"] == 0
+    assert plan.kernel_info()["cuda_graph"] == ("eager: the CUDA graph machinery failed while recording (RuntimeError: "
+                                                "cudaErrorNotSupported: operation not supported)")
+
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    for _ in range(2):
+        plan.run(feed)
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
+    with monkeypatch.context() as m:
+        m.setattr(fake_cupy.Graph, "launch", lambda self, stream=None: refused(self))
+        for k in range(2):
+            got, did = counted(plan.run, feed)
+            check(cp, got, want, f"call {k}")
+    assert did["launches"] == 0 and plan.kernel_info()["cuda_graph"].startswith(
+        "eager: the CUDA graph machinery failed while replaying (RuntimeError: cudaErrorNotSupported")
+    assert plan.kernel_info()["cuda_graphs"] == 0
+
+    kernels = gpu.GpuKernels(fuse=False)
+    exp = kernels.table["exp"]
+
+    def picky_exp(x, out=None):  # a step's own error, on some inputs
+        if x.shape == (8, 5) and float(cp.asnumpy(x).min()) < -40:
+            raise ValueError("exp refuses such small values")
+        return exp(x, out=out)
+
+    kernels.table["exp"] = picky_exp
+    plan = Plan(graph, kernels=kernels)
+    check(cp, plan.run(feed), want)
+    with pytest.raises(GraphError, match=r"ValueError while running .*exp refuses"):
+        plan.run({"x": feed["x"] * 100.0})
+    assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+    for _ in range(2):
+        check(cp, plan.run(feed), want)
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
+
+
+def test_a_call_inside_the_callers_own_capture_runs_into_it(emulated_cupy) -> None:
+    """A caller capturing its own CUDA graph on its stream that calls a plan: the call runs
+    step by step on that stream, into the caller's capture (the graphs' stream stays out of
+    it, so the caller's capture ends cleanly), and the caller's graph computes the plan. Calls
+    after it record and replay as usual."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=False))
+    mine = cp.cuda.Stream(non_blocking=True)
+    pool = cp.cuda.MemoryPool()
+    with mine:
+        x = cp.asarray(feed["x"])
+        check(cp, plan.run({"x": x}), Plan(graph).run(feed), "eager")
+        with cp.cuda.using_allocator(pool.malloc):
+            mine.begin_capture()
+            captured = plan.run({"x": x})
+            g = mine.end_capture()
+        for k in range(2):
+            f = varied(feed, k)
+            x[...] = cp.asarray(f["x"])
+            g.launch(stream=mine)
+            check(cp, captured, Plan(graph).run(f), f"the caller's graph, launch {k}")
+        assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+        for k in range(3):
+            f = varied(feed, 10 + k)
+            check(cp, plan.run({"x": cp.asarray(f["x"])}), Plan(graph).run(f), f"call {k}")
+    assert plan.kernel_info()["cuda_graph_calls"] == 3
+
+
 def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_process) -> None:
     """`gradserve serve --kernels gpu`: the server's engine plans with GpuKernels, graphs on, and
     its calls after the first two replay them."""
@@ -474,3 +639,4 @@ def test_gpu_cuda_graphs_replay_on_the_device(to_host) -> None:
         want = Plan(graph).run(f)
         for name, w in want.items():
             np.testing.assert_allclose(host(cp, g[name]), w, rtol=1e-10, atol=1e-10, err_msg=f"call {k} {name}")
+
