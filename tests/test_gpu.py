@@ -13,10 +13,12 @@ a real device run where CuPy finds one (and bench/gpu_mlp.py measures there).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import fake_cupy
@@ -25,7 +27,8 @@ import pytest
 from test_native import FLOATS, TABLE_CASES, TABLE_IDS, assert_close, elementwise_table_graph, mlp_grad_graph
 
 import gradserve as gs
-from gradserve_engine import gpu, native
+from gradserve.api import Functional
+from gradserve_engine import footprint, gpu, native
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import Cancelled, GraphError, LimitError
 from gradserve_engine.fusion import find_groups
@@ -546,6 +549,75 @@ def test_a_call_inside_the_callers_own_capture_runs_into_it(emulated_cupy) -> No
             f = varied(feed, 10 + k)
             check(cp, plan.run({"x": cp.asarray(f["x"])}), Plan(graph).run(f), f"call {k}")
     assert plan.kernel_info()["cuda_graph_calls"] == 3
+
+
+def test_the_engine_charges_recorded_graphs_to_its_cache(emulated_cupy) -> None:
+    """A plan's CUDA graphs hold device memory from its second call on (static buffers, their
+    pool): the engine's cache charges the plan for them once recorded, so past its budget the
+    least recently used plans go, and with them their graphs and memory."""
+    cp = emulated_cupy
+    rng = np.random.default_rng(4)
+    cases = []
+    for k in range(4):  # four gradient graphs of their own shapes
+        x, w = rng.standard_normal(24 + k), rng.standard_normal((16, 24 + k))
+        cases.append((gs.trace(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2) + gs.sum(gs.exp(-x)), x, w), {"x": x, "w": w}))
+
+    def run_all(engine):
+        plans = []
+        for g, feed in cases:
+            for k in range(3):  # step by step, recorded, replayed
+                f = varied(feed, k)
+                got = engine.vjp(g, f, ["x", "w"])
+                want = Engine().vjp(g, f, ["x", "w"])
+                for a, b in zip(got, want, strict=True):
+                    check(cp, a, b)
+            plans.append(next(reversed(engine._plans.values())))
+        return plans
+
+    sizes = [(footprint.plan_bytes(p), p.kernel_info()["cuda_graph_bytes"]) for p in run_all(Engine(kernels="gpu"))]
+    assert all(held > 0 for _, held in sizes)
+    budget = sum(est for est, _ in sizes) + max(held for _, held in sizes)  # every plan, not every plan's graphs
+    engine = Engine(kernels="gpu", max_cache_bytes=budget)
+    gc.disable()  # what goes must go by reference counting, as soon as it goes
+    try:
+        refs = [weakref.ref(p) for p in run_all(engine)]
+        kept = list(engine._plans.values())
+        info = engine.cache_info()
+        assert info.nbytes == sum(footprint.plan_bytes(p) + p.kernel_info()["cuda_graph_bytes"] for p in kept)
+        assert info.nbytes <= budget and 0 < len(kept) < len(cases), (info.nbytes, budget, len(kept))
+        assert sum(r() is None for r in refs) == len(cases) - len(kept)
+        assert len(fake_cupy._graphs) == sum(p.kernel_info()["cuda_graphs"] for p in kept)
+    finally:
+        gc.enable()
+
+
+def test_a_compiled_gradient_holds_its_plan_through_the_cache(emulated_cupy) -> None:
+    """The SDK's compiled `grad` keeps the plan the engine cached for it weakly: once the cache
+    drops it (another plan came, the budget is one plan), the plan and its CUDA graphs go, and
+    the next call plans again."""
+    cp = emulated_cupy
+    engine = Engine(kernels="gpu", max_cache_bytes=1)  # only the entry used last stays
+    fn = Functional(engine)
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal(6), rng.standard_normal((4, 6))
+    df = fn.grad(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2), argnums=(0, 1))
+    dg = fn.grad(lambda x, w: gs.sum(gs.exp(-(w @ x))), argnums=(0, 1))
+    want_f = gs.grad(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2), argnums=(0, 1))(x, w)
+    gc.disable()  # what goes must go by reference counting
+    try:
+        for _ in range(3):
+            check(cp, dict(enumerate(df(x, w))), dict(enumerate(want_f)))
+        (plan_f,) = engine._plans.values()
+        assert plan_f.kernel_info()["cuda_graph_calls"] == 2
+        kept, plan_f = weakref.ref(plan_f), None
+        for _ in range(3):
+            dg(x, w)
+        assert kept() is None and len(engine._plans) == 1
+        misses = engine.cache_info().misses
+        check(cp, dict(enumerate(df(x, w))), dict(enumerate(want_f)))
+        assert engine.cache_info().misses == misses + 1
+    finally:
+        gc.enable()
 
 
 def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_process) -> None:
