@@ -34,6 +34,7 @@ from gradserve_engine.errors import Cancelled, GraphError, LimitError
 from gradserve_engine.fusion import find_groups
 from gradserve_engine.guard import Budget, stop_when, within
 from gradserve_engine.ir import Builder
+from gradserve_engine.names import GRAD
 from gradserve_engine.passes import optimize
 from gradserve_engine.plan import Plan
 
@@ -643,13 +644,19 @@ def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_proc
     assert any(i["cuda_graph"].startswith("captured: ") and i["cuda_graph_calls"] == 3 for i in infos), infos
 
 
-def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
-    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve's
-    contenders only, step by step and replayed)."""
+def gpu_bench():
+    """bench/gpu_mlp.py as a module."""
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_mlp.py"
     spec = importlib.util.spec_from_file_location("gpu_mlp", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
+    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve's
+    contenders only, step by step and replayed)."""
+    script = gpu_bench()
     rc = script.main(["--batch", "64", "--repeat", "2", "--block", "2", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -712,3 +719,30 @@ def test_gpu_cuda_graphs_replay_on_the_device(to_host) -> None:
         for name, w in want.items():
             np.testing.assert_allclose(host(cp, g[name]), w, rtol=1e-10, atol=1e-10, err_msg=f"call {k} {name}")
 
+
+def test_gpu_benchmark_checks_every_contenders_gradients(emulated_cupy, monkeypatch, tmp_path, capsys) -> None:
+    """PyTorch's contenders are checked against the CPU plan as gradserve's are, the replayed
+    and with-transfers ones included: one that is off makes the script exit 1. (PyTorch CUDA is
+    absent here: contenders giving the CPU plan's gradients, one of them off, stand in for it.)"""
+    import torch
+
+    script = gpu_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def add_torch(torch_, params, x, y, steps, transfer_steps):
+        graph, feed = script.grad_graph(len(x))
+        res = Plan(graph).run(feed)
+        grads = [res[GRAD + f"params.{n}"] for n in script.NAMES]
+        steps["pytorch eager"] = steps["pytorch graphs"] = lambda: tuple(torch.from_numpy(g) for g in grads)
+        transfer_steps["pytorch eager"] = lambda: list(grads)
+        transfer_steps["pytorch graphs"] = lambda: [g * 1.01 for g in grads]  # a replay gone wrong
+        return grads
+
+    monkeypatch.setattr(script, "add_torch", add_torch)
+    rc = script.main(["--batch", "32", "--repeat", "2", "--block", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "MISMATCH" in out, out
+    checked = json.loads((tmp_path / "r.json").read_text())["grad_check"]
+    names = ("gradserve eager", "gradserve graphs", "pytorch eager", "pytorch graphs")
+    assert set(checked) >= {f"{n}{label} vs CPU" for n in names for label in ("", " with transfers")}, checked
+    assert [k for k, v in checked.items() if v > 1e-3] == ["pytorch graphs with transfers vs CPU"], checked
