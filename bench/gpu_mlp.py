@@ -26,8 +26,9 @@ call takes numpy arrays from the host and brings the gradients back as numpy arr
 `GpuKernels()` / `GpuKernels(graphs=False)`, numpy in and out; PyTorch: `.to(device)` and
 `.cpu()`, into and out of the graph's static tensors for its graph).
 
-Gradients are checked against gradserve's CPU numpy plan (and PyTorch's) before timing, the
-replayed ones included. Contenders take turns round-robin (--repeat rounds of --block calls);
+Before timing, every contender's gradients, device-resident and with transfers (each run three
+times first, so that the replayed ones have recorded), are checked against gradserve's CPU numpy
+plan, and gradserve's also against PyTorch eager's. Contenders take turns round-robin (--repeat rounds of --block calls);
 medians are printed with the ratios, and a table at the end. Exit status: 0 ok, 1 gradients
 differ, 2 CuPy or a CUDA device is missing (the message says which).
 
@@ -220,22 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     if have_torch:
         torch_grads = add_torch(torch, params, x, y, steps, transfer_steps)
 
-    # gradients: every gradserve contender (its graphs recorded and replayed) vs gradserve's CPU plan, and PyTorch's
+    # gradients: every contender, device-resident and with transfers, the replayed ones after they recorded, vs
+    # gradserve's CPU plan; gradserve's also vs PyTorch eager's
     cpu = Plan(graph).run(feed)
     scale = {n: float(np.max(np.abs(cpu[GRAD + f"params.{n}"]))) for n in NAMES}
 
     def worst(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
         return max(float(np.max(np.abs(got[n] - ref[n]))) / scale[n] for n in NAMES)
 
+    def gradients(out: Any) -> dict[str, np.ndarray]:
+        """A contender's gradients as numpy: gradserve's results by name, PyTorch's six in order."""
+        if isinstance(out, dict):
+            return {n: cp.asnumpy(out[GRAD + f"params.{n}"]) for n in NAMES}
+        return {n: g if isinstance(g, np.ndarray) else g.detach().cpu().numpy() for n, g in zip(NAMES, out, strict=True)}
+
     ref = {n: cpu[GRAD + f"params.{n}"] for n in NAMES}
     diffs: dict[str, float] = {}
     for label, group in (("", steps), (" with transfers", transfer_steps)):
-        for name in plans:
+        for name, step in group.items():
             for _ in range(3):  # step by step, recorded, replayed
-                out = group[name]()
-            got = {n: cp.asnumpy(out[GRAD + f"params.{n}"]) for n in NAMES}
+                out = step()
+            got = gradients(out)
             diffs[f"{name}{label} vs CPU"] = worst(got, ref)
-            if torch_grads is not None:
+            if torch_grads is not None and name in plans:
                 diffs[f"{name}{label} vs PyTorch CUDA"] = worst(got, dict(zip(NAMES, torch_grads, strict=True)))
     tol = 1e-3
     ok = all(v <= tol for v in diffs.values())

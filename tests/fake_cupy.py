@@ -1,13 +1,19 @@
 """A stand-in for CuPy and one CUDA device on the CPU, faithful where the GPU backend's
 correctness depends on it. `make()` gives a fresh `cupy` module (the tests put it in
-sys.modules, with `cupyx`).
+sys.modules, with `cupyx`); `device()` is the device it runs on.
 
-Device memory is bytes: a `MemoryPool` hands out blocks per stream, as CuPy's pool does, fresh
-ones filled with 0xFF (memory nobody wrote reads as NaN, or -1), freed ones holding what they
-held; a block goes back to its pool when the last array on it goes. An array is a view (offset,
-shape, strides, dtype) of a block. A kernel is a numpy function run on numpy views of its
-operands' blocks; a result that is not a view of an operand is written into a new block from
-the current allocator (`cuda.using_allocator`, else the default pool).
+Device memory is bytes. `cuda.Memory(size)` is cudaMalloc: a block of its own, or one freed
+before (an address the driver hands out again), and `CUDARuntimeError(errorMemoryAllocation)`
+past the device's `capacity` (None: unbounded; a test sets it); a block is freed (cudaFree, which
+waits for the device) when its last reference goes. A `MemoryPool` keeps blocks per stream, as
+CuPy's pool does: fresh ones filled with 0xFF (memory nobody wrote reads as NaN, or -1), freed
+ones holding what they held; a pooled block goes back to its pool when the last array on it goes.
+On a failed cudaMalloc the pool frees all its free blocks and tries again, as CuPy's
+`_try_malloc` does, then raises `OutOfMemoryError`; `MemoryPool(allocator)` takes the function
+that gets memory from the device (`cuda.MemoryPointer(cuda.Memory(size), 0)` by default). An
+array is a view (offset, shape, strides, dtype) of a block. A kernel is a numpy function run on
+numpy views of its operands' blocks; a result that is not a view of an operand is written into
+a new block from the current allocator (`cuda.using_allocator`, else the default pool).
 
 Streams: each thread has a current stream (`with stream:`). While the current stream captures,
 a kernel is recorded, not run: it runs on shadow copies of the blocks it touches, so that later
@@ -16,12 +22,23 @@ bytes; `Graph.launch` runs the recorded kernels on the memory itself, at the add
 recorded with. As in CUDA and CuPy, during a capture: reading device values on the host (`get`,
 `asnumpy`, `item`, `bool()`, `float()`), copies from the host, and cuBLAS/cuSOLVER calls (matmul,
 dot, linalg) raise without spoiling the capture; synchronizing raises and invalidates it
-(`end_capture` then raises).
+(`end_capture` then raises). An event recorded on a capturing stream makes a stream that waits
+for it join the capture (its work is recorded into it too); the capture ends only once every
+stream that joined it was waited for again by the capturing one (else `end_capture` raises, as
+cudaErrorStreamCaptureUnjoined).
+
+Work on a stream runs in order; work on two streams is ordered only by an event one recorded and
+the other waited for (`wait_event`), or by the host waiting (`synchronize`, a blocking copy to
+the host, cudaFree). The legacy default stream's implicit synchronization with other streams is
+not modelled (stricter than CUDA: order streams with events).
 
 Sanitizer: a block that a live graph touches must not be handed out again, except to an
-allocation made while capturing on that graph's stream (stream order keeps that safe). Each
-such hand-out is appended to `violations` (the fixture fails the test on any); the memory is
-handed out all the same, so the graph then writes over someone else's array, as on a device.
+allocation made while capturing on that graph's stream (stream order keeps that safe); a block
+one stream used must not be handed out again on another stream, nor written on another (or read
+there, after a write), before that stream's work is ordered after the use. Each breach is
+appended to `violations` (the fixture fails the test on any); the work goes ahead all the same,
+so a graph then writes over someone else's array, as on a device. Whether a kernel wrote a block
+is seen from its bytes (a write of the same bytes is not seen).
 
 `stats` counts kernels run outside graphs ("kernels"), kernels recorded ("recorded"), copies
 between host and device or within the device ("copies"), and graph launches ("launches").
@@ -33,6 +50,7 @@ with numpy: it checks what the GPU code says, not how a GPU rounds.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import operator
 import re
@@ -40,7 +58,7 @@ import threading
 import types
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -50,37 +68,80 @@ stats: Counter = Counter()
 violations: list[str] = []
 _tls = threading.local()
 _graphs: weakref.WeakSet = weakref.WeakSet()  # the live graphs
+_streams: weakref.WeakSet = weakref.WeakSet()  # every stream, for a device-wide synchronize
 _BLAS = {"matmul", "dot", "vdot", "inner", "tensordot", "einsum"}  # cuBLAS: refused during capture
 _D2H = "the current stream is capturing, so D2H transfers are disallowed"  # CuPy's words
 _H2D = "the current stream is capturing, so H2D transfers are disallowed"
+errorMemoryAllocation = 2  # cudaErrorMemoryAllocation
+
+
+class CUDARuntimeError(RuntimeError):
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__("cudaErrorMemoryAllocation: out of memory" if status == errorMemoryAllocation
+                         else f"CUDA error {status}")
+
+
+class OutOfMemoryError(MemoryError):
+    def __init__(self, size: int, total: int, limit: int = 0):
+        super().__init__(f"Out of memory allocating {size:,} bytes (allocated so far: {total:,} bytes).")
 
 
 # ---------------------------------------------------------------- memory
 
 
 class _Block:
-    __slots__ = ("__weakref__", "raw")
+    """Device memory at one address: its bytes, and the last use of it by each stream (the
+    operation's number on that stream), reads and writes apart."""
+
+    __slots__ = ("__weakref__", "raw", "reads", "writes")
 
     def __init__(self, size: int):
         self.raw = np.full(size, 0xFF, np.uint8)
+        self.reads: dict[int, int] = {}
+        self.writes: dict[int, int] = {}
 
 
-class _Allocation:
-    """Ownership of a block: gives it back to its pool when collected."""
+def _live_graph_check(block: _Block, size: int, stream: Stream, how: str) -> None:
+    for g in list(_graphs):
+        if block in g.blocks and not (stream.capture is not None and stream.ptr == g.stream_ptr):
+            violations.append(f"a block of {size} bytes that a live CUDA graph uses was handed out again by {how} on "
+                              f"stream {stream.ptr}" + (" during a capture" if stream.capture else ""))
 
-    def __init__(self, pool: MemoryPool, key: tuple[int, int], block: _Block):
-        self.pool, self.key, self.block = pool, key, block
+
+class Memory:
+    """cudaMalloc'd memory (CuPy's `cuda.Memory`): freed, cudaFree, when collected."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.device = _device
+        self.block = _device.cuda_malloc(size)
+        self.ptr = id(self.block)
 
     def __del__(self):
-        self.pool._give_back(self.key, self.block)
+        if hasattr(self, "block"):  # not when cudaMalloc failed
+            self.device.cuda_free(self.block)
+
+
+class _PooledMemory:
+    """A pool's block in use: back to the pool (the free list of the stream it was allocated on)
+    when collected."""
+
+    def __init__(self, pool: MemoryPool, key: tuple[int, int], mem: Memory):
+        self.pool, self.key, self.mem = pool, key, mem
+        self.block, self.ptr, self.size = mem.block, mem.ptr, key[1]
+
+    def __del__(self):
+        self.pool._give_back(self.key, self.mem)
 
 
 class MemoryPointer:
-    """A place in device memory (`ptr`), holding its block's allocation."""
+    """A place in device memory (`ptr`), holding its memory (`mem`)."""
 
-    def __init__(self, block: _Block, offset: int, owner: _Allocation | None):
-        self.block, self.offset, self.owner = block, offset, owner
-        self.ptr = id(block) + offset
+    def __init__(self, mem: Any, offset: int):
+        self.mem, self.offset = mem, offset
+        self.block: _Block = mem.block
+        self.ptr = id(self.block) + offset
 
     def copy_from_device_async(self, src: MemoryPointer, size: int, stream: Stream | None = None) -> None:
         def copy(dst_buf: np.ndarray, src_buf: np.ndarray) -> None:
@@ -88,15 +149,21 @@ class MemoryPointer:
 
         s = stream if stream is not None else get_current_stream()
         if s.capture is not None:
-            s.capture.memcpy(copy, self.block, src.block)
+            s.capture.memcpy(s, copy, self.block, src.block)
         else:
             stats["copies"] += 1
+            _use(s, [src.block], [self.block])
             copy(self.block.raw, src.block.raw)
 
 
+def _malloc(size: int) -> MemoryPointer:
+    return MemoryPointer(Memory(size), 0)
+
+
 class MemoryPool:
-    def __init__(self, allocator: Any = None):
-        self._free: dict[tuple[int, int], list[_Block]] = {}
+    def __init__(self, allocator: Callable[[int], MemoryPointer] | None = None):
+        self._allocator = allocator if allocator is not None else _malloc
+        self._free: dict[tuple[int, int], list[Memory]] = {}
         self._total = self._used = 0
 
     def malloc(self, size: int) -> MemoryPointer:
@@ -105,21 +172,36 @@ class MemoryPool:
         key = (stream.ptr, size)
         free = self._free.get(key)
         if free:
-            block = free.pop()
-            for g in list(_graphs):
-                if block in g.blocks and not (stream.capture is not None and stream.ptr == g.stream_ptr):
-                    violations.append(f"a block of {size} bytes that a live CUDA graph uses was handed out again by "
-                                      f"an allocation on stream {stream.ptr}" + (" during a capture" if stream.capture
-                                                                                  else ""))
+            mem = free.pop()
+            _live_graph_check(mem.block, size, stream, "an allocation")
+            _reuse_check(mem.block, stream)
         else:
-            block = _Block(size)
-            self._total += size
+            mem = self._try_malloc(size)
         self._used += size
-        return MemoryPointer(block, 0, _Allocation(self, key, block))
+        return MemoryPointer(_PooledMemory(self, key, mem), 0)
 
-    def _give_back(self, key: tuple[int, int], block: _Block) -> None:
+    def _try_malloc(self, size: int) -> Memory:
+        """cudaMalloc through the allocator; when the device is out of memory, free every free
+        block and try again (twice, the second time after a garbage collection), as CuPy does."""
+        for attempt in range(3):
+            try:
+                mem = self._allocator(size).mem
+            except CUDARuntimeError as e:
+                if e.status != errorMemoryAllocation:
+                    raise
+                if attempt == 2:
+                    raise OutOfMemoryError(size, self._total) from None
+                if attempt == 1:
+                    gc.collect()
+                self.free_all_blocks()
+            else:
+                self._total += size
+                return mem
+        raise AssertionError("unreachable")
+
+    def _give_back(self, key: tuple[int, int], mem: Memory) -> None:
         self._used -= key[1]
-        self._free.setdefault(key, []).append(block)
+        self._free.setdefault(key, []).append(mem)
 
     def used_bytes(self) -> int:
         return self._used
@@ -128,9 +210,9 @@ class MemoryPool:
         return self._total
 
     def free_all_blocks(self, stream: Any = None) -> None:
-        for (_, size), blocks in self._free.items():
-            self._total -= size * len(blocks)
-        self._free.clear()
+        for (_, size), mems in list(self._free.items()):
+            self._total -= size * len(mems)
+        self._free.clear()  # each Memory collected: cudaFree
 
 
 def alloc(size: int) -> MemoryPointer:
@@ -148,15 +230,59 @@ def using_allocator(allocator: Callable[[int], MemoryPointer] | None = None):
         _tls.allocator = previous
 
 
+# ---------------------------------------------------------------- stream order
+
+
+def _ordered(stream: Stream, other: int, n: int) -> bool:
+    """Whether work now enqueued on `stream` runs after operation `n` of stream `other`."""
+    return other == stream.ptr or stream.after.get(other, 0) >= n or _device.done.get(other, 0) >= n
+
+
+def _use(stream: Stream, reads: Iterable[_Block], writes: Iterable[_Block]) -> None:
+    """One operation on `stream` reading and writing these blocks: checked against what other
+    streams did with them, then stamped."""
+    stream.seq += 1
+    writes = set(writes)
+    reads = set(reads) - writes
+    for block in (*reads, *writes):
+        written = block in writes
+        for other, n in block.writes.items():
+            if not _ordered(stream, other, n):
+                violations.append(f"stream {stream.ptr} {'wrote' if written else 'read'} a block of "
+                                  f"{block.raw.size} bytes that stream {other} writes, before waiting for that write")
+        if written:
+            for other, n in block.reads.items():
+                if not _ordered(stream, other, n):
+                    violations.append(f"stream {stream.ptr} wrote a block of {block.raw.size} bytes that stream "
+                                      f"{other} reads, before waiting for that read")
+    for block in reads:
+        block.reads[stream.ptr] = stream.seq
+    for block in writes:
+        block.writes[stream.ptr] = stream.seq
+
+
+def _reuse_check(block: _Block, stream: Stream) -> None:
+    """A pool handing `block` out again on `stream`: every use of it elsewhere must be ordered before."""
+    for other, n in (*block.reads.items(), *block.writes.items()):
+        if not _ordered(stream, other, n):
+            violations.append(f"a block of {block.raw.size} bytes that stream {other} may still use was handed out "
+                              f"again on stream {stream.ptr}, which never waited for that use")
+            return
+
+
 # ---------------------------------------------------------------- streams and graphs
 
 
 class Event:
     def __init__(self, block: bool = False, disable_timing: bool = False, interprocess: bool = False):
-        self.recorded = False
+        self.frontier: dict[int, int] = {}  # per stream, the work done when the event completes
+        self.capture: _Capture | None = None  # recorded during this capture
+        self.source: Stream | None = None
+        self.mark = 0  # the capture's work on the source stream when recorded
 
     def synchronize(self) -> None:
-        pass
+        for ptr, n in self.frontier.items():
+            _device.done[ptr] = max(_device.done.get(ptr, 0), n)
 
 
 class Stream:
@@ -166,6 +292,9 @@ class Stream:
     def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False):
         self.ptr = 0 if null else next(Stream._ids)
         self.capture: _Capture | None = None
+        self.seq = 0  # operations enqueued
+        self.after: dict[int, int] = {}  # per other stream, the operations this one waits for (events)
+        _streams.add(self)
 
     def __enter__(self) -> Stream:
         _stack().append(self)
@@ -183,9 +312,15 @@ class Stream:
 
     def end_capture(self) -> Graph:
         cap = self.capture
-        if cap is None:
-            raise RuntimeError("cudaErrorIllegalState: the stream is not capturing")
+        if cap is None or cap.stream is not self:
+            raise RuntimeError("cudaErrorIllegalState: the stream is not capturing" if cap is None else
+                               "cudaErrorStreamCaptureUnmatched: the capture was not begun on this stream")
+        for s in cap.forks:
+            s.capture = None
         self.capture = None
+        cap.open = False
+        if any(cap.joined.get(s.ptr, -1) < cap.work.get(s.ptr, 0) for s in cap.forks):
+            cap.invalid = cap.invalid or "cudaErrorStreamCaptureUnjoined: a stream that joined the capture was not joined back"
         if cap.invalid:
             raise RuntimeError(f"cudaErrorStreamCaptureInvalidated: {cap.invalid}")
         return Graph(cap)
@@ -197,14 +332,27 @@ class Stream:
         if self.capture is not None:
             self.capture.invalid = "cudaStreamSynchronize during capture"
             raise RuntimeError("cudaErrorStreamCaptureUnsupported: operation not permitted when stream is capturing")
+        _device.done[self.ptr] = max(_device.done.get(self.ptr, 0), self.seq)
+        for ptr, n in self.after.items():
+            _device.done[ptr] = max(_device.done.get(ptr, 0), n)
 
     def record(self, event: Event | None = None) -> Event:
         event = event if event is not None else Event()
-        event.recorded = True
+        event.frontier = {**self.after, self.ptr: self.seq}
+        event.capture, event.source = self.capture, self
+        event.mark = self.capture.work.get(self.ptr, 0) if self.capture is not None else 0
         return event
 
     def wait_event(self, event: Event) -> None:
-        pass
+        for ptr, n in event.frontier.items():
+            self.after[ptr] = max(self.after.get(ptr, 0), n)
+        cap = event.capture
+        if cap is not None and cap.open:
+            if self.capture is None:  # joins the capture
+                self.capture = cap
+                cap.forks.add(self)
+            elif self is cap.stream and event.source is not None:  # a stream that joined, joined back
+                cap.joined[event.source.ptr] = event.mark
 
 
 Stream.null = Stream(null=True)
@@ -241,11 +389,15 @@ class _Geom:
 
 class _Capture:
     def __init__(self, stream: Stream):
-        self.stream = stream
+        self.stream = stream  # the stream it was begun on
         self.records: list[Callable[[], None]] = []
         self.blocks: set[_Block] = set()
         self.shadows: dict[int, np.ndarray] = {}
         self.invalid = ""
+        self.open = True
+        self.forks: set[Stream] = set()  # streams that joined it (waited for an event recorded in it)
+        self.work: dict[int, int] = {}  # per stream, the operations recorded from it
+        self.joined: dict[int, int] = {}  # per stream that joined, its work the capturing stream waited for
 
     def shadow(self, block: _Block) -> np.ndarray:
         self.blocks.add(block)
@@ -261,11 +413,15 @@ class _Capture:
                 np.copyto(geom.on(geom.block.raw), res if path is None else res[path])
 
         stats["recorded"] += 1
-        self.records.append(replay)
+        self._record(get_current_stream(), replay)
 
-    def memcpy(self, copy: Callable[[np.ndarray, np.ndarray], None], dst: _Block, src: _Block) -> None:
+    def memcpy(self, stream: Stream, copy: Callable[[np.ndarray, np.ndarray], None], dst: _Block, src: _Block) -> None:
         copy(self.shadow(dst), self.shadow(src))
-        self.records.append(lambda: copy(dst.raw, src.raw))
+        self._record(stream, lambda: copy(dst.raw, src.raw))
+
+    def _record(self, stream: Stream, replay: Callable[[], None]) -> None:
+        self.work[stream.ptr] = self.work.get(stream.ptr, 0) + 1
+        self.records.append(replay)
 
 
 class Graph:
@@ -280,9 +436,11 @@ class Graph:
         if s.capture is not None:
             raise RuntimeError("a graph launched into a capture (not modelled)")
         stats["launches"] += 1
+        before = {b: b.raw.copy() for b in self.blocks}
         with np.errstate(all="ignore"):
             for replay in self.records:
                 replay()
+        _use(s, self.blocks, [b for b, raw in before.items() if not np.array_equal(raw, b.raw)])
 
 
 def _materialize(obj: Any) -> Any:
@@ -358,6 +516,8 @@ class ndarray(NDArrayOperatorsMixin):  # CuPy's name
         if s.capture is not None:
             raise RuntimeError(_D2H)
         stats["copies"] += 1
+        _use(s, [self.mem.block], [])
+        s.synchronize()  # the host waits for the copy, so for the stream's work before it
         return self._on(self.mem.block.raw).copy()
 
     def set(self, arr: np.ndarray, stream: Stream | None = None) -> None:
@@ -371,6 +531,7 @@ class ndarray(NDArrayOperatorsMixin):  # CuPy's name
         if s.capture is not None:
             raise RuntimeError(_H2D)
         stats["copies"] += 1
+        _use(s, [], [self.mem.block])
         np.copyto(self._on(self.mem.block.raw), arr)
 
     def item(self) -> Any:
@@ -444,6 +605,7 @@ def _kernel(fn: Callable[..., Any], args: Any, kwargs: Any, kind: str = "kernel"
         return a._on(buf)
 
     nargs, nkwargs = _unwrap(args, view), _unwrap(kwargs, view)
+    before = {} if cap is not None else {a.mem.block: buf.copy() for a, buf in seen.values()}
     with np.errstate(all="ignore"):
         res = fn(*nargs, **nkwargs)
     news: list[tuple[int | None, _Geom]] = []
@@ -458,6 +620,8 @@ def _kernel(fn: Callable[..., Any], args: Any, kwargs: Any, kind: str = "kernel"
         cap.kernel(fn, _unwrap(args, ndarray._geom), _unwrap(kwargs, ndarray._geom), news)
     else:
         stats["copies" if kind == "copy" else "kernels"] += 1
+        written = [b for b, raw in before.items() if not np.array_equal(raw, b.raw)]
+        _use(get_current_stream(), before, written + [g.block for _, g in news])
     return out
 
 
@@ -484,7 +648,7 @@ def _wrap(res: Any, path: int | None, seen: dict[int, tuple[ndarray, np.ndarray]
     for a, buf in seen.values():
         base = buf.__array_interface__["data"][0]
         if res.size and 0 <= ptr - base < buf.size:
-            mem = MemoryPointer(a.mem.block, ptr - base, a.mem.owner)
+            mem = MemoryPointer(a.mem.mem, ptr - base)
             for b in operands:  # the very operand (out=, astype(copy=False)): itself, as numpy and CuPy give it
                 if b.mem.block is mem.block and b.mem.offset == mem.offset and (b.shape, b.strides, b.dtype) == (
                         res.shape, res.strides, res.dtype):
@@ -502,6 +666,7 @@ def _upload(a: Any, dtype: Any = None) -> ndarray:
     host = np.asarray(a, dtype=dtype)
     out = ndarray(alloc(host.nbytes), host.shape, host.dtype)
     stats["copies"] += 1
+    _use(get_current_stream(), [], [out.mem.block])
     np.copyto(out._on(out.mem.block.raw), host)
     return out
 
@@ -709,15 +874,52 @@ class ElementwiseKernel:
 
 
 class _Device:
+    """The device: cudaMalloc and cudaFree over a `capacity` (bytes; None: unbounded), and the
+    work of each stream known to be done (the host waited for it)."""
+
     def __init__(self):
+        self.capacity: int | None = None
+        self.in_use = 0  # bytes cudaMalloc'd and not freed
+        self.released: list[_Block] = []  # freed blocks, the most recent first: their addresses are handed out again
+        self.done: dict[int, int] = {}
         self.default_pool = MemoryPool()
+
+    def cuda_malloc(self, size: int) -> _Block:
+        # the first freed block large enough: the same address handed out again
+        block = next((b for b in self.released if b.raw.size >= size), None)
+        need = block.raw.size if block is not None else size
+        if self.capacity is not None and self.in_use + need > self.capacity:
+            raise CUDARuntimeError(errorMemoryAllocation)
+        if block is None:
+            block = _Block(size)
+        else:
+            self.released.remove(block)
+            _live_graph_check(block, size, get_current_stream(), "cudaMalloc")
+        self.in_use += need
+        return block
+
+    def cuda_free(self, block: _Block) -> None:
+        self.synchronize()  # cudaFree waits for the device
+        self.in_use -= block.raw.size
+        self.released.insert(0, block)
+
+    def synchronize(self) -> None:
+        for s in list(_streams):
+            self.done[s.ptr] = max(self.done.get(s.ptr, 0), s.seq)
 
 
 _device = _Device()
 
 
+def device() -> _Device:
+    """The device the stand-in `cupy` from the last `make()` runs on."""
+    return _device
+
+
 def _device_synchronize() -> None:
-    get_current_stream().synchronize()
+    if get_current_stream().capture is not None:
+        get_current_stream().synchronize()  # refused, and spoils the capture
+    _device.synchronize()
 
 
 def make() -> tuple[types.ModuleType, types.ModuleType]:
@@ -732,10 +934,12 @@ def make() -> tuple[types.ModuleType, types.ModuleType]:
                        empty_like=empty_like, ElementwiseKernel=ElementwiseKernel, __version__="stand-in",
                        get_default_memory_pool=lambda: _device.default_pool)
     cp.cuda = types.SimpleNamespace(
-        Stream=Stream, Event=Event, Graph=Graph, MemoryPool=MemoryPool, MemoryPointer=MemoryPointer, alloc=alloc,
-        using_allocator=using_allocator, get_current_stream=get_current_stream,
+        Stream=Stream, Event=Event, Graph=Graph, MemoryPool=MemoryPool, MemoryPointer=MemoryPointer, Memory=Memory,
+        alloc=alloc, using_allocator=using_allocator, get_current_stream=get_current_stream,
+        memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"numpy stand-in"},
-                                      deviceSynchronize=_device_synchronize))
+                                      deviceSynchronize=_device_synchronize, CUDARuntimeError=CUDARuntimeError,
+                                      errorMemoryAllocation=errorMemoryAllocation))
     cpx = types.ModuleType("cupyx")
     cpx.scatter_add = _function(np.add.at, "kernel")
     return cp, cpx

@@ -2,19 +2,23 @@
 CUDA graphs.
 
 Without a device, `fake_cupy` stands in for CuPy: numpy kernels over device memory that is real
-bytes handed out by per-stream pools, streams whose capture records kernels instead of running
-them, graphs that replay them at the recorded addresses, the refusals CUDA and CuPy make during
-a capture (host reads and writes, cuBLAS), and a sanitizer for memory a live graph uses being
-handed out again. The tests below that need a real device run where CuPy finds one (and
-bench/gpu_mlp.py measures there).
+bytes handed out by per-stream pools (which free their free blocks when cudaMalloc fails, on a
+device of bounded memory that hands freed addresses out again), streams whose capture records
+kernels instead of running them, graphs that replay them at the recorded addresses, the
+refusals CUDA and CuPy make during a capture (host reads and writes, cuBLAS), and a sanitizer
+for memory a live graph uses being handed out again, and for memory one stream uses being
+reused or written on another before that stream waited for the use. The tests below that need
+a real device run where CuPy finds one (and bench/gpu_mlp.py measures there).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import fake_cupy
@@ -23,12 +27,14 @@ import pytest
 from test_native import FLOATS, TABLE_CASES, TABLE_IDS, assert_close, elementwise_table_graph, mlp_grad_graph
 
 import gradserve as gs
-from gradserve_engine import gpu, native
+from gradserve.api import Functional
+from gradserve_engine import footprint, gpu, native
 from gradserve_engine.engine import Engine
 from gradserve_engine.errors import Cancelled, GraphError, LimitError
 from gradserve_engine.fusion import find_groups
 from gradserve_engine.guard import Budget, stop_when, within
 from gradserve_engine.ir import Builder
+from gradserve_engine.names import GRAD
 from gradserve_engine.passes import optimize
 from gradserve_engine.plan import Plan
 
@@ -236,7 +242,7 @@ def test_recorded_memory_is_never_handed_out_again(emulated_cupy, to_host) -> No
     assert plan.kernel_info()["cuda_graph"].startswith("captured: 2 graph(s)")
     assert not fake_cupy.violations
     # the control: captures allocating from the default pool, whose blocks go back to the stream's arena
-    cp.cuda.MemoryPool = cp.get_default_memory_pool
+    cp.cuda.MemoryPool = lambda allocator=None: cp.get_default_memory_pool()
     plan = Plan(graph, kernels=gpu.GpuKernels(to_host=to_host))
     for k in range(4):
         plan.run({"x": feed["x"] + 0.02 * k, "w": feed["w"]})
@@ -383,6 +389,238 @@ def test_threads_calling_one_plan(emulated_cupy) -> None:
     assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
 
 
+def pressure_graph():
+    """exp(x) summed over its rows (its buffer dies inside the first graph, back to the graphs'
+    pool), a matmul (outside the graphs), then a result larger than anything before it: the
+    second graph needs memory the pool does not have."""
+    b = Builder()
+    x, w = b.input("x", "float64", (16, 32)), b.input("w", "float64", (32, 64))
+    t = b.bind("reduce_sum", b.bind("exp", x), axes=(0,), keepdims=True)
+    m = b.bind("matmul", t, w)
+    graph = b.build([("y", b.bind("exp", b.bind("broadcast_to", m, shape=(16, 64))))])
+    rng = np.random.default_rng(11)
+    return graph, {"x": 0.1 * rng.standard_normal((16, 32)), "w": 0.1 * rng.standard_normal((32, 64))}
+
+
+@pytest.mark.parametrize("slack", [0, 4096], ids=["pool-shrinks", "pool-grows"])
+def test_memory_running_short_while_recording_stops_it(emulated_cupy, slack) -> None:
+    """cudaMalloc failing during a capture makes CuPy's pool free all its free blocks, among
+    them an intermediate the first graph of the same recording writes at every replay, and the
+    device then gives that address to anything. The recording notices (its pool holds less than
+    it got from the device, also when it grew again after) and the plan runs step by step for
+    good: no replay writes into memory another array owns."""
+    cp = emulated_cupy
+    dev = fake_cupy.device()
+    graph, feed = pressure_graph()
+    kernels = gpu.GpuKernels(fuse=False)
+    squeezed = []
+
+    def matmul(a, b, out=None):  # between the two graphs of the recording: the device fills up
+        result = cp.matmul(a, b, out=out)
+        s = cp.cuda.get_current_stream()
+        if s is not cp.cuda.Stream.null and not s.is_capturing() and not squeezed:
+            dev.capacity = dev.in_use + slack
+            squeezed.append(dev.capacity)
+        return result
+
+    kernels.table["matmul"] = matmul
+    plan = Plan(graph, kernels=kernels)
+    want = Plan(graph).run(feed)
+    for call in ("eager", "recording"):
+        check(cp, plan.run(feed), want, call)
+    assert squeezed
+    dev.capacity = None
+    mine = cp.cuda.Stream(non_blocking=True)
+    with mine:  # new arrays, each on memory the device had freed while it had any
+        others = []
+        while dev.released:
+            others.append(cp.zeros(64))
+    mine.synchronize()
+    for call in range(2):
+        check(cp, plan.run(feed), want, f"call {call}")
+    with mine:
+        assert all(not np.any(cp.asnumpy(o)) for o in others), "a replay wrote into another array"
+    info = plan.kernel_info()
+    assert info["cuda_graph"].startswith("eager: device memory ran short while recording"), info
+    assert info["cuda_graphs"] == info["cuda_graph_bytes"] == 0
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["replayed", "eager"])
+def test_device_results_belong_to_the_callers_stream(emulated_cupy, graphs) -> None:
+    """Device-resident results are made on the caller's stream, as an eager call makes them:
+    a caller that reads one on its stream and drops it before that work ran leaves its memory
+    to its own stream's next allocations, not to the next call's on the graphs' stream. And a
+    call from another stream does not write the graphs' static buffers before the copies of the
+    last call's results out of them ran."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=False, graphs=graphs))
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    feeds = [varied(feed, k) for k in range(6)]
+    kept = []
+    for k, f in enumerate(feeds):
+        with streams[k % 2]:
+            got = plan.run({"x": cp.asarray(f["x"])})
+            kept.append({name: v * 2.0 for name, v in got.items()})  # work on the caller's stream reading the results
+            del got  # dropped before that work ran
+    assert plan.kernel_info().get("cuda_graph_calls", 0) == (len(feeds) - 1 if graphs else 0)  # all but the first
+    for s in streams:
+        s.synchronize()
+    for f, doubled in zip(feeds, kept, strict=True):
+        check(cp, {name: cp.asnumpy(v) / 2.0 for name, v in doubled.items()}, Plan(graph).run(f))
+
+
+def test_errors_of_the_graph_machinery_make_the_plan_run_eagerly(emulated_cupy, monkeypatch) -> None:
+    """A capture that cannot begin, or a graph that cannot be launched, is the machinery's
+    failure, not the plan's: the call runs step by step, and so does every later one, saying
+    why. A step's own error still reaches the caller (recorded again at the next call)."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    want = Plan(graph).run(feed)
+
+    def refused(self, mode=None):
+        raise RuntimeError("cudaErrorNotSupported: operation not supported")
+
+    with monkeypatch.context() as m:
+        m.setattr(fake_cupy.Stream, "begin_capture", refused)
+        plan = Plan(graph, kernels=gpu.GpuKernels())
+        for k in range(3):
+            got, did = counted(plan.run, feed)
+            check(cp, got, want, f"call {k}")
+        assert did["recorded"] == did["launches"] == 0
+    assert plan.kernel_info()["cuda_graph"] == ("eager: the CUDA graph machinery failed while recording (RuntimeError: "
+                                                "cudaErrorNotSupported: operation not supported)")
+
+    plan = Plan(graph, kernels=gpu.GpuKernels())
+    for _ in range(2):
+        plan.run(feed)
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
+    with monkeypatch.context() as m:
+        m.setattr(fake_cupy.Graph, "launch", lambda self, stream=None: refused(self))
+        for k in range(2):
+            got, did = counted(plan.run, feed)
+            check(cp, got, want, f"call {k}")
+    assert did["launches"] == 0 and plan.kernel_info()["cuda_graph"].startswith(
+        "eager: the CUDA graph machinery failed while replaying (RuntimeError: cudaErrorNotSupported")
+    assert plan.kernel_info()["cuda_graphs"] == 0
+
+    kernels = gpu.GpuKernels(fuse=False)
+    exp = kernels.table["exp"]
+
+    def picky_exp(x, out=None):  # a step's own error, on some inputs
+        if x.shape == (8, 5) and float(cp.asnumpy(x).min()) < -40:
+            raise ValueError("exp refuses such small values")
+        return exp(x, out=out)
+
+    kernels.table["exp"] = picky_exp
+    plan = Plan(graph, kernels=kernels)
+    check(cp, plan.run(feed), want)
+    with pytest.raises(GraphError, match=r"ValueError while running .*exp refuses"):
+        plan.run({"x": feed["x"] * 100.0})
+    assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+    for _ in range(2):
+        check(cp, plan.run(feed), want)
+    assert plan.kernel_info()["cuda_graph"].startswith("captured: ")
+
+
+def test_a_call_inside_the_callers_own_capture_runs_into_it(emulated_cupy) -> None:
+    """A caller capturing its own CUDA graph on its stream that calls a plan: the call runs
+    step by step on that stream, into the caller's capture (the graphs' stream stays out of
+    it, so the caller's capture ends cleanly), and the caller's graph computes the plan. Calls
+    after it record and replay as usual."""
+    cp = emulated_cupy
+    graph, feed = softmax_graph()
+    plan = Plan(graph, kernels=gpu.GpuKernels(to_host=False))
+    mine = cp.cuda.Stream(non_blocking=True)
+    pool = cp.cuda.MemoryPool()
+    with mine:
+        x = cp.asarray(feed["x"])
+        check(cp, plan.run({"x": x}), Plan(graph).run(feed), "eager")
+        with cp.cuda.using_allocator(pool.malloc):
+            mine.begin_capture()
+            captured = plan.run({"x": x})
+            g = mine.end_capture()
+        for k in range(2):
+            f = varied(feed, k)
+            x[...] = cp.asarray(f["x"])
+            g.launch(stream=mine)
+            check(cp, captured, Plan(graph).run(f), f"the caller's graph, launch {k}")
+        assert plan.kernel_info()["cuda_graph"].startswith("not recorded yet")
+        for k in range(3):
+            f = varied(feed, 10 + k)
+            check(cp, plan.run({"x": cp.asarray(f["x"])}), Plan(graph).run(f), f"call {k}")
+    assert plan.kernel_info()["cuda_graph_calls"] == 3
+
+
+def test_the_engine_charges_recorded_graphs_to_its_cache(emulated_cupy) -> None:
+    """A plan's CUDA graphs hold device memory from its second call on (static buffers, their
+    pool): the engine's cache charges the plan for them once recorded, so past its budget the
+    least recently used plans go, and with them their graphs and memory."""
+    cp = emulated_cupy
+    rng = np.random.default_rng(4)
+    cases = []
+    for k in range(4):  # four gradient graphs of their own shapes
+        x, w = rng.standard_normal(24 + k), rng.standard_normal((16, 24 + k))
+        cases.append((gs.trace(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2) + gs.sum(gs.exp(-x)), x, w), {"x": x, "w": w}))
+
+    def run_all(engine):
+        plans = []
+        for g, feed in cases:
+            for k in range(3):  # step by step, recorded, replayed
+                f = varied(feed, k)
+                got = engine.vjp(g, f, ["x", "w"])
+                want = Engine().vjp(g, f, ["x", "w"])
+                for a, b in zip(got, want, strict=True):
+                    check(cp, a, b)
+            plans.append(next(reversed(engine._plans.values())))
+        return plans
+
+    sizes = [(footprint.plan_bytes(p), p.kernel_info()["cuda_graph_bytes"]) for p in run_all(Engine(kernels="gpu"))]
+    assert all(held > 0 for _, held in sizes)
+    budget = sum(est for est, _ in sizes) + max(held for _, held in sizes)  # every plan, not every plan's graphs
+    engine = Engine(kernels="gpu", max_cache_bytes=budget)
+    gc.disable()  # what goes must go by reference counting, as soon as it goes
+    try:
+        refs = [weakref.ref(p) for p in run_all(engine)]
+        kept = list(engine._plans.values())
+        info = engine.cache_info()
+        assert info.nbytes == sum(footprint.plan_bytes(p) + p.kernel_info()["cuda_graph_bytes"] for p in kept)
+        assert info.nbytes <= budget and 0 < len(kept) < len(cases), (info.nbytes, budget, len(kept))
+        assert sum(r() is None for r in refs) == len(cases) - len(kept)
+        assert len(fake_cupy._graphs) == sum(p.kernel_info()["cuda_graphs"] for p in kept)
+    finally:
+        gc.enable()
+
+
+def test_a_compiled_gradient_holds_its_plan_through_the_cache(emulated_cupy) -> None:
+    """The SDK's compiled `grad` keeps the plan the engine cached for it weakly: once the cache
+    drops it (another plan came, the budget is one plan), the plan and its CUDA graphs go, and
+    the next call plans again."""
+    cp = emulated_cupy
+    engine = Engine(kernels="gpu", max_cache_bytes=1)  # only the entry used last stays
+    fn = Functional(engine)
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal(6), rng.standard_normal((4, 6))
+    df = fn.grad(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2), argnums=(0, 1))
+    dg = fn.grad(lambda x, w: gs.sum(gs.exp(-(w @ x))), argnums=(0, 1))
+    want_f = gs.grad(lambda x, w: gs.sum(gs.tanh(w @ x) ** 2), argnums=(0, 1))(x, w)
+    gc.disable()  # what goes must go by reference counting
+    try:
+        for _ in range(3):
+            check(cp, dict(enumerate(df(x, w))), dict(enumerate(want_f)))
+        (plan_f,) = engine._plans.values()
+        assert plan_f.kernel_info()["cuda_graph_calls"] == 2
+        kept, plan_f = weakref.ref(plan_f), None
+        for _ in range(3):
+            dg(x, w)
+        assert kept() is None and len(engine._plans) == 1
+        misses = engine.cache_info().misses
+        check(cp, dict(enumerate(df(x, w))), dict(enumerate(want_f)))
+        assert engine.cache_info().misses == misses + 1
+    finally:
+        gc.enable()
+
+
 def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_process) -> None:
     """`gradserve serve --kernels gpu`: the server's engine plans with GpuKernels, graphs on, and
     its calls after the first two replay them."""
@@ -406,13 +644,19 @@ def test_the_server_with_gpu_kernels_replays_graphs(emulated_cupy, serve_in_proc
     assert any(i["cuda_graph"].startswith("captured: ") and i["cuda_graph_calls"] == 3 for i in infos), infos
 
 
-def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
-    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve's
-    contenders only, step by step and replayed)."""
+def gpu_bench():
+    """bench/gpu_mlp.py as a module."""
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_mlp.py"
     spec = importlib.util.spec_from_file_location("gpu_mlp", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_gpu_benchmark_script_runs_on_the_stand_in(emulated_cupy, tmp_path, capsys) -> None:
+    """bench/gpu_mlp.py end to end at a small batch (PyTorch CUDA absent here: gradserve's
+    contenders only, step by step and replayed)."""
+    script = gpu_bench()
     rc = script.main(["--batch", "64", "--repeat", "2", "--block", "2", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -474,3 +718,31 @@ def test_gpu_cuda_graphs_replay_on_the_device(to_host) -> None:
         want = Plan(graph).run(f)
         for name, w in want.items():
             np.testing.assert_allclose(host(cp, g[name]), w, rtol=1e-10, atol=1e-10, err_msg=f"call {k} {name}")
+
+
+def test_gpu_benchmark_checks_every_contenders_gradients(emulated_cupy, monkeypatch, tmp_path, capsys) -> None:
+    """PyTorch's contenders are checked against the CPU plan as gradserve's are, the replayed
+    and with-transfers ones included: one that is off makes the script exit 1. (PyTorch CUDA is
+    absent here: contenders giving the CPU plan's gradients, one of them off, stand in for it.)"""
+    import torch
+
+    script = gpu_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def add_torch(torch_, params, x, y, steps, transfer_steps):
+        graph, feed = script.grad_graph(len(x))
+        res = Plan(graph).run(feed)
+        grads = [res[GRAD + f"params.{n}"] for n in script.NAMES]
+        steps["pytorch eager"] = steps["pytorch graphs"] = lambda: tuple(torch.from_numpy(g) for g in grads)
+        transfer_steps["pytorch eager"] = lambda: list(grads)
+        transfer_steps["pytorch graphs"] = lambda: [g * 1.01 for g in grads]  # a replay gone wrong
+        return grads
+
+    monkeypatch.setattr(script, "add_torch", add_torch)
+    rc = script.main(["--batch", "32", "--repeat", "2", "--block", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "MISMATCH" in out, out
+    checked = json.loads((tmp_path / "r.json").read_text())["grad_check"]
+    names = ("gradserve eager", "gradserve graphs", "pytorch eager", "pytorch graphs")
+    assert set(checked) >= {f"{n}{label} vs CPU" for n in names for label in ("", " with transfers")}, checked
+    assert [k for k, v in checked.items() if v > 1e-3] == ["pytorch graphs with transfers vs CPU"], checked

@@ -15,6 +15,7 @@ import functools
 import inspect
 import operator
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -318,6 +319,23 @@ def _plan_call(run: Callable[[list], dict[str, Any]], feed: Callable[[Sequence, 
         value = res[loss] if one else unflatten(out_treedef, [res[n] for n in out_names])
         return (grads_of(res), value[1]) if grad_only else (value, grads_of(res))
     return call
+
+
+def _held_weakly(plan: Any, again: Callable[[], Any]) -> Callable[[list], dict[str, Any]]:
+    """`plan.run_values`, the plan held weakly: the backend's cache owns it, within its budget (a
+    GPU plan's CUDA graphs hold device memory); once the cache dropped it, the next call asks the
+    backend for it again (`again`)."""
+    ref = weakref.ref(plan)
+
+    def run(values: list) -> dict[str, Any]:
+        nonlocal ref
+        p = ref()
+        if p is None:
+            p = again()
+            ref = weakref.ref(p)
+        return p.run_values(values)
+
+    return run
 
 
 async def _finished(pending: Awaitable[tuple[dict, dict]], finish: Callable[[dict, dict], Any]) -> Any:
@@ -682,7 +700,8 @@ class Functional:
             plan = grad_plan(t.graph, wrt, loss)
             feed = _feeder(t, example, [t.in_names.index(name) for name, _ in plan.inputs])
             grad_names = vjp_names(t.graph, wrt, [loss]).grad
-            return _plan_call(plan.run_values, feed, t, sel, selected, groups, grad_names, has_aux, grad_only)
+            return _plan_call(_held_weakly(plan, lambda: grad_plan(t.graph, wrt, loss)), feed, t, sel, selected, groups,
+                              grad_names, has_aux, grad_only)
 
         feed = _feeder(t, example, range(len(t.in_names)))
 

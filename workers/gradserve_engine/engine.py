@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -40,7 +41,10 @@ class Engine(Backend):
     What it keeps between calls — plans, derived graphs (a Hessian's gradient), and what a
     scheduler over it derives (`memo`) — is one LRU bounded by the estimated bytes of all of it
     together (`max_cache_bytes`, see `footprint.py`; the most recently used entry stays even when
-    it alone is larger) and by `max_plans` entries of each kind."""
+    it alone is larger) and by `max_plans` entries of each kind. A plan that records its calls
+    (the GPU's CUDA graphs) is charged again once it has, for the device memory its recording
+    holds (`cuda_graph_bytes`); a plan dropped from the cache releases it once its last call
+    returns."""
 
     def __init__(self, max_plans: int = 512, max_reasons: int = 100, kernels: str = "numpy",
                  max_cache_bytes: int = CACHE_BYTES):
@@ -85,10 +89,14 @@ class Engine(Backend):
         self._bytes += nbytes
         while len(entries) > self._max_plans:
             self._drop(table, next(iter(entries)))
+        self._evict()
+        return value
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries while past the byte budget (the last one stays)."""
         while self._bytes > self._max_bytes and len(self._held) > 1:
             self._drop(*next(iter(self._held)))
         self.info.size = len(self._plans)
-        return value
 
     def _drop(self, table: str, key: tuple) -> None:
         del self._tables[table][key]
@@ -123,8 +131,34 @@ class Engine(Backend):
             self._note(f"plan miss: {why} {graph.id[:12]} ({request[0]}{_describe(request[1:])})")
         plan = Plan(optimize(build()), kernels=self.kernels)
         size = plan_bytes(plan)
+        self._watch(key, plan, size)
         with self._lock:
             return self._keep("plan", key, plan, size)
+
+    def _watch(self, key: tuple, plan: Plan, size: int) -> None:
+        """Charge the plan kept under `key` for what its recorded calls hold (the GPU's CUDA graphs'
+        device memory), each time that changes. Held weakly: a plan dropped from the cache (or
+        never kept, another thread's having been first) is charged nothing, and goes once unused."""
+        watch = getattr(plan.replays, "watch", None)
+        if watch is None:
+            return
+        engine, kept = weakref.ref(self), weakref.ref(plan)
+
+        def held(nbytes: int) -> None:
+            e = engine()
+            if e is not None:
+                e._recharge(key, kept, size + nbytes)
+
+        watch(held)
+
+    def _recharge(self, key: tuple, plan: weakref.ref[Plan], nbytes: int) -> None:
+        with self._lock:
+            entry, kept = ("plan", key), plan()
+            if kept is None or self._plans.get(key) is not kept:
+                return
+            self._bytes += nbytes - self._held[entry]
+            self._held[entry] = nbytes
+            self._evict()
 
     def _note(self, reason: str) -> None:
         self.info.reasons.append(reason)

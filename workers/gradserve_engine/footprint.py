@@ -8,7 +8,8 @@ times their cost, measured once with tracemalloc on CPython 3.11 (tests/test_har
 checks that it stays within a factor of 2 of what tracemalloc sees, over graphs of many shapes),
 plus the bytes of every constant array, which are counted exactly. A plan's estimate includes its
 graph (each plan owns the optimised graph it runs). Fused plans' compiled kernels are cached by
-the backend, shared between plans, and not counted here.
+the backend, shared between plans, and not counted here; nor is the device memory a GPU plan's
+CUDA graphs hold once recorded, which the engine adds to the plan's charge when they record.
 """
 
 from __future__ import annotations
