@@ -303,7 +303,7 @@ def test_schedule_travels_in_the_optimizer_spec():
 
 
 @pytest.mark.parametrize(("spec", "match"), [
-    ({"name": "Bogus"}, "schedule name must be one of"),
+    ({"name": "Bogus"}, "schedule spec name must be one of"),
     ({"name": "StepLR"}, "needs field.*step_size"),
     ({"name": "StepLR", "step_size": 3, "gama": 0.1}, "unknown field.*gama"),
     ({"name": "StepLR", "step_size": True}, "step_size must be an integer"),

@@ -49,6 +49,7 @@ from ..api import flatten, unflatten
 from . import schedules
 from ._checks import flag as _flag
 from ._checks import integer as _integer
+from ._checks import named as _named
 from ._checks import real as _real
 from .schedules import Schedule
 
@@ -746,20 +747,8 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Adam, A
 
 def from_spec(spec: Mapping[str, Any]) -> Optimizer:
     """The optimiser that `spec()` described (`{"name": "Adam", "lr": ...}`); ValueError naming any bad field."""
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"an optimizer spec must be a dict with a 'name', got {spec!r}")
-    fields = dict(spec)
-    name = fields.pop("name", None)
-    if not isinstance(name, str) or name not in OPTIMIZERS:
-        raise ValueError(f"optimizer spec name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    cls = OPTIMIZERS[name]
-    unknown = sorted(str(k) for k in fields if k not in cls.fields)
-    if unknown:
-        raise ValueError(f"unknown field(s) for {name}: {', '.join(unknown)} (known: {', '.join(cls.fields)})")
-    required = [p.name for p in inspect.signature(cls).parameters.values() if p.default is p.empty]
-    missing = [f for f in required if f not in fields]
-    if missing:
-        raise ValueError(f"{name} spec needs field(s): {', '.join(missing)}")
+    name, cls, fields = _named(spec, OPTIMIZERS, "optimizer", lambda cls: (cls.fields, [
+        p.name for p in inspect.signature(cls).parameters.values() if p.default is p.empty]))
     if fields.get("schedule") is not None:
         if not isinstance(fields["schedule"], Mapping):
             raise ValueError(f"{name} schedule must be a schedule's spec (a dict), got {fields['schedule']!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,3 +43,25 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def named(spec: Any, kinds: Mapping[str, Any], what: str,
+          fields_of: Callable[[Any], tuple[Sequence[str], Sequence[str]]]) -> tuple[str, Any, dict[str, Any]]:
+    """(name, class, other fields) of a spec `{"name": <a key of kinds>, field: value, ...}`
+    (an optimiser's or a schedule's, `what`); `fields_of(class)` gives (its fields, the required
+    ones). A ValueError names what is wrong: not a dict, an unknown name, unknown or missing fields."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"a{'n' if what[0] in 'aeiou' else ''} {what} spec must be a dict with a 'name', got {spec!r}")
+    values = dict(spec)
+    name = values.pop("name", None)
+    if not isinstance(name, str) or name not in kinds:
+        raise ValueError(f"{what} spec name must be one of {sorted(kinds)}, got {name!r}")
+    cls = kinds[name]
+    known, required = fields_of(cls)
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"unknown field(s) for {name}: {', '.join(unknown)} (known: {', '.join(known)})")
+    missing = [f for f in required if f not in values]
+    if missing:
+        raise ValueError(f"{name} spec needs field(s): {', '.join(missing)}")
+    return name, cls, values

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
-from ._checks import integer, real
+from ._checks import integer, named, real
 
 __all__ = ["CosineAnnealingLR", "ExponentialLR", "LinearLR", "Schedule", "SequentialLR", "StepLR", "from_json",
            "linear_warmup"]
@@ -184,24 +184,11 @@ def from_json(spec: Mapping[str, Any] | str) -> Schedule:
 
 
 def _build(spec: Any, depth: int, counted: list[int]) -> Schedule:
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"a schedule spec must be a dict with a 'name', got {spec!r}")
     counted[0] += 1
     if depth > MAX_DEPTH or counted[0] > MAX_PARTS:
         raise ValueError(f"a schedule spec may nest {MAX_DEPTH} deep and hold {MAX_PARTS} schedules at most")
-    values = dict(spec)
-    name = values.pop("name", None)
-    if not isinstance(name, str) or name not in SCHEDULES:
-        raise ValueError(f"schedule name must be one of {sorted(SCHEDULES)}, got {name!r}")
-    cls = SCHEDULES[name]
-    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in values if k not in known)
-    if unknown:
-        raise ValueError(f"unknown field(s) for {name}: {', '.join(unknown)} (known: {', '.join(known)})")
-    required = [f.name for f in fields(cls) if f.default is MISSING]  # type: ignore[arg-type]
-    missing = [f for f in required if f not in values]
-    if missing:
-        raise ValueError(f"{name} spec needs field(s): {', '.join(missing)}")
+    _, cls, values = named(spec, SCHEDULES, "schedule", lambda cls: (
+        [f.name for f in fields(cls)], [f.name for f in fields(cls) if f.default is MISSING]))
     if cls is SequentialLR:
         parts = _sequence("SequentialLR schedules", values["schedules"])
         values["schedules"] = tuple(_build(p, depth + 1, counted) for p in parts)
