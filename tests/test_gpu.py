@@ -402,6 +402,30 @@ def pressure_graph():
     return graph, {"x": 0.1 * rng.standard_normal((16, 32)), "w": 0.1 * rng.standard_normal((32, 64))}
 
 
+def test_a_step_out_of_device_memory_while_recording_stops_the_recording(emulated_cupy) -> None:
+    """A step whose own allocation fails during the capture is not a step the capture refuses:
+    it must not be left outside the graphs for good (it would run there, eagerly, through the
+    default pool's cached memory); the recording stops and the plan runs step by step."""
+    cp = emulated_cupy
+    dev = fake_cupy.device()
+    b = Builder()
+    x = b.input("x", "float64", (64, 64))
+    y = b.bind("exp", b.bind("sin", x))
+    graph = b.build([("z", b.bind("reduce_sum", b.bind("mul", y, x), axes=(0, 1), keepdims=False)), ("y", y)])
+    feed = {"x": np.random.default_rng(0).standard_normal((64, 64))}
+    plan = Plan(graph, kernels=gpu.GpuKernels(fuse=False))
+    want = Plan(graph).run(feed)
+    check(cp, plan.run(feed), want, "eager")  # its intermediates stay cached in the default pool
+    dev.capacity = dev.in_use + 64 * 64 * 8  # room for the static input only
+    check(cp, plan.run(feed), want, "recording")
+    dev.capacity = None
+    for call in range(2):
+        check(cp, plan.run(feed), want, f"call {call}")
+    info = plan.kernel_info()
+    assert info["cuda_graph"].startswith("eager: device memory ran short while recording"), info
+    assert info["steps_outside_graphs"] == 0
+
+
 @pytest.mark.parametrize("slack", [0, 4096], ids=["pool-shrinks", "pool-grows"])
 def test_memory_running_short_while_recording_stops_it(emulated_cupy, slack) -> None:
     """cudaMalloc failing during a capture makes CuPy's pool free all its free blocks, among

@@ -426,6 +426,29 @@ def test_what_the_scheduler_derives_is_kept_within_the_engines_budget():
         pool.shutdown()
 
 
+def test_a_compiled_gradient_run_every_round_keeps_its_plan_under_a_tight_budget():
+    """The SDK's compiled gradient runs its plan without asking the engine for it; each call
+    still marks the plan used, so one-off plans in between are the ones the budget drops, not
+    the plan run every round (it was re-planned every few rounds)."""
+    from gradserve.api import Functional
+
+    x = np.linspace(0.0, 1.0, 8)
+    others = [gs.trace(lambda x, k=k: gs.sum(gs.sin(x) * (k + 1.0)), x) for k in range(12)]
+    probe = Engine()
+    Functional(probe).grad(lambda x: gs.sum(gs.tanh(x) ** 2))(x)
+    probe.evaluate(others[0], {"x": x})
+    sizes = [footprint.plan_bytes(p) for p in probe._plans.values()]
+    engine = Engine(max_cache_bytes=int(2.5 * max(sizes)))  # the hot plan and one other
+    df = Functional(engine).grad(lambda x: gs.sum(gs.tanh(x) ** 2))
+    want = df(x)
+    misses = engine.cache_info().misses
+    for other in others[1:]:
+        np.testing.assert_allclose(df(x), want)
+        engine.evaluate(other, {"x": x})
+    assert engine.cache_info().misses - misses == len(others) - 1  # the one-off evaluations only
+    assert len(engine._plans) < len(others)  # the budget did drop plans
+
+
 def test_the_server_gives_its_engine_the_plan_cache_budget(serve_in_process):
     server = serve_in_process(plan_cache_bytes=3 * MiB)
     assert server.engine.cache_info().max_bytes == 3 * MiB

@@ -321,16 +321,17 @@ def _plan_call(run: Callable[[list], dict[str, Any]], feed: Callable[[Sequence, 
     return call
 
 
-def _held_weakly(plan: Any, again: Callable[[], Any]) -> Callable[[list], dict[str, Any]]:
+def _held_weakly(plan: Any, again: Callable[[], Any], touch: Callable[[Any], bool]) -> Callable[[list], dict[str, Any]]:
     """`plan.run_values`, the plan held weakly: the backend's cache owns it, within its budget (a
-    GPU plan's CUDA graphs hold device memory); once the cache dropped it, the next call asks the
+    GPU plan's CUDA graphs hold device memory), and each call marks it used there (`touch`, so
+    that the cache drops the least recently run); once the cache dropped it, the call asks the
     backend for it again (`again`)."""
     ref = weakref.ref(plan)
 
     def run(values: list) -> dict[str, Any]:
         nonlocal ref
         p = ref()
-        if p is None:
+        if p is None or not touch(p):
             p = again()
             ref = weakref.ref(p)
         return p.run_values(values)
@@ -700,8 +701,8 @@ class Functional:
             plan = grad_plan(t.graph, wrt, loss)
             feed = _feeder(t, example, [t.in_names.index(name) for name, _ in plan.inputs])
             grad_names = vjp_names(t.graph, wrt, [loss]).grad
-            return _plan_call(_held_weakly(plan, lambda: grad_plan(t.graph, wrt, loss)), feed, t, sel, selected, groups,
-                              grad_names, has_aux, grad_only)
+            return _plan_call(_held_weakly(plan, lambda: grad_plan(t.graph, wrt, loss), self.backend.touch), feed, t,
+                              sel, selected, groups, grad_names, has_aux, grad_only)
 
         feed = _feeder(t, example, range(len(t.in_names)))
 

@@ -130,6 +130,7 @@ class Engine(Backend):
             self._seen_graphs.add(graph.id)
             self._note(f"plan miss: {why} {graph.id[:12]} ({request[0]}{_describe(request[1:])})")
         plan = Plan(optimize(build()), kernels=self.kernels)
+        plan.cache_key = key
         size = plan_bytes(plan)
         self._watch(key, plan, size)
         with self._lock:
@@ -169,6 +170,18 @@ class Engine(Backend):
         with self._lock:
             self.info.misses += 1
             self._note(reason)
+
+    def touch(self, plan: Plan) -> bool:
+        """Mark a plan its caller holds and runs without asking `plan()` (the SDK's compiled
+        gradients) as used now, so the cache's least recently used is the least recently run;
+        False when the cache no longer keeps it (the caller then asks again)."""
+        key = plan.cache_key
+        with self._lock:
+            if key is None or self._plans.get(key) is not plan:
+                return False
+            self._plans.move_to_end(key)
+            self._held.move_to_end(("plan", key))
+            return True
 
     def note_hit(self) -> None:
         with self._lock:

@@ -343,7 +343,7 @@ class CudaGraphs:
         """Whether the caller's stream is capturing (the caller records a graph of its own)."""
         try:
             return bool(self.cp.cuda.get_current_stream().is_capturing())
-        except Exception:  # CUDA refuses the query while a capture elsewhere forbids it: keep out of its way
+        except self.cp.cuda.runtime.CUDARuntimeError:  # refused while a capture elsewhere forbids it: keep out of its way
             return True
 
     def _load(self, values: list[Any]) -> None:
@@ -480,10 +480,11 @@ class CudaGraphs:
                 except Exception as e:  # the capture was invalidated: by the failed step, or else unknown
                     if failed is None:
                         raise _Unrecordable(f"the capture failed at its end ({_why(e)})") from e
+        short = failed is not None and isinstance(failed[1], MemoryError)  # a step's own cudaMalloc failed
         why = None if failed is None else (failed[0], _why(failed[1]))
         failed = None
         assert self._malloc is not None
-        if self._pool.total_bytes() < self._malloc.bytes:
+        if short or self._pool.total_bytes() < self._malloc.bytes:
             raise _Unrecordable(_SHORT)
         return (graph, None) if why is None else (None, why)
 

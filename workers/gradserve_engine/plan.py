@@ -403,6 +403,7 @@ class Plan:
         # tensor it makes: checked against the service's budget before the plan runs
         self.peak_bytes = _peak_bytes(graph, self.steps, self.returns, first)
         self.largest = max(range(self.n_slots), key=lambda v: math.prod(graph.aval(v)[1]), default=-1)
+        self.cache_key: tuple | None = None  # the key an engine's cache keeps this plan under (`Engine.plan`)
         # a backend that records a call's work and replays it (the GPU's CUDA graphs): calls go through it
         make = getattr(kset, "replays", None)
         self.replays: Replays | None = make(self) if make is not None else None
