@@ -176,11 +176,19 @@ class Engine(Backend):
         gradients) as used now, so the cache's least recently used is the least recently run;
         False when the cache no longer keeps it (the caller then asks again)."""
         key = plan.cache_key
+        if key is None:
+            return False
+        entry = ("plan", key)
+        try:  # the most recent already (a plan called in a loop): no lock
+            if self._plans.get(key) is plan and next(reversed(self._held)) == entry:
+                return True
+        except (RuntimeError, StopIteration):  # changed meanwhile by another thread: see under the lock
+            pass
         with self._lock:
-            if key is None or self._plans.get(key) is not plan:
+            if self._plans.get(key) is not plan:
                 return False
             self._plans.move_to_end(key)
-            self._held.move_to_end(("plan", key))
+            self._held.move_to_end(entry)
             return True
 
     def note_hit(self) -> None:
