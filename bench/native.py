@@ -286,7 +286,7 @@ def compile_times(args: argparse.Namespace) -> dict[str, float]:
 def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gradserve_engine.ir import Builder
     from gradserve_engine.native import NativeKernels
-    from gradserve_engine.plan import ChunkedStep, Plan
+    from gradserve_engine.plan import Plan
 
     def graph(kind: str, dt: str, rows: int, cols: int):
         b = Builder()
@@ -300,9 +300,8 @@ def threshold_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def sliced(g):  # numpy's kernels with every elementwise step in slices on the thread pool
         plan = Plan(g, parallel_min_work=0)
-        for step in plan.steps:
-            if isinstance(step, ChunkedStep):
-                step.sliced = True
+        for step in plan.sliceable:
+            step.sliced = True
         return plan
 
     kernel_sets = {"native 1 thread": NativeKernels(threads=1), "native pool": NativeKernels()}

@@ -197,11 +197,10 @@ class Engine(Backend):
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
-            plans = [plan.kernel_info() for plan in self._plans.values()]
+            decided = [plan.slice_decisions() for plan in self._plans.values() if plan.sliceable]
             return CacheInfo(self.info.hits, self.info.misses, len(self._plans), self._max_plans, list(self.info.reasons),
                              self.kernels.describe(), self._bytes, self._max_bytes, threads.available_cores(),
-                             PARALLEL_MIN_WORK, sum(k["sliced_steps"] for k in plans),
-                             sum(k["whole_steps"] for k in plans))
+                             PARALLEL_MIN_WORK, sum(d[0] for d in decided), sum(d[1] for d in decided))
 
     def forget(self, graph_id: str) -> int:
         with self._lock:

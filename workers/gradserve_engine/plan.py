@@ -395,6 +395,7 @@ class Plan:
             for k, n in enumerate(units)
         ]
         self.parallel_min_work = parallel_min_work
+        self.sliceable = [step for step in self.steps if isinstance(step, ChunkedStep)]
         # (name, slot, mode) of each result: 0-d results come back as numpy scalars (as numpy's own
         # ufuncs give them), mode 2; results that would alias an input or a constant are copied, mode 1
         self.returns: list[tuple[str, int, int]] = [
@@ -490,16 +491,20 @@ class Plan:
         computed in their pass, compile time, the elementwise steps that may run in slices on
         threads (decided by measuring: in slices, whole, or still measuring), and whether calls
         replay CUDA graphs (`cuda_graph`)."""
-        chunked = [step for step in self.steps if isinstance(step, ChunkedStep)]
+        sliced, whole = self.slice_decisions()
         return {"kernels": self.kernel_mode, "fused_groups": len(self.groups),
                 "fused_nodes": len({n.id for g in self.groups for n in g.members if n.id not in g.recomputed}),
                 "recomputed_nodes": sum(len(g.recomputed) for g in self.groups),
                 "fused_reductions": sum(len(g.epilogue) for g in self.groups), "steps": len(self.steps),
                 "compile_seconds": self.compile_seconds, "parallel_min_work": self.parallel_min_work,
-                "threads": threads.available_cores(), "sliceable_steps": len(chunked),
-                "sliced_steps": sum(step.sliced is True for step in chunked),
-                "whole_steps": sum(step.sliced is False for step in chunked),
+                "threads": threads.available_cores(), "sliceable_steps": len(self.sliceable),
+                "sliced_steps": sliced, "whole_steps": whole,
                 **(self.replays.info() if self.replays is not None else {"cuda_graph": "off"})}
+
+    def slice_decisions(self) -> tuple[int, int]:
+        """How many of the steps that measure whether slices pay (`sliceable`) run in slices, and
+        how many whole; the rest are still measuring."""
+        return (sum(step.sliced is True for step in self.sliceable), sum(step.sliced is False for step in self.sliceable))
 
     def __str__(self) -> str:
         return "\n".join(line for step in self.steps for line in step.listing(self.kernel_mode))
